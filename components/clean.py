@@ -1,0 +1,253 @@
+"""Stage `clean`: normalise text, mask PII, drop duplicates, split train/val/test by a hash of the source.
+
+Every validated row ends in `<out>/<name>.parquet` (with its `split`) or in `<out>/removed/<name>.parquet`
+(with the reason: exact duplicate, near duplicate, empty after cleaning). Also writes `metrics/data.json`,
+merging the validation counts, so one DVC metric shows the whole data half of the DAG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from components.common import (
+    DATASETS,
+    SPLITS,
+    ConfigError,
+    DataError,
+    assign_splits,
+    check_range,
+    load_params,
+    require,
+    run_main,
+    write_json,
+    write_parquet_atomic,
+)
+from components.textgen import parse_source, serialise
+
+log = logging.getLogger(__name__)
+
+EMAIL = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
+# Two separators or a leading +country code: masks 555-123-4567, (020) 7946 0958, +44 20 7946 0958, but
+# leaves prices, years and model numbers alone.
+PHONE = r"(?:\+\d{1,3}[\s.\-]?)?(?:\(\d{2,4}\)|\d{2,4})[\s.\-]\d{3,4}[\s.\-]\d{3,5}|\+\d{9,14}\b"
+HTML_TAG = r"<(?:[A-Za-z/!][^<>]{0,500})>"
+CONTROL = r"[\p{Cc}\p{Cf}]"
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    seed: int
+    mask_pii: bool
+    near_duplicates: bool
+    splits: dict[str, float]
+    restore_splits: dict[str, float]
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> CleanConfig:
+        return cls(
+            seed=require(params["base"], "seed", int, "base"),
+            mask_pii=require(params, "mask_pii", bool, "clean"),
+            near_duplicates=require(params, "near_duplicates", bool, "clean"),
+            splits=_fractions(require(params, "splits", dict, "clean"), "clean.splits"),
+            restore_splits=_fractions(require(params, "restore_splits", dict, "clean"), "clean.restore_splits"),
+        )
+
+
+def _fractions(section: dict[str, Any], key: str) -> dict[str, float]:
+    if set(section) != set(SPLITS):
+        raise ConfigError(f"params key '{key}' must have exactly the keys {list(SPLITS)}, got {list(section)}")
+    fractions = {}
+    for name in SPLITS:
+        value = require(section, name, (int, float), key)
+        check_range(value, f"{key}.{name}", 0.0, 1.0)
+        fractions[name] = float(value)
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ConfigError(f"params key '{key}' fractions must sum to 1, got {sum(fractions.values())}")
+    if fractions["train"] <= 0 or fractions["test"] <= 0:
+        raise ConfigError(f"params key '{key}': train and test fractions must be > 0")
+    return fractions
+
+
+def normalise_text(values: pa.ChunkedArray | pa.Array, mask_pii: bool) -> pa.ChunkedArray | pa.Array:
+    """NFC, HTML tags and entities removed, control characters removed, whitespace collapsed, PII masked."""
+    values = pc.utf8_normalize(values, "NFC")
+    values = pc.replace_substring_regex(values, HTML_TAG, " ")
+    has_entity = pc.match_substring_regex(values, r"&(?:#\d+|#x[0-9A-Fa-f]+|[A-Za-z]+);")
+    if pc.any(has_entity).as_py():
+        # Arrow has no entity decoder; only the rows that hold one take the Python path.
+        python = values.to_pylist()
+        flags = has_entity.to_pylist()
+        values = pa.array([html.unescape(v) if f else v for v, f in zip(python, flags)], pa.string())
+        values = pc.utf8_normalize(values, "NFC")
+    values = pc.replace_substring_regex(values, r"[\t\n\r\f\v]", " ")
+    values = pc.replace_substring_regex(values, CONTROL, "")
+    values = pc.replace_substring_regex(values, r"\s+", " ")
+    values = pc.utf8_trim_whitespace(values)
+    if mask_pii:
+        values = pc.replace_substring_regex(values, EMAIL, "[EMAIL]")
+        values = pc.replace_substring_regex(values, PHONE, "[PHONE]")
+    return values
+
+
+def near_duplicate_key(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Case-folded text with everything but letters and digits removed: rows equal under it are near duplicates."""
+    return pc.replace_substring_regex(pc.utf8_lower(values), r"[^\p{L}\p{N}]+", "")
+
+
+def canonical_source(source: str) -> str:
+    """The grouping key of a source: attributes sorted by key, so a reordered record is the same record."""
+    attributes = parse_source(source)
+    if attributes is None:
+        return " ".join(source.casefold().split())
+    return serialise(dict(sorted(attributes.items())))
+
+
+def first_occurrence(keys: list[pa.ChunkedArray | pa.Array]) -> np.ndarray:
+    """Boolean mask: True on the first row of each distinct key tuple."""
+    n = len(keys[0])
+    table = pa.table({f"k{i}": key for i, key in enumerate(keys)} | {"_row": pa.array(np.arange(n))})
+    firsts = table.group_by([f"k{i}" for i in range(len(keys))], use_threads=False).aggregate([("_row", "min")])
+    mask = np.zeros(n, dtype=bool)
+    mask[firsts.column("_row_min").to_numpy()] = True
+    return mask
+
+
+@dataclass
+class CleanResult:
+    kept: pa.Table
+    removed: pa.Table
+    counts: dict[str, Any]
+
+
+def _removed(table: pa.Table, mask: np.ndarray, reason: str) -> pa.Table:
+    picked = table.filter(pa.array(mask))
+    return picked.append_column("removed_because", pa.array([reason] * picked.num_rows, pa.string()))
+
+
+def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
+    """Clean, deduplicate and split the validated text rows."""
+    source = normalise_text(table.column("source"), cfg.mask_pii)
+    reference = normalise_text(table.column("reference"), cfg.mask_pii)
+    table = table.set_column(table.schema.get_field_index("source"), "source", source)
+    table = table.set_column(table.schema.get_field_index("reference"), "reference", reference)
+
+    empty = (pc.equal(pc.utf8_length(source), 0).to_numpy(zero_copy_only=False)
+             | pc.equal(pc.utf8_length(reference), 0).to_numpy(zero_copy_only=False))
+    removed = [_removed(table, empty, "empty after cleaning")]
+    table = table.filter(pa.array(~empty))
+
+    unique_sources = pc.unique(table.column("source")).to_pylist()
+    canonical = {s: canonical_source(s) for s in unique_sources}
+    source_key = pa.array([canonical[s] for s in table.column("source").to_pylist()], pa.string())
+    table = table.append_column("source_key", source_key)
+
+    exact_first = first_occurrence([table.column("source_key"), table.column("reference")])
+    removed.append(_removed(table, ~exact_first, "exact duplicate"))
+    table = table.filter(pa.array(exact_first))
+    near_count = 0
+    if cfg.near_duplicates:
+        near_first = first_occurrence([near_duplicate_key(table.column("source_key")),
+                                       near_duplicate_key(table.column("reference"))])
+        near_count = int((~near_first).sum())
+        removed.append(_removed(table, ~near_first, "near duplicate"))
+        table = table.filter(pa.array(near_first))
+
+    splits = assign_splits(table.column("source_key").to_pylist(), cfg.splits, cfg.seed)
+    table = table.append_column("split", pa.array(splits, pa.string()))
+    removed_table = pa.concat_tables(removed, promote_options="default")
+    counts = {
+        "duplicates_removed": int((~exact_first).sum()) + near_count,
+        "exact_duplicates_removed": int((~exact_first).sum()),
+        "near_duplicates_removed": near_count,
+        "emptied_by_cleaning": int(empty.sum()),
+        "sources": len(set(table.column("source_key").to_pylist())),
+    }
+    return CleanResult(table, removed_table, counts)
+
+
+def pixel_digest(data: bytes) -> str:
+    """Hash of the decoded pixels: the same picture saved twice (or as PNG and as lossless copy) matches."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return hashlib.blake2b(image.mode.encode() + repr(image.size).encode() + image.tobytes(), digest_size=16).hexdigest()
+
+
+def clean_images(table: pa.Table, fractions: dict[str, float], seed: int) -> CleanResult:
+    """Drop exact pixel duplicates (per label) and split by a hash of the pixels."""
+    digests = pa.array([pixel_digest(b) for b in table.column("image").to_pylist()], pa.string())
+    labels = pc.fill_null(table.column("label"), "")
+    first = first_occurrence([labels, digests])
+    removed = _removed(table, ~first, "exact duplicate")
+    table = table.filter(pa.array(first))
+    kept_digests = digests.filter(pa.array(first))
+    splits = assign_splits(kept_digests.to_pylist(), fractions, seed)
+    table = table.append_column("split", pa.array(splits, pa.string()))
+    counts = {"duplicates_removed": int((~first).sum()), "exact_duplicates_removed": int((~first).sum()),
+              "near_duplicates_removed": 0, "emptied_by_cleaning": 0}
+    return CleanResult(table, removed, counts)
+
+
+def clean(cfg: CleanConfig, valid_dir: Path, out_dir: Path, validation_report: Path, metrics_path: Path) -> dict[str, Any]:
+    """Clean every dataset, write the kept and removed rows, and the data metrics."""
+    if not validation_report.is_file():
+        raise DataError(f"missing {validation_report}: run the validate stage first")
+    validated = json.loads(validation_report.read_text(encoding="utf-8"))["datasets"]
+    metrics: dict[str, Any] = {}
+    for name in DATASETS:
+        path = valid_dir / f"{name}.parquet"
+        if not path.is_file():
+            raise DataError(f"missing input {path}: run the validate stage first")
+        table = pq.read_table(path)
+        if table.num_rows == 0:
+            raise DataError(f"{name}: no rows passed validation; see the quarantine folder")
+        result = clean_text(table, cfg) if name == "text" else clean_images(
+            table, cfg.restore_splits if name == "restore" else cfg.splits, cfg.seed)
+        assert result.kept.num_rows + result.removed.num_rows == table.num_rows, f"clean lost rows of {name}"
+        write_parquet_atomic(result.kept, out_dir / f"{name}.parquet")
+        write_parquet_atomic(result.removed, out_dir / "removed" / f"{name}.parquet")
+        split_sizes = {s: int(pc.sum(pc.equal(result.kept.column("split"), s)).as_py() or 0) for s in SPLITS}
+        metrics[name] = {
+            "rows_in": validated[name]["rows_in"],
+            "rows_valid": validated[name]["rows_valid"],
+            "rows_quarantined": validated[name]["rows_quarantined"],
+            "rows_clean": result.kept.num_rows,
+            **result.counts,
+            "splits": split_sizes,
+        }
+        log.info("%s: %d clean rows, %s; splits %s", name, result.kept.num_rows, result.counts, split_sizes)
+    write_json(metrics, metrics_path)
+    return metrics
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m components.clean", description=__doc__)
+    parser.add_argument("valid", type=Path, help="validated data folder (data/validated)")
+    parser.add_argument("out", type=Path, help="output folder (data/clean)")
+    parser.add_argument("--validation-report", type=Path, required=True, help="validate's report.json")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics file to write (metrics/data.json)")
+    parser.add_argument("--params", default="params.yaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_main(lambda: clean(CleanConfig.from_params(load_params("clean", args.params)), args.valid, args.out,
+                           args.validation_report, args.metrics))
+
+
+if __name__ == "__main__":
+    main()

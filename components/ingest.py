@@ -1,0 +1,156 @@
+"""Stage `ingest`: bring every dataset into Arrow/Parquet under the output folder, streaming, source untouched.
+
+Outputs `<out>/text.parquet`, `<out>/images.parquet` (labelled images to generate) and
+`<out>/restore.parquet` (photos to restore), each in the raw schema of components.datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from components import datasets
+from components.common import (
+    ConfigError,
+    ParquetSink,
+    check_range,
+    load_params,
+    progress,
+    require,
+    run_main,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextSource:
+    path: Path | None
+    num_records: int
+    refs_per_record: int
+    source_column: str
+    reference_column: str
+    id_column: str | None
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    seed: int
+    batch_rows: int
+    text: TextSource
+    images_path: Path | None
+    restore_path: Path | None
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> IngestConfig:
+        """Validate the `ingest` section (and `base.seed`) before anything is written."""
+        seed = require(params["base"], "seed", int, "base")
+        batch_rows = require(params, "batch_rows", int, "ingest")
+        check_range(batch_rows, "ingest.batch_rows", 1)
+        text = require(params, "text", dict, "ingest")
+        num_records = require(text, "num_records", int, "ingest.text")
+        check_range(num_records, "ingest.text.num_records", 1)
+        refs = require(text, "refs_per_record", int, "ingest.text")
+        check_range(refs, "ingest.text.refs_per_record", 1, 20)
+        id_column = text.get("id_column")
+        if id_column is not None and not isinstance(id_column, str):
+            raise ConfigError(f"params key 'ingest.text.id_column' must be a column name or null, got {id_column!r}")
+        return cls(
+            seed=seed,
+            batch_rows=batch_rows,
+            text=TextSource(
+                path=_optional_path(text.get("path"), "ingest.text.path"),
+                num_records=num_records,
+                refs_per_record=refs,
+                source_column=require(text, "source_column", str, "ingest.text"),
+                reference_column=require(text, "reference_column", str, "ingest.text"),
+                id_column=id_column,
+            ),
+            images_path=_optional_path(require(params, "images", dict, "ingest").get("path"), "ingest.images.path"),
+            restore_path=_optional_path(require(params, "restore", dict, "ingest").get("path"), "ingest.restore.path"),
+        )
+
+
+def _optional_path(value: Any, key: str) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"params key '{key}' must be a path or null, got {value!r}")
+    path = Path(value)
+    if not path.exists():
+        raise ConfigError(f"params key '{key}': {path} does not exist")
+    return path
+
+
+def text_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
+    """The configured text input: the user's files, or the embedded generator."""
+    if cfg.text.path is None:
+        return datasets.generated_text(cfg.text.num_records, cfg.text.refs_per_record, cfg.seed)
+    columns = {"source": cfg.text.source_column, "reference": cfg.text.reference_column, "id": cfg.text.id_column}
+    return datasets.read_text_folder(cfg.text.path, columns, cfg.batch_rows)
+
+
+def image_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
+    if cfg.images_path is None:
+        return datasets.builtin_digits(cfg.batch_rows)
+    return datasets.image_folder(cfg.images_path, labelled=True, batch_rows=cfg.batch_rows)
+
+
+def restore_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
+    if cfg.restore_path is None:
+        return datasets.builtin_photos(cfg.batch_rows)
+    return datasets.image_folder(cfg.restore_path, labelled=False, batch_rows=cfg.batch_rows)
+
+
+def ingest_dataset(batches: Iterator[pa.RecordBatch], schema: pa.Schema, out: Path, name: str) -> dict[str, int]:
+    """Stream batches into `out`; return row counts. Nothing is written under the final name on failure."""
+    errors = 0
+    with ParquetSink(out, schema) as sink:
+        for batch in progress(batches, desc=f"ingest {name}", unit="batch"):
+            errors += batch.num_rows - batch.column("ingest_error").null_count
+            sink.write(batch)
+    if sink.rows == 0:
+        out.unlink(missing_ok=True)
+        from components.common import DataError
+
+        raise DataError(f"{name}: the input has no rows")
+    log.info("%s: %d rows ingested, %d with ingest errors (validation will quarantine them)", name, sink.rows, errors)
+    return {"rows": sink.rows, "rows_with_ingest_errors": errors}
+
+
+def ingest(cfg: IngestConfig, out_dir: Path) -> dict[str, dict[str, int]]:
+    """Ingest all three datasets into out_dir; return per-dataset counts."""
+    return {
+        "text": ingest_dataset(text_batches(cfg), datasets.TEXT_SCHEMA, out_dir / "text.parquet", "text"),
+        "images": ingest_dataset(image_batches(cfg), datasets.IMAGE_SCHEMA, out_dir / "images.parquet", "images"),
+        "restore": ingest_dataset(restore_batches(cfg), datasets.IMAGE_SCHEMA, out_dir / "restore.parquet", "restore"),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m components.ingest", description=__doc__)
+    parser.add_argument("out", type=Path, help="output folder (data/raw)")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    def body() -> None:
+        cfg = IngestConfig.from_params(load_params("ingest", args.params))
+        counts = ingest(cfg, args.out)
+        write_json(counts, args.out / "summary.json")
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

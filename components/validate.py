@@ -1,0 +1,338 @@
+"""Stage `validate`: Great Expectations suites over the raw datasets; failing rows go to quarantine.
+
+For each dataset, every row ends in exactly one of `<valid>/<name>.parquet` or `<quarantine>/<name>.parquet`
+(the latter with the failed expectations of that row). The stage writes a JSON report and GE data docs,
+then fails only when a dataset's quarantined share exceeds `validate.max_quarantine_ratio`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from components.common import (
+    DATASETS,
+    ConfigError,
+    DataError,
+    ParquetSink,
+    check_range,
+    iter_parquet,
+    load_params,
+    progress,
+    require,
+    run_main,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    import great_expectations as gx
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_FIELDS = [pa.field("failed_expectations", pa.string()), pa.field("quarantined_by", pa.string())]
+IMAGE_BYTES_COLUMN = "image"
+
+
+@dataclass(frozen=True)
+class TextRules:
+    min_source_chars: int
+    max_source_chars: int
+    min_reference_chars: int
+    max_reference_chars: int
+    allowed_attributes: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    min_size: int
+    max_size: int
+    channels: tuple[int, ...]
+    modes: tuple[str, ...]
+    labels: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    max_quarantine_ratio: float
+    chunk_rows: int
+    text: TextRules
+    images: ImageRules
+    restore: ImageRules
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ValidateConfig:
+        ratio = require(params, "max_quarantine_ratio", (int, float), "validate")
+        check_range(ratio, "validate.max_quarantine_ratio", 0.0, 1.0)
+        chunk_rows = require(params, "chunk_rows", int, "validate")
+        check_range(chunk_rows, "validate.chunk_rows", 1)
+        text = require(params, "text", dict, "validate")
+        bounds = {}
+        for key in ("min_source_chars", "max_source_chars", "min_reference_chars", "max_reference_chars"):
+            bounds[key] = require(text, key, int, "validate.text")
+            check_range(bounds[key], f"validate.text.{key}", 0)
+        for kind in ("source", "reference"):
+            if bounds[f"min_{kind}_chars"] > bounds[f"max_{kind}_chars"]:
+                raise ConfigError(f"params key 'validate.text.min_{kind}_chars' exceeds 'validate.text.max_{kind}_chars'")
+        allowed = text.get("allowed_attributes")
+        if allowed is not None and (not isinstance(allowed, list) or not all(isinstance(a, str) and a for a in allowed)):
+            raise ConfigError(f"params key 'validate.text.allowed_attributes' must be a list of names or null, got {allowed!r}")
+        return cls(
+            max_quarantine_ratio=float(ratio),
+            chunk_rows=chunk_rows,
+            text=TextRules(**bounds, allowed_attributes=tuple(allowed) if allowed is not None else None),
+            images=_image_rules(require(params, "images", dict, "validate"), "validate.images"),
+            restore=_image_rules(require(params, "restore", dict, "validate"), "validate.restore"),
+        )
+
+
+def _image_rules(section: dict[str, Any], prefix: str) -> ImageRules:
+    min_size = require(section, "min_size", int, prefix)
+    max_size = require(section, "max_size", int, prefix)
+    check_range(min_size, f"{prefix}.min_size", 1)
+    check_range(max_size, f"{prefix}.max_size", min_size)
+    channels = require(section, "channels", list, prefix)
+    modes = require(section, "modes", list, prefix)
+    labels = section.get("labels")
+    if labels is not None and not isinstance(labels, list):
+        raise ConfigError(f"params key '{prefix}.labels' must be a list or null, got {labels!r}")
+    return ImageRules(min_size, max_size, tuple(int(c) for c in channels), tuple(str(m) for m in modes),
+                      tuple(str(label) for label in labels) if labels is not None else None)
+
+
+def attribute_regex(allowed: tuple[str, ...]) -> str:
+    """A regex matching `key: value | key: value` records whose keys are all in `allowed`."""
+    keys = "|".join(re.escape(key) for key in sorted(allowed, key=len, reverse=True))
+    pair = rf"(?:{keys}): [^|]+?"
+    return rf"^{pair}(?: \| {pair})*$"
+
+
+def text_expectations(rules: TextRules) -> list[Any]:
+    """The text suite: decodable, non-null, length bounds, no blank reference, allowed attribute keys."""
+    import great_expectations as gx
+
+    e = gx.expectations
+    expectations = [
+        e.ExpectColumnValuesToBeNull(column="ingest_error"),
+        e.ExpectColumnValuesToNotBeNull(column="source"),
+        e.ExpectColumnValuesToNotBeNull(column="reference"),
+        e.ExpectColumnValueLengthsToBeBetween(column="source", min_value=rules.min_source_chars,
+                                              max_value=rules.max_source_chars),
+        e.ExpectColumnValueLengthsToBeBetween(column="reference", min_value=rules.min_reference_chars,
+                                              max_value=rules.max_reference_chars),
+        e.ExpectColumnValuesToNotMatchRegex(column="reference", regex=r"^\s*$"),
+        e.ExpectColumnValuesToNotMatchRegex(column="source", regex=r"^\s*$"),
+    ]
+    if rules.allowed_attributes is not None:
+        expectations.append(e.ExpectColumnValuesToMatchRegex(column="source", regex=attribute_regex(rules.allowed_attributes)))
+    return expectations
+
+
+def image_expectations(rules: ImageRules) -> list[Any]:
+    """The image suite: decodable and inside the data folder, size bounds, channels, mode, known label."""
+    import great_expectations as gx
+
+    e = gx.expectations
+    expectations = [
+        e.ExpectColumnValuesToBeNull(column="ingest_error"),
+        e.ExpectColumnValuesToBeBetween(column="width", min_value=rules.min_size, max_value=rules.max_size),
+        e.ExpectColumnValuesToBeBetween(column="height", min_value=rules.min_size, max_value=rules.max_size),
+        e.ExpectColumnValuesToBeInSet(column="channels", value_set=list(rules.channels)),
+        e.ExpectColumnValuesToBeInSet(column="mode", value_set=list(rules.modes)),
+    ]
+    if rules.labels is not None:
+        expectations.append(e.ExpectColumnValuesToNotBeNull(column="label"))
+        expectations.append(e.ExpectColumnValuesToBeInSet(column="label", value_set=list(rules.labels)))
+    return expectations
+
+
+def expectation_name(config: Any) -> str:
+    return f"{config.type}({config.kwargs.get('column', '')})"
+
+
+@dataclass
+class SuiteRunner:
+    """One ephemeral GE context with a data docs site; runs a suite on a DataFrame and returns per-row failures."""
+
+    docs_dir: Path
+    context: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self.context.add_data_docs_site(site_name="local", site_config={
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(self.docs_dir.resolve())},
+        })
+        self._source = self.context.data_sources.add_pandas("pipeline")
+        self._checkpoints: dict[str, Any] = {}
+
+    def checkpoint(self, name: str, expectations: list[Any]) -> gx.Checkpoint:
+        import great_expectations as gx
+
+        if name not in self._checkpoints:
+            batch = self._source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
+            suite = self.context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+            definition = self.context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+            self._checkpoints[name] = self.context.checkpoints.add(gx.Checkpoint(
+                name=name,
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"]},
+            ))
+        return self._checkpoints[name]
+
+    def run(self, name: str, expectations: list[Any], frame: Any) -> tuple[dict[int, list[str]], dict[str, dict[str, int]]]:
+        """Validate `frame` (which has a `_row` column); return failed expectations by row and per-expectation counts."""
+        result = self.checkpoint(name, expectations).run(batch_parameters={"dataframe": frame})
+        failures: dict[int, list[str]] = defaultdict(list)
+        counts: dict[str, dict[str, int]] = {}
+        for run in result.run_results.values():
+            for outcome in run.results:
+                label = expectation_name(outcome.expectation_config)
+                if outcome.exception_info and outcome.exception_info.get("raised_exception"):
+                    raise DataError(f"{name}: expectation {label} could not run: "
+                                    f"{outcome.exception_info.get('exception_message')}")
+                unexpected = outcome.result.get("unexpected_index_list") or []
+                counts[label] = {"unexpected": int(outcome.result.get("unexpected_count") or 0)}
+                for item in unexpected:
+                    failures[int(item["_row"])].append(label)
+        return failures, counts
+
+
+@dataclass
+class DatasetReport:
+    name: str
+    rows_in: int = 0
+    rows_valid: int = 0
+    rows_quarantined: int = 0
+    expectations: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def quarantine_ratio(self) -> float:
+        return self.rows_quarantined / self.rows_in if self.rows_in else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows_in": self.rows_in, "rows_valid": self.rows_valid, "rows_quarantined": self.rows_quarantined,
+                "quarantine_ratio": round(self.quarantine_ratio, 6), "failed_expectations": self.expectations}
+
+
+def validate_dataset(name: str, raw: Path, expectations: list[Any], runner: SuiteRunner, valid_out: Path,
+                     quarantine_out: Path, chunk_rows: int) -> DatasetReport:
+    """Validate one raw Parquet file chunk by chunk; split its rows between valid and quarantine files.
+
+    Uniqueness of `record_id` needs every row at once, so it runs first on that column alone; the row-wise
+    suite then streams over chunks, keeping memory flat for inputs larger than memory.
+    """
+    import great_expectations as gx
+
+    schema = pq.read_schema(raw)
+    report = DatasetReport(name)
+    ids = pq.read_table(raw, columns=["record_id"]).to_pandas()
+    ids["_row"] = np.arange(len(ids))
+    id_failures, id_counts = runner.run(f"{name}_ids", [gx.expectations.ExpectColumnValuesToBeUnique(column="record_id")], ids)
+    del ids
+    merge_counts(report.expectations, id_counts)
+
+    quarantine_schema = schema
+    for extra in QUARANTINE_FIELDS:
+        quarantine_schema = quarantine_schema.append(extra)
+    offset = 0
+    with ParquetSink(valid_out, schema) as valid, ParquetSink(quarantine_out, quarantine_schema) as quarantine:
+        for batch in progress(iter_parquet(raw, chunk_rows), desc=f"validate {name}", unit="chunk"):
+            table = pa.Table.from_batches([batch])
+            frame = table.drop_columns([c for c in [IMAGE_BYTES_COLUMN] if c in table.column_names]).to_pandas()
+            frame["_row"] = np.arange(offset, offset + table.num_rows)
+            failures, counts = runner.run(name, expectations, frame)
+            merge_counts(report.expectations, counts)
+            for row in range(offset, offset + table.num_rows):
+                if row in id_failures:
+                    failures[row].extend(id_failures[row])
+            failed = np.zeros(table.num_rows, dtype=bool)
+            reasons: list[str | None] = [None] * table.num_rows
+            for row, labels in failures.items():
+                failed[row - offset] = True
+                reasons[row - offset] = "; ".join(dict.fromkeys(labels))
+            mask = pa.array(failed)
+            valid.write(table.filter(pc.invert(mask)))
+            bad = table.filter(mask)
+            bad = bad.append_column("failed_expectations", pa.array([r for r in reasons if r is not None], pa.string()))
+            bad = bad.append_column("quarantined_by", pa.array(["validate"] * bad.num_rows, pa.string()))
+            quarantine.write(bad)
+            offset += table.num_rows
+    report.rows_in = offset
+    report.rows_valid = valid.rows
+    report.rows_quarantined = quarantine.rows
+    assert report.rows_in == report.rows_valid + report.rows_quarantined, "validate lost rows"
+    return report
+
+
+def merge_counts(total: dict[str, int], counts: dict[str, dict[str, int]]) -> None:
+    for label, count in counts.items():
+        total[label] = total.get(label, 0) + count["unexpected"]
+
+
+def validate(cfg: ValidateConfig, raw_dir: Path, valid_dir: Path, report_dir: Path, quarantine_dir: Path) -> dict[str, DatasetReport]:
+    """Validate all datasets, write the report, then fail if any dataset quarantined too much."""
+    runner = SuiteRunner(report_dir / "docs")
+    suites = {"text": text_expectations(cfg.text), "images": image_expectations(cfg.images),
+              "restore": image_expectations(cfg.restore)}
+    reports = {}
+    for name in DATASETS:
+        raw = raw_dir / f"{name}.parquet"
+        if not raw.is_file():
+            raise DataError(f"missing input {raw}: run the ingest stage first")
+        reports[name] = validate_dataset(name, raw, suites[name], runner, valid_dir / f"{name}.parquet",
+                                         quarantine_dir / f"{name}.parquet", cfg.chunk_rows)
+        log.info("%s: %d rows in, %d valid, %d quarantined", name, reports[name].rows_in,
+                 reports[name].rows_valid, reports[name].rows_quarantined)
+    write_json({"max_quarantine_ratio": cfg.max_quarantine_ratio,
+                "datasets": {name: r.as_dict() for name, r in reports.items()},
+                "data_docs": str((report_dir / "docs" / "index.html").as_posix())},
+               report_dir / "report.json")
+    too_many = [r for r in reports.values() if r.quarantine_ratio > cfg.max_quarantine_ratio]
+    if too_many:
+        lines = []
+        for r in too_many:
+            worst = ", ".join(f"{label}: {count} rows" for label, count in
+                              sorted(r.expectations.items(), key=lambda kv: -kv[1]) if count)
+            lines.append(f"{r.name}: {r.rows_quarantined} of {r.rows_in} rows quarantined "
+                         f"({r.quarantine_ratio:.1%} > validate.max_quarantine_ratio={cfg.max_quarantine_ratio:.1%}); "
+                         f"failed expectations: {worst}")
+        raise DataError("too much data quarantined; see " + str(quarantine_dir) + "\n  " + "\n  ".join(lines))
+    return reports
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__)
+    parser.add_argument("raw", type=Path, help="ingested data folder (data/raw)")
+    parser.add_argument("--valid", type=Path, required=True, help="output folder for rows that pass")
+    parser.add_argument("--report", type=Path, required=True, help="output folder for report.json and data docs")
+    parser.add_argument("--quarantine", type=Path, required=True, help="output folder for failing rows")
+    parser.add_argument("--params", default="params.yaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_main(lambda: validate(ValidateConfig.from_params(load_params("validate", args.params)),
+                              args.raw, args.valid, args.report, args.quarantine))
+
+
+if __name__ == "__main__":
+    main()
