@@ -1,0 +1,49 @@
+"""Per-record features that describe the data for drift monitoring.
+
+The `features` stage writes them for the training data (the drift reference); the serving request log
+computes the same ones for live traffic. Keep them cheap and defined here once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from components.textgen import parse_source
+
+TEXT_FEATURE_COLUMNS = ("source_chars", "source_tokens", "num_attributes", "reference_chars", "reference_tokens")
+IMAGE_FEATURE_COLUMNS = ("width", "height", "brightness", "contrast", "sharpness")
+
+
+def text_features(source: str, source_tokens: int, reference: str | None = None,
+                  reference_tokens: int | None = None) -> dict[str, Any]:
+    """Lengths and attributes of one text record; `attr_<key>` columns hold each attribute's value."""
+    attributes = parse_source(source) or {}
+    row: dict[str, Any] = {
+        "source_chars": len(source),
+        "source_tokens": source_tokens,
+        "num_attributes": len(attributes),
+        "reference_chars": len(reference) if reference is not None else None,
+        "reference_tokens": reference_tokens,
+    }
+    row.update({f"attr_{key}": value for key, value in attributes.items()})
+    return row
+
+
+def image_features(pixels: np.ndarray) -> dict[str, float]:
+    """Brightness, contrast and sharpness of an HxW or HxWxC uint8 image, all on a 0-1 intensity scale.
+
+    Sharpness is the variance of a 4-neighbour Laplacian of the grey image, a standard focus measure.
+    """
+    grey = pixels.astype(np.float32) / 255.0
+    if grey.ndim == 3:
+        grey = grey[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if grey.shape[2] >= 3 else grey[..., 0]
+    laplacian = (grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1])
+    return {
+        "width": float(pixels.shape[1]),
+        "height": float(pixels.shape[0]),
+        "brightness": float(grey.mean()),
+        "contrast": float(grey.std()),
+        "sharpness": float(laplacian.var()) if laplacian.size else 0.0,
+    }

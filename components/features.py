@@ -1,0 +1,219 @@
+"""Stage `features`: model-ready arrays plus per-record feature tables (the drift reference).
+
+- text: a byte-level BPE tokenizer trained with HF `tokenizers` on the train split (clean + augmented),
+  saved as `<out>/text/tokenizer.json`; each split tokenized to ragged int32 arrays in safetensors
+  (`source_ids`/`source_offsets`, `target_ids`/`target_offsets`) beside a Parquet of its rows;
+- images: `<out>/images/<split>.safetensors` with `images` uint8 (N, C, S, S) and `labels` int64; the
+  label names are in the file's metadata;
+- restore: `<out>/restore/train.safetensors` with `patches` uint8 (N, 3, P, P) and every photo of every
+  split as `image_<i>` uint8 (3, H, W);
+- `<out>/reference/{text,images,restore}.parquet`: components.feature_defs features of every clean row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from components.augment import decode
+from components.common import SPLITS, DataError, check_range, load_params, require, run_main, write_json, write_parquet_atomic
+from components.feature_defs import image_features, text_features
+
+log = logging.getLogger(__name__)
+
+PAD, SEP, EOS = "<|pad|>", "<|sep|>", "<|endoftext|>"
+SPECIAL_TOKENS = (PAD, SEP, EOS)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    vocab_size: int
+    min_frequency: int
+    image_size: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> FeaturesConfig:
+        text = require(params, "text", dict, "features")
+        images = require(params, "images", dict, "features")
+        vocab = require(text, "vocab_size", int, "features.text")
+        check_range(vocab, "features.text.vocab_size", 300, 1_000_000)  # 256 bytes + specials + merges
+        min_frequency = require(text, "min_frequency", int, "features.text")
+        check_range(min_frequency, "features.text.min_frequency", 1)
+        size = require(images, "image_size", int, "features.images")
+        check_range(size, "features.images.image_size", 4, 1024)
+        return cls(vocab, min_frequency, size)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int) -> Any:
+    """Byte-level BPE (GPT-2 style): every string is encodable, nothing maps to an unknown token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tokenizer
+
+
+def ragged(encodings: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (concatenated int32 ids, int64 offsets of length n+1)."""
+    lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+    offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter((t for e in encodings for t in e), dtype=np.int32, count=int(offsets[-1]))
+    return ids, offsets
+
+
+def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
+    """Train the tokenizer, write the token arrays per split; return the per-record feature table."""
+    from safetensors.numpy import save_file
+
+    train = clean.filter(pc.equal(clean.column("split"), "train"))
+    corpus = (train.column("source").to_pylist() + augmented.column("source").to_pylist()
+              + train.column("reference").to_pylist())
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    write_json({"special_tokens": {"pad": PAD, "sep": SEP, "eos": EOS}, "vocab_size": tokenizer.get_vocab_size()},
+               out / "tokenizer_config.json")
+
+    keep = ["record_id", "source", "reference", "source_key", "split"]
+    augmented_rows = augmented.select(keep[:-1]).append_column("split", pa.array(["train"] * augmented.num_rows, pa.string()))
+    feature_rows: list[dict[str, Any]] = []
+    for split in SPLITS:
+        rows = clean.filter(pc.equal(clean.column("split"), split)).select(keep)
+        if split == "train":
+            rows = pa.concat_tables([rows.append_column("augmented", pa.array([False] * rows.num_rows)),
+                                     augmented_rows.append_column("augmented", pa.array([True] * augmented_rows.num_rows))])
+        else:
+            rows = rows.append_column("augmented", pa.array([False] * rows.num_rows))
+        sources = rows.column("source").to_pylist()
+        references = rows.column("reference").to_pylist()
+        source_ids = [e.ids for e in tokenizer.encode_batch(sources)]
+        target_ids = [e.ids for e in tokenizer.encode_batch(references)]
+        s_ids, s_off = ragged(source_ids)
+        t_ids, t_off = ragged(target_ids)
+        save_file({"source_ids": s_ids, "source_offsets": s_off, "target_ids": t_ids, "target_offsets": t_off},
+                  str(out / f"{split}.safetensors"), metadata={"split": split, "rows": str(rows.num_rows)})
+        write_parquet_atomic(rows, out / f"{split}.parquet")
+        for record_id, source, reference, s, t, augmented_flag in zip(
+                rows.column("record_id").to_pylist(), sources, references, source_ids, target_ids,
+                rows.column("augmented").to_pylist()):
+            if not augmented_flag:
+                feature_rows.append({"record_id": record_id, "split": split,
+                                     **text_features(source, len(s), reference, len(t))})
+    log.info("text: vocabulary %d, %d feature rows", tokenizer.get_vocab_size(), len(feature_rows))
+    return pa.Table.from_pylist(feature_rows)
+
+
+def resize_stack(images: list[np.ndarray], size: int, channels: int) -> np.ndarray:
+    """Decoded images -> uint8 (N, C, size, size) with torchvision's antialiased resize."""
+    import torch
+    from torchvision.transforms import v2
+
+    resize = v2.Resize((size, size), antialias=True)
+    out = np.empty((len(images), channels, size, size), dtype=np.uint8)
+    for i, pixels in enumerate(images):
+        if pixels.ndim == 2:
+            pixels = pixels[..., None]
+        if pixels.shape[2] != channels:
+            pixels = np.repeat(pixels[..., :1], channels, axis=2) if channels == 3 else pixels[..., :1]
+        tensor = torch.from_numpy(np.array(pixels.transpose(2, 0, 1), copy=True))  # PIL buffers are read-only
+        out[i] = resize(tensor).numpy()
+    return out
+
+
+def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
+    from safetensors.numpy import save_file
+
+    labels = sorted(set(clean.column("label").to_pylist()), key=lambda v: (len(v), v))
+    label_index = {name: i for i, name in enumerate(labels)}
+    channels = 3 if "RGB" in set(clean.column("mode").to_pylist()) else 1
+    out.mkdir(parents=True, exist_ok=True)
+    feature_rows = []
+    for split in SPLITS:
+        rows = clean.filter(pc.equal(clean.column("split"), split))
+        decoded = [decode(b) for b in rows.column("image").to_pylist()]
+        feature_rows += [{"record_id": r, "split": split, "label": label, **image_features(p)}
+                         for r, label, p in zip(rows.column("record_id").to_pylist(), rows.column("label").to_pylist(), decoded)]
+        row_labels = rows.column("label").to_pylist()
+        if split == "train" and augmented.num_rows:
+            decoded += [decode(b) for b in augmented.column("image").to_pylist()]
+            row_labels += augmented.column("label").to_pylist()
+        stacked = resize_stack(decoded, cfg.image_size, channels)
+        save_file({"images": stacked, "labels": np.array([label_index[v] for v in row_labels], dtype=np.int64)},
+                  str(out / f"{split}.safetensors"),
+                  metadata={"label_names": json.dumps(labels), "image_size": str(cfg.image_size), "channels": str(channels)})
+    write_json({"label_names": labels, "image_size": cfg.image_size, "channels": channels}, out / "meta.json")
+    return pa.Table.from_pylist(feature_rows)
+
+
+def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.Table:
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    feature_rows = []
+    for split in SPLITS:
+        rows = clean.filter(pc.equal(clean.column("split"), split))
+        tensors: dict[str, np.ndarray] = {}
+        ids = rows.column("record_id").to_pylist()
+        for i, (record_id, data) in enumerate(zip(ids, rows.column("image").to_pylist())):
+            pixels = decode(data)
+            feature_rows.append({"record_id": record_id, "split": split, **image_features(pixels)})
+            if pixels.ndim == 2:
+                pixels = np.repeat(pixels[..., None], 3, axis=2)
+            tensors[f"image_{i}"] = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        if split == "train":
+            decoded = [decode(b) for b in patches.column("image").to_pylist()]
+            tensors["patches"] = (np.stack([p.transpose(2, 0, 1) for p in decoded]) if decoded
+                                  else np.zeros((0, 3, 1, 1), dtype=np.uint8))
+        save_file(tensors, str(out / f"{split}.safetensors"), metadata={"record_ids": json.dumps(ids)})
+    return pa.Table.from_pylist(feature_rows)
+
+
+def features(cfg: FeaturesConfig, clean_dir: Path, augmented_dir: Path, out_dir: Path) -> dict[str, int]:
+    """Write every dataset's arrays and the drift reference tables; returns feature-table row counts."""
+    def read(path: Path) -> pa.Table:
+        if not path.is_file():
+            raise DataError(f"missing input {path}: run the clean and augment stages first")
+        return pq.read_table(path)
+
+    references = {
+        "text": text_features_stage(read(clean_dir / "text.parquet"), read(augmented_dir / "text.parquet"), cfg, out_dir / "text"),
+        "images": image_features_stage(read(clean_dir / "images.parquet"), read(augmented_dir / "images.parquet"), cfg, out_dir / "images"),
+        "restore": restore_features_stage(read(clean_dir / "restore.parquet"), read(augmented_dir / "restore_patches.parquet"), out_dir / "restore"),
+    }
+    for name, table in references.items():
+        write_parquet_atomic(table, out_dir / "reference" / f"{name}.parquet")
+    return {name: table.num_rows for name, table in references.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m components.features", description=__doc__)
+    parser.add_argument("clean", type=Path, help="clean data folder (data/clean)")
+    parser.add_argument("augmented", type=Path, help="augmented data folder (data/augmented)")
+    parser.add_argument("out", type=Path, help="output folder (data/features)")
+    parser.add_argument("--params", default="params.yaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_main(lambda: features(FeaturesConfig.from_params(load_params("features", args.params)),
+                              args.clean, args.augmented, args.out))
+
+
+if __name__ == "__main__":
+    main()
