@@ -1,0 +1,98 @@
+"""Prefect tasks that run DVC stages. DVC owns the graph, the lock file and the cache; this only drives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from components.common import EX_CONFIG, EX_DATAERR
+
+
+class PermanentStageError(RuntimeError):
+    """A stage failed on bad data or bad params: retrying cannot help, so the flow does not retry it."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    status: str  # "ran" or "up to date"
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dvc_stage_order(repo_root: Path, stages: list[str] | None = None) -> list[str]:
+    """Stage names of dvc.yaml in dependency order (optionally only `stages`, still in that order)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo_root)) as repo:
+        graph = repo.index.graph
+        # DVC's edges point from a stage to what it depends on, so dependencies come last in topological order.
+        order = [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+    if stages is None:
+        return order
+    unknown = sorted(set(stages) - set(order))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
+    return [name for name in order if name in stages]
+
+
+def _exit_code(exc: BaseException) -> int | None:
+    """The stage command's exit status, from DVC's 'failed to run: …, exited with N' in the cause chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        match = re.search(r"exited with (-?\d+)", str(seen))
+        if match:
+            return int(match.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    return not isinstance(state.result(raise_on_failure=False), PermanentStageError)
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_transient, task_run_name="dvc-{name}")
+def run_stage(name: str, repo_root: str = ".", force: bool = False) -> StageResult:
+    """`dvc repro --single-item <name>`: runs the stage if its deps, params or outs changed, else skips it."""
+    from dvc.exceptions import ReproductionError
+    from dvc.repo import Repo
+
+    # Stage commands say `python -m ...`: make that the interpreter running this flow (the project's venv).
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    start = time.monotonic()
+    try:
+        with Repo(repo_root) as repo:
+            reproduced = repo.reproduce(name, single_item=True, force=force)
+    except ReproductionError as err:
+        code = _exit_code(err)
+        if code in (EX_DATAERR, EX_CONFIG):
+            kind = "bad data" if code == EX_DATAERR else "bad params"
+            raise PermanentStageError(f"stage '{name}' failed on {kind} (exit {code}); see its log above") from err
+        raise
+    return StageResult(name, "ran" if reproduced else "up to date", round(time.monotonic() - start, 2))
+
+
+def summary_markdown(results: list[StageResult], metrics_path: Path) -> str:
+    """A markdown table of what ran and what was up to date, then the data metrics."""
+    lines = ["## Pipeline run", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r.name} | {r.status} | {r.seconds} |" for r in results]
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        lines += ["", "## Data", "", "| dataset | rows in | valid | quarantined | duplicates removed | train | val | test |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, m in metrics.items():
+            splits = m.get("splits", {})
+            lines.append(f"| {name} | {m.get('rows_in')} | {m.get('rows_valid')} | {m.get('rows_quarantined')} | "
+                         f"{m.get('duplicates_removed')} | {splits.get('train')} | {splits.get('val')} | {splits.get('test')} |")
+    return "\n".join(lines) + "\n"
