@@ -1,0 +1,88 @@
+"""Shared fixtures: the real params.yaml shrunk to a tiny CPU configuration, and a temp copy of the repo."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# Before anything imports Prefect, DVC or GE: no telemetry, and Prefect's state stays out of ~/.prefect.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# What a stage run needs from the repo; outputs (data/*, metrics/) are produced by the run itself.
+REPO_FILES = ["components", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "data/.gitignore"]
+
+
+def shrink(params: dict[str, Any]) -> dict[str, Any]:
+    """The real params with sizes cut so every stage runs in seconds on a CPU."""
+    tiny = copy.deepcopy(params)
+    tiny["ingest"]["text"].update(num_records=80, refs_per_record=2)
+    tiny["ingest"]["batch_rows"] = 64
+    tiny["validate"]["chunk_rows"] = 1000  # text fits one chunk, digits take two: chunking is exercised
+    tiny["augment"]["images"]["copies"] = 1
+    tiny["augment"]["restore"].update(patch_size=32, patches_per_image=2)
+    tiny["features"]["text"]["vocab_size"] = 300
+    tiny["features"]["images"]["image_size"] = 16
+    return tiny
+
+
+@pytest.fixture(scope="session")
+def real_params() -> dict[str, Any]:
+    with (REPO_ROOT / "params.yaml").open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+@pytest.fixture
+def tiny_params(real_params: dict[str, Any]) -> dict[str, Any]:
+    return shrink(real_params)
+
+
+def section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """What components.common.load_params returns for `name`."""
+    return {**params[name], "base": params["base"]}
+
+
+def write_params(params: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def copy_repo(dest: Path, params: dict[str, Any]) -> Path:
+    """A git + DVC checkout of the pipeline under dest, with the given params."""
+    for name in REPO_FILES:
+        src = REPO_ROOT / name
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target)
+    write_params(params, dest / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture
+def tiny_repo(tmp_path: Path, tiny_params: dict[str, Any]) -> Path:
+    return copy_repo(tmp_path / "repo", tiny_params)
+
+
+def venv_env() -> dict[str, str]:
+    """Environment whose `python` and `dvc` are this interpreter's, as the README's activated venv has."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
