@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from components.common import EX_CONFIG, EX_DATAERR
 
@@ -38,7 +39,7 @@ def dvc_stage_order(repo_root: Path, stages: list[str] | None = None) -> list[st
     with Repo(str(repo_root)) as repo:
         graph = repo.index.graph
         # DVC's edges point from a stage to what it depends on, so dependencies come last in topological order.
-        order = [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+        order = [stage.name for stage in reversed(list(nx.topological_sort(graph)))]
     if stages is None:
         return order
     unknown = sorted(set(stages) - set(order))
@@ -64,23 +65,33 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_transient, task_run_name="dvc-{name}")
 def run_stage(name: str, repo_root: str = ".", force: bool = False) -> StageResult:
-    """`dvc repro --single-item <name>`: runs the stage if its deps, params or outs changed, else skips it."""
-    from dvc.exceptions import ReproductionError
-    from dvc.repo import Repo
+    """`dvc repro --single-item <name>` in repo_root: runs the stage if its deps, params or outs changed.
 
+    DVC runs as the CLI a user would type (its own process, cwd at the repo root), streamed into the log.
+    """
+    logger = get_run_logger()
+    env = dict(os.environ)
     # Stage commands say `python -m ...`: make that the interpreter running this flow (the project's venv).
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", name] + (["--force"] if force else [])
     start = time.monotonic()
-    try:
-        with Repo(repo_root) as repo:
-            reproduced = repo.reproduce(name, single_item=True, force=force)
-    except ReproductionError as err:
-        code = _exit_code(err)
+    ran = False
+    lines: list[str] = []
+    with subprocess.Popen(command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip()
+            lines.append(line)
+            logger.info(line)
+            ran = ran or line.startswith(f"Running stage '{name}'")
+    if process.returncode != 0:
+        code = _exit_code(RuntimeError("\n".join(lines[-50:])))
         if code in (EX_DATAERR, EX_CONFIG):
             kind = "bad data" if code == EX_DATAERR else "bad params"
-            raise PermanentStageError(f"stage '{name}' failed on {kind} (exit {code}); see its log above") from err
-        raise
-    return StageResult(name, "ran" if reproduced else "up to date", round(time.monotonic() - start, 2))
+            raise PermanentStageError(f"stage '{name}' failed on {kind} (exit {code}); see its log above")
+        raise RuntimeError(f"stage '{name}' failed: `{' '.join(command)}` exited with {process.returncode}")
+    return StageResult(name, "ran" if ran else "up to date", round(time.monotonic() - start, 2))
 
 
 def summary_markdown(results: list[StageResult], metrics_path: Path) -> str:

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from components import clean
+from components.common import ConfigError, assign_splits
+from components.datasets import TEXT_SCHEMA
+from tests.conftest import section
+
+
+@pytest.fixture
+def cfg(tiny_params: dict[str, Any]) -> clean.CleanConfig:
+    return clean.CleanConfig.from_params(section(tiny_params, "clean"))
+
+
+def normalised(text: str, mask_pii: bool = True) -> str:
+    return clean.normalise_text(pa.array([text]), mask_pii).to_pylist()[0]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("Cafe\u0301", "Caf\u00e9"),                                     # NFD -> NFC
+    ("  lots \t of\n\nspace  ", "lots of space"),
+    ("bell\x07 and\u200b zero-width", "bell and zero-width"),        # control and format characters
+    ("<p>Hello <b>world</b></p>", "Hello world"),
+    ("Fish &amp; chips &#x2013; &lt;3", "Fish & chips \u2013 <3"),    # entities decoded, not mistaken for tags
+    ("price < 30 and > 10", "price < 30 and > 10"),                    # comparison signs are not tags
+])
+def test_normalisation(raw: str, expected: str) -> None:
+    assert normalised(raw) == expected
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("Mail jane.doe+ads@example.co.uk now", "Mail [EMAIL] now"),
+    ("Call 555-123-4567 today", "Call [PHONE] today"),
+    ("Call (020) 7946 0958 today", "Call [PHONE] today"),
+    ("Call +44 20 7946 0958 today", "Call [PHONE] today"),
+    ("Only 2024 units at 19.99, model X-200", "Only 2024 units at 19.99, model X-200"),
+])
+def test_pii_masking(raw: str, expected: str) -> None:
+    assert normalised(raw) == expected
+    assert normalised(raw, mask_pii=False) == raw
+
+
+def table(rows: list[tuple[str, str]]) -> pa.Table:
+    n = len(rows)
+    return pa.table({"record_id": [f"r{i}" for i in range(n)], "source": [r[0] for r in rows],
+                     "reference": [r[1] for r in rows], "origin": ["t"] * n, "ingest_error": [None] * n},
+                    schema=TEXT_SCHEMA)
+
+
+def test_duplicates_and_emptied_rows_are_removed_and_kept_aside(cfg: clean.CleanConfig) -> None:
+    source = "name: A | colour: red"
+    reordered = "colour: red | name: A"
+    rows = [
+        (source, "The red A."),
+        (source, "The red A."),              # exact duplicate
+        (reordered, "The  red A."),          # same record, reordered; equal after whitespace cleaning
+        (source, "the RED a!"),              # near duplicate
+        (source, "<br>"),                    # empty after cleaning
+        (source, "A different sentence."),
+    ]
+    result = clean.clean_text(table(rows), cfg)
+    assert result.kept.column("record_id").to_pylist() == ["r0", "r5"]
+    reasons = dict(zip(result.removed.column("record_id").to_pylist(), result.removed.column("removed_because").to_pylist()))
+    assert reasons == {"r1": "exact duplicate", "r2": "exact duplicate", "r3": "near duplicate", "r4": "empty after cleaning"}
+    assert result.counts["duplicates_removed"] == 3 and result.counts["emptied_by_cleaning"] == 1
+    assert result.kept.num_rows + result.removed.num_rows == len(rows)
+
+
+def test_near_duplicates_switch(cfg: clean.CleanConfig) -> None:
+    rows = [("name: A", "The red A."), ("name: A", "the RED a!")]
+    off = clean.CleanConfig(**{**cfg.__dict__, "near_duplicates": False})
+    assert clean.clean_text(table(rows), off).kept.num_rows == 2
+    assert clean.clean_text(table(rows), cfg).kept.num_rows == 1
+
+
+def test_split_is_by_source_so_no_source_spans_two_splits(cfg: clean.CleanConfig) -> None:
+    rows = []
+    for i in range(300):
+        attributes = [f"name: P{i}", f"colour: c{i % 7}", "tone: minimal"]
+        for j in range(3):
+            order = attributes[j:] + attributes[:j]  # the same record with its attributes in other orders
+            rows.append((" | ".join(order), f"Copy {j} of P{i}."))
+    result = clean.clean_text(table(rows), cfg)
+    splits_per_source: dict[str, set[str]] = {}
+    for key, split in zip(result.kept.column("source_key").to_pylist(), result.kept.column("split").to_pylist()):
+        splits_per_source.setdefault(key, set()).add(split)
+    assert len(splits_per_source) == 300
+    assert all(len(s) == 1 for s in splits_per_source.values())
+    counts = {s: sum(1 for v in splits_per_source.values() if s in v) for s in ("train", "val", "test")}
+    assert 200 < counts["train"] < 280 and counts["val"] > 10 and counts["test"] > 10
+
+
+def test_split_is_deterministic_and_independent_of_other_rows() -> None:
+    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+    keys = [f"k{i}" for i in range(500)]
+    full = assign_splits(keys, fractions, seed=1)
+    assert full == assign_splits(keys, fractions, seed=1)
+    assert assign_splits(keys[:250], fractions, seed=1) == full[:250]  # new data does not move old rows
+    assert full != assign_splits(keys, fractions, seed=2)
+
+
+def test_small_sets_still_get_every_split() -> None:
+    splits = assign_splits([f"photo{i}" for i in range(5)], {"train": 0.7, "val": 0.1, "test": 0.2}, seed=3)
+    assert set(splits) == {"train", "val", "test"}
+
+
+def test_image_duplicates_by_pixels(tiny_params: dict[str, Any]) -> None:
+    from components.datasets import builtin_digits
+
+    digits = pa.Table.from_batches(list(builtin_digits(100))).slice(0, 20)
+    doubled = pa.concat_tables([digits, digits.slice(0, 5).set_column(0, "record_id", pa.array([f"copy{i}" for i in range(5)]))])
+    result = clean.clean_images(doubled, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=1)
+    assert result.kept.num_rows == 20 and result.counts["duplicates_removed"] == 5
+    assert set(result.removed.column("record_id").to_pylist()) == {f"copy{i}" for i in range(5)}
+
+
+@pytest.mark.parametrize(("splits", "message"), [
+    ({"train": 0.8, "val": 0.1}, "'clean.splits' must have exactly the keys"),
+    ({"train": 0.8, "val": 0.1, "test": 0.2}, "must sum to 1"),
+    ({"train": 1.0, "val": 0.0, "test": 0.0}, "train and test fractions must be > 0"),
+])
+def test_invalid_split_params_name_the_key(tiny_params: dict[str, Any], splits: dict[str, float], message: str) -> None:
+    params = section(tiny_params, "clean")
+    params["splits"] = splits
+    with pytest.raises(ConfigError, match=message):
+        clean.CleanConfig.from_params(params)
+
+
+def test_clean_writes_metrics_that_add_up(tiny_params: dict[str, Any], tmp_path: Path) -> None:
+    from components import ingest, validate
+
+    ingest.ingest(ingest.IngestConfig.from_params(section(tiny_params, "ingest")), tmp_path / "raw")
+    validate.validate(validate.ValidateConfig.from_params(section(tiny_params, "validate")), tmp_path / "raw",
+                      tmp_path / "valid", tmp_path / "report", tmp_path / "quarantine")
+    metrics_path = tmp_path / "metrics" / "data.json"
+    clean.clean(clean.CleanConfig.from_params(section(tiny_params, "clean")), tmp_path / "valid", tmp_path / "clean",
+                tmp_path / "report" / "report.json", metrics_path)
+    metrics = json.loads(metrics_path.read_text())
+    assert set(metrics) == {"text", "images", "restore"}
+    for m in metrics.values():
+        assert m["rows_in"] == m["rows_valid"] + m["rows_quarantined"]
+        assert m["rows_valid"] == m["rows_clean"] + m["duplicates_removed"] + m["emptied_by_cleaning"]
+        assert sum(m["splits"].values()) == m["rows_clean"]
+        assert all(v > 0 for v in m["splits"].values())

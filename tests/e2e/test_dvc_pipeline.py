@@ -1,0 +1,69 @@
+"""`dvc repro` of the data stages on the tiny configuration, in a temp git + DVC copy of the repo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import venv_env
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["ingest", "validate", "clean", "augment", "features"]
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["dvc", *args], cwd=repo, env=venv_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) -> None:
+    first = dvc(tiny_repo, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+
+    for path in ["data/raw/text.parquet", "data/validated/images.parquet", "data/quarantine/restore.parquet",
+                 "data/validation/report.json", "data/validation/docs/index.html", "data/clean/text.parquet",
+                 "data/augmented/images.parquet", "data/features/text/tokenizer.json",
+                 "data/features/images/train.safetensors", "data/features/restore/test.safetensors",
+                 "data/features/reference/text.parquet", "dvc.lock"]:
+        assert (tiny_repo / path).is_file(), path
+    metrics = json.loads((tiny_repo / "metrics" / "data.json").read_text())
+    assert metrics["text"]["rows_in"] == 160 and metrics["images"]["rows_in"] == 1797
+
+    shown = dvc(tiny_repo, "metrics", "show", "--json")
+    assert shown.returncode == 0 and "rows_quarantined" in shown.stdout
+
+    second = dvc(tiny_repo, "repro")
+    assert second.returncode == 0, second.stderr
+    assert "Data and pipelines are up to date." in second.stdout
+    assert "Running stage" not in second.stdout
+
+
+def test_param_change_reruns_only_the_stages_that_read_it(tiny_repo: Path) -> None:
+    assert dvc(tiny_repo, "repro").returncode == 0
+    params = (tiny_repo / "params.yaml").read_text()
+    (tiny_repo / "params.yaml").write_text(params.replace("image_size: 16", "image_size: 12"))
+    rerun = dvc(tiny_repo, "repro")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Running stage 'features'" in rerun.stdout
+    for stage in STAGES[:-1]:
+        assert f"Running stage '{stage}'" not in rerun.stdout
+
+
+def test_dag_shows_the_stages(tiny_repo: Path) -> None:
+    dag = dvc(tiny_repo, "dag", "--md")
+    assert dag.returncode == 0
+    for stage in STAGES:
+        assert stage in dag.stdout
+
+
+def test_bad_params_fail_the_stage_with_the_key_named(tiny_repo: Path) -> None:
+    params = (tiny_repo / "params.yaml").read_text()
+    (tiny_repo / "params.yaml").write_text(params.replace("max_quarantine_ratio: 0.05", "max_quarantine_ratio: 5"))
+    run = dvc(tiny_repo, "repro", "validate")
+    assert run.returncode != 0
+    assert "validate.max_quarantine_ratio" in run.stdout + run.stderr

@@ -1,0 +1,83 @@
+"""The Prefect flow runs the DVC stages in DVC's order, skips what is up to date, and does not retry bad data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.states import Failed
+
+from flows.stages import PermanentStageError, _exit_code, _retry_transient, dvc_stage_order, summary_markdown
+from flows.training import training
+from tests.conftest import copy_repo, venv_env
+
+STAGES = ["ingest", "validate", "clean", "augment", "features"]
+
+
+@pytest.fixture(autouse=True)
+def venv_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", venv_env()["PATH"])
+
+
+def test_stage_order_comes_from_dvc(tiny_repo: Path) -> None:
+    assert dvc_stage_order(tiny_repo) == STAGES
+    assert dvc_stage_order(tiny_repo, ["features", "ingest"]) == ["ingest", "features"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        dvc_stage_order(tiny_repo, ["train_everything"])
+
+
+@pytest.mark.slow
+def test_flow_runs_every_stage_then_skips_them(tiny_repo: Path) -> None:
+    first = training(repo_root=str(tiny_repo))
+    assert [(r.name, r.status) for r in first] == [(name, "ran") for name in STAGES]
+    assert (tiny_repo / "data" / "features" / "reference" / "text.parquet").is_file()
+    second = training(repo_root=str(tiny_repo))
+    assert [r.status for r in second] == ["up to date"] * len(STAGES)
+
+    with get_client(sync_client=True) as client:
+        markdown = [a.data for a in client.read_artifacts() if a.key == "pipeline-run"]
+    assert len(markdown) >= 2
+    assert any("| features | ran |" in m for m in markdown)
+    assert any("| features | up to date |" in m and "| text | 160 | 160 | 0 |" in m for m in markdown)
+
+
+@pytest.mark.slow
+def test_bad_params_fail_without_retries(tmp_path: Path, tiny_params: dict[str, Any]) -> None:
+    tiny_params["validate"]["max_quarantine_ratio"] = 5
+    repo = copy_repo(tmp_path / "repo", tiny_params)
+    state = training(stages=["ingest", "validate"], repo_root=str(repo), return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    validate_run = next(r for r in runs if r.name == "dvc-validate")
+    assert validate_run.state.is_failed()
+    assert validate_run.run_count == 1  # a config error is not transient: no retry
+    assert "bad params (exit 78)" in (validate_run.state.message or "")
+
+
+def test_retry_condition_retries_only_transient_errors() -> None:
+    assert _retry_transient(None, None, Failed(data=OSError("disk hiccup"))) is True
+    assert _retry_transient(None, None, Failed(data=PermanentStageError("bad data"))) is False
+
+
+def test_exit_code_is_read_from_the_dvc_error_chain() -> None:
+    try:
+        try:
+            raise RuntimeError("failed to run: python -m components.validate, exited with 65")
+        except RuntimeError as inner:
+            raise ValueError("failed to reproduce 'validate'") from inner
+    except ValueError as outer:
+        assert _exit_code(outer) == 65
+
+
+def test_summary_lists_stages_and_data(tmp_path: Path) -> None:
+    from flows.stages import StageResult
+
+    metrics = tmp_path / "data.json"
+    metrics.write_text('{"text": {"rows_in": 3, "rows_valid": 2, "rows_quarantined": 1, "duplicates_removed": 0,'
+                       ' "splits": {"train": 1, "val": 1, "test": 0}}}')
+    text = summary_markdown([StageResult("ingest", "ran", 1.0)], metrics)
+    assert "| ingest | ran | 1.0 |" in text and "| text | 3 | 2 | 1 | 0 | 1 | 1 | 0 |" in text
