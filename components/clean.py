@@ -13,6 +13,8 @@ import html
 import io
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,24 +83,31 @@ def _fractions(section: dict[str, Any], key: str) -> dict[str, float]:
     return fractions
 
 
-def normalise_text(values: pa.ChunkedArray | pa.Array, mask_pii: bool) -> pa.ChunkedArray | pa.Array:
+def _rewrite_where(values: pa.Array, mask: pa.Array, rewrite: Callable[[pa.Array], pa.Array]) -> pa.Array:
+    """Apply `rewrite` only to the rows where mask is true: most rows have no tag, e-mail or digit."""
+    if not pc.any(mask).as_py():
+        return values
+    return pc.replace_with_mask(values, mask, rewrite(values.filter(mask)))
+
+
+def normalise_text(values: pa.ChunkedArray | pa.Array, mask_pii: bool) -> pa.Array:
     """NFC, HTML tags and entities removed, control characters removed, whitespace collapsed, PII masked."""
     values = pc.utf8_normalize(values, "NFC")
-    values = pc.replace_substring_regex(values, HTML_TAG, " ")
-    has_entity = pc.match_substring_regex(values, r"&(?:#\d+|#x[0-9A-Fa-f]+|[A-Za-z]+);")
-    if pc.any(has_entity).as_py():
-        # Arrow has no entity decoder; only the rows that hold one take the Python path.
-        python = values.to_pylist()
-        flags = has_entity.to_pylist()
-        values = pa.array([html.unescape(v) if f else v for v, f in zip(python, flags)], pa.string())
-        values = pc.utf8_normalize(values, "NFC")
-    values = pc.replace_substring_regex(values, r"[\t\n\r\f\v]", " ")
-    values = pc.replace_substring_regex(values, CONTROL, "")
-    values = pc.replace_substring_regex(values, r"\s+", " ")
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    values = _rewrite_where(values, pc.match_substring(values, "<"),
+                            lambda v: pc.replace_substring_regex(v, HTML_TAG, " "))
+    values = _rewrite_where(values, pc.match_substring_regex(values, r"&(?:#\d+|#x[0-9A-Fa-f]+|[A-Za-z]+);"),
+                            lambda v: pc.utf8_normalize(pa.array([html.unescape(x) for x in v.to_pylist()], pa.string()), "NFC"))
+    # Whitespace controls (tab, newline, ...) become spaces before the other controls are dropped.
+    values = pc.replace_substring_regex(values, r"[\s\v]+", " ")
+    values = _rewrite_where(values, pc.match_substring_regex(values, CONTROL),
+                            lambda v: pc.replace_substring_regex(pc.replace_substring_regex(v, CONTROL, ""), r"\s{2,}", " "))
     values = pc.utf8_trim_whitespace(values)
     if mask_pii:
-        values = pc.replace_substring_regex(values, EMAIL, "[EMAIL]")
-        values = pc.replace_substring_regex(values, PHONE, "[PHONE]")
+        values = _rewrite_where(values, pc.match_substring(values, "@"),
+                                lambda v: pc.replace_substring_regex(v, EMAIL, "[EMAIL]"))
+        values = _rewrite_where(values, pc.match_substring_regex(values, r"\d{3}|\+\d"),
+                                lambda v: pc.replace_substring_regex(v, PHONE, "[PHONE]"))
     return values
 
 
@@ -139,8 +148,10 @@ def _removed(table: pa.Table, mask: np.ndarray, reason: str) -> pa.Table:
 
 def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
     """Clean, deduplicate and split the validated text rows."""
-    source = normalise_text(table.column("source"), cfg.mask_pii)
-    reference = normalise_text(table.column("reference"), cfg.mask_pii)
+    # Arrow kernels release the GIL: the two columns clean in parallel.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        source, reference = pool.map(lambda column: normalise_text(table.column(column), cfg.mask_pii),
+                                     ["source", "reference"])
     table = table.set_column(table.schema.get_field_index("source"), "source", source)
     table = table.set_column(table.schema.get_field_index("reference"), "reference", reference)
 
@@ -149,31 +160,32 @@ def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
     removed = [_removed(table, empty, "empty after cleaning")]
     table = table.filter(pa.array(~empty))
 
-    unique_sources = pc.unique(table.column("source")).to_pylist()
-    canonical = {s: canonical_source(s) for s in unique_sources}
-    source_key = pa.array([canonical[s] for s in table.column("source").to_pylist()], pa.string())
-    table = table.append_column("source_key", source_key)
+    # Per distinct source, not per row: a record has several references, and Python work is the slow part.
+    sources = pc.dictionary_encode(table.column("source")).combine_chunks()
+    canonical = pa.array([canonical_source(s) for s in sources.dictionary.to_pylist()], pa.string())
+    table = table.append_column("source_key", pc.take(canonical, sources.indices))
 
     exact_first = first_occurrence([table.column("source_key"), table.column("reference")])
     removed.append(_removed(table, ~exact_first, "exact duplicate"))
     table = table.filter(pa.array(exact_first))
     near_count = 0
     if cfg.near_duplicates:
-        near_first = first_occurrence([near_duplicate_key(table.column("source_key")),
-                                       near_duplicate_key(table.column("reference"))])
+        # The source key is already canonical (attributes sorted); only the reference needs the loose key.
+        near_first = first_occurrence([table.column("source_key"), near_duplicate_key(table.column("reference"))])
         near_count = int((~near_first).sum())
         removed.append(_removed(table, ~near_first, "near duplicate"))
         table = table.filter(pa.array(near_first))
 
-    splits = assign_splits(table.column("source_key").to_pylist(), cfg.splits, cfg.seed)
-    table = table.append_column("split", pa.array(splits, pa.string()))
+    keys = pc.dictionary_encode(table.column("source_key")).combine_chunks()
+    split_of_key = pa.array(assign_splits(keys.dictionary.to_pylist(), cfg.splits, cfg.seed), pa.string())
+    table = table.append_column("split", pc.take(split_of_key, keys.indices))
     removed_table = pa.concat_tables(removed, promote_options="default")
     counts = {
         "duplicates_removed": int((~exact_first).sum()) + near_count,
         "exact_duplicates_removed": int((~exact_first).sum()),
         "near_duplicates_removed": near_count,
         "emptied_by_cleaning": int(empty.sum()),
-        "sources": len(set(table.column("source_key").to_pylist())),
+        "sources": len(keys.dictionary),
     }
     return CleanResult(table, removed_table, counts)
 

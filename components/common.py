@@ -63,10 +63,11 @@ def require(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], pr
     if key not in mapping:
         raise ConfigError(f"missing params key '{prefix}.{key}'")
     value = mapping[key]
-    if kind in (int, float) or kind == (int, float):
-        # yaml reads `1e-3` as str and `True` as int-compatible bool; both are mistakes here.
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind != int else int):
-            raise ConfigError(f"params key '{prefix}.{key}' must be a number, got {value!r}")
+    if kind is int or kind == (int, float):
+        # yaml reads `true` as a bool, which Python counts as an int: never a valid size or ratio here.
+        numeric, noun = ((int,), "an integer") if kind is int else ((int, float), "a number")
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            raise ConfigError(f"params key '{prefix}.{key}' must be {noun}, got {value!r}")
         return value
     if not isinstance(value, kind):
         expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)

@@ -18,6 +18,7 @@ import pyarrow as pa
 from components import datasets
 from components.common import (
     ConfigError,
+    DataError,
     ParquetSink,
     check_range,
     load_params,
@@ -118,8 +119,6 @@ def ingest_dataset(batches: Iterator[pa.RecordBatch], schema: pa.Schema, out: Pa
             sink.write(batch)
     if sink.rows == 0:
         out.unlink(missing_ok=True)
-        from components.common import DataError
-
         raise DataError(f"{name}: the input has no rows")
     log.info("%s: %d rows ingested, %d with ingest errors (validation will quarantine them)", name, sink.rows, errors)
     return {"rows": sink.rows, "rows_with_ingest_errors": errors}

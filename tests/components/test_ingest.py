@@ -154,7 +154,7 @@ def test_invalid_params_fail_before_anything_is_deleted(tiny_params: dict[str, A
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("num_records", 0, "'ingest.text.num_records' = 0 is outside"),
-    ("refs_per_record", True, "'ingest.text.refs_per_record' must be a number"),
+    ("refs_per_record", True, "'ingest.text.refs_per_record' must be an integer"),
     ("path", "/no/such/folder", "'ingest.text.path': /no/such/folder does not exist"),
 ])
 def test_each_invalid_value_names_its_key(tiny_params: dict[str, Any], key: str, value: Any, message: str) -> None:

@@ -127,6 +127,7 @@ def make_image_folder(root: Path) -> None:
     outside = root.parent / "outside.png"
     outside.write_bytes(png(grey))
     (root / "1" / "escape.png").symlink_to(outside)
+    (root / "1" / "dotdot.png").symlink_to(Path("..") / ".." / "outside.png")  # a relative `..` escape
 
 
 @pytest.fixture(scope="module")
@@ -147,11 +148,12 @@ def image_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, p
     ("7/unknown_label.png", "expect_column_values_to_be_in_set(label)"),
     ("stray.png", "expect_column_values_to_be_null(ingest_error)"),
     ("1/escape.png", "expect_column_values_to_be_null(ingest_error)"),
+    ("1/dotdot.png", "expect_column_values_to_be_null(ingest_error)"),
 ])
 def test_bad_image_is_quarantined_with_its_expectation(image_results: tuple[pa.Table, pa.Table, validate.DatasetReport],
                                                        record_id: str, expectation: str) -> None:
     valid, quarantine, report = image_results
-    check_accounting(valid, quarantine, report, 10)
+    check_accounting(valid, quarantine, report, 11)
     assert expectation in quarantined_reason(quarantine, record_id)
     assert sorted(valid.column("record_id").to_pylist()) == ["0/good.png", "1/colour.jpg", "1/good.png"]
 
