@@ -71,8 +71,15 @@ def _validate(work: Path) -> None:
 
     cfg = validate.ValidateConfig.from_params(load_params("validate", PARAMS))
     runner = validate.SuiteRunner(work / "docs")
-    report = validate.validate_dataset("text", work / "raw.parquet", validate.text_expectations(cfg.text), runner,
-                                       work / "valid.parquet", work / "quarantine.parquet", cfg.chunk_rows)
+    report = validate.validate_dataset(
+        "text",
+        work / "raw.parquet",
+        validate.text_expectations(cfg.text),
+        runner,
+        work / "valid.parquet",
+        work / "quarantine.parquet",
+        cfg.chunk_rows,
+    )
     assert report.rows_quarantined == 0, report.as_dict()
 
 
@@ -80,7 +87,8 @@ def _clean(work: Path) -> None:
     import pyarrow.parquet as pq
 
     from components import clean
-    from components.common import load_params, write_parquet_atomic
+    from components.common import load_params
+    from components.tables import write_parquet_atomic
 
     cfg = clean.CleanConfig.from_params(load_params("clean", PARAMS))
     result = clean.clean_text(pq.read_table(work / "valid.parquet"), cfg)

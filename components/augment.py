@@ -31,8 +31,8 @@ from components.common import (
     progress,
     require,
     run_main,
-    write_parquet_atomic,
 )
+from components.tables import write_parquet_atomic
 from components.textgen import parse_source, serialise
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ class AugmentConfig:
         check_range(rotation, "augment.images.rotation_degrees", 0, 180)
         scale = require(images, "crop_scale", list, "augment.images")
         if len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale) or not 0 < scale[0] <= scale[1] <= 1:
-            raise ConfigError(f"params key 'augment.images.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
+            raise ConfigError(
+                f"params key 'augment.images.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {scale!r}"
+            )
         jitter = {}
         for key in ("brightness", "contrast"):
             jitter[key] = require(images, key, (int, float), "augment.images")
@@ -85,8 +87,14 @@ class AugmentConfig:
             seed=require(params["base"], "seed", int, "base"),
             enabled=require(params, "enabled", bool, "augment"),
             text_copies=copies,
-            images=ImageAugment(image_copies, require(images, "hflip", bool, "augment.images"), float(rotation),
-                                (float(scale[0]), float(scale[1])), float(jitter["brightness"]), float(jitter["contrast"])),
+            images=ImageAugment(
+                image_copies,
+                require(images, "hflip", bool, "augment.images"),
+                float(rotation),
+                (float(scale[0]), float(scale[1])),
+                float(jitter["brightness"]),
+                float(jitter["contrast"]),
+            ),
             patch_size=patch_size,
             patches_per_image=patches,
         )
@@ -168,8 +176,15 @@ def augment_images(table: pa.Table, cfg: ImageAugment, seed: int) -> pa.Table:
         transform = image_pipeline(cfg, pixels.shape[:2])
         for copy in range(cfg.copies):
             augmented = from_tensor(transform(to_tensor(pixels)))
-            out.append({**row, "record_id": f"{row['record_id']}#aug{copy}", "image": encode(augmented),
-                        "format": "PNG", "augmented_from": row["record_id"]})
+            out.append(
+                {
+                    **row,
+                    "record_id": f"{row['record_id']}#aug{copy}",
+                    "image": encode(augmented),
+                    "format": "PNG",
+                    "augmented_from": row["record_id"],
+                }
+            )
     schema = table.schema.append(pa.field("augmented_from", pa.string()))
     return pa.Table.from_pylist(out, schema=schema)
 
@@ -187,15 +202,22 @@ def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int)
         if pixels.ndim == 2:
             pixels = np.repeat(pixels[..., None], 3, axis=2)
         if min(pixels.shape[:2]) < patch_size:
-            raise DataError(f"restore image {row['record_id']} is {pixels.shape[1]}x{pixels.shape[0]}, smaller than "
-                            f"augment.restore.patch_size={patch_size}")
+            raise DataError(
+                f"restore image {row['record_id']} is {pixels.shape[1]}x{pixels.shape[0]}, smaller than "
+                f"augment.restore.patch_size={patch_size}"
+            )
         image = to_tensor(pixels)
         for index in range(per_image):
             patch = transform(image)
             if torch.rand(()) < 0.5:
                 patch = patch.transpose(1, 2)  # with the flips: all 8 square symmetries
-            out.append({"record_id": f"{row['record_id']}#patch{index}", "source_id": row["record_id"],
-                        "image": encode(from_tensor(patch.contiguous()))})
+            out.append(
+                {
+                    "record_id": f"{row['record_id']}#patch{index}",
+                    "source_id": row["record_id"],
+                    "image": encode(from_tensor(patch.contiguous())),
+                }
+            )
     return pa.Table.from_pylist(out, schema=PATCH_SCHEMA)
 
 

@@ -35,8 +35,8 @@ from components.common import (
     require,
     run_main,
     write_json,
-    write_parquet_atomic,
 )
+from components.tables import write_parquet_atomic
 from components.textgen import parse_source, serialise
 
 log = logging.getLogger(__name__)
@@ -94,20 +94,27 @@ def normalise_text(values: pa.ChunkedArray | pa.Array, mask_pii: bool) -> pa.Arr
     """NFC, HTML tags and entities removed, control characters removed, whitespace collapsed, PII masked."""
     values = pc.utf8_normalize(values, "NFC")
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    values = _rewrite_where(values, pc.match_substring(values, "<"),
-                            lambda v: pc.replace_substring_regex(v, HTML_TAG, " "))
-    values = _rewrite_where(values, pc.match_substring_regex(values, r"&(?:#\d+|#x[0-9A-Fa-f]+|[A-Za-z]+);"),
-                            lambda v: pc.utf8_normalize(pa.array([html.unescape(x) for x in v.to_pylist()], pa.string()), "NFC"))
+    values = _rewrite_where(values, pc.match_substring(values, "<"), lambda v: pc.replace_substring_regex(v, HTML_TAG, " "))
+    values = _rewrite_where(
+        values,
+        pc.match_substring_regex(values, r"&(?:#\d+|#x[0-9A-Fa-f]+|[A-Za-z]+);"),
+        lambda v: pc.utf8_normalize(pa.array([html.unescape(x) for x in v.to_pylist()], pa.string()), "NFC"),
+    )
     # Whitespace controls (tab, newline, ...) become spaces before the other controls are dropped.
     values = pc.replace_substring_regex(values, r"[\s\v]+", " ")
-    values = _rewrite_where(values, pc.match_substring_regex(values, CONTROL),
-                            lambda v: pc.replace_substring_regex(pc.replace_substring_regex(v, CONTROL, ""), r"\s{2,}", " "))
+    values = _rewrite_where(
+        values,
+        pc.match_substring_regex(values, CONTROL),
+        lambda v: pc.replace_substring_regex(pc.replace_substring_regex(v, CONTROL, ""), r"\s{2,}", " "),
+    )
     values = pc.utf8_trim_whitespace(values)
     if mask_pii:
-        values = _rewrite_where(values, pc.match_substring(values, "@"),
-                                lambda v: pc.replace_substring_regex(v, EMAIL, "[EMAIL]"))
-        values = _rewrite_where(values, pc.match_substring_regex(values, r"\d{3}|\+\d"),
-                                lambda v: pc.replace_substring_regex(v, PHONE, "[PHONE]"))
+        values = _rewrite_where(
+            values, pc.match_substring(values, "@"), lambda v: pc.replace_substring_regex(v, EMAIL, "[EMAIL]")
+        )
+        values = _rewrite_where(
+            values, pc.match_substring_regex(values, r"\d{3}|\+\d"), lambda v: pc.replace_substring_regex(v, PHONE, "[PHONE]")
+        )
     return values
 
 
@@ -150,13 +157,13 @@ def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
     """Clean, deduplicate and split the validated text rows."""
     # Arrow kernels release the GIL: the two columns clean in parallel.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        source, reference = pool.map(lambda column: normalise_text(table.column(column), cfg.mask_pii),
-                                     ["source", "reference"])
+        source, reference = pool.map(lambda column: normalise_text(table.column(column), cfg.mask_pii), ["source", "reference"])
     table = table.set_column(table.schema.get_field_index("source"), "source", source)
     table = table.set_column(table.schema.get_field_index("reference"), "reference", reference)
 
-    empty = (pc.equal(pc.utf8_length(source), 0).to_numpy(zero_copy_only=False)
-             | pc.equal(pc.utf8_length(reference), 0).to_numpy(zero_copy_only=False))
+    empty = pc.equal(pc.utf8_length(source), 0).to_numpy(zero_copy_only=False) | pc.equal(pc.utf8_length(reference), 0).to_numpy(
+        zero_copy_only=False
+    )
     removed = [_removed(table, empty, "empty after cleaning")]
     table = table.filter(pa.array(~empty))
 
@@ -208,8 +215,12 @@ def clean_images(table: pa.Table, fractions: dict[str, float], seed: int) -> Cle
     kept_digests = digests.filter(pa.array(first))
     splits = assign_splits(kept_digests.to_pylist(), fractions, seed)
     table = table.append_column("split", pa.array(splits, pa.string()))
-    counts = {"duplicates_removed": int((~first).sum()), "exact_duplicates_removed": int((~first).sum()),
-              "near_duplicates_removed": 0, "emptied_by_cleaning": 0}
+    counts = {
+        "duplicates_removed": int((~first).sum()),
+        "exact_duplicates_removed": int((~first).sum()),
+        "near_duplicates_removed": 0,
+        "emptied_by_cleaning": 0,
+    }
     return CleanResult(table, removed, counts)
 
 
@@ -226,8 +237,11 @@ def clean(cfg: CleanConfig, valid_dir: Path, out_dir: Path, validation_report: P
         table = pq.read_table(path)
         if table.num_rows == 0:
             raise DataError(f"{name}: no rows passed validation; see the quarantine folder")
-        result = clean_text(table, cfg) if name == "text" else clean_images(
-            table, cfg.restore_splits if name == "restore" else cfg.splits, cfg.seed)
+        result = (
+            clean_text(table, cfg)
+            if name == "text"
+            else clean_images(table, cfg.restore_splits if name == "restore" else cfg.splits, cfg.seed)
+        )
         assert result.kept.num_rows + result.removed.num_rows == table.num_rows, f"clean lost rows of {name}"
         write_parquet_atomic(result.kept, out_dir / f"{name}.parquet")
         write_parquet_atomic(result.removed, out_dir / "removed" / f"{name}.parquet")
@@ -257,8 +271,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run_main(lambda: clean(CleanConfig.from_params(load_params("clean", args.params)), args.valid, args.out,
-                           args.validation_report, args.metrics))
+    run_main(
+        lambda: clean(
+            CleanConfig.from_params(load_params("clean", args.params)), args.valid, args.out, args.validation_report, args.metrics
+        )
+    )
 
 
 if __name__ == "__main__":

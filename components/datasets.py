@@ -26,32 +26,46 @@ from components.common import DataError, resolve_inside
 
 log = logging.getLogger(__name__)
 
-TEXT_SCHEMA = pa.schema([
-    ("record_id", pa.string()),
-    ("source", pa.string()),
-    ("reference", pa.string()),
-    ("origin", pa.string()),
-    ("ingest_error", pa.string()),
-])
+TEXT_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("source", pa.string()),
+        ("reference", pa.string()),
+        ("origin", pa.string()),
+        ("ingest_error", pa.string()),
+    ]
+)
 
-IMAGE_SCHEMA = pa.schema([
-    ("record_id", pa.string()),
-    ("label", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("mode", pa.string()),
-    ("channels", pa.int32()),
-    ("format", pa.string()),
-    ("image", pa.binary()),
-    ("origin", pa.string()),
-    ("ingest_error", pa.string()),
-])
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("label", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mode", pa.string()),
+        ("channels", pa.int32()),
+        ("format", pa.string()),
+        ("image", pa.binary()),
+        ("origin", pa.string()),
+        ("ingest_error", pa.string()),
+    ]
+)
 
 TEXT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
-BUILTIN_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "motorcycle_left",
-                  "retina", "immunohistochemistry", "china", "flower")
+BUILTIN_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "motorcycle_left",
+    "retina",
+    "immunohistochemistry",
+    "china",
+    "flower",
+)
 """Natural photographs shipped inside scikit-image and scikit-learn: nothing is downloaded."""
 
 
@@ -90,7 +104,7 @@ def _decode_column(values: pa.Array, column: str) -> tuple[list[str | None], lis
 
 
 def _merge_errors(*columns: list[str | None]) -> list[str | None]:
-    return ["; ".join(e for e in row if e) or None for row in zip(*columns)]
+    return ["; ".join(e for e in row if e) or None for row in zip(*columns, strict=True)]
 
 
 def _require_columns(available: list[str], wanted: dict[str, str], path: Path) -> None:
@@ -99,17 +113,20 @@ def _require_columns(available: list[str], wanted: dict[str, str], path: Path) -
         raise DataError(f"{path}: missing {', '.join(missing)}; the file has columns {available}")
 
 
-def _text_batch(records: dict[str, list[Any]], ids: list[str], origin: str,
-                errors: list[str | None]) -> pa.RecordBatch:
+def _text_batch(records: dict[str, list[Any]], ids: list[str], origin: str, errors: list[str | None]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(
-        {"record_id": ids, "source": records["source"], "reference": records["reference"],
-         "origin": [origin] * len(ids), "ingest_error": errors},
+        {
+            "record_id": ids,
+            "source": records["source"],
+            "reference": records["reference"],
+            "origin": [origin] * len(ids),
+            "ingest_error": errors,
+        },
         schema=TEXT_SCHEMA,
     )
 
 
-def read_text_file(path: Path, root: Path, columns: dict[str, str | None], batch_rows: int
-                   ) -> Iterator[pa.RecordBatch]:
+def read_text_file(path: Path, root: Path, columns: dict[str, str | None], batch_rows: int) -> Iterator[pa.RecordBatch]:
     """Stream one CSV / JSONL / Parquet file as raw text rows.
 
     Args:
@@ -130,8 +147,7 @@ def read_text_file(path: Path, root: Path, columns: dict[str, str | None], batch
     for batch in reader(path, wanted, batch_rows):
         n = len(batch["source"])
         if "id" in wanted:
-            ids = [f"{relative}#{v}" if v is not None else f"{relative}:{row + i + 1}"
-                   for i, v in enumerate(batch["id"])]
+            ids = [f"{relative}#{v}" if v is not None else f"{relative}:{row + i + 1}" for i, v in enumerate(batch["id"])]
         else:
             ids = [f"{relative}:{row + i + 1}" for i in range(n)]
         yield _text_batch(batch, ids, relative, batch["errors"])
@@ -152,8 +168,9 @@ def _csv_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Iterato
         strings_can_be_null=True,
     )
     read = pacsv.ReadOptions(block_size=1 << 22)
-    reader = pacsv.open_csv(path, read_options=read, convert_options=convert,
-                            parse_options=pacsv.ParseOptions(newlines_in_values=True))
+    reader = pacsv.open_csv(
+        path, read_options=read, convert_options=convert, parse_options=pacsv.ParseOptions(newlines_in_values=True)
+    )
     for record_batch in reader:
         for start in range(0, record_batch.num_rows, batch_rows):
             part = record_batch.slice(start, batch_rows)
@@ -191,6 +208,7 @@ def _jsonl_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Itera
                 value = obj.get(name)
                 if role == "source" and isinstance(value, dict):
                     from components.textgen import serialise
+
                     value = serialise({str(k): str(v) for k, v in value.items()})
                 elif value is not None and not isinstance(value, str):
                     value = str(value) if not (isinstance(value, float) and np.isnan(value)) else None
@@ -234,8 +252,12 @@ def read_text_folder(root: Path, columns: dict[str, str | None], batch_rows: int
     for path in files:
         if resolve_inside(base, path.relative_to(base)) is None:
             relative = path.relative_to(base).as_posix()
-            yield _text_batch({"source": [None], "reference": [None]}, [f"{relative}:0"], relative,
-                              [f"path escapes the data folder {base}: {path} -> {path.resolve()}"])
+            yield _text_batch(
+                {"source": [None], "reference": [None]},
+                [f"{relative}:0"],
+                relative,
+                [f"path escapes the data folder {base}: {path} -> {path.resolve()}"],
+            )
             continue
         yield from read_text_file(path, base, columns, batch_rows)
 
@@ -262,17 +284,31 @@ def describe_image(data: bytes) -> dict[str, Any]:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: truncated files fail here, not later in training
-            return {"width": image.width, "height": image.height, "mode": image.mode,
-                    "channels": len(image.getbands()), "format": image.format, "ingest_error": None}
+            return {
+                "width": image.width,
+                "height": image.height,
+                "mode": image.mode,
+                "channels": len(image.getbands()),
+                "format": image.format,
+                "ingest_error": None,
+            }
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return {"width": None, "height": None, "mode": None, "channels": None, "format": None,
-                "ingest_error": f"undecodable image: {type(err).__name__}: {err}"}
+        return {
+            "width": None,
+            "height": None,
+            "mode": None,
+            "channels": None,
+            "format": None,
+            "ingest_error": f"undecodable image: {type(err).__name__}: {err}",
+        }
 
 
-def _image_row(record_id: str, label: str | None, data: bytes | None, origin: str,
-               error: str | None = None) -> dict[str, Any]:
-    described = describe_image(data) if data is not None and error is None else {
-        "width": None, "height": None, "mode": None, "channels": None, "format": None, "ingest_error": error}
+def _image_row(record_id: str, label: str | None, data: bytes | None, origin: str, error: str | None = None) -> dict[str, Any]:
+    described = (
+        describe_image(data)
+        if data is not None and error is None
+        else {"width": None, "height": None, "mode": None, "channels": None, "format": None, "ingest_error": error}
+    )
     return {"record_id": record_id, "label": label, "image": data, "origin": origin, **described}
 
 
@@ -301,8 +337,9 @@ def builtin_digits(batch_rows: int) -> Iterator[pa.RecordBatch]:
     digits = load_digits()
     # 0..16 -> 0..255 is the only change: the intensity scale, exactly invertible.
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    rows = (_image_row(f"digits:{i}", str(int(digits.target[i])), encode_png(pixels[i]), "sklearn:digits")
-            for i in range(len(pixels)))
+    rows = (
+        _image_row(f"digits:{i}", str(int(digits.target[i])), encode_png(pixels[i]), "sklearn:digits") for i in range(len(pixels))
+    )
     yield from _batches(rows, batch_rows)
 
 
@@ -320,6 +357,7 @@ def _load_photo(name: str) -> np.ndarray:
 
 def builtin_photos(batch_rows: int, names: tuple[str, ...] = BUILTIN_PHOTOS) -> Iterator[pa.RecordBatch]:
     """The natural photographs bundled with scikit-image and scikit-learn, as RGB PNGs."""
+
     def rows() -> Iterator[dict[str, Any]]:
         for name in names:
             pixels = _load_photo(name)
@@ -347,13 +385,23 @@ def image_folder(root: Path, labelled: bool, batch_rows: int) -> Iterator[pa.Rec
             label = None
             if labelled:
                 if len(relative.parts) != 2:
-                    yield _image_row(relative.as_posix(), None, None, relative.as_posix(),
-                                     "not inside a class sub-folder (expected <root>/<label>/<file>)")
+                    yield _image_row(
+                        relative.as_posix(),
+                        None,
+                        None,
+                        relative.as_posix(),
+                        "not inside a class sub-folder (expected <root>/<label>/<file>)",
+                    )
                     continue
                 label = relative.parts[0]
             if resolve_inside(root, relative) is None:
-                yield _image_row(relative.as_posix(), label, None, relative.as_posix(),
-                                 f"path escapes the data folder {root}: -> {path.resolve()}")
+                yield _image_row(
+                    relative.as_posix(),
+                    label,
+                    None,
+                    relative.as_posix(),
+                    f"path escapes the data folder {root}: -> {path.resolve()}",
+                )
                 continue
             yield _image_row(relative.as_posix(), label, path.read_bytes(), relative.as_posix())
 

@@ -16,8 +16,9 @@ TEXT_FEATURE_COLUMNS = ("source_chars", "source_tokens", "num_attributes", "refe
 IMAGE_FEATURE_COLUMNS = ("width", "height", "brightness", "contrast", "sharpness")
 
 
-def text_features(source: str, source_tokens: int, reference: str | None = None,
-                  reference_tokens: int | None = None) -> dict[str, Any]:
+def text_features(
+    source: str, source_tokens: int, reference: str | None = None, reference_tokens: int | None = None
+) -> dict[str, Any]:
     """Lengths and attributes of one text record; `attr_<key>` columns hold each attribute's value."""
     attributes = parse_source(source) or {}
     row: dict[str, Any] = {
@@ -39,7 +40,7 @@ def image_features(pixels: np.ndarray) -> dict[str, float]:
     grey = pixels.astype(np.float32) / 255.0
     if grey.ndim == 3:
         grey = grey[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32) if grey.shape[2] >= 3 else grey[..., 0]
-    laplacian = (grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1])
+    laplacian = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
     return {
         "width": float(pixels.shape[1]),
         "height": float(pixels.shape[0]),

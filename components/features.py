@@ -25,8 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.augment import decode
-from components.common import SPLITS, DataError, check_range, load_params, require, run_main, write_json, write_parquet_atomic
+from components.common import SPLITS, DataError, check_range, load_params, require, run_main, write_json
 from components.feature_defs import image_features, text_features
+from components.tables import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,13 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int) -> An
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return tokenizer
 
@@ -81,13 +86,14 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
     from safetensors.numpy import save_file
 
     train = clean.filter(pc.equal(clean.column("split"), "train"))
-    corpus = (train.column("source").to_pylist() + augmented.column("source").to_pylist()
-              + train.column("reference").to_pylist())
+    corpus = train.column("source").to_pylist() + augmented.column("source").to_pylist() + train.column("reference").to_pylist()
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
-    write_json({"special_tokens": {"pad": PAD, "sep": SEP, "eos": EOS}, "vocab_size": tokenizer.get_vocab_size()},
-               out / "tokenizer_config.json")
+    write_json(
+        {"special_tokens": {"pad": PAD, "sep": SEP, "eos": EOS}, "vocab_size": tokenizer.get_vocab_size()},
+        out / "tokenizer_config.json",
+    )
 
     keep = ["record_id", "source", "reference", "source_key", "split"]
     augmented_rows = augmented.select(keep[:-1]).append_column("split", pa.array(["train"] * augmented.num_rows, pa.string()))
@@ -95,8 +101,12 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
     for split in SPLITS:
         rows = clean.filter(pc.equal(clean.column("split"), split)).select(keep)
         if split == "train":
-            rows = pa.concat_tables([rows.append_column("augmented", pa.array([False] * rows.num_rows)),
-                                     augmented_rows.append_column("augmented", pa.array([True] * augmented_rows.num_rows))])
+            rows = pa.concat_tables(
+                [
+                    rows.append_column("augmented", pa.array([False] * rows.num_rows)),
+                    augmented_rows.append_column("augmented", pa.array([True] * augmented_rows.num_rows)),
+                ]
+            )
         else:
             rows = rows.append_column("augmented", pa.array([False] * rows.num_rows))
         sources = rows.column("source").to_pylist()
@@ -105,15 +115,23 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
         target_ids = [e.ids for e in tokenizer.encode_batch(references)]
         s_ids, s_off = ragged(source_ids)
         t_ids, t_off = ragged(target_ids)
-        save_file({"source_ids": s_ids, "source_offsets": s_off, "target_ids": t_ids, "target_offsets": t_off},
-                  str(out / f"{split}.safetensors"), metadata={"split": split, "rows": str(rows.num_rows)})
+        save_file(
+            {"source_ids": s_ids, "source_offsets": s_off, "target_ids": t_ids, "target_offsets": t_off},
+            str(out / f"{split}.safetensors"),
+            metadata={"split": split, "rows": str(rows.num_rows)},
+        )
         write_parquet_atomic(rows, out / f"{split}.parquet")
         for record_id, source, reference, s, t, augmented_flag in zip(
-                rows.column("record_id").to_pylist(), sources, references, source_ids, target_ids,
-                rows.column("augmented").to_pylist()):
+            rows.column("record_id").to_pylist(),
+            sources,
+            references,
+            source_ids,
+            target_ids,
+            rows.column("augmented").to_pylist(),
+            strict=True,
+        ):
             if not augmented_flag:
-                feature_rows.append({"record_id": record_id, "split": split,
-                                     **text_features(source, len(s), reference, len(t))})
+                feature_rows.append({"record_id": record_id, "split": split, **text_features(source, len(s), reference, len(t))})
     log.info("text: vocabulary %d, %d feature rows", tokenizer.get_vocab_size(), len(feature_rows))
     return pa.Table.from_pylist(feature_rows)
 
@@ -146,16 +164,20 @@ def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConf
     for split in SPLITS:
         rows = clean.filter(pc.equal(clean.column("split"), split))
         decoded = [decode(b) for b in rows.column("image").to_pylist()]
-        feature_rows += [{"record_id": r, "split": split, "label": label, **image_features(p)}
-                         for r, label, p in zip(rows.column("record_id").to_pylist(), rows.column("label").to_pylist(), decoded)]
+        feature_rows += [
+            {"record_id": r, "split": split, "label": label, **image_features(p)}
+            for r, label, p in zip(rows.column("record_id").to_pylist(), rows.column("label").to_pylist(), decoded, strict=True)
+        ]
         row_labels = rows.column("label").to_pylist()
         if split == "train" and augmented.num_rows:
             decoded += [decode(b) for b in augmented.column("image").to_pylist()]
             row_labels += augmented.column("label").to_pylist()
         stacked = resize_stack(decoded, cfg.image_size, channels)
-        save_file({"images": stacked, "labels": np.array([label_index[v] for v in row_labels], dtype=np.int64)},
-                  str(out / f"{split}.safetensors"),
-                  metadata={"label_names": json.dumps(labels), "image_size": str(cfg.image_size), "channels": str(channels)})
+        save_file(
+            {"images": stacked, "labels": np.array([label_index[v] for v in row_labels], dtype=np.int64)},
+            str(out / f"{split}.safetensors"),
+            metadata={"label_names": json.dumps(labels), "image_size": str(cfg.image_size), "channels": str(channels)},
+        )
     write_json({"label_names": labels, "image_size": cfg.image_size, "channels": channels}, out / "meta.json")
     return pa.Table.from_pylist(feature_rows)
 
@@ -169,7 +191,7 @@ def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.
         rows = clean.filter(pc.equal(clean.column("split"), split))
         tensors: dict[str, np.ndarray] = {}
         ids = rows.column("record_id").to_pylist()
-        for i, (record_id, data) in enumerate(zip(ids, rows.column("image").to_pylist())):
+        for i, (record_id, data) in enumerate(zip(ids, rows.column("image").to_pylist(), strict=True)):
             pixels = decode(data)
             feature_rows.append({"record_id": record_id, "split": split, **image_features(pixels)})
             if pixels.ndim == 2:
@@ -177,23 +199,31 @@ def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.
             tensors[f"image_{i}"] = np.ascontiguousarray(pixels.transpose(2, 0, 1))
         if split == "train":
             decoded = [decode(b) for b in patches.column("image").to_pylist()]
-            tensors["patches"] = (np.stack([p.transpose(2, 0, 1) for p in decoded]) if decoded
-                                  else np.zeros((0, 3, 1, 1), dtype=np.uint8))
+            tensors["patches"] = (
+                np.stack([p.transpose(2, 0, 1) for p in decoded]) if decoded else np.zeros((0, 3, 1, 1), dtype=np.uint8)
+            )
         save_file(tensors, str(out / f"{split}.safetensors"), metadata={"record_ids": json.dumps(ids)})
     return pa.Table.from_pylist(feature_rows)
 
 
 def features(cfg: FeaturesConfig, clean_dir: Path, augmented_dir: Path, out_dir: Path) -> dict[str, int]:
     """Write every dataset's arrays and the drift reference tables; returns feature-table row counts."""
+
     def read(path: Path) -> pa.Table:
         if not path.is_file():
             raise DataError(f"missing input {path}: run the clean and augment stages first")
         return pq.read_table(path)
 
     references = {
-        "text": text_features_stage(read(clean_dir / "text.parquet"), read(augmented_dir / "text.parquet"), cfg, out_dir / "text"),
-        "images": image_features_stage(read(clean_dir / "images.parquet"), read(augmented_dir / "images.parquet"), cfg, out_dir / "images"),
-        "restore": restore_features_stage(read(clean_dir / "restore.parquet"), read(augmented_dir / "restore_patches.parquet"), out_dir / "restore"),
+        "text": text_features_stage(
+            read(clean_dir / "text.parquet"), read(augmented_dir / "text.parquet"), cfg, out_dir / "text"
+        ),
+        "images": image_features_stage(
+            read(clean_dir / "images.parquet"), read(augmented_dir / "images.parquet"), cfg, out_dir / "images"
+        ),
+        "restore": restore_features_stage(
+            read(clean_dir / "restore.parquet"), read(augmented_dir / "restore_patches.parquet"), out_dir / "restore"
+        ),
     }
     for name, table in references.items():
         write_parquet_atomic(table, out_dir / "reference" / f"{name}.parquet")
@@ -211,8 +241,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run_main(lambda: features(FeaturesConfig.from_params(load_params("features", args.params)),
-                              args.clean, args.augmented, args.out))
+    run_main(
+        lambda: features(FeaturesConfig.from_params(load_params("features", args.params)), args.clean, args.augmented, args.out)
+    )
 
 
 if __name__ == "__main__":

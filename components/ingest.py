@@ -19,7 +19,6 @@ from components import datasets
 from components.common import (
     ConfigError,
     DataError,
-    ParquetSink,
     check_range,
     load_params,
     progress,
@@ -27,6 +26,7 @@ from components.common import (
     run_main,
     write_json,
 )
+from components.tables import ParquetSink
 
 log = logging.getLogger(__name__)
 

@@ -17,93 +17,234 @@ ATTRIBUTE_ORDER = ("name", "category", "colour", "material", "price", "audience"
 """The canonical order of a serialised record; augmentation shuffles it."""
 
 BRANDS = (
-    "Aurora", "Nimbus", "Fjord", "Cobalt", "Juniper", "Sierra", "Pixel", "Harbor", "Ember", "Willow",
-    "Atlas", "Quartz", "Maple", "Orbit", "Solstice", "Tundra", "Lumen", "Cascade", "Drift", "Meridian",
-    "Nova", "Pebble", "Summit", "Zephyr", "Alder", "Basalt", "Canyon", "Delta", "Echo", "Falcon",
-    "Glacier", "Haven", "Indigo", "Kestrel", "Lagoon", "Mosaic", "Nomad", "Oasis", "Prism", "Ridge",
+    "Aurora",
+    "Nimbus",
+    "Fjord",
+    "Cobalt",
+    "Juniper",
+    "Sierra",
+    "Pixel",
+    "Harbor",
+    "Ember",
+    "Willow",
+    "Atlas",
+    "Quartz",
+    "Maple",
+    "Orbit",
+    "Solstice",
+    "Tundra",
+    "Lumen",
+    "Cascade",
+    "Drift",
+    "Meridian",
+    "Nova",
+    "Pebble",
+    "Summit",
+    "Zephyr",
+    "Alder",
+    "Basalt",
+    "Canyon",
+    "Delta",
+    "Echo",
+    "Falcon",
+    "Glacier",
+    "Haven",
+    "Indigo",
+    "Kestrel",
+    "Lagoon",
+    "Mosaic",
+    "Nomad",
+    "Oasis",
+    "Prism",
+    "Ridge",
 )
-LINES = ("Air", "Pro", "Lite", "Max", "One", "Mini", "Classic", "Flex", "Go", "Core", "Edge", "Plus",
-         "Trail", "Studio", "Urban", "Wave", "Spark", "Terra", "Loop", "Sport")
+LINES = (
+    "Air",
+    "Pro",
+    "Lite",
+    "Max",
+    "One",
+    "Mini",
+    "Classic",
+    "Flex",
+    "Go",
+    "Core",
+    "Edge",
+    "Plus",
+    "Trail",
+    "Studio",
+    "Urban",
+    "Wave",
+    "Spark",
+    "Terra",
+    "Loop",
+    "Sport",
+)
 
 CATEGORIES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     # category: (item noun, materials that make sense, features that make sense)
-    "backpack": ("backpack", ("recycled polyester", "waxed canvas", "nylon", "leather"),
-                 ("water-resistant", "lightweight", "padded for a laptop", "lockable")),
-    "sneakers": ("pair of sneakers", ("mesh", "suede", "recycled polyester", "leather"),
-                 ("cushioned", "breathable", "lightweight", "slip-resistant")),
-    "desk lamp": ("desk lamp", ("aluminium", "oak", "steel", "ceramic"),
-                  ("dimmable", "energy-saving", "adjustable", "rechargeable")),
-    "water bottle": ("water bottle", ("stainless steel", "glass", "BPA-free plastic", "aluminium"),
-                     ("insulated", "leak-proof", "dishwasher-safe", "lightweight")),
-    "headphones": ("set of headphones", ("aluminium", "memory foam", "recycled plastic", "leather"),
-                   ("noise-cancelling", "wireless", "foldable", "rechargeable")),
-    "jacket": ("jacket", ("merino wool", "recycled nylon", "organic cotton", "down"),
-               ("waterproof", "packable", "breathable", "windproof")),
-    "mug": ("mug", ("ceramic", "stoneware", "stainless steel", "glass"),
-            ("insulated", "dishwasher-safe", "microwave-safe", "stackable")),
-    "watch": ("watch", ("stainless steel", "titanium", "leather", "silicone"),
-              ("water-resistant", "scratch-resistant", "solar-powered", "lightweight")),
-    "sofa": ("sofa", ("linen", "velvet", "oak", "leather"),
-             ("modular", "stain-resistant", "easy to assemble", "convertible")),
-    "yoga mat": ("yoga mat", ("natural rubber", "cork", "TPE", "jute"),
-                 ("non-slip", "extra thick", "foldable", "lightweight")),
-    "notebook": ("notebook", ("recycled paper", "vegan leather", "linen", "kraft paper"),
-                 ("refillable", "lay-flat", "pocket-sized", "dot-grid")),
-    "sunglasses": ("pair of sunglasses", ("acetate", "titanium", "bamboo", "recycled plastic"),
-                   ("polarised", "scratch-resistant", "lightweight", "foldable")),
-    "blender": ("blender", ("stainless steel", "glass", "BPA-free plastic", "aluminium"),
-                ("quiet", "dishwasher-safe", "cordless", "compact")),
-    "tent": ("tent", ("ripstop nylon", "polyester", "canvas", "aluminium"),
-             ("waterproof", "ultralight", "quick to pitch", "windproof")),
-    "scarf": ("scarf", ("cashmere", "merino wool", "organic cotton", "silk"),
-              ("machine-washable", "hypoallergenic", "lightweight", "reversible")),
+    "backpack": (
+        "backpack",
+        ("recycled polyester", "waxed canvas", "nylon", "leather"),
+        ("water-resistant", "lightweight", "padded for a laptop", "lockable"),
+    ),
+    "sneakers": (
+        "pair of sneakers",
+        ("mesh", "suede", "recycled polyester", "leather"),
+        ("cushioned", "breathable", "lightweight", "slip-resistant"),
+    ),
+    "desk lamp": (
+        "desk lamp",
+        ("aluminium", "oak", "steel", "ceramic"),
+        ("dimmable", "energy-saving", "adjustable", "rechargeable"),
+    ),
+    "water bottle": (
+        "water bottle",
+        ("stainless steel", "glass", "BPA-free plastic", "aluminium"),
+        ("insulated", "leak-proof", "dishwasher-safe", "lightweight"),
+    ),
+    "headphones": (
+        "set of headphones",
+        ("aluminium", "memory foam", "recycled plastic", "leather"),
+        ("noise-cancelling", "wireless", "foldable", "rechargeable"),
+    ),
+    "jacket": (
+        "jacket",
+        ("merino wool", "recycled nylon", "organic cotton", "down"),
+        ("waterproof", "packable", "breathable", "windproof"),
+    ),
+    "mug": (
+        "mug",
+        ("ceramic", "stoneware", "stainless steel", "glass"),
+        ("insulated", "dishwasher-safe", "microwave-safe", "stackable"),
+    ),
+    "watch": (
+        "watch",
+        ("stainless steel", "titanium", "leather", "silicone"),
+        ("water-resistant", "scratch-resistant", "solar-powered", "lightweight"),
+    ),
+    "sofa": ("sofa", ("linen", "velvet", "oak", "leather"), ("modular", "stain-resistant", "easy to assemble", "convertible")),
+    "yoga mat": ("yoga mat", ("natural rubber", "cork", "TPE", "jute"), ("non-slip", "extra thick", "foldable", "lightweight")),
+    "notebook": (
+        "notebook",
+        ("recycled paper", "vegan leather", "linen", "kraft paper"),
+        ("refillable", "lay-flat", "pocket-sized", "dot-grid"),
+    ),
+    "sunglasses": (
+        "pair of sunglasses",
+        ("acetate", "titanium", "bamboo", "recycled plastic"),
+        ("polarised", "scratch-resistant", "lightweight", "foldable"),
+    ),
+    "blender": (
+        "blender",
+        ("stainless steel", "glass", "BPA-free plastic", "aluminium"),
+        ("quiet", "dishwasher-safe", "cordless", "compact"),
+    ),
+    "tent": (
+        "tent",
+        ("ripstop nylon", "polyester", "canvas", "aluminium"),
+        ("waterproof", "ultralight", "quick to pitch", "windproof"),
+    ),
+    "scarf": (
+        "scarf",
+        ("cashmere", "merino wool", "organic cotton", "silk"),
+        ("machine-washable", "hypoallergenic", "lightweight", "reversible"),
+    ),
 }
-COLOURS = ("black", "white", "navy", "forest green", "sand", "charcoal", "terracotta", "sky blue",
-           "burgundy", "mustard", "sage", "coral", "slate grey", "ivory", "plum")
+COLOURS = (
+    "black",
+    "white",
+    "navy",
+    "forest green",
+    "sand",
+    "charcoal",
+    "terracotta",
+    "sky blue",
+    "burgundy",
+    "mustard",
+    "sage",
+    "coral",
+    "slate grey",
+    "ivory",
+    "plum",
+)
 PRICES = ("budget", "mid-range", "premium", "luxury")
-AUDIENCES = ("students", "commuters", "runners", "families", "travellers", "gamers", "professionals",
-             "hikers", "home cooks", "new parents", "artists", "remote workers")
+AUDIENCES = (
+    "students",
+    "commuters",
+    "runners",
+    "families",
+    "travellers",
+    "gamers",
+    "professionals",
+    "hikers",
+    "home cooks",
+    "new parents",
+    "artists",
+    "remote workers",
+)
 TONES = ("playful", "luxurious", "minimal", "technical", "friendly")
 
 OPTIONAL = ("material", "audience", "feature")
 
 INTROS: dict[str, tuple[str, ...]] = {
-    "playful": ("Meet the {name}, {a_colour} {item} that is ready for fun.",
-                "Say hello to the {name}: your new favourite {colour} {item}!",
-                "Who knew a {item} could be this much fun? The {name} in {colour} did.",
-                "The {name} is here, and this {colour} {item} came to play."),
-    "luxurious": ("Discover the {name}, {a_colour} {item} crafted for those who expect more.",
-                  "Indulge in the {name}, an exquisite {item} finished in {colour}.",
-                  "The {name} redefines the {item}, dressed in refined {colour}.",
-                  "Elegance, distilled: the {name} {item} in {colour}."),
-    "minimal": ("The {name}. A {colour} {item}.",
-                "{name}: a {item} in {colour}, nothing more.",
-                "One {item}, in {colour}. The {name}.",
-                "The {name} is a simple {colour} {item}."),
-    "technical": ("The {name} is {a_colour} {item} engineered for performance.",
-                  "Built to spec, the {name} {item} comes in {colour}.",
-                  "The {name}: a {item} in {colour}, designed around measurable gains.",
-                  "Engineered from the ground up, the {colour} {name} sets a new bar for any {item}."),
-    "friendly": ("Looking for a new {item}? The {name} in {colour} has you covered.",
-                 "Say hi to the {name}, {a_colour} {item} you will reach for every day.",
-                 "The {name} is {a_colour} {item} that just makes life easier.",
-                 "Here is the {name}: a dependable {item} in {colour}."),
+    "playful": (
+        "Meet the {name}, {a_colour} {item} that is ready for fun.",
+        "Say hello to the {name}: your new favourite {colour} {item}!",
+        "Who knew a {item} could be this much fun? The {name} in {colour} did.",
+        "The {name} is here, and this {colour} {item} came to play.",
+    ),
+    "luxurious": (
+        "Discover the {name}, {a_colour} {item} crafted for those who expect more.",
+        "Indulge in the {name}, an exquisite {item} finished in {colour}.",
+        "The {name} redefines the {item}, dressed in refined {colour}.",
+        "Elegance, distilled: the {name} {item} in {colour}.",
+    ),
+    "minimal": (
+        "The {name}. A {colour} {item}.",
+        "{name}: a {item} in {colour}, nothing more.",
+        "One {item}, in {colour}. The {name}.",
+        "The {name} is a simple {colour} {item}.",
+    ),
+    "technical": (
+        "The {name} is {a_colour} {item} engineered for performance.",
+        "Built to spec, the {name} {item} comes in {colour}.",
+        "The {name}: a {item} in {colour}, designed around measurable gains.",
+        "Engineered from the ground up, the {colour} {name} sets a new bar for any {item}.",
+    ),
+    "friendly": (
+        "Looking for a new {item}? The {name} in {colour} has you covered.",
+        "Say hi to the {name}, {a_colour} {item} you will reach for every day.",
+        "The {name} is {a_colour} {item} that just makes life easier.",
+        "Here is the {name}: a dependable {item} in {colour}.",
+    ),
 }
-MATERIAL_CLAUSES = ("It is made from {material}.", "Crafted in {material}.", "Its {material} build lasts.",
-                    "Built from {material} for everyday wear.", "The {material} finish feels great.")
-AUDIENCE_CLAUSES = ("Perfect for {audience}.", "Designed with {audience} in mind.",
-                    "A great pick for {audience}.", "Made for {audience} on the move.",
-                    "{Audience} will love it.")
-FEATURE_CLAUSES = ("It is {feature}.", "Best of all, it is {feature}.", "Fully {feature}, too.",
-                   "And yes, it is {feature}.", "Expect it to be {feature}.")
+MATERIAL_CLAUSES = (
+    "It is made from {material}.",
+    "Crafted in {material}.",
+    "Its {material} build lasts.",
+    "Built from {material} for everyday wear.",
+    "The {material} finish feels great.",
+)
+AUDIENCE_CLAUSES = (
+    "Perfect for {audience}.",
+    "Designed with {audience} in mind.",
+    "A great pick for {audience}.",
+    "Made for {audience} on the move.",
+    "{Audience} will love it.",
+)
+FEATURE_CLAUSES = (
+    "It is {feature}.",
+    "Best of all, it is {feature}.",
+    "Fully {feature}, too.",
+    "And yes, it is {feature}.",
+    "Expect it to be {feature}.",
+)
 PRICE_CLAUSES: dict[str, tuple[str, ...]] = {
     "budget": ("Great value without cutting corners.", "Easy on the wallet.", "Affordable and honest."),
-    "mid-range": ("Fairly priced for everyday use.", "Solid quality at a fair price.",
-                  "Good value for the money."),
-    "premium": ("A premium choice that shows.", "Premium quality, built to last.",
-                "Worth the step up to premium."),
-    "luxury": ("An indulgence worth every penny.", "Pure luxury, no compromises.",
-               "A luxury piece to treasure."),
+    "mid-range": ("Fairly priced for everyday use.", "Solid quality at a fair price.", "Good value for the money."),
+    "premium": ("A premium choice that shows.", "Premium quality, built to last.", "Worth the step up to premium."),
+    "luxury": ("An indulgence worth every penny.", "Pure luxury, no compromises.", "A luxury piece to treasure."),
 }
 OUTROS: dict[str, tuple[str, ...]] = {
     "playful": ("Go on, treat yourself!", "Fun guaranteed.", ""),
@@ -179,8 +320,11 @@ def write_copy(record: ProductRecord, rng: np.random.Generator) -> str:
     if record.material and rng.random() >= 0.15:
         clauses.append(str(rng.choice(MATERIAL_CLAUSES)).format(material=record.material))
     if record.audience and rng.random() >= 0.15:
-        clauses.append(str(rng.choice(AUDIENCE_CLAUSES)).format(
-            audience=record.audience, Audience=record.audience[:1].upper() + record.audience[1:]))
+        clauses.append(
+            str(rng.choice(AUDIENCE_CLAUSES)).format(
+                audience=record.audience, Audience=record.audience[:1].upper() + record.audience[1:]
+            )
+        )
     if record.feature and rng.random() >= 0.15:
         clauses.append(str(rng.choice(FEATURE_CLAUSES)).format(feature=record.feature))
     order = rng.permutation(len(clauses))
@@ -191,8 +335,9 @@ def write_copy(record: ProductRecord, rng: np.random.Generator) -> str:
     return " ".join(sentences)
 
 
-def generate(num_records: int, refs_per_record: int, seed: int, chunk_records: int = 4096
-             ) -> Iterator[list[tuple[int, str, str]]]:
+def generate(
+    num_records: int, refs_per_record: int, seed: int, chunk_records: int = 4096
+) -> Iterator[list[tuple[int, str, str]]]:
     """Yield chunks of (record index, serialised source, reference) rows, refs_per_record rows per record.
 
     Each chunk has its own generator seeded from (seed, chunk number), so the rows do not depend on the

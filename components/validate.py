@@ -25,15 +25,14 @@ from components.common import (
     DATASETS,
     ConfigError,
     DataError,
-    ParquetSink,
     check_range,
-    iter_parquet,
     load_params,
     progress,
     require,
     run_main,
     write_json,
 )
+from components.tables import ParquetSink, iter_parquet
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -106,8 +105,13 @@ def _image_rules(section: dict[str, Any], prefix: str) -> ImageRules:
     labels = section.get("labels")
     if labels is not None and not isinstance(labels, list):
         raise ConfigError(f"params key '{prefix}.labels' must be a list or null, got {labels!r}")
-    return ImageRules(min_size, max_size, tuple(int(c) for c in channels), tuple(str(m) for m in modes),
-                      tuple(str(label) for label in labels) if labels is not None else None)
+    return ImageRules(
+        min_size,
+        max_size,
+        tuple(int(c) for c in channels),
+        tuple(str(m) for m in modes),
+        tuple(str(label) for label in labels) if labels is not None else None,
+    )
 
 
 def attribute_regex(allowed: tuple[str, ...]) -> str:
@@ -126,10 +130,12 @@ def text_expectations(rules: TextRules) -> list[Any]:
         e.ExpectColumnValuesToBeNull(column="ingest_error"),
         e.ExpectColumnValuesToNotBeNull(column="source"),
         e.ExpectColumnValuesToNotBeNull(column="reference"),
-        e.ExpectColumnValueLengthsToBeBetween(column="source", min_value=rules.min_source_chars,
-                                              max_value=rules.max_source_chars),
-        e.ExpectColumnValueLengthsToBeBetween(column="reference", min_value=rules.min_reference_chars,
-                                              max_value=rules.max_reference_chars),
+        e.ExpectColumnValueLengthsToBeBetween(
+            column="source", min_value=rules.min_source_chars, max_value=rules.max_source_chars
+        ),
+        e.ExpectColumnValueLengthsToBeBetween(
+            column="reference", min_value=rules.min_reference_chars, max_value=rules.max_reference_chars
+        ),
         e.ExpectColumnValuesToNotMatchRegex(column="reference", regex=r"^\s*$"),
         e.ExpectColumnValuesToNotMatchRegex(column="source", regex=r"^\s*$"),
     ]
@@ -174,11 +180,14 @@ class SuiteRunner:
 
         self.context = gx.get_context(mode="ephemeral")
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
-        self.context.add_data_docs_site(site_name="local", site_config={
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(self.docs_dir.resolve())},
-        })
+        self.context.add_data_docs_site(
+            site_name="local",
+            site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(self.docs_dir.resolve())},
+            },
+        )
         self._source = self.context.data_sources.add_pandas("pipeline")
         self._checkpoints: dict[str, Any] = {}
 
@@ -189,12 +198,14 @@ class SuiteRunner:
             batch = self._source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
             suite = self.context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
             definition = self.context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-            self._checkpoints[name] = self.context.checkpoints.add(gx.Checkpoint(
-                name=name,
-                validation_definitions=[definition],
-                actions=[],  # data docs are built once at the end: rebuilding per chunk is quadratic
-                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"]},
-            ))
+            self._checkpoints[name] = self.context.checkpoints.add(
+                gx.Checkpoint(
+                    name=name,
+                    validation_definitions=[definition],
+                    actions=[],  # data docs are built once at the end: rebuilding per chunk is quadratic
+                    result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"]},
+                )
+            )
         return self._checkpoints[name]
 
     def build_docs(self) -> Path:
@@ -211,8 +222,9 @@ class SuiteRunner:
             for outcome in run.results:
                 label = expectation_name(outcome.expectation_config)
                 if outcome.exception_info and outcome.exception_info.get("raised_exception"):
-                    raise DataError(f"{name}: expectation {label} could not run: "
-                                    f"{outcome.exception_info.get('exception_message')}")
+                    raise DataError(
+                        f"{name}: expectation {label} could not run: {outcome.exception_info.get('exception_message')}"
+                    )
                 unexpected = outcome.result.get("unexpected_index_list") or []
                 counts[label] = {"unexpected": int(outcome.result.get("unexpected_count") or 0)}
                 for item in unexpected:
@@ -233,12 +245,18 @@ class DatasetReport:
         return self.rows_quarantined / self.rows_in if self.rows_in else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rows_in": self.rows_in, "rows_valid": self.rows_valid, "rows_quarantined": self.rows_quarantined,
-                "quarantine_ratio": round(self.quarantine_ratio, 6), "failed_expectations": self.expectations}
+        return {
+            "rows_in": self.rows_in,
+            "rows_valid": self.rows_valid,
+            "rows_quarantined": self.rows_quarantined,
+            "quarantine_ratio": round(self.quarantine_ratio, 6),
+            "failed_expectations": self.expectations,
+        }
 
 
-def validate_dataset(name: str, raw: Path, expectations: list[Any], runner: SuiteRunner, valid_out: Path,
-                     quarantine_out: Path, chunk_rows: int) -> DatasetReport:
+def validate_dataset(
+    name: str, raw: Path, expectations: list[Any], runner: SuiteRunner, valid_out: Path, quarantine_out: Path, chunk_rows: int
+) -> DatasetReport:
     """Validate one raw Parquet file chunk by chunk; split its rows between valid and quarantine files.
 
     Uniqueness of `record_id` needs every row at once, so it runs first on that column alone; the row-wise
@@ -292,34 +310,52 @@ def merge_counts(total: dict[str, int], counts: dict[str, dict[str, int]]) -> No
         total[label] = total.get(label, 0) + count["unexpected"]
 
 
-def validate(cfg: ValidateConfig, raw_dir: Path, valid_dir: Path, report_dir: Path, quarantine_dir: Path) -> dict[str, DatasetReport]:
+def validate(
+    cfg: ValidateConfig, raw_dir: Path, valid_dir: Path, report_dir: Path, quarantine_dir: Path
+) -> dict[str, DatasetReport]:
     """Validate all datasets, write the report, then fail if any dataset quarantined too much."""
     runner = SuiteRunner(report_dir / "docs")
-    suites = {"text": text_expectations(cfg.text), "images": image_expectations(cfg.images),
-              "restore": image_expectations(cfg.restore)}
+    suites = {
+        "text": text_expectations(cfg.text),
+        "images": image_expectations(cfg.images),
+        "restore": image_expectations(cfg.restore),
+    }
     reports = {}
     for name in DATASETS:
         raw = raw_dir / f"{name}.parquet"
         if not raw.is_file():
             raise DataError(f"missing input {raw}: run the ingest stage first")
-        reports[name] = validate_dataset(name, raw, suites[name], runner, valid_dir / f"{name}.parquet",
-                                         quarantine_dir / f"{name}.parquet", cfg.chunk_rows)
-        log.info("%s: %d rows in, %d valid, %d quarantined", name, reports[name].rows_in,
-                 reports[name].rows_valid, reports[name].rows_quarantined)
+        reports[name] = validate_dataset(
+            name, raw, suites[name], runner, valid_dir / f"{name}.parquet", quarantine_dir / f"{name}.parquet", cfg.chunk_rows
+        )
+        log.info(
+            "%s: %d rows in, %d valid, %d quarantined",
+            name,
+            reports[name].rows_in,
+            reports[name].rows_valid,
+            reports[name].rows_quarantined,
+        )
     docs = runner.build_docs()
-    write_json({"max_quarantine_ratio": cfg.max_quarantine_ratio,
-                "datasets": {name: r.as_dict() for name, r in reports.items()},
-                "data_docs": docs.as_posix()},
-               report_dir / "report.json")
+    write_json(
+        {
+            "max_quarantine_ratio": cfg.max_quarantine_ratio,
+            "datasets": {name: r.as_dict() for name, r in reports.items()},
+            "data_docs": docs.as_posix(),
+        },
+        report_dir / "report.json",
+    )
     too_many = [r for r in reports.values() if r.quarantine_ratio > cfg.max_quarantine_ratio]
     if too_many:
         lines = []
         for r in too_many:
-            worst = ", ".join(f"{label}: {count} rows" for label, count in
-                              sorted(r.expectations.items(), key=lambda kv: -kv[1]) if count)
-            lines.append(f"{r.name}: {r.rows_quarantined} of {r.rows_in} rows quarantined "
-                         f"({r.quarantine_ratio:.1%} > validate.max_quarantine_ratio={cfg.max_quarantine_ratio:.1%}); "
-                         f"failed expectations: {worst}")
+            worst = ", ".join(
+                f"{label}: {count} rows" for label, count in sorted(r.expectations.items(), key=lambda kv: -kv[1]) if count
+            )
+            lines.append(
+                f"{r.name}: {r.rows_quarantined} of {r.rows_in} rows quarantined "
+                f"({r.quarantine_ratio:.1%} > validate.max_quarantine_ratio={cfg.max_quarantine_ratio:.1%}); "
+                f"failed expectations: {worst}"
+            )
         raise DataError("too much data quarantined; see " + str(quarantine_dir) + "\n  " + "\n  ".join(lines))
     return reports
 
@@ -336,8 +372,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run_main(lambda: validate(ValidateConfig.from_params(load_params("validate", args.params)),
-                              args.raw, args.valid, args.report, args.quarantine))
+    run_main(
+        lambda: validate(
+            ValidateConfig.from_params(load_params("validate", args.params)), args.raw, args.valid, args.report, args.quarantine
+        )
+    )
 
 
 if __name__ == "__main__":

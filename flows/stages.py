@@ -77,8 +77,9 @@ def run_stage(name: str, repo_root: str = ".", force: bool = False) -> StageResu
     start = time.monotonic()
     ran = False
     lines: list[str] = []
-    with subprocess.Popen(command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as process:
+    with subprocess.Popen(
+        command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip()
@@ -100,10 +101,17 @@ def summary_markdown(results: list[StageResult], metrics_path: Path) -> str:
     lines += [f"| {r.name} | {r.status} | {r.seconds} |" for r in results]
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-        lines += ["", "## Data", "", "| dataset | rows in | valid | quarantined | duplicates removed | train | val | test |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Data",
+            "",
+            "| dataset | rows in | valid | quarantined | duplicates removed | train | val | test |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, m in metrics.items():
             splits = m.get("splits", {})
-            lines.append(f"| {name} | {m.get('rows_in')} | {m.get('rows_valid')} | {m.get('rows_quarantined')} | "
-                         f"{m.get('duplicates_removed')} | {splits.get('train')} | {splits.get('val')} | {splits.get('test')} |")
+            lines.append(
+                f"| {name} | {m.get('rows_in')} | {m.get('rows_valid')} | {m.get('rows_quarantined')} | "
+                f"{m.get('duplicates_removed')} | {splits.get('train')} | {splits.get('val')} | {splits.get('test')} |"
+            )
     return "\n".join(lines) + "\n"

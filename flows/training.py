@@ -32,14 +32,18 @@ def training(stages: list[str] | None = None, repo_root: str = ".", force: bool 
         result = run_stage(name, repo_root=repo_root, force=force)
         logger.info("%s: %s in %.1f s", result.name, result.status, result.seconds)
         results.append(result)
-    create_markdown_artifact(summary_markdown(results, Path(repo_root) / DATA_METRICS), key="pipeline-run",
-                             description="Stages run or skipped, and the data metrics")
+    create_markdown_artifact(
+        summary_markdown(results, Path(repo_root) / DATA_METRICS),
+        key="pipeline-run",
+        description="Stages run or skipped, and the data metrics",
+    )
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--stages", nargs="+", help="only these stages (default: all of dvc.yaml)")
     parser.add_argument("--repo", default=".", help="repository root holding dvc.yaml")
     parser.add_argument("--force", action="store_true", help="rerun stages even when up to date")

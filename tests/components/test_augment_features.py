@@ -24,10 +24,20 @@ def clean_dir(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, A
     tiny = shrink(real_params)
     root = tmp_path_factory.mktemp("data")
     ingest.ingest(ingest.IngestConfig.from_params(section(tiny, "ingest")), root / "raw")
-    validate.validate(validate.ValidateConfig.from_params(section(tiny, "validate")), root / "raw", root / "valid",
-                      root / "report", root / "quarantine")
-    clean.clean(clean.CleanConfig.from_params(section(tiny, "clean")), root / "valid", root / "clean",
-                root / "report" / "report.json", root / "metrics.json")
+    validate.validate(
+        validate.ValidateConfig.from_params(section(tiny, "validate")),
+        root / "raw",
+        root / "valid",
+        root / "report",
+        root / "quarantine",
+    )
+    clean.clean(
+        clean.CleanConfig.from_params(section(tiny, "clean")),
+        root / "valid",
+        root / "clean",
+        root / "report" / "report.json",
+        root / "metrics.json",
+    )
     return root / "clean"
 
 
@@ -92,7 +102,9 @@ def test_disabled_augmentation_writes_empty_tables(clean_dir: Path, real_params:
     params["enabled"] = False
     counts = augment.augment(augment.AugmentConfig.from_params(params), clean_dir, tmp_path)
     assert counts == {"text": 0, "images": 0, "restore_patches": 0}
-    assert all(pq.read_table(tmp_path / name).num_rows == 0 for name in ("text.parquet", "images.parquet", "restore_patches.parquet"))
+    assert all(
+        pq.read_table(tmp_path / name).num_rows == 0 for name in ("text.parquet", "images.parquet", "restore_patches.parquet")
+    )
 
 
 def test_invalid_augment_params_name_the_key(real_params: dict[str, Any]) -> None:
@@ -111,9 +123,9 @@ def test_tokenizer_round_trips_and_arrays_match_rows(feature_dir: Path) -> None:
         arrays = load_file(str(feature_dir / "text" / f"{split}.safetensors"))
         assert len(arrays["source_offsets"]) == len(arrays["target_offsets"]) == rows.num_rows + 1
         for i in (0, rows.num_rows - 1):
-            ids = arrays["target_ids"][arrays["target_offsets"][i]:arrays["target_offsets"][i + 1]].tolist()
+            ids = arrays["target_ids"][arrays["target_offsets"][i] : arrays["target_offsets"][i + 1]].tolist()
             assert tokenizer.decode(ids) == rows.column("reference")[i].as_py()
-            ids = arrays["source_ids"][arrays["source_offsets"][i]:arrays["source_offsets"][i + 1]].tolist()
+            ids = arrays["source_ids"][arrays["source_offsets"][i] : arrays["source_offsets"][i + 1]].tolist()
             assert tokenizer.decode(ids) == rows.column("source")[i].as_py()
 
 
@@ -137,9 +149,11 @@ def test_restore_arrays(feature_dir: Path) -> None:
 
 
 def test_reference_tables_cover_every_clean_row(feature_dir: Path, clean_dir: Path) -> None:
-    for name, columns in (("text", {"source_chars", "source_tokens", "num_attributes", "attr_category", "attr_tone"}),
-                          ("images", {"label", "brightness", "contrast", "sharpness", "width", "height"}),
-                          ("restore", {"brightness", "contrast", "sharpness", "width", "height"})):
+    for name, columns in (
+        ("text", {"source_chars", "source_tokens", "num_attributes", "attr_category", "attr_tone"}),
+        ("images", {"label", "brightness", "contrast", "sharpness", "width", "height"}),
+        ("restore", {"brightness", "contrast", "sharpness", "width", "height"}),
+    ):
         reference = pq.read_table(feature_dir / "reference" / f"{name}.parquet")
         assert columns <= set(reference.column_names)
         assert reference.num_rows == pq.read_table(clean_dir / f"{name}.parquet").num_rows

@@ -22,25 +22,31 @@ def normalised(text: str, mask_pii: bool = True) -> str:
     return clean.normalise_text(pa.array([text]), mask_pii).to_pylist()[0]
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("Cafe\u0301", "Caf\u00e9"),                                     # NFD -> NFC
-    ("  lots \t of\n\nspace  ", "lots of space"),
-    ("bell\x07 and\u200b zero-width", "bell and zero-width"),        # control and format characters
-    ("<p>Hello <b>world</b></p>", "Hello world"),
-    ("Fish &amp; chips &#x2013; &lt;3", "Fish & chips \u2013 <3"),    # entities decoded, not mistaken for tags
-    ("price < 30 and > 10", "price < 30 and > 10"),                    # comparison signs are not tags
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Cafe\u0301", "Caf\u00e9"),  # NFD -> NFC
+        ("  lots \t of\n\nspace  ", "lots of space"),
+        ("bell\x07 and\u200b zero-width", "bell and zero-width"),  # control and format characters
+        ("<p>Hello <b>world</b></p>", "Hello world"),
+        ("Fish &amp; chips &#x2013; &lt;3", "Fish & chips \u2013 <3"),  # entities decoded, not mistaken for tags
+        ("price < 30 and > 10", "price < 30 and > 10"),  # comparison signs are not tags
+    ],
+)
 def test_normalisation(raw: str, expected: str) -> None:
     assert normalised(raw) == expected
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("Mail jane.doe+ads@example.co.uk now", "Mail [EMAIL] now"),
-    ("Call 555-123-4567 today", "Call [PHONE] today"),
-    ("Call (020) 7946 0958 today", "Call [PHONE] today"),
-    ("Call +44 20 7946 0958 today", "Call [PHONE] today"),
-    ("Only 2024 units at 19.99, model X-200", "Only 2024 units at 19.99, model X-200"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Mail jane.doe+ads@example.co.uk now", "Mail [EMAIL] now"),
+        ("Call 555-123-4567 today", "Call [PHONE] today"),
+        ("Call (020) 7946 0958 today", "Call [PHONE] today"),
+        ("Call +44 20 7946 0958 today", "Call [PHONE] today"),
+        ("Only 2024 units at 19.99, model X-200", "Only 2024 units at 19.99, model X-200"),
+    ],
+)
 def test_pii_masking(raw: str, expected: str) -> None:
     assert normalised(raw) == expected
     assert normalised(raw, mask_pii=False) == raw
@@ -48,9 +54,16 @@ def test_pii_masking(raw: str, expected: str) -> None:
 
 def table(rows: list[tuple[str, str]]) -> pa.Table:
     n = len(rows)
-    return pa.table({"record_id": [f"r{i}" for i in range(n)], "source": [r[0] for r in rows],
-                     "reference": [r[1] for r in rows], "origin": ["t"] * n, "ingest_error": [None] * n},
-                    schema=TEXT_SCHEMA)
+    return pa.table(
+        {
+            "record_id": [f"r{i}" for i in range(n)],
+            "source": [r[0] for r in rows],
+            "reference": [r[1] for r in rows],
+            "origin": ["t"] * n,
+            "ingest_error": [None] * n,
+        },
+        schema=TEXT_SCHEMA,
+    )
 
 
 def test_duplicates_and_emptied_rows_are_removed_and_kept_aside(cfg: clean.CleanConfig) -> None:
@@ -58,15 +71,17 @@ def test_duplicates_and_emptied_rows_are_removed_and_kept_aside(cfg: clean.Clean
     reordered = "colour: red | name: A"
     rows = [
         (source, "The red A."),
-        (source, "The red A."),              # exact duplicate
-        (reordered, "The  red A."),          # same record, reordered; equal after whitespace cleaning
-        (source, "the RED a!"),              # near duplicate
-        (source, "<br>"),                    # empty after cleaning
+        (source, "The red A."),  # exact duplicate
+        (reordered, "The  red A."),  # same record, reordered; equal after whitespace cleaning
+        (source, "the RED a!"),  # near duplicate
+        (source, "<br>"),  # empty after cleaning
         (source, "A different sentence."),
     ]
     result = clean.clean_text(table(rows), cfg)
     assert result.kept.column("record_id").to_pylist() == ["r0", "r5"]
-    reasons = dict(zip(result.removed.column("record_id").to_pylist(), result.removed.column("removed_because").to_pylist()))
+    reasons = dict(
+        zip(result.removed.column("record_id").to_pylist(), result.removed.column("removed_because").to_pylist(), strict=True)
+    )
     assert reasons == {"r1": "exact duplicate", "r2": "exact duplicate", "r3": "near duplicate", "r4": "empty after cleaning"}
     assert result.counts["duplicates_removed"] == 3 and result.counts["emptied_by_cleaning"] == 1
     assert result.kept.num_rows + result.removed.num_rows == len(rows)
@@ -88,7 +103,7 @@ def test_split_is_by_source_so_no_source_spans_two_splits(cfg: clean.CleanConfig
             rows.append((" | ".join(order), f"Copy {j} of P{i}."))
     result = clean.clean_text(table(rows), cfg)
     splits_per_source: dict[str, set[str]] = {}
-    for key, split in zip(result.kept.column("source_key").to_pylist(), result.kept.column("split").to_pylist()):
+    for key, split in zip(result.kept.column("source_key").to_pylist(), result.kept.column("split").to_pylist(), strict=True):
         splits_per_source.setdefault(key, set()).add(split)
     assert len(splits_per_source) == 300
     assert all(len(s) == 1 for s in splits_per_source.values())
@@ -120,11 +135,14 @@ def test_image_duplicates_by_pixels(tiny_params: dict[str, Any]) -> None:
     assert set(result.removed.column("record_id").to_pylist()) == {f"copy{i}" for i in range(5)}
 
 
-@pytest.mark.parametrize(("splits", "message"), [
-    ({"train": 0.8, "val": 0.1}, "'clean.splits' must have exactly the keys"),
-    ({"train": 0.8, "val": 0.1, "test": 0.2}, "must sum to 1"),
-    ({"train": 1.0, "val": 0.0, "test": 0.0}, "train and test fractions must be > 0"),
-])
+@pytest.mark.parametrize(
+    ("splits", "message"),
+    [
+        ({"train": 0.8, "val": 0.1}, "'clean.splits' must have exactly the keys"),
+        ({"train": 0.8, "val": 0.1, "test": 0.2}, "must sum to 1"),
+        ({"train": 1.0, "val": 0.0, "test": 0.0}, "train and test fractions must be > 0"),
+    ],
+)
 def test_invalid_split_params_name_the_key(tiny_params: dict[str, Any], splits: dict[str, float], message: str) -> None:
     params = section(tiny_params, "clean")
     params["splits"] = splits
@@ -136,11 +154,21 @@ def test_clean_writes_metrics_that_add_up(tiny_params: dict[str, Any], tmp_path:
     from components import ingest, validate
 
     ingest.ingest(ingest.IngestConfig.from_params(section(tiny_params, "ingest")), tmp_path / "raw")
-    validate.validate(validate.ValidateConfig.from_params(section(tiny_params, "validate")), tmp_path / "raw",
-                      tmp_path / "valid", tmp_path / "report", tmp_path / "quarantine")
+    validate.validate(
+        validate.ValidateConfig.from_params(section(tiny_params, "validate")),
+        tmp_path / "raw",
+        tmp_path / "valid",
+        tmp_path / "report",
+        tmp_path / "quarantine",
+    )
     metrics_path = tmp_path / "metrics" / "data.json"
-    clean.clean(clean.CleanConfig.from_params(section(tiny_params, "clean")), tmp_path / "valid", tmp_path / "clean",
-                tmp_path / "report" / "report.json", metrics_path)
+    clean.clean(
+        clean.CleanConfig.from_params(section(tiny_params, "clean")),
+        tmp_path / "valid",
+        tmp_path / "clean",
+        tmp_path / "report" / "report.json",
+        metrics_path,
+    )
     metrics = json.loads(metrics_path.read_text())
     assert set(metrics) == {"text", "images", "restore"}
     for m in metrics.values():

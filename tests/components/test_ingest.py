@@ -38,8 +38,12 @@ def test_csv_jsonl_and_parquet_folder_with_custom_columns(tiny_params: dict[str,
     (folder / "more").mkdir(parents=True)
     (folder / "a.csv").write_text('prompt,copy\n"name: A | colour: red","Red A, with a comma"\nx,y\n', encoding="utf-8")
     (folder / "more" / "b.jsonl").write_text(
-        json.dumps({"prompt": {"name": "B", "colour": "blue"}, "copy": "Blue B."}) + "\n" + json.dumps({"prompt": "p", "copy": 3}) + "\n",
-        encoding="utf-8")
+        json.dumps({"prompt": {"name": "B", "colour": "blue"}, "copy": "Blue B."})
+        + "\n"
+        + json.dumps({"prompt": "p", "copy": 3})
+        + "\n",
+        encoding="utf-8",
+    )
     pq.write_table(pa.table({"prompt": ["c"], "copy": ["C!"], "other": [1]}), folder / "c.parquet")
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
@@ -139,8 +143,9 @@ def test_builtin_images_are_digits_and_photos() -> None:
     assert min(photos.column("width").to_pylist()) >= 256
 
 
-def test_invalid_params_fail_before_anything_is_deleted(tiny_params: dict[str, Any], tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_params_fail_before_anything_is_deleted(
+    tiny_params: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "raw"
     out.mkdir()
     (out / "text.parquet").write_bytes(b"previous run")
@@ -152,11 +157,14 @@ def test_invalid_params_fail_before_anything_is_deleted(tiny_params: dict[str, A
     assert (out / "text.parquet").read_bytes() == b"previous run"
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("num_records", 0, "'ingest.text.num_records' = 0 is outside"),
-    ("refs_per_record", True, "'ingest.text.refs_per_record' must be an integer"),
-    ("path", "/no/such/folder", "'ingest.text.path': /no/such/folder does not exist"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num_records", 0, "'ingest.text.num_records' = 0 is outside"),
+        ("refs_per_record", True, "'ingest.text.refs_per_record' must be an integer"),
+        ("path", "/no/such/folder", "'ingest.text.path': /no/such/folder does not exist"),
+    ],
+)
 def test_each_invalid_value_names_its_key(tiny_params: dict[str, Any], key: str, value: Any, message: str) -> None:
     params = section(tiny_params, "ingest")
     params["text"][key] = value

@@ -23,23 +23,32 @@ def cfg(tiny_params: dict[str, Any]) -> validate.ValidateConfig:
     return validate.ValidateConfig.from_params(section(tiny_params, "validate"))
 
 
-def run(name: str, raw: pa.Table, rules_expectations: list[Any], tmp_path: Path) -> tuple[pa.Table, pa.Table, validate.DatasetReport]:
+def run(
+    name: str, raw: pa.Table, rules_expectations: list[Any], tmp_path: Path
+) -> tuple[pa.Table, pa.Table, validate.DatasetReport]:
     raw_path = tmp_path / f"raw_{name}.parquet"
     pq.write_table(raw, raw_path)
     runner = validate.SuiteRunner(tmp_path / "docs")
-    report = validate.validate_dataset(name, raw_path, rules_expectations, runner, tmp_path / "valid.parquet",
-                                       tmp_path / "quarantine.parquet", chunk_rows=3)
+    report = validate.validate_dataset(
+        name, raw_path, rules_expectations, runner, tmp_path / "valid.parquet", tmp_path / "quarantine.parquet", chunk_rows=3
+    )
     return pq.read_table(tmp_path / "valid.parquet"), pq.read_table(tmp_path / "quarantine.parquet"), report
 
 
-def text_table(rows: list[tuple[str | None, str | None]], errors: list[str | None] | None = None,
-               ids: list[str] | None = None) -> pa.Table:
+def text_table(
+    rows: list[tuple[str | None, str | None]], errors: list[str | None] | None = None, ids: list[str] | None = None
+) -> pa.Table:
     n = len(rows)
-    return pa.table({
-        "record_id": ids or [f"f.csv:{i + 1}" for i in range(n)],
-        "source": [r[0] for r in rows], "reference": [r[1] for r in rows],
-        "origin": ["f.csv"] * n, "ingest_error": errors or [None] * n,
-    }, schema=datasets.TEXT_SCHEMA)
+    return pa.table(
+        {
+            "record_id": ids or [f"f.csv:{i + 1}" for i in range(n)],
+            "source": [r[0] for r in rows],
+            "reference": [r[1] for r in rows],
+            "origin": ["f.csv"] * n,
+            "ingest_error": errors or [None] * n,
+        },
+        schema=datasets.TEXT_SCHEMA,
+    )
 
 
 GOOD = ("name: Nova Air | colour: sage", "The Nova Air, in sage.")
@@ -56,18 +65,30 @@ def check_accounting(valid: pa.Table, quarantine: pa.Table, report: validate.Dat
     assert set(valid.column("record_id").to_pylist()).isdisjoint(quarantine.column("record_id").to_pylist())
 
 
-@pytest.mark.parametrize(("row", "expectation"), [
-    ((GOOD[0], None), "expect_column_values_to_not_be_null(reference)"),
-    ((None, GOOD[1]), "expect_column_values_to_not_be_null(source)"),
-    ((GOOD[0], ""), "expect_column_value_lengths_to_be_between(reference)"),
-    ((GOOD[0], "   "), "expect_column_values_to_not_match_regex(reference)"),
-    ((GOOD[0], "x" * 1_000_000), "expect_column_value_lengths_to_be_between(reference)"),
-    (("colour: sage | shoe_size: 9", GOOD[1]), "expect_column_values_to_match_regex(source)"),
-    (("write me an ad", GOOD[1]), "expect_column_values_to_match_regex(source)"),
-], ids=["null-reference", "null-source", "empty-reference", "blank-reference", "1MB-reference",
-        "unknown-attribute", "not-a-record"])
-def test_bad_text_row_is_quarantined_with_its_expectation(cfg: validate.ValidateConfig, tmp_path: Path,
-                                                          row: tuple[str | None, str | None], expectation: str) -> None:
+@pytest.mark.parametrize(
+    ("row", "expectation"),
+    [
+        ((GOOD[0], None), "expect_column_values_to_not_be_null(reference)"),
+        ((None, GOOD[1]), "expect_column_values_to_not_be_null(source)"),
+        ((GOOD[0], ""), "expect_column_value_lengths_to_be_between(reference)"),
+        ((GOOD[0], "   "), "expect_column_values_to_not_match_regex(reference)"),
+        ((GOOD[0], "x" * 1_000_000), "expect_column_value_lengths_to_be_between(reference)"),
+        (("colour: sage | shoe_size: 9", GOOD[1]), "expect_column_values_to_match_regex(source)"),
+        (("write me an ad", GOOD[1]), "expect_column_values_to_match_regex(source)"),
+    ],
+    ids=[
+        "null-reference",
+        "null-source",
+        "empty-reference",
+        "blank-reference",
+        "1MB-reference",
+        "unknown-attribute",
+        "not-a-record",
+    ],
+)
+def test_bad_text_row_is_quarantined_with_its_expectation(
+    cfg: validate.ValidateConfig, tmp_path: Path, row: tuple[str | None, str | None], expectation: str
+) -> None:
     raw = text_table([GOOD, row, GOOD, GOOD])
     valid, quarantine, report = run("text", raw, validate.text_expectations(cfg.text), tmp_path)
     check_accounting(valid, quarantine, report, 4)
@@ -140,18 +161,22 @@ def image_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, p
     return run("images", raw, validate.image_expectations(rules), tmp_path)
 
 
-@pytest.mark.parametrize(("record_id", "expectation"), [
-    ("0/corrupt.png", "expect_column_values_to_be_null(ingest_error)"),
-    ("0/truncated.jpg", "expect_column_values_to_be_null(ingest_error)"),
-    ("0/cmyk.jpg", "expect_column_values_to_be_in_set(mode)"),
-    ("0/tiny.png", "expect_column_values_to_be_between(width)"),
-    ("7/unknown_label.png", "expect_column_values_to_be_in_set(label)"),
-    ("stray.png", "expect_column_values_to_be_null(ingest_error)"),
-    ("1/escape.png", "expect_column_values_to_be_null(ingest_error)"),
-    ("1/dotdot.png", "expect_column_values_to_be_null(ingest_error)"),
-])
-def test_bad_image_is_quarantined_with_its_expectation(image_results: tuple[pa.Table, pa.Table, validate.DatasetReport],
-                                                       record_id: str, expectation: str) -> None:
+@pytest.mark.parametrize(
+    ("record_id", "expectation"),
+    [
+        ("0/corrupt.png", "expect_column_values_to_be_null(ingest_error)"),
+        ("0/truncated.jpg", "expect_column_values_to_be_null(ingest_error)"),
+        ("0/cmyk.jpg", "expect_column_values_to_be_in_set(mode)"),
+        ("0/tiny.png", "expect_column_values_to_be_between(width)"),
+        ("7/unknown_label.png", "expect_column_values_to_be_in_set(label)"),
+        ("stray.png", "expect_column_values_to_be_null(ingest_error)"),
+        ("1/escape.png", "expect_column_values_to_be_null(ingest_error)"),
+        ("1/dotdot.png", "expect_column_values_to_be_null(ingest_error)"),
+    ],
+)
+def test_bad_image_is_quarantined_with_its_expectation(
+    image_results: tuple[pa.Table, pa.Table, validate.DatasetReport], record_id: str, expectation: str
+) -> None:
     valid, quarantine, report = image_results
     check_accounting(valid, quarantine, report, 11)
     assert expectation in quarantined_reason(quarantine, record_id)
@@ -177,8 +202,11 @@ def test_stage_fails_naming_expectation_and_counts_over_the_ratio(tiny_params: d
     pq.write_table(table.set_column(2, "reference", pa.array(references, pa.string())), raw_dir / "text.parquet")
 
     cfg = validate.ValidateConfig.from_params(section(tiny_params, "validate"))
-    with pytest.raises(DataError, match=r"text: 40 of 160 rows quarantined \(25.0% > validate.max_quarantine_ratio=5.0%\); "
-                                        r"failed expectations: expect_column_value_lengths_to_be_between\(reference\): 40 rows"):
+    with pytest.raises(
+        DataError,
+        match=r"text: 40 of 160 rows quarantined \(25.0% > validate.max_quarantine_ratio=5.0%\); "
+        r"failed expectations: expect_column_value_lengths_to_be_between\(reference\): 40 rows",
+    ):
         validate.validate(cfg, raw_dir, tmp_path / "valid", tmp_path / "report", tmp_path / "quarantine")
     # The evidence is still there for the user to inspect.
     assert pq.read_table(tmp_path / "quarantine" / "text.parquet").num_rows == 40
@@ -197,13 +225,18 @@ def test_default_data_passes_and_writes_report_and_data_docs(tiny_params: dict[s
     assert any((tmp_path / "report" / "docs" / "validations").rglob("*.html"))
 
 
-@pytest.mark.parametrize(("path", "value", "message"), [
-    (("max_quarantine_ratio",), 1.5, "'validate.max_quarantine_ratio' = 1.5 is outside"),
-    (("text", "min_reference_chars"), 10_000, "'validate.text.min_reference_chars' exceeds"),
-    (("images", "labels"), "0-9", "'validate.images.labels' must be a list or null"),
-    (("restore", "max_size"), 1, "'validate.restore.max_size' = 1 is outside"),
-])
-def test_invalid_validate_params_name_the_key(tiny_params: dict[str, Any], path: tuple[str, ...], value: Any, message: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("max_quarantine_ratio",), 1.5, "'validate.max_quarantine_ratio' = 1.5 is outside"),
+        (("text", "min_reference_chars"), 10_000, "'validate.text.min_reference_chars' exceeds"),
+        (("images", "labels"), "0-9", "'validate.images.labels' must be a list or null"),
+        (("restore", "max_size"), 1, "'validate.restore.max_size' = 1 is outside"),
+    ],
+)
+def test_invalid_validate_params_name_the_key(
+    tiny_params: dict[str, Any], path: tuple[str, ...], value: Any, message: str
+) -> None:
     params = section(tiny_params, "validate")
     target = params
     for key in path[:-1]:

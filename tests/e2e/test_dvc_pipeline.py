@@ -25,11 +25,20 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) ->
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
 
-    for path in ["data/raw/text.parquet", "data/validated/images.parquet", "data/quarantine/restore.parquet",
-                 "data/validation/report.json", "data/validation/docs/index.html", "data/clean/text.parquet",
-                 "data/augmented/images.parquet", "data/features/text/tokenizer.json",
-                 "data/features/images/train.safetensors", "data/features/restore/test.safetensors",
-                 "data/features/reference/text.parquet", "dvc.lock"]:
+    for path in [
+        "data/raw/text.parquet",
+        "data/validated/images.parquet",
+        "data/quarantine/restore.parquet",
+        "data/validation/report.json",
+        "data/validation/docs/index.html",
+        "data/clean/text.parquet",
+        "data/augmented/images.parquet",
+        "data/features/text/tokenizer.json",
+        "data/features/images/train.safetensors",
+        "data/features/restore/test.safetensors",
+        "data/features/reference/text.parquet",
+        "dvc.lock",
+    ]:
         assert (tiny_repo / path).is_file(), path
     metrics = json.loads((tiny_repo / "metrics" / "data.json").read_text())
     assert metrics["text"]["rows_in"] == 160 and metrics["images"]["rows_in"] == 1797

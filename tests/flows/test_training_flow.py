@@ -77,7 +77,9 @@ def test_summary_lists_stages_and_data(tmp_path: Path) -> None:
     from flows.stages import StageResult
 
     metrics = tmp_path / "data.json"
-    metrics.write_text('{"text": {"rows_in": 3, "rows_valid": 2, "rows_quarantined": 1, "duplicates_removed": 0,'
-                       ' "splits": {"train": 1, "val": 1, "test": 0}}}')
+    metrics.write_text(
+        '{"text": {"rows_in": 3, "rows_valid": 2, "rows_quarantined": 1, "duplicates_removed": 0,'
+        ' "splits": {"train": 1, "val": 1, "test": 0}}}'
+    )
     text = summary_markdown([StageResult("ingest", "ran", 1.0)], metrics)
     assert "| ingest | ran | 1.0 |" in text and "| text | 3 | 2 | 1 | 0 | 1 | 1 | 0 |" in text

@@ -1,0 +1,29 @@
+"""Components import neither orchestration nor serving libraries; the shared helpers not even pyarrow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+STAGES = ["ingest", "validate", "clean", "augment", "features"]
+
+
+def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + f"print(','.join(w for w in {watched!r} if w in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return [name for name in out.stdout.strip().split(",") if name]
+
+
+def test_stages_do_not_import_prefect_dvc_ge_evidently_or_bentoml() -> None:
+    watched = ["prefect", "dvc", "great_expectations", "evidently", "bentoml"]
+    assert loaded_after_import([f"components.{s}" for s in STAGES], watched) == []
+
+
+def test_shared_helpers_run_on_a_machine_with_only_torch_and_transformers() -> None:
+    # Training stages (GPU machine: torch, transformers, tokenizers, safetensors, numpy, yaml) import these.
+    watched = ["pyarrow", "pandas", "PIL", "sklearn", "prefect", "dvc", "great_expectations"]
+    assert loaded_after_import(["components.common", "components.textgen", "components.feature_defs"], watched) == []
