@@ -4,7 +4,7 @@
   saved as `<out>/text/tokenizer.json`; each split tokenized to ragged int32 arrays in safetensors
   (`source_ids`/`source_offsets`, `target_ids`/`target_offsets`) beside a Parquet of its rows;
 - images: `<out>/images/<split>.safetensors` with `images` uint8 (N, C, S, S) and `labels` int64; the
-  label names are in the file's metadata;
+  label names are in the file's `meta` metadata entry (JSON) and in `images/meta.json`;
 - restore: `<out>/restore/train.safetensors` with `patches` uint8 (N, 3, P, P) and every photo of every
   split as `image_<i>` uint8 (3, H, W);
 - `<out>/reference/{text,images,restore}.parquet`: components.feature_defs features of every clean row.
@@ -54,6 +54,14 @@ class FeaturesConfig:
         return cls(vocab, min_frequency, size)
 
 
+def save_arrays(arrays: dict[str, np.ndarray], path: Path, meta: dict[str, Any]) -> None:
+    """safetensors with one `meta` JSON entry: several metadata keys come out in random order, which would
+    change the file's bytes (and DVC's hash) on every run."""
+    from safetensors.numpy import save_file
+
+    save_file(arrays, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
+
+
 def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int) -> Any:
     """Byte-level BPE (GPT-2 style): every string is encodable, nothing maps to an unknown token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -83,8 +91,6 @@ def ragged(encodings: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
     """Train the tokenizer, write the token arrays per split; return the per-record feature table."""
-    from safetensors.numpy import save_file
-
     train = clean.filter(pc.equal(clean.column("split"), "train"))
     corpus = train.column("source").to_pylist() + augmented.column("source").to_pylist() + train.column("reference").to_pylist()
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency)
@@ -115,10 +121,10 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
         target_ids = [e.ids for e in tokenizer.encode_batch(references)]
         s_ids, s_off = ragged(source_ids)
         t_ids, t_off = ragged(target_ids)
-        save_file(
+        save_arrays(
             {"source_ids": s_ids, "source_offsets": s_off, "target_ids": t_ids, "target_offsets": t_off},
-            str(out / f"{split}.safetensors"),
-            metadata={"split": split, "rows": str(rows.num_rows)},
+            out / f"{split}.safetensors",
+            {"split": split, "rows": rows.num_rows},
         )
         write_parquet_atomic(rows, out / f"{split}.parquet")
         for record_id, source, reference, s, t, augmented_flag in zip(
@@ -154,8 +160,6 @@ def resize_stack(images: list[np.ndarray], size: int, channels: int) -> np.ndarr
 
 
 def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
-    from safetensors.numpy import save_file
-
     labels = sorted(set(clean.column("label").to_pylist()), key=lambda v: (len(v), v))
     label_index = {name: i for i, name in enumerate(labels)}
     channels = 3 if "RGB" in set(clean.column("mode").to_pylist()) else 1
@@ -173,18 +177,16 @@ def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConf
             decoded += [decode(b) for b in augmented.column("image").to_pylist()]
             row_labels += augmented.column("label").to_pylist()
         stacked = resize_stack(decoded, cfg.image_size, channels)
-        save_file(
+        save_arrays(
             {"images": stacked, "labels": np.array([label_index[v] for v in row_labels], dtype=np.int64)},
-            str(out / f"{split}.safetensors"),
-            metadata={"label_names": json.dumps(labels), "image_size": str(cfg.image_size), "channels": str(channels)},
+            out / f"{split}.safetensors",
+            {"label_names": labels, "image_size": cfg.image_size, "channels": channels},
         )
     write_json({"label_names": labels, "image_size": cfg.image_size, "channels": channels}, out / "meta.json")
     return pa.Table.from_pylist(feature_rows)
 
 
 def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.Table:
-    from safetensors.numpy import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     feature_rows = []
     for split in SPLITS:
@@ -202,7 +204,7 @@ def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.
             tensors["patches"] = (
                 np.stack([p.transpose(2, 0, 1) for p in decoded]) if decoded else np.zeros((0, 3, 1, 1), dtype=np.uint8)
             )
-        save_file(tensors, str(out / f"{split}.safetensors"), metadata={"record_ids": json.dumps(ids)})
+        save_arrays(tensors, out / f"{split}.safetensors", {"record_ids": ids})
     return pa.Table.from_pylist(feature_rows)
 
 

@@ -168,3 +168,16 @@ def test_image_features_are_sane() -> None:
     assert flat["contrast"] == 0 and flat["sharpness"] == 0 and abs(flat["brightness"] - 128 / 255) < 1e-6
     checker = image_features((np.indices((10, 10)).sum(0) % 2 * 255).astype(np.uint8))
     assert checker["sharpness"] > 1 and checker["contrast"] > 0.4
+
+
+def test_features_are_byte_identical_when_rerun(
+    clean_dir: Path, augmented: Path, feature_dir: Path, real_params: dict[str, Any], tmp_path: Path
+) -> None:
+    # DVC hashes outputs: a rerun that changes bytes (not values) would invalidate every later stage.
+    features.features(
+        features.FeaturesConfig.from_params(section(shrink(real_params), "features")), clean_dir, augmented, tmp_path
+    )
+    first = {p.relative_to(feature_dir): p.read_bytes() for p in feature_dir.rglob("*") if p.is_file()}
+    second = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert first.keys() == second.keys()
+    assert [str(name) for name in first if first[name] != second[name]] == []
