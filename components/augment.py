@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 from components.common import (
     ConfigError,
     DataError,
-    check_range,
     load_params,
     progress,
     require,
@@ -64,12 +63,9 @@ class AugmentConfig:
         text = require(params, "text", dict, "augment")
         images = require(params, "images", dict, "augment")
         restore = require(params, "restore", dict, "augment")
-        copies = require(text, "shuffled_copies", int, "augment.text")
-        check_range(copies, "augment.text.shuffled_copies", 0, 20)
-        image_copies = require(images, "copies", int, "augment.images")
-        check_range(image_copies, "augment.images.copies", 0, 20)
-        rotation = require(images, "rotation_degrees", (int, float), "augment.images")
-        check_range(rotation, "augment.images.rotation_degrees", 0, 180)
+        copies = require(text, "shuffled_copies", int, "augment.text", low=0, high=20)
+        image_copies = require(images, "copies", int, "augment.images", low=0, high=20)
+        rotation = require(images, "rotation_degrees", (int, float), "augment.images", low=0, high=180)
         scale = require(images, "crop_scale", list, "augment.images")
         if len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale) or not 0 < scale[0] <= scale[1] <= 1:
             raise ConfigError(
@@ -77,12 +73,9 @@ class AugmentConfig:
             )
         jitter = {}
         for key in ("brightness", "contrast"):
-            jitter[key] = require(images, key, (int, float), "augment.images")
-            check_range(jitter[key], f"augment.images.{key}", 0, 1)
-        patch_size = require(restore, "patch_size", int, "augment.restore")
-        check_range(patch_size, "augment.restore.patch_size", 8, 1024)
-        patches = require(restore, "patches_per_image", int, "augment.restore")
-        check_range(patches, "augment.restore.patches_per_image", 0)
+            jitter[key] = require(images, key, (int, float), "augment.images", low=0, high=1)
+        patch_size = require(restore, "patch_size", int, "augment.restore", low=8, high=1024)
+        patches = require(restore, "patches_per_image", int, "augment.restore", low=0)
         return cls(
             seed=require(params["base"], "seed", int, "base"),
             enabled=require(params, "enabled", bool, "augment"),

@@ -30,7 +30,6 @@ from components.common import (
     ConfigError,
     DataError,
     assign_splits,
-    check_range,
     load_params,
     require,
     run_main,
@@ -73,9 +72,7 @@ def _fractions(section: dict[str, Any], key: str) -> dict[str, float]:
         raise ConfigError(f"params key '{key}' must have exactly the keys {list(SPLITS)}, got {list(section)}")
     fractions = {}
     for name in SPLITS:
-        value = require(section, name, (int, float), key)
-        check_range(value, f"{key}.{name}", 0.0, 1.0)
-        fractions[name] = float(value)
+        fractions[name] = float(require(section, name, (int, float), key, low=0.0, high=1.0))
     if abs(sum(fractions.values()) - 1.0) > 1e-6:
         raise ConfigError(f"params key '{key}' fractions must sum to 1, got {sum(fractions.values())}")
     if fractions["train"] <= 0 or fractions["test"] <= 0:
@@ -131,11 +128,21 @@ def canonical_source(source: str) -> str:
     return serialise(dict(sorted(attributes.items())))
 
 
+def dictionary(values: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
+    """One dictionary-encoded array: distinct values once, plus an int32 code per row."""
+    encoded = pc.dictionary_encode(values)
+    return encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+
+
 def first_occurrence(keys: list[pa.ChunkedArray | pa.Array]) -> np.ndarray:
-    """Boolean mask: True on the first row of each distinct key tuple."""
+    """Boolean mask: True on the first row of each distinct key tuple.
+
+    Each key column is dictionary-encoded first, so the group-by hashes int32 codes instead of copying strings.
+    """
     n = len(keys[0])
-    table = pa.table({f"k{i}": key for i, key in enumerate(keys)} | {"_row": pa.array(np.arange(n))})
-    firsts = table.group_by([f"k{i}" for i in range(len(keys))], use_threads=False).aggregate([("_row", "min")])
+    codes = {f"k{i}": dictionary(key).indices for i, key in enumerate(keys)}
+    table = pa.table(codes | {"_row": pa.array(np.arange(n))})
+    firsts = table.group_by(list(codes), use_threads=False).aggregate([("_row", "min")])
     mask = np.zeros(n, dtype=bool)
     mask[firsts.column("_row_min").to_numpy()] = True
     return mask
@@ -168,7 +175,7 @@ def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
     table = table.filter(pa.array(~empty))
 
     # Per distinct source, not per row: a record has several references, and Python work is the slow part.
-    sources = pc.dictionary_encode(table.column("source")).combine_chunks()
+    sources = dictionary(table.column("source"))
     canonical = pa.array([canonical_source(s) for s in sources.dictionary.to_pylist()], pa.string())
     table = table.append_column("source_key", pc.take(canonical, sources.indices))
 
@@ -183,7 +190,7 @@ def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
         removed.append(_removed(table, ~near_first, "near duplicate"))
         table = table.filter(pa.array(near_first))
 
-    keys = pc.dictionary_encode(table.column("source_key")).combine_chunks()
+    keys = dictionary(table.column("source_key"))
     split_of_key = pa.array(assign_splits(keys.dictionary.to_pylist(), cfg.splits, cfg.seed), pa.string())
     table = table.append_column("split", pc.take(split_of_key, keys.indices))
     removed_table = pa.concat_tables(removed, promote_options="default")

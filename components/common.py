@@ -57,8 +57,16 @@ def load_params(section: str, path: str | os.PathLike[str] = PARAMS_FILE) -> dic
     return {**params[section], "base": params.get("base", {})}
 
 
-def require(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], prefix: str) -> Any:
-    """Return mapping[key] checked against `kind`, or raise a ConfigError naming `prefix.key`."""
+def require(
+    mapping: dict[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    prefix: str,
+    low: float | None = None,
+    high: float | None = None,
+) -> Any:
+    """Return mapping[key] checked against `kind` (and, for numbers, [low, high]), or raise a ConfigError
+    naming `prefix.key`."""
     if key not in mapping:
         raise ConfigError(f"missing params key '{prefix}.{key}'")
     value = mapping[key]
@@ -67,6 +75,7 @@ def require(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], pr
         numeric, noun = ((int,), "an integer") if kind is int else ((int, float), "a number")
         if isinstance(value, bool) or not isinstance(value, numeric):
             raise ConfigError(f"params key '{prefix}.{key}' must be {noun}, got {value!r}")
+        check_range(value, f"{prefix}.{key}", low, high)
         return value
     if not isinstance(value, kind):
         expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)

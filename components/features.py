@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.augment import decode
-from components.common import SPLITS, DataError, check_range, load_params, require, run_main, write_json
+from components.common import SPLITS, DataError, load_params, require, run_main, write_json
 from components.feature_defs import image_features, text_features
 from components.tables import write_parquet_atomic
 
@@ -45,12 +45,10 @@ class FeaturesConfig:
     def from_params(cls, params: dict[str, Any]) -> FeaturesConfig:
         text = require(params, "text", dict, "features")
         images = require(params, "images", dict, "features")
-        vocab = require(text, "vocab_size", int, "features.text")
-        check_range(vocab, "features.text.vocab_size", 300, 1_000_000)  # 256 bytes + specials + merges
-        min_frequency = require(text, "min_frequency", int, "features.text")
-        check_range(min_frequency, "features.text.min_frequency", 1)
-        size = require(images, "image_size", int, "features.images")
-        check_range(size, "features.images.image_size", 4, 1024)
+        # At least the 256 byte symbols, the special tokens and a few merges.
+        vocab = require(text, "vocab_size", int, "features.text", low=300, high=1_000_000)
+        min_frequency = require(text, "min_frequency", int, "features.text", low=1)
+        size = require(images, "image_size", int, "features.images", low=4, high=1024)
         return cls(vocab, min_frequency, size)
 
 

@@ -19,7 +19,6 @@ from components import datasets
 from components.common import (
     ConfigError,
     DataError,
-    check_range,
     load_params,
     progress,
     require,
@@ -53,13 +52,10 @@ class IngestConfig:
     def from_params(cls, params: dict[str, Any]) -> IngestConfig:
         """Validate the `ingest` section (and `base.seed`) before anything is written."""
         seed = require(params["base"], "seed", int, "base")
-        batch_rows = require(params, "batch_rows", int, "ingest")
-        check_range(batch_rows, "ingest.batch_rows", 1)
+        batch_rows = require(params, "batch_rows", int, "ingest", low=1)
         text = require(params, "text", dict, "ingest")
-        num_records = require(text, "num_records", int, "ingest.text")
-        check_range(num_records, "ingest.text.num_records", 1)
-        refs = require(text, "refs_per_record", int, "ingest.text")
-        check_range(refs, "ingest.text.refs_per_record", 1, 20)
+        num_records = require(text, "num_records", int, "ingest.text", low=1)
+        refs = require(text, "refs_per_record", int, "ingest.text", low=1, high=20)
         id_column = text.get("id_column")
         if id_column is not None and not isinstance(id_column, str):
             raise ConfigError(f"params key 'ingest.text.id_column' must be a column name or null, got {id_column!r}")

@@ -25,7 +25,6 @@ from components.common import (
     DATASETS,
     ConfigError,
     DataError,
-    check_range,
     load_params,
     progress,
     require,
@@ -71,15 +70,12 @@ class ValidateConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> ValidateConfig:
-        ratio = require(params, "max_quarantine_ratio", (int, float), "validate")
-        check_range(ratio, "validate.max_quarantine_ratio", 0.0, 1.0)
-        chunk_rows = require(params, "chunk_rows", int, "validate")
-        check_range(chunk_rows, "validate.chunk_rows", 1)
+        ratio = require(params, "max_quarantine_ratio", (int, float), "validate", low=0.0, high=1.0)
+        chunk_rows = require(params, "chunk_rows", int, "validate", low=1)
         text = require(params, "text", dict, "validate")
         bounds = {}
         for key in ("min_source_chars", "max_source_chars", "min_reference_chars", "max_reference_chars"):
-            bounds[key] = require(text, key, int, "validate.text")
-            check_range(bounds[key], f"validate.text.{key}", 0)
+            bounds[key] = require(text, key, int, "validate.text", low=0)
         for kind in ("source", "reference"):
             if bounds[f"min_{kind}_chars"] > bounds[f"max_{kind}_chars"]:
                 raise ConfigError(f"params key 'validate.text.min_{kind}_chars' exceeds 'validate.text.max_{kind}_chars'")
@@ -96,10 +92,8 @@ class ValidateConfig:
 
 
 def _image_rules(section: dict[str, Any], prefix: str) -> ImageRules:
-    min_size = require(section, "min_size", int, prefix)
-    max_size = require(section, "max_size", int, prefix)
-    check_range(min_size, f"{prefix}.min_size", 1)
-    check_range(max_size, f"{prefix}.max_size", min_size)
+    min_size = require(section, "min_size", int, prefix, low=1)
+    max_size = require(section, "max_size", int, prefix, low=min_size)
     channels = require(section, "channels", list, prefix)
     modes = require(section, "modes", list, prefix)
     labels = section.get("labels")

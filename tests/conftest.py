@@ -55,6 +55,22 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     return {**params[name], "base": params["base"]}
 
 
+def run_data_stages(params: dict[str, Any], root: Path) -> Path:
+    """ingest -> validate -> clean of `params` under root, as dvc.yaml lays them out; returns root/clean."""
+    from components import clean, ingest, validate
+
+    ingest.ingest(ingest.IngestConfig.from_params(section(params, "ingest")), root / "raw")
+    validate.validate(
+        validate.ValidateConfig.from_params(section(params, "validate")),
+        root / "raw", root / "valid", root / "report", root / "quarantine",
+    )  # fmt: skip
+    clean.clean(
+        clean.CleanConfig.from_params(section(params, "clean")),
+        root / "valid", root / "clean", root / "report" / "report.json", root / "metrics" / "data.json",
+    )  # fmt: skip
+    return root / "clean"
+
+
 def write_params(params: dict[str, Any], path: Path) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path

@@ -13,32 +13,15 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from components import augment, clean, features, ingest, validate
+from components import augment, features
 from components.common import ConfigError
 from components.textgen import parse_source
-from tests.conftest import section, shrink
+from tests.conftest import run_data_stages, section, shrink
 
 
 @pytest.fixture(scope="module")
 def clean_dir(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Path:
-    tiny = shrink(real_params)
-    root = tmp_path_factory.mktemp("data")
-    ingest.ingest(ingest.IngestConfig.from_params(section(tiny, "ingest")), root / "raw")
-    validate.validate(
-        validate.ValidateConfig.from_params(section(tiny, "validate")),
-        root / "raw",
-        root / "valid",
-        root / "report",
-        root / "quarantine",
-    )
-    clean.clean(
-        clean.CleanConfig.from_params(section(tiny, "clean")),
-        root / "valid",
-        root / "clean",
-        root / "report" / "report.json",
-        root / "metrics.json",
-    )
-    return root / "clean"
+    return run_data_stages(shrink(real_params), tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from components import clean
 from components.common import ConfigError, assign_splits
 from components.datasets import TEXT_SCHEMA
-from tests.conftest import section
+from tests.conftest import run_data_stages, section
 
 
 @pytest.fixture
@@ -151,24 +151,8 @@ def test_invalid_split_params_name_the_key(tiny_params: dict[str, Any], splits: 
 
 
 def test_clean_writes_metrics_that_add_up(tiny_params: dict[str, Any], tmp_path: Path) -> None:
-    from components import ingest, validate
-
-    ingest.ingest(ingest.IngestConfig.from_params(section(tiny_params, "ingest")), tmp_path / "raw")
-    validate.validate(
-        validate.ValidateConfig.from_params(section(tiny_params, "validate")),
-        tmp_path / "raw",
-        tmp_path / "valid",
-        tmp_path / "report",
-        tmp_path / "quarantine",
-    )
+    run_data_stages(tiny_params, tmp_path)
     metrics_path = tmp_path / "metrics" / "data.json"
-    clean.clean(
-        clean.CleanConfig.from_params(section(tiny_params, "clean")),
-        tmp_path / "valid",
-        tmp_path / "clean",
-        tmp_path / "report" / "report.json",
-        metrics_path,
-    )
     metrics = json.loads(metrics_path.read_text())
     assert set(metrics) == {"text", "images", "restore"}
     for m in metrics.values():
