@@ -95,6 +95,40 @@ def run_stage(name: str, repo_root: str = ".", force: bool = False) -> StageResu
     return StageResult(name, "ran" if ran else "up to date", round(time.monotonic() - start, 2))
 
 
+STAGE_CONFIGS = {
+    "ingest": ("components.ingest", "IngestConfig"),
+    "validate": ("components.validate", "ValidateConfig"),
+    "clean": ("components.clean", "CleanConfig"),
+    "augment": ("components.augment", "AugmentConfig"),
+    "features": ("components.features", "FeaturesConfig"),
+}
+
+
+@task(task_run_name="check-params")
+def check_params(stages: list[str], repo_root: str = ".") -> None:
+    """Build every stage's config from params.yaml before any stage runs.
+
+    `dvc repro` removes a stage's outputs before running its command, so a bad value found by the stage
+    itself would already have cleared the previous outputs from the workspace (DVC's cache still has them);
+    checked here first, nothing is touched.
+    """
+    import importlib
+
+    from components.common import ConfigError, load_params
+
+    problems = []
+    for name in stages:
+        if name not in STAGE_CONFIGS:
+            continue
+        module, config = STAGE_CONFIGS[name]
+        try:
+            getattr(importlib.import_module(module), config).from_params(load_params(name, Path(repo_root) / "params.yaml"))
+        except ConfigError as err:
+            problems.append(f"{name}: {err}")
+    if problems:
+        raise PermanentStageError("invalid params, no stage was run:\n  " + "\n  ".join(problems))
+
+
 def summary_markdown(results: list[StageResult], metrics_path: Path) -> str:
     """A markdown table of what ran and what was up to date, then the data metrics."""
     lines = ["## Pipeline run", "", "| stage | status | seconds |", "|---|---|---|"]

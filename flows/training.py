@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.stages import StageResult, dvc_stage_order, run_stage, summary_markdown
+from flows.stages import StageResult, check_params, dvc_stage_order, run_stage, summary_markdown
 
 DATA_METRICS = Path("metrics/data.json")
 
@@ -27,6 +27,7 @@ def training(stages: list[str] | None = None, repo_root: str = ".", force: bool 
     logger = get_run_logger()
     order = dvc_stage_order(Path(repo_root), stages)
     logger.info("stages in DVC order: %s", ", ".join(order))
+    check_params(order, repo_root=repo_root)
     results = []
     for name in order:
         result = run_stage(name, repo_root=repo_root, force=force)

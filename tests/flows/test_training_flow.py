@@ -45,8 +45,26 @@ def test_flow_runs_every_stage_then_skips_them(tiny_repo: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bad_params_fail_without_retries(tmp_path: Path, tiny_params: dict[str, Any]) -> None:
-    tiny_params["validate"]["max_quarantine_ratio"] = 5
+def test_bad_params_stop_the_flow_before_any_stage_touches_outputs(tiny_repo: Path) -> None:
+    assert [r.status for r in training(stages=["ingest"], repo_root=str(tiny_repo))] == ["ran"]
+    before = (tiny_repo / "data" / "raw" / "text.parquet").read_bytes()
+    params = (tiny_repo / "params.yaml").read_text()
+    (tiny_repo / "params.yaml").write_text(
+        params.replace("max_quarantine_ratio: 0.05", "max_quarantine_ratio: 5").replace("num_records: 80", "num_records: 81")
+    )
+    state = training(repo_root=str(tiny_repo), return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert [r.name for r in runs] == ["check-params"]  # no dvc-* task ran
+    assert "validate.max_quarantine_ratio" in (runs[0].state.message or "")
+    assert (tiny_repo / "data" / "raw" / "text.parquet").read_bytes() == before  # ingest's outputs untouched
+
+
+@pytest.mark.slow
+def test_a_stage_failing_on_bad_data_is_not_retried(tmp_path: Path, tiny_params: dict[str, Any]) -> None:
+    tiny_params["validate"]["max_quarantine_ratio"] = 0.0
+    tiny_params["validate"]["text"]["max_reference_chars"] = 100  # some generated copy is longer
     repo = copy_repo(tmp_path / "repo", tiny_params)
     state = training(stages=["ingest", "validate"], repo_root=str(repo), return_state=True)
     assert state.is_failed()
@@ -54,8 +72,8 @@ def test_bad_params_fail_without_retries(tmp_path: Path, tiny_params: dict[str, 
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     validate_run = next(r for r in runs if r.name == "dvc-validate")
     assert validate_run.state.is_failed()
-    assert validate_run.run_count == 1  # a config error is not transient: no retry
-    assert "bad params (exit 78)" in (validate_run.state.message or "")
+    assert validate_run.run_count == 1  # bad data is not transient: no retry
+    assert "bad data (exit 65)" in (validate_run.state.message or "")
 
 
 def test_retry_condition_retries_only_transient_errors() -> None:
