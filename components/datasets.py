@@ -217,9 +217,10 @@ def _jsonl_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Itera
             if len(out["errors"]) >= batch_rows:
                 yield out
                 out = empty()
+    # A column no line has is a wrong file, not bad rows (lines that are not JSON objects tell nothing).
+    if seen_columns:
+        _require_columns(sorted(seen_columns), wanted, path)
     if out["errors"]:
-        if seen_columns and not set(wanted.values()) & seen_columns:
-            _require_columns(sorted(seen_columns), wanted, path)
         yield out
 
 

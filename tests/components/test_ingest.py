@@ -76,6 +76,15 @@ def test_wrong_columns_in_parquet(tiny_params: dict[str, Any], tmp_path: Path) -
         ingest_text(text_cfg(tiny_params, tmp_path / "a.parquet"), tmp_path / "t.parquet")
 
 
+def test_wrong_columns_in_jsonl(tiny_params: dict[str, Any], tmp_path: Path) -> None:
+    lines = [json.dumps({"source": f"s{i}", "text": "t"}) for i in range(100)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "t.parquet"
+    with pytest.raises(DataError, match=r"missing reference column 'reference'; the file has columns \['source', 'text'\]"):
+        ingest_text(text_cfg(tiny_params, tmp_path / "a.jsonl"), out)
+    assert not out.exists()  # the batches already streamed are not left behind
+
+
 def test_empty_file_is_a_clear_error(tiny_params: dict[str, Any], tmp_path: Path) -> None:
     (tmp_path / "a.csv").write_bytes(b"")
     with pytest.raises(DataError, match="a.csv: the file is empty"):
