@@ -174,9 +174,9 @@ def run_main(body: Callable[[], None]) -> None:
         raise SystemExit(EX_DATAERR) from err
 
 
-def progress(iterable: Iterable[Any], **kwargs: Any) -> Iterable[Any]:
-    """tqdm on a terminal, silent in CI logs and DVC's captured output unless asked for."""
+def progress(iterable: Iterable[Any], silent: bool = False, **kwargs: Any) -> Any:
+    """tqdm on a terminal, quiet in CI logs and DVC's captured output unless AIGC_PROGRESS=1 asks for it."""
     from tqdm.auto import tqdm
 
-    disable = not sys.stderr.isatty() and os.environ.get("AIGC_PROGRESS") != "1"
+    disable = silent or (not sys.stderr.isatty() and os.environ.get("AIGC_PROGRESS") != "1")
     return tqdm(iterable, disable=disable, **kwargs)

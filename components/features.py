@@ -28,11 +28,9 @@ from components.augment import decode
 from components.common import SPLITS, DataError, load_params, require, run_main, write_json
 from components.feature_defs import image_features, text_features
 from components.tables import write_parquet_atomic
+from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
-
-PAD, SEP, EOS = "<|pad|>", "<|sep|>", "<|endoftext|>"
-SPECIAL_TOKENS = (PAD, SEP, EOS)
 
 
 @dataclass(frozen=True)

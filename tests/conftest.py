@@ -36,6 +36,9 @@ def shrink(params: dict[str, Any]) -> dict[str, Any]:
     tiny["augment"]["restore"].update(patch_size=32, patches_per_image=2)
     tiny["features"]["text"]["vocab_size"] = 300
     tiny["features"]["images"]["image_size"] = 16
+    tiny["train_text"]["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 16, "max_length": 96, "dropout": 0.1}
+    tiny["train_text"].update(max_steps=12, batch_size=4, warmup_steps=2, checkpoint_every=4, log_every=4, lr=3e-3)
+    tiny["evaluate_text"].update(max_new_tokens=12, batch_size=8, max_sources=6, samples=3)
     return tiny
 
 
@@ -102,3 +105,18 @@ def venv_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(REPO_ROOT)
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Path:
+    """data/features of the tiny configuration, built once per session: <root>/features/text etc."""
+    from components import augment, features
+
+    tiny = shrink(real_params)
+    root = tmp_path_factory.mktemp("pipeline")
+    clean_dir = run_data_stages(tiny, root)
+    augment.augment(augment.AugmentConfig.from_params(section(tiny, "augment")), clean_dir, root / "augmented")
+    features.features(
+        features.FeaturesConfig.from_params(section(tiny, "features")), clean_dir, root / "augmented", root / "features"
+    )
+    return root / "features"

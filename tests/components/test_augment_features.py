@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from components import augment, features
 from components.common import ConfigError
+from components.text_model import SPECIAL_TOKENS
 from components.textgen import parse_source
 from tests.conftest import run_data_stages, section, shrink
 
@@ -99,7 +100,7 @@ def test_invalid_augment_params_name_the_key(real_params: dict[str, Any]) -> Non
 
 def test_tokenizer_round_trips_and_arrays_match_rows(feature_dir: Path) -> None:
     tokenizer = Tokenizer.from_file(str(feature_dir / "text" / "tokenizer.json"))
-    for special in features.SPECIAL_TOKENS:
+    for special in SPECIAL_TOKENS:
         assert tokenizer.token_to_id(special) is not None
     for split in ("train", "val", "test"):
         rows = pq.read_table(feature_dir / "text" / f"{split}.parquet")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-STAGES = ["ingest", "validate", "clean", "augment", "features"]
+STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text"]
 
 
 def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
@@ -19,7 +19,7 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
 
 
 def test_stages_do_not_import_prefect_dvc_ge_evidently_or_bentoml() -> None:
-    watched = ["prefect", "dvc", "great_expectations", "evidently", "bentoml"]
+    watched = ["prefect", "dvc", "great_expectations", "evidently", "bentoml", "dvclive"]
     assert loaded_after_import([f"components.{s}" for s in STAGES], watched) == []
 
 

@@ -1,0 +1,301 @@
+"""Stage `evaluate_text`: decode the test split and score it against every reference of each source.
+
+Generation-based (never teacher-forced) BLEU and chrF with sacrebleu, multi-reference, with the signature
+recorded; perplexity of the references; and, in the same run, a nearest-neighbour retrieval baseline that
+answers each test source with a reference of the most similar training source.
+
+Writes `metrics/text.json`, `<out>/outputs.parquet` (one row per test source) and `<out>/samples.csv` (a
+DVC plot: sentence BLEU per sample, hover for the texts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.common import ConfigError, DataError, load_params, progress, require, run_main, write_json
+from components.textgen import parse_source
+
+log = logging.getLogger(__name__)
+
+DECODING = ("greedy", "beam", "nucleus")
+
+
+@dataclass(frozen=True)
+class EvaluateTextConfig:
+    decoding: str
+    num_beams: int
+    top_p: float
+    temperature: float
+    max_new_tokens: int
+    batch_size: int
+    max_sources: int | None
+    samples: int
+    device: str
+    seed: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> EvaluateTextConfig:
+        p = "evaluate_text"
+        decoding = require(params, "decoding", str, p)
+        if decoding not in DECODING:
+            raise ConfigError(f"params key '{p}.decoding' must be one of {list(DECODING)}, got {decoding!r}")
+        max_sources = params.get("max_sources")
+        if max_sources is not None and (isinstance(max_sources, bool) or not isinstance(max_sources, int) or max_sources < 1):
+            raise ConfigError(f"params key '{p}.max_sources' must be a positive integer or null, got {max_sources!r}")
+        device = require(params, "device", str, p)
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"params key '{p}.device' must be one of ['auto', 'cpu', 'cuda'], got {device!r}")
+        return cls(
+            decoding=decoding,
+            num_beams=require(params, "num_beams", int, p, low=1, high=16),
+            top_p=float(require(params, "top_p", (int, float), p, low=0.01, high=1)),
+            temperature=float(require(params, "temperature", (int, float), p, low=0.01, high=10)),
+            max_new_tokens=require(params, "max_new_tokens", int, p, low=1),
+            batch_size=require(params, "batch_size", int, p, low=1),
+            max_sources=max_sources,
+            samples=require(params, "samples", int, p, low=0),
+            device=device,
+            seed=require(params["base"], "seed", int, "base"),
+        )
+
+
+@dataclass(frozen=True)
+class SourceGroup:
+    """One test source with all its references (the multi-reference unit of BLEU)."""
+
+    source_key: str
+    source: str
+    references: list[str]
+
+
+def group_by_source(rows: list[dict[str, str]], limit: int | None = None) -> list[SourceGroup]:
+    """Rows -> one group per distinct source, in first-seen order; `limit` keeps the first N groups."""
+    refs: dict[str, list[str]] = defaultdict(list)
+    first: dict[str, str] = {}
+    for row in rows:
+        first.setdefault(row["source_key"], row["source"])
+        refs[row["source_key"]].append(row["reference"])
+    groups = [SourceGroup(key, first[key], refs[key]) for key in first]
+    return groups[:limit] if limit else groups
+
+
+def score(hypotheses: list[str], references: list[list[str]]) -> dict[str, Any]:
+    """Corpus BLEU and chrF (sacrebleu), any number of references per hypothesis."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    width = max(len(r) for r in references)
+    # sacrebleu wants reference *streams*; a hypothesis with fewer references gets None in the others.
+    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
+    bleu, chrf = BLEU(), CHRF()
+    bleu_score = bleu.corpus_score(hypotheses, streams)
+    chrf_score = chrf.corpus_score(hypotheses, streams)
+    return {
+        "bleu": round(bleu_score.score, 2),
+        "chrf": round(chrf_score.score, 2),
+        "sacrebleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+def sentence_bleu(hypothesis: str, references: list[str]) -> float:
+    from sacrebleu.metrics import BLEU
+
+    return round(BLEU(effective_order=True).sentence_score(hypothesis, references).score, 2)
+
+
+def source_features(source: str) -> set[str]:
+    """What retrieval compares: `key: value` pairs of a record, or lower-cased words of free text."""
+    attributes = parse_source(source)
+    if attributes is not None:
+        return {f"{k}={v}" for k, v in attributes.items()}
+    return set(source.lower().split())
+
+
+def retrieval_baseline(train_rows: list[dict[str, str]], sources: list[str]) -> list[str]:
+    """For each source, the first reference of the training source sharing the most features (ties: first)."""
+    train_groups = group_by_source(train_rows)
+    index: dict[str, list[int]] = defaultdict(list)
+    for i, group in enumerate(train_groups):
+        for feature in source_features(group.source):
+            index[feature].append(i)
+    answers = []
+    for source in sources:
+        overlap: Counter[int] = Counter()
+        for feature in source_features(source):
+            overlap.update(index.get(feature, ()))
+        best = min(overlap, key=lambda i: (-overlap[i], i)) if overlap else 0
+        answers.append(train_groups[best].references[0])
+    return answers
+
+
+def generate(model: Any, tokenizer: Any, sources: list[str], cfg: EvaluateTextConfig, device: torch.device) -> list[str]:
+    """Batched decoding of `source SEP`; left padding so every prompt ends where generation starts."""
+    from components.text_model import prompt_ids
+
+    max_length = model.config.max_position_embeddings
+    options: dict[str, Any] = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if cfg.decoding == "beam":
+        options.update(num_beams=cfg.num_beams, do_sample=False, early_stopping=True)
+    elif cfg.decoding == "nucleus":
+        options.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature)
+    else:
+        options.update(do_sample=False, num_beams=1)
+    torch.manual_seed(cfg.seed)
+    outputs: list[str] = []
+    model.eval()
+    for start in progress(range(0, len(sources), cfg.batch_size), desc="generate", unit="batch"):
+        prompts = [prompt_ids(s, tokenizer, max_length, cfg.max_new_tokens) for s in sources[start : start + cfg.batch_size]]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        with torch.inference_mode():
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **options)
+        outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+    return [text.strip() for text in outputs]
+
+
+def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_size: int, device: torch.device) -> float:
+    """exp(mean negative log-likelihood per target token) of the references given their sources."""
+    from components.text_model import example_ids
+    from components.train_text import Examples, make_batch
+
+    max_length = model.config.max_position_embeddings
+    sources = tokenizer([r["source"] for r in rows], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([r["reference"] for r in rows], add_special_tokens=False)["input_ids"]
+    pairs = [example_ids(s, t, tokenizer, max_length) for s, t in zip(sources, targets, strict=True)]
+    examples = Examples([p[0] for p in pairs], [p[1] for p in pairs])
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            batch = make_batch(examples, list(range(start, min(start + batch_size, len(examples)))), tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+            total_nll += float(nll)
+            total_tokens += int((labels != -100).sum())
+    return float(torch.exp(torch.tensor(total_nll / max(total_tokens, 1))))
+
+
+def evaluate_text(
+    cfg: EvaluateTextConfig, model_dir: Path, features_dir: Path, metrics_path: Path, out_dir: Path
+) -> dict[str, Any]:
+    """Score the model on the test split, next to the retrieval baseline; write metrics and outputs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from components.text_model import check_safetensors_folder
+    from components.train_text import read_texts
+
+    check_safetensors_folder(model_dir, "evaluate_text model folder")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    test_rows = read_texts(features_dir / "test.parquet")
+    if not test_rows:
+        raise DataError(f"{features_dir / 'test.parquet'} has no rows")
+    groups = group_by_source(test_rows, cfg.max_sources)
+    kept = {g.source_key for g in groups}
+    references = [g.references for g in groups]
+
+    hypotheses = generate(model, tokenizer, [g.source for g in groups], cfg, device)
+    baseline = retrieval_baseline(read_texts(features_dir / "train.parquet"), [g.source for g in groups])
+    model_scores = score(hypotheses, references)
+    baseline_scores = score(baseline, references)
+    ppl = perplexity(model, tokenizer, [r for r in test_rows if r["source_key"] in kept], cfg.batch_size, device)
+    metrics = {
+        **model_scores,
+        "perplexity": round(ppl, 3),
+        "bleu_retrieval_baseline": baseline_scores["bleu"],
+        "chrf_retrieval_baseline": baseline_scores["chrf"],
+        "test_sources": len(groups),
+        "references_per_source": round(sum(map(len, references)) / len(references), 2),
+        "decoding": cfg.decoding,
+    }
+    write_json(metrics, metrics_path)
+    write_outputs(groups, hypotheses, baseline, out_dir, cfg.samples)
+    log.info(
+        "BLEU %.2f (retrieval baseline %.2f), chrF %.2f, perplexity %.2f on %d test sources",
+        metrics["bleu"],
+        metrics["bleu_retrieval_baseline"],
+        metrics["chrf"],
+        metrics["perplexity"],
+        len(groups),
+    )
+    return metrics
+
+
+def write_outputs(groups: list[SourceGroup], hypotheses: list[str], baseline: list[str], out_dir: Path, samples: int) -> None:
+    import pyarrow as pa
+
+    from components.tables import write_parquet_atomic
+
+    rows = [
+        {
+            "source": g.source,
+            "hypothesis": h,
+            "retrieval": b,
+            "references": g.references,
+            "sentence_bleu": sentence_bleu(h, g.references),
+        }
+        for g, h, b in zip(groups, hypotheses, baseline, strict=True)
+    ]
+    write_parquet_atomic(pa.Table.from_pylist(rows), out_dir / "outputs.parquet")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "samples.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["sample", "sentence_bleu", "source", "hypothesis", "reference"])
+        writer.writeheader()
+        for i, row in enumerate(rows[:samples]):
+            writer.writerow(
+                {
+                    "sample": i,
+                    "sentence_bleu": row["sentence_bleu"],
+                    "source": row["source"],
+                    "hypothesis": row["hypothesis"],
+                    "reference": row["references"][0],
+                }
+            )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.evaluate_text", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path, help="trained model folder (models/text)")
+    parser.add_argument("features", type=Path, help="text features folder (data/features/text)")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics file (metrics/text.json)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for outputs.parquet and samples.csv")
+    parser.add_argument("--params", default="params.yaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_main(
+        lambda: evaluate_text(
+            EvaluateTextConfig.from_params(load_params("evaluate_text", args.params)),
+            args.model,
+            args.features,
+            args.metrics,
+            args.out,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

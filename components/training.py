@@ -1,0 +1,435 @@
+"""Training infrastructure shared by every model family.
+
+A family supplies its model, a `batch(step, micro, rank, world)` function and a `loss(model, batch)`
+function; `fit` does the rest: device and precision, `torch.compile`, fused AdamW with a warm-up + cosine
+schedule, gradient accumulation and clipping, DDP under torchrun, atomic checkpoints with automatic resume,
+and metric curves through dvclive (when installed; a GPU box may lack it) plus a progress bar.
+
+Resuming is exact: batches are a pure function of (seed, step), and a checkpoint holds model, optimizer,
+scheduler, every rank's RNG state and the step, so an interrupted run resumed from step k ends with the
+same weights as one that never stopped (checked bit for bit on CPU).
+
+Only torch, numpy and the standard library are imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.common import ConfigError, progress, require
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.ckpt$")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int
+    batch_size: int
+    grad_accum_steps: int
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    device: str
+    precision: str
+    compile: bool
+    checkpoint_every: int
+    keep_checkpoints: int
+    resume: str
+    log_every: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any], prefix: str, seed: int) -> TrainConfig:
+        """Read the training keys of a family's params section (e.g. `train_text`)."""
+        betas = require(section, "betas", list, prefix)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"params key '{prefix}.betas' must be two numbers in [0, 1), got {betas!r}")
+        cfg = cls(
+            max_steps=require(section, "max_steps", int, prefix, low=1),
+            batch_size=require(section, "batch_size", int, prefix, low=1),
+            grad_accum_steps=require(section, "grad_accum_steps", int, prefix, low=1),
+            lr=float(require(section, "lr", (int, float), prefix, low=0, high=1)),
+            min_lr_ratio=float(require(section, "min_lr_ratio", (int, float), prefix, low=0, high=1)),
+            warmup_steps=require(section, "warmup_steps", int, prefix, low=0),
+            weight_decay=float(require(section, "weight_decay", (int, float), prefix, low=0)),
+            betas=(float(betas[0]), float(betas[1])),
+            grad_clip=float(require(section, "grad_clip", (int, float), prefix, low=0)),
+            device=require(section, "device", str, prefix),
+            precision=require(section, "precision", str, prefix),
+            compile=require(section, "compile", bool, prefix),
+            checkpoint_every=require(section, "checkpoint_every", int, prefix, low=1),
+            keep_checkpoints=require(section, "keep_checkpoints", int, prefix, low=1),
+            resume=require(section, "resume", str, prefix),
+            log_every=require(section, "log_every", int, prefix, low=1),
+            seed=seed,
+        )
+        choices = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32"), "resume": ("auto", "never")}
+        for key, allowed in choices.items():
+            if getattr(cfg, key) not in allowed:
+                raise ConfigError(f"params key '{prefix}.{key}' must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+        return cfg
+
+    def fingerprint(self, *extra: Any) -> str:
+        """What a checkpoint must match to be resumed: everything but the checkpoint/resume/logging knobs."""
+        relevant = {
+            k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "keep_checkpoints", "resume", "log_every")
+        }
+        payload = json.dumps([relevant, *extra], sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Runtime:
+    """Where this process trains: device, autocast dtype and its place in a torchrun job."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Pick the device (CUDA when present unless told otherwise) and join the torchrun group if there is one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError("params asks for device 'cuda' but no CUDA device is visible")
+    device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if want_cuda else "gloo")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and want_cuda and torch.cuda.is_bf16_supported())
+    return Runtime(device, torch.bfloat16 if bf16 else None, rank, world_size, local_rank)
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The RNG for one micro-batch: a pure function of its coordinates, so resume replays the same data."""
+    return torch.Generator().manual_seed(hash_seed(seed, step, micro, rank))
+
+
+def hash_seed(*parts: int) -> int:
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at `max_steps`."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, no weight decay on biases and norms (1-d parameters), fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:08d}.ckpt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files, newest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write atomically: temp file, fsync, rename, fsync the folder. A crash leaves the old set intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load tensors and plain containers only (`weights_only`): no code runs from the file."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "fingerprint"} <= set(state):
+        raise ValueError("not a checkpoint of this project (missing keys)")
+    return state
+
+
+def newest_good_checkpoint(directory: Path, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads and matches this run; unreadable ones are reported and skipped."""
+    for path in list_checkpoints(directory):
+        try:
+            state = load_checkpoint(path)
+        except Exception as err:  # a truncated or garbled file: torch raises several types
+            # Moved aside, not deleted: kept for inspection, and out of the way of pruning and of the
+            # new checkpoint that will be written for the same step.
+            kept = path.with_name(path.name + ".corrupt")
+            os.replace(path, kept)
+            log.warning(
+                "checkpoint %s is unreadable (%s: %s); kept as %s, resuming from the previous one",
+                path,
+                type(err).__name__,
+                err,
+                kept.name,
+            )
+            continue
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{path} belongs to run {state['fingerprint']}, not {fingerprint}")
+        return path, state
+    return None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Keep the newest `keep` readable-looking checkpoints; never touch anything else in the folder."""
+    for old in list_checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states(runtime: Runtime) -> list[dict[str, torch.Tensor]]:
+    if not runtime.distributed:
+        return [rng_state()]
+    gathered: list[Any] = [None] * runtime.world_size
+    torch.distributed.all_gather_object(gathered, rng_state())
+    return gathered
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+
+class MetricLogger:
+    """dvclive when it is installed (curves for `dvc plots`), else JSON lines in the run folder."""
+
+    def __init__(self, directory: Path | None, enabled: bool, resume: bool) -> None:
+        self._live: Any = None
+        self._jsonl: Path | None = None
+        if not enabled or directory is None:
+            return
+        try:
+            from dvclive import Live
+        except ImportError:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._jsonl = directory / "metrics.jsonl"
+            log.info("dvclive is not installed; curves go to %s", self._jsonl)
+            return
+        self._live = Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self._live is not None:
+            self._live.step = step
+            for name, value in metrics.items():
+                self._live.log_metric(name, value)
+            self._live.next_step()
+        elif self._jsonl is not None:
+            with self._jsonl.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.end()
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int | None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1][1] if self.losses else float("nan")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers (what gets saved)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def fit(
+    model: nn.Module,
+    batch_fn: Callable[[int, int, int, int], Batch],
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    cfg: TrainConfig,
+    runtime: Runtime,
+    checkpoint_dir: Path,
+    fingerprint: str,
+    metrics_dir: Path | None = None,
+    stop_after: int | None = None,
+    items_per_batch: Callable[[Batch], int] | None = None,
+) -> TrainResult:
+    """Train `model` for `cfg.max_steps` optimizer steps, resuming from `checkpoint_dir` when allowed.
+
+    Args:
+        model: the family's model, on CPU; moved to the runtime's device here.
+        batch_fn: (step, micro, rank, world) -> batch of CPU tensors; must be a pure function of its arguments.
+        loss_fn: (model, batch on device) -> scalar mean loss.
+        cfg: the training config.
+        runtime: from setup_runtime.
+        checkpoint_dir: checkpoints go to `<checkpoint_dir>/<fingerprint>/step-*.ckpt` (rank 0 writes).
+        fingerprint: identifies config + data; only checkpoints of the same fingerprint are resumed.
+        metrics_dir: dvclive folder for the curves (rank 0); None logs nothing.
+        stop_after: stop (after checkpointing) once this step is reached; simulates a crash in tests.
+        items_per_batch: counts tokens / images in a batch for the throughput figure.
+    """
+    # One folder per configuration + data: a run never resumes, prunes or overwrites another's checkpoints.
+    checkpoint_dir = checkpoint_dir / fingerprint
+    model.to(runtime.device)
+    optimizer = make_optimizer(model, cfg, runtime.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    start_step, resumed_from = 0, None
+    if cfg.resume == "auto":
+        found = newest_good_checkpoint(checkpoint_dir, fingerprint)
+        if found is not None:
+            path, state = found
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            rngs = state["rng"]
+            set_rng_state(rngs[runtime.rank] if runtime.rank < len(rngs) else rngs[0])
+            start_step = resumed_from = int(state["step"])
+            log.info("resuming from %s (step %d of %d)", path, start_step, cfg.max_steps)
+    train_model: nn.Module = model
+    if runtime.distributed:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    logger = MetricLogger(metrics_dir, runtime.is_main, resume=resumed_from is not None)
+    result = TrainResult(steps=start_step, resumed_from=resumed_from)
+    bar = progress(
+        range(start_step, cfg.max_steps),
+        desc="train",
+        unit="step",
+        initial=start_step,
+        total=cfg.max_steps,
+        silent=not runtime.is_main,
+    )
+    window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
+    train_model.train()
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum_steps):
+            batch = {
+                k: v.to(runtime.device, non_blocking=True)
+                for k, v in batch_fn(step, micro, runtime.rank, runtime.world_size).items()
+            }
+            last = micro == cfg.grad_accum_steps - 1
+            sync = last or not runtime.distributed
+            context = train_model.no_sync() if not sync else contextlib.nullcontext()
+            with (
+                context,
+                torch.autocast(
+                    runtime.device.type, dtype=runtime.autocast_dtype or torch.float32, enabled=runtime.autocast_dtype is not None
+                ),
+            ):
+                loss = loss_fn(train_model, batch) / cfg.grad_accum_steps
+            loss.backward()
+            step_loss += float(loss.detach())
+            window_items += items_per_batch(batch) if items_per_batch else 0
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        window_loss += step_loss
+        result.losses.append((done, step_loss))
+        result.steps = done
+        if runtime.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = done - max(start_step, done - cfg.log_every) or 1
+            metrics = {"train/loss": window_loss / steps_in_window, "train/lr": scheduler.get_last_lr()[0]}
+            if items_per_batch:
+                metrics["train/items_per_s"] = window_items * runtime.world_size / max(elapsed, 1e-9)
+            logger.log(done, metrics)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or done == stop_after:
+            rngs = gather_rng_states(runtime)
+            if runtime.is_main:
+                save_checkpoint(
+                    {
+                        "model": unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rngs,
+                        "step": done,
+                        "fingerprint": fingerprint,
+                    },
+                    checkpoint_path(checkpoint_dir, done),
+                )
+                prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
+        if stop_after is not None and done >= stop_after:
+            break
+    logger.close()
+    return result
