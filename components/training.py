@@ -272,12 +272,12 @@ class MetricLogger:
             return
         try:
             from dvclive import Live
-        except ImportError:
+
+            self._live = Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+        except Exception as err:  # not installed (GPU boxes), or it cannot read the git state: curves only
             directory.mkdir(parents=True, exist_ok=True)
             self._jsonl = directory / "metrics.jsonl"
-            log.info("dvclive is not installed; curves go to %s", self._jsonl)
-            return
-        self._live = Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+            log.warning("dvclive unavailable (%s: %s); curves go to %s", type(err).__name__, err, self._jsonl)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self._live is not None:

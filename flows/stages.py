@@ -101,6 +101,8 @@ STAGE_CONFIGS = {
     "clean": ("components.clean", "CleanConfig"),
     "augment": ("components.augment", "AugmentConfig"),
     "features": ("components.features", "FeaturesConfig"),
+    "train_text": ("components.train_text", "TrainTextConfig"),
+    "evaluate_text": ("components.evaluate_text", "EvaluateTextConfig"),
 }
 
 

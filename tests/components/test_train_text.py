@@ -140,7 +140,9 @@ def test_bleu_matches_the_sacrebleu_command_line(tmp_path: Path) -> None:
     for name, lines in (("hyp", hypotheses), ("a", refs_a), ("b", refs_b)):
         (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     command = [sys.executable, "-m", "sacrebleu", str(tmp_path / "a"), str(tmp_path / "b"), "-i", str(tmp_path / "hyp")]
-    cli = subprocess.run([*command, "-m", "bleu", "chrf", "-b", "-f", "text", "-w", "2"], capture_output=True, text=True, check=True)
+    cli = subprocess.run(
+        [*command, "-m", "bleu", "chrf", "-b", "-f", "text", "-w", "2"], capture_output=True, text=True, check=True
+    )
     cli_bleu, cli_chrf = (float(line) for line in cli.stdout.split())
     ours = evaluate_text.score(hypotheses, [list(pair) for pair in zip(refs_a, refs_b, strict=True)])
     assert ours["bleu"] == pytest.approx(cli_bleu, abs=0.01) and ours["chrf"] == pytest.approx(cli_chrf, abs=0.01)

@@ -14,7 +14,7 @@ from flows.stages import PermanentStageError, _exit_code, _retry_transient, dvc_
 from flows.training import training
 from tests.conftest import copy_repo, venv_env
 
-STAGES = ["ingest", "validate", "clean", "augment", "features"]
+STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text"]
 
 
 @pytest.fixture(autouse=True)
