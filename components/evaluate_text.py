@@ -171,6 +171,8 @@ def generate(model: Any, tokenizer: Any, sources: list[str], cfg: EvaluateTextCo
 
 def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_size: int, device: torch.device) -> float:
     """exp(mean negative log-likelihood per target token) of the references given their sources."""
+    from torchmetrics.text import Perplexity
+
     from components.text_model import example_ids
     from components.train_text import Examples, make_batch
 
@@ -179,18 +181,15 @@ def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_siz
     targets = tokenizer([r["reference"] for r in rows], add_special_tokens=False)["input_ids"]
     pairs = [example_ids(s, t, tokenizer, max_length) for s, t in zip(sources, targets, strict=True)]
     examples = Examples([p[0] for p in pairs], [p[1] for p in pairs])
-    total_nll, total_tokens = 0.0, 0
+    metric = Perplexity(ignore_index=-100).to(device)
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
             batch = make_batch(examples, list(range(start, min(start + batch_size, len(examples)))), tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-            total_nll += float(nll)
-            total_tokens += int((labels != -100).sum())
-    return float(torch.exp(torch.tensor(total_nll / max(total_tokens, 1))))
+            metric.update(logits[:, :-1], batch["labels"][:, 1:])  # position t predicts token t+1
+    return float(metric.compute())
 
 
 def evaluate_text(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from components import evaluate_text, train_text
 from components.common import ConfigError
+from components.text_model import load_pretrained
 from components.training import TrainConfig, lr_factor
 from tests.conftest import REPO_ROOT, section
 
@@ -173,6 +175,23 @@ def test_evaluate_writes_metrics_and_outputs(tiny_params: dict[str, Any], tiny_f
     assert metrics["test_sources"] == 6 and metrics["perplexity"] > 1
     assert (tmp_path / "eval" / "outputs.parquet").is_file()
     assert len((tmp_path / "eval" / "samples.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_perplexity_is_exp_of_the_target_token_loss(tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path) -> None:
+    from components.text_model import example_ids
+    from components.train_text import Examples, make_batch
+
+    tiny_pretrained(tmp_path / "model", tiny_features / "text")
+    model, tokenizer = load_pretrained(tmp_path / "model", "test")
+    rows = [{"source": "name: A | colour: red", "reference": "A red thing."}, {"source": "name: B", "reference": "B, long."}]
+    pairs = [
+        example_ids(tokenizer(r["source"])["input_ids"], tokenizer(r["reference"])["input_ids"], tokenizer, 64) for r in rows
+    ]
+    batch = make_batch(Examples([p[0] for p in pairs], [p[1] for p in pairs]), [0, 1], tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = math.exp(float(model(**batch).loss))  # transformers' mean NLL over the target tokens
+    ours = evaluate_text.perplexity(model, tokenizer, rows, batch_size=1, device=torch.device("cpu"))
+    assert ours == pytest.approx(expected, rel=1e-4)
 
 
 def free_port() -> int:
