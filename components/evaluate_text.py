@@ -198,7 +198,7 @@ def evaluate_text(
     """Score the model on the test split, next to the retrieval baseline; write metrics and outputs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from components.text_model import check_safetensors_folder
+    from components.model_io import check_safetensors_folder
     from components.train_text import read_texts
 
     check_safetensors_folder(model_dir, "evaluate_text model folder")

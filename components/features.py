@@ -3,7 +3,8 @@
 - text: a byte-level BPE tokenizer trained with HF `tokenizers` on the train split (clean + augmented),
   saved as `<out>/text/tokenizer.json`; each split tokenized to ragged int32 arrays in safetensors
   (`source_ids`/`source_offsets`, `target_ids`/`target_offsets`) beside a Parquet of its rows;
-- images: `<out>/images/<split>.safetensors` with `images` uint8 (N, C, S, S) and `labels` int64; the
+- images: `<out>/images/<split>.safetensors` with `images` uint8 (N, C, S, S), `labels` int64 and
+  `augmented` uint8 (1 for rows made by the augment stage); the
   label names are in the file's `meta` metadata entry (JSON) and in `images/meta.json`;
 - restore: `<out>/restore/train.safetensors` with `patches` uint8 (N, 3, P, P) and every photo of every
   split as `image_<i>` uint8 (3, H, W);
@@ -169,12 +170,19 @@ def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConf
             for r, label, p in zip(rows.column("record_id").to_pylist(), rows.column("label").to_pylist(), decoded, strict=True)
         ]
         row_labels = rows.column("label").to_pylist()
+        originals = len(decoded)
         if split == "train" and augmented.num_rows:
             decoded += [decode(b) for b in augmented.column("image").to_pylist()]
             row_labels += augmented.column("label").to_pylist()
         stacked = resize_stack(decoded, cfg.image_size, channels)
+        is_augmented = np.zeros(len(decoded), dtype=np.uint8)
+        is_augmented[originals:] = 1  # the FID floor compares real images only
         save_arrays(
-            {"images": stacked, "labels": np.array([label_index[v] for v in row_labels], dtype=np.int64)},
+            {
+                "images": stacked,
+                "labels": np.array([label_index[v] for v in row_labels], dtype=np.int64),
+                "augmented": is_augmented,
+            },
             out / f"{split}.safetensors",
             {"label_names": labels, "image_size": cfg.image_size, "channels": channels},
         )

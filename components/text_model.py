@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from components.common import ConfigError, require
+from components.model_io import check_safetensors_folder
 
 PAD, SEP, EOS = "<|pad|>", "<|sep|>", "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, SEP, EOS)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -85,26 +85,11 @@ def ensure_special_tokens(tokenizer: Any, model: Any) -> None:
     model.config.eos_token_id = tokenizer.eos_token_id
 
 
-def check_safetensors_folder(path: Path, key: str) -> None:
-    """A model folder we may load: config.json and safetensors weights. Pickle weights are refused."""
-    if not path.is_dir():
-        raise ConfigError(f"params key '{key}': {path} is not a folder")
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"params key '{key}': {path} has no config.json (expected a save_pretrained folder)")
-    if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        detail = f"it holds only pickle weights {pickles}" if pickles else "it holds no *.safetensors weights"
-        raise ConfigError(
-            f"params key '{key}': refusing {path}: {detail}. Pickle files can run code when loaded; "
-            "convert them to safetensors where you trust them (model.save_pretrained(..., safe_serialization=True))."
-        )
-
-
 def load_pretrained(path: Path, key: str) -> tuple[Any, Any]:
     """(model, tokenizer) from a save_pretrained folder, safetensors only; our tokens added if missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_safetensors_folder(path, key)
+    check_safetensors_folder(path, f"params key '{key}'")
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_special_tokens(tokenizer, model)

@@ -10,7 +10,6 @@ data hash that produced it). Needs only torch, transformers, tokenizers, safeten
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +21,16 @@ import torch
 
 from components.common import ConfigError, DataError, load_params, require, run_main, write_json
 from components.text_model import TextModelConfig, build_model, example_ids, load_pretrained, tokenizer_from_file
-from components.training import TrainConfig, TrainResult, fit, hash_seed, setup_runtime, teardown_runtime, unwrap
+from components.training import (
+    TrainConfig,
+    TrainResult,
+    data_hash,
+    fit,
+    hash_seed,
+    setup_runtime,
+    teardown_runtime,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +125,6 @@ def batch_sampler(examples: Examples, batch_size: int, pad_id: int, seed: int) -
 
 def text_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss
-
-
-def data_hash(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def train_text(

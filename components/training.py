@@ -1,7 +1,8 @@
 """Training infrastructure shared by every model family.
 
 A family supplies its model, a `batch(step, micro, rank, world)` function and a `loss(model, batch)`
-function; `fit` does the rest: device and precision, `torch.compile`, fused AdamW with a warm-up + cosine
+function (or, for adversarial training, several `Phase`s, each a loss with its own parameters and optimizer,
+run in order every step); `fit` does the rest: device and precision, `torch.compile`, fused AdamW with a warm-up + cosine
 schedule, gradient accumulation and clipping, DDP under torchrun, atomic checkpoints with automatic resume,
 and metric curves through dvclive (when installed; a GPU box may lack it) plus a progress bar.
 
@@ -35,7 +36,21 @@ from components.common import ConfigError, progress, require
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.ckpt$")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimizer's share of a training step: the parameters it updates and the loss it minimises.
+
+    A GAN has two (discriminator, then generator); most models have one over all their parameters.
+    `loss` receives the (possibly DDP/compile-wrapped) model, so it must call it through `forward`.
+    """
+
+    name: str
+    loss: LossFn
+    parameters: Callable[[nn.Module], list[nn.Parameter]] | None = None  # None: every trainable parameter
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,23 @@ def hash_seed(*parts: int) -> int:
     return int.from_bytes(digest, "big") & ((1 << 63) - 1)
 
 
+def data_hash(paths: list[Path]) -> str:
+    """Short content hash of the training inputs, part of the run fingerprint and of training.json."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def architecture_signature(model: nn.Module) -> str:
+    """Short hash of the state dict's names, shapes and dtypes."""
+    layout = [(name, tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()]
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:8]
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at `max_steps`."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -159,9 +191,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, no weight decay on biases and norms (1-d parameters), fused kernels on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, params: list[nn.Parameter] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over `params` (default: every trainable one), no weight decay on biases and norms (1-d
+    parameters), fused kernels on CUDA."""
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -203,7 +238,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load tensors and plain containers only (`weights_only`): no code runs from the file."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "fingerprint"} <= set(state):
+    if not isinstance(state, dict) or not {"model", "optimizers", "step", "fingerprint"} <= set(state):
         raise ValueError("not a checkpoint of this project (missing keys)")
     return state
 
@@ -301,7 +336,8 @@ class MetricLogger:
 class TrainResult:
     steps: int
     resumed_from: int | None
-    losses: list[tuple[int, float]] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, summed loss of every phase)
+    phase_losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -317,7 +353,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def fit(
     model: nn.Module,
     batch_fn: Callable[[int, int, int, int], Batch],
-    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    loss_fn: LossFn | list[Phase],
     cfg: TrainConfig,
     runtime: Runtime,
     checkpoint_dir: Path,
@@ -325,13 +361,15 @@ def fit(
     metrics_dir: Path | None = None,
     stop_after: int | None = None,
     items_per_batch: Callable[[Batch], int] | None = None,
+    after_step: Callable[[nn.Module, int], None] | None = None,
 ) -> TrainResult:
     """Train `model` for `cfg.max_steps` optimizer steps, resuming from `checkpoint_dir` when allowed.
 
     Args:
         model: the family's model, on CPU; moved to the runtime's device here.
         batch_fn: (step, micro, rank, world) -> batch of CPU tensors; must be a pure function of its arguments.
-        loss_fn: (model, batch on device) -> scalar mean loss.
+        loss_fn: (model, batch on device) -> scalar mean loss; or a list of phases, each with its own
+            optimizer (and schedule), run in order on the same batch every step.
         cfg: the training config.
         runtime: from setup_runtime.
         checkpoint_dir: checkpoints go to `<checkpoint_dir>/<fingerprint>/step-*.ckpt` (rank 0 writes).
@@ -339,20 +377,30 @@ def fit(
         metrics_dir: dvclive folder for the curves (rank 0); None logs nothing.
         stop_after: stop (after checkpointing) once this step is reached; simulates a crash in tests.
         items_per_batch: counts tokens / images in a batch for the throughput figure.
+        after_step: (unwrapped model, steps done) after every optimizer step, on every rank: EMA updates
+            (state kept in the model, so checkpoints hold it) and side outputs such as sample grids.
     """
-    # One folder per configuration + data: a run never resumes, prunes or overwrites another's checkpoints.
+    # One folder per configuration + data + architecture: a run never resumes, prunes or overwrites another's
+    # checkpoints, and a code change that alters the network's parameters starts afresh instead of failing
+    # to load the old state.
+    fingerprint = f"{fingerprint}-{architecture_signature(model)}"
     checkpoint_dir = checkpoint_dir / fingerprint
     model.to(runtime.device)
-    optimizer = make_optimizer(model, cfg, runtime.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    phases = loss_fn if isinstance(loss_fn, list) else [Phase("model", loss_fn)]
+    if not phases or len({p.name for p in phases}) != len(phases):
+        raise ValueError(f"phases need distinct names, got {[p.name for p in phases]}")
+    optimizers = [make_optimizer(model, cfg, runtime.device, p.parameters(model) if p.parameters else None) for p in phases]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, cfg)) for o in optimizers]
     start_step, resumed_from = 0, None
     if cfg.resume == "auto":
         found = newest_good_checkpoint(checkpoint_dir, fingerprint)
         if found is not None:
             path, state = found
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+                optimizer.load_state_dict(saved)
+            for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+                scheduler.load_state_dict(saved)
             rngs = state["rng"]
             set_rng_state(rngs[runtime.rank] if runtime.rank < len(rngs) else rngs[0])
             start_step = resumed_from = int(state["step"])
@@ -360,7 +408,9 @@ def fit(
     train_model: nn.Module = model
     if runtime.distributed:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # With several phases, each backward reaches only part of the model (the discriminator's loss
+        # does not touch the generator), which DDP must be told about.
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=len(phases) > 1)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -374,54 +424,67 @@ def fit(
         total=cfg.max_steps,
         silent=not runtime.is_main,
     )
-    window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
+    names = [p.name for p in phases]
+    window_losses = dict.fromkeys(names, 0.0)
+    window_items, window_start = 0, time.perf_counter()
+    autocast = torch.autocast(
+        runtime.device.type, dtype=runtime.autocast_dtype or torch.float32, enabled=runtime.autocast_dtype is not None
+    )
+    rank, world = runtime.rank, runtime.world_size
     train_model.train()
     for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum_steps):
-            batch = {
-                k: v.to(runtime.device, non_blocking=True)
-                for k, v in batch_fn(step, micro, runtime.rank, runtime.world_size).items()
-            }
-            last = micro == cfg.grad_accum_steps - 1
-            sync = last or not runtime.distributed
-            context = train_model.no_sync() if not sync else contextlib.nullcontext()
-            with (
-                context,
-                torch.autocast(
-                    runtime.device.type, dtype=runtime.autocast_dtype or torch.float32, enabled=runtime.autocast_dtype is not None
-                ),
-            ):
-                loss = loss_fn(train_model, batch) / cfg.grad_accum_steps
-            loss.backward()
-            step_loss += float(loss.detach())
-            window_items += items_per_batch(batch) if items_per_batch else 0
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        step_losses = dict.fromkeys(names, 0.0)
+        batches = [
+            {k: v.to(runtime.device, non_blocking=True) for k, v in batch_fn(step, micro, rank, world).items()}
+            for micro in range(cfg.grad_accum_steps)
+        ]
+        for phase, optimizer in zip(phases, optimizers, strict=True):
+            optimizer.zero_grad(set_to_none=True)
+            for micro, batch in enumerate(batches):
+                last = micro == cfg.grad_accum_steps - 1
+                sync = last or not runtime.distributed
+                context = train_model.no_sync() if not sync else contextlib.nullcontext()
+                with context, autocast:
+                    loss = phase.loss(train_model, batch) / cfg.grad_accum_steps
+                loss.backward()
+                step_losses[phase.name] += float(loss.detach())
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        window_items += sum(items_per_batch(b) for b in batches) if items_per_batch else 0
         done = step + 1
-        window_loss += step_loss
-        result.losses.append((done, step_loss))
+        if after_step is not None:
+            after_step(unwrap(model), done)
+        for name in names:
+            window_losses[name] += step_losses[name]
+        result.losses.append((done, sum(step_losses.values())))
+        result.phase_losses.append((done, step_losses))
         result.steps = done
         if runtime.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
             elapsed = time.perf_counter() - window_start
             steps_in_window = done - max(start_step, done - cfg.log_every) or 1
-            metrics = {"train/loss": window_loss / steps_in_window, "train/lr": scheduler.get_last_lr()[0]}
+            if len(phases) == 1:
+                metrics = {"train/loss": window_losses[names[0]] / steps_in_window}
+            else:
+                metrics = {f"train/loss_{name}": window_losses[name] / steps_in_window for name in names}
+            metrics["train/lr"] = schedulers[0].get_last_lr()[0]
             if items_per_batch:
                 metrics["train/items_per_s"] = window_items * runtime.world_size / max(elapsed, 1e-9)
             logger.log(done, metrics)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-            window_loss, window_items, window_start = 0.0, 0, time.perf_counter()
+            bar.set_postfix({k.removeprefix("train/"): f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
+            window_losses = dict.fromkeys(names, 0.0)
+            window_items, window_start = 0, time.perf_counter()
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or done == stop_after:
             rngs = gather_rng_states(runtime)
             if runtime.is_main:
                 save_checkpoint(
                     {
                         "model": unwrap(model).state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
+                        "optimizers": [o.state_dict() for o in optimizers],
+                        "schedulers": [sch.state_dict() for sch in schedulers],
                         "rng": rngs,
                         "step": done,
                         "fingerprint": fingerprint,

@@ -1,0 +1,68 @@
+"""Reading the `features` stage's image arrays and writing sample grids, for every image family.
+
+Only torch, safetensors, numpy and the standard library at import time; torchvision (grids) is imported
+when a grid is written, so training still runs on a GPU box that lacks it (grids are then skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from components.common import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageSplit:
+    images: torch.Tensor  # uint8 (N, C, S, S)
+    labels: torch.Tensor  # int64 (N,)
+    label_names: list[str]
+    augmented: torch.Tensor  # bool (N,): rows added by the augment stage (train split only)
+
+    def originals(self) -> ImageSplit:
+        """Only the rows that were not made by augmentation."""
+        keep = ~self.augmented
+        return ImageSplit(self.images[keep], self.labels[keep], self.label_names, self.augmented[keep])
+
+
+def load_image_split(path: Path) -> ImageSplit:
+    """One split written by the features stage (`images`, `labels`, optional `augmented`, `meta` metadata)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise DataError(f"missing {path}: run the features stage first")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        keys = set(fh.keys())
+        if not {"images", "labels"} <= keys:
+            raise DataError(f"{path} lacks the 'images' / 'labels' arrays (has {sorted(keys)})")
+        images, labels = fh.get_tensor("images"), fh.get_tensor("labels")
+        augmented = fh.get_tensor("augmented").bool() if "augmented" in keys else torch.zeros(len(labels), dtype=torch.bool)
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise DataError(f"{path}: 'images' must be uint8 (N, C, S, S), got {images.dtype} {tuple(images.shape)}")
+    if "label_names" not in meta:
+        raise DataError(f"{path}: metadata has no label_names")
+    return ImageSplit(images, labels.long(), list(meta["label_names"]), augmented)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int) -> bool:
+    """uint8 (N, C, H, W) images as one PNG grid, `columns` per row; False (with a warning) without torchvision."""
+    try:
+        from torchvision.io import write_png
+        from torchvision.utils import make_grid
+    except ImportError as err:
+        log.warning("no sample grid %s: torchvision is not installed (%s)", path, err)
+        return False
+    grid = make_grid(images, nrow=columns, padding=2, pad_value=255)  # (3 or C, H', W') uint8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_png(grid.cpu(), str(tmp))
+    os.replace(tmp, path)
+    return True
