@@ -56,6 +56,9 @@ def save_arrays(arrays: dict[str, np.ndarray], path: Path, meta: dict[str, Any])
     change the file's bytes (and DVC's hash) on every run."""
     from safetensors.numpy import save_file
 
+    # safetensors writes an array's memory as it lies: a non-C-contiguous one (np.stack of transposed
+    # views is one) would come back scrambled.
+    arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
     save_file(arrays, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
 
 

@@ -125,9 +125,12 @@ def test_image_tensors_and_labels(feature_dir: Path, clean_dir: Path, augmented:
     assert test["images"].shape[0] == pc.sum(pc.equal(cleaned.column("split"), "test")).as_py()
 
 
-def test_restore_arrays(feature_dir: Path) -> None:
+def test_restore_arrays(feature_dir: Path, augmented: Path) -> None:
     train = load_file(str(feature_dir / "restore" / "train.safetensors"))
     assert train["patches"].shape[1:] == (3, 32, 32)
+    # Pixel for pixel the augment stage's patches (a non-contiguous array once came back scrambled).
+    decoded = [augment.decode(b) for b in pq.read_table(augmented / "restore_patches.parquet").column("image").to_pylist()]
+    assert all(np.array_equal(train["patches"][i], d.transpose(2, 0, 1)) for i, d in enumerate(decoded))
     test = load_file(str(feature_dir / "restore" / "test.safetensors"))
     assert test and all(v.ndim == 3 and v.shape[0] == 3 for v in test.values())
 
