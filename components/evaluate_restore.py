@@ -64,13 +64,15 @@ def image_scores(restored: torch.Tensor, clean: torch.Tensor, border: int) -> di
     """PSNR / SSIM (torchmetrics, data range 1) of one (1, 3, H, W) pair, RGB and Y with the border shaved."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    restored = restored.clamp(0, 1).double()
-    clean = clean.double()
+    restored = restored.clamp(0, 1).float()
+    clean = clean.float()
     y_restored, y_clean = shave(luma(restored), border), shave(luma(clean), border)
+    # PSNR in float64 (cheap, and exact to the last digit reported); SSIM's Gaussian convolutions in
+    # float32, which agrees to ~1e-6 and is ~30x faster than float64 on a CPU.
     return {
-        "psnr": float(peak_signal_noise_ratio(restored, clean, data_range=1.0)),
+        "psnr": float(peak_signal_noise_ratio(restored.double(), clean.double(), data_range=1.0)),
         "ssim": float(structural_similarity_index_measure(restored, clean, data_range=1.0)),
-        "psnr_y": float(peak_signal_noise_ratio(y_restored, y_clean, data_range=1.0)),
+        "psnr_y": float(peak_signal_noise_ratio(y_restored.double(), y_clean.double(), data_range=1.0)),
         "ssim_y": float(structural_similarity_index_measure(y_restored, y_clean, data_range=1.0)),
     }
 
