@@ -39,6 +39,16 @@ def shrink(params: dict[str, Any]) -> dict[str, Any]:
     tiny["train_text"]["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 16, "max_length": 96, "dropout": 0.1}
     tiny["train_text"].update(max_steps=12, batch_size=4, warmup_steps=2, checkpoint_every=4, log_every=4, lr=3e-3)
     tiny["evaluate_text"].update(max_new_tokens=12, batch_size=8, max_sources=6, samples=3)
+    tiny["train_feature_net"]["model"] = {"width": 4, "feature_dim": 8, "dropout": 0.0}
+    tiny["train_feature_net"].update(max_steps=20, batch_size=32, warmup_steps=2, checkpoint_every=10, log_every=10)
+    tiny["train_image"]["model"].update(latent_dim=8, embed_dim=4, generator_width=8, discriminator_width=8)
+    tiny["train_image"].update(max_steps=8, batch_size=8, checkpoint_every=4, log_every=4, sample_every=4, samples_per_class=2)
+    tiny["evaluate_image"].update(
+        samples_per_class=6, kid_subsets=5, kid_subset_size=10, batch_size=32, inception=False, grid_per_class=2
+    )
+    tiny["train_restore"]["model"].update(width=8, blocks=1)
+    tiny["train_restore"].update(crop_size=16, max_steps=10, batch_size=4, warmup_steps=2, checkpoint_every=5, log_every=5)
+    tiny["evaluate_restore"]["comparison_crop"] = 16
     return tiny
 
 

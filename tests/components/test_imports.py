@@ -5,7 +5,20 @@ from __future__ import annotations
 import subprocess
 import sys
 
-STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text"]
+STAGES = [
+    "ingest",
+    "validate",
+    "clean",
+    "augment",
+    "features",
+    "train_text",
+    "evaluate_text",
+    "train_feature_net",
+    "train_image",
+    "evaluate_image",
+    "train_restore",
+    "evaluate_restore",
+]
 
 
 def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
@@ -27,3 +40,11 @@ def test_shared_helpers_run_on_a_machine_with_only_torch_and_transformers() -> N
     # Training stages (GPU machine: torch, transformers, tokenizers, safetensors, numpy, yaml) import these.
     watched = ["pyarrow", "pandas", "PIL", "sklearn", "prefect", "dvc", "great_expectations"]
     assert loaded_after_import(["components.common", "components.textgen", "components.feature_defs"], watched) == []
+
+
+def test_image_training_and_evaluation_need_only_torch_safetensors_and_torchmetrics() -> None:
+    # What the GPU machine has: no torchvision (grids are skipped there), pyarrow, PIL or scikit-learn.
+    modules = ["components.train_image", "components.train_feature_net", "components.train_restore",
+               "components.evaluate_image", "components.evaluate_restore"]  # fmt: skip
+    watched = ["torchvision", "pyarrow", "pandas", "PIL", "sklearn", "skimage", "transformers", "prefect", "dvc"]
+    assert loaded_after_import(modules, watched) == []

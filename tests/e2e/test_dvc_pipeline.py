@@ -12,7 +12,20 @@ from tests.conftest import venv_env
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text"]
+STAGES = [
+    "ingest",
+    "validate",
+    "clean",
+    "augment",
+    "features",
+    "train_text",
+    "evaluate_text",
+    "train_feature_net",
+    "train_image",
+    "evaluate_image",
+    "train_restore",
+    "evaluate_restore",
+]
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -42,6 +55,13 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) ->
         "data/evaluation/text/outputs.parquet",
         "data/evaluation/text/samples.csv",
         "metrics/train_text/plots/metrics/train/loss.tsv",
+        "models/feature_net/model.safetensors",
+        "data/fid_reference/test.safetensors",
+        "models/image/model.safetensors",
+        "metrics/train_image/samples/step-00000008.png",
+        "data/evaluation/image/samples.png",
+        "models/restore/model.safetensors",
+        "data/evaluation/restore/comparison.png",
         "dvc.lock",
     ]:
         assert (tiny_repo / path).is_file(), path
@@ -49,6 +69,10 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) ->
     assert metrics["text"]["rows_in"] == 160 and metrics["images"]["rows_in"] == 1797
     text = json.loads((tiny_repo / "metrics" / "text.json").read_text())
     assert {"bleu", "chrf", "perplexity", "bleu_retrieval_baseline", "sacrebleu_signature"} <= set(text)
+    image = json.loads((tiny_repo / "metrics" / "image.json").read_text())
+    assert {"fid_domain", "kid_domain", "fid_domain_floor", "feature_net_accuracy"} <= set(image)
+    restore = json.loads((tiny_repo / "metrics" / "restore.json").read_text())
+    assert {"psnr", "ssim", "psnr_y", "psnr_baseline", "ssim_baseline", "psnr_y_baseline", "task"} <= set(restore)
 
     shown = dvc(tiny_repo, "metrics", "show", "--json")
     assert shown.returncode == 0 and "rows_quarantined" in shown.stdout
@@ -62,12 +86,14 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) ->
 def test_param_change_reruns_only_the_stages_that_read_it(tiny_repo: Path) -> None:
     assert dvc(tiny_repo, "repro").returncode == 0
     params = (tiny_repo / "params.yaml").read_text()
-    (tiny_repo / "params.yaml").write_text(params.replace("image_size: 16", "image_size: 12"))
+    (tiny_repo / "params.yaml").write_text(params.replace("image_size: 16", "image_size: 8"))
     rerun = dvc(tiny_repo, "repro")
-    assert rerun.returncode == 0, rerun.stderr
-    assert "Running stage 'features'" in rerun.stdout
-    # The text features are byte-identical after an image-size change, so the text model is not retrained.
-    for stage in [s for s in STAGES if s != "features"]:
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    image_stages = ["features", "train_feature_net", "train_image", "evaluate_image"]
+    for stage in image_stages:
+        assert f"Running stage '{stage}'" in rerun.stdout
+    # The text and restore features are byte-identical after an image-size change: their models are not retrained.
+    for stage in [s for s in STAGES if s not in image_stages]:
         assert f"Running stage '{stage}'" not in rerun.stdout
 
 
