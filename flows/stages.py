@@ -103,6 +103,18 @@ STAGE_CONFIGS = {
     "features": ("components.features", "FeaturesConfig"),
     "train_text": ("components.train_text", "TrainTextConfig"),
     "evaluate_text": ("components.evaluate_text", "EvaluateTextConfig"),
+    "train_feature_net": ("components.train_feature_net", "TrainFeatureNetConfig"),
+    "train_image": ("components.train_image", "TrainImageConfig"),
+    "evaluate_image": ("components.evaluate_image", "EvaluateImageConfig"),
+    "train_restore": ("components.train_restore", "TrainRestoreConfig"),
+    "evaluate_restore": ("components.evaluate_restore", "EvaluateRestoreConfig"),
+}
+
+# The evaluation figures the run summary shows, per model family: (metrics file, keys).
+MODEL_METRICS = {
+    "text": ("metrics/text.json", ["bleu", "bleu_retrieval_baseline", "chrf", "perplexity"]),
+    "image": ("metrics/image.json", ["fid_domain", "fid_domain_floor", "kid_domain", "generated_class_accuracy"]),
+    "restore": ("metrics/restore.json", ["psnr", "psnr_baseline", "ssim", "ssim_baseline"]),
 }
 
 
@@ -132,7 +144,8 @@ def check_params(stages: list[str], repo_root: str = ".") -> None:
 
 
 def summary_markdown(results: list[StageResult], metrics_path: Path) -> str:
-    """A markdown table of what ran and what was up to date, then the data metrics."""
+    """A markdown table of what ran and what was up to date, then the data metrics and, where the
+    evaluation stages have written them, each model family's headline figures."""
     lines = ["## Pipeline run", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r.name} | {r.status} | {r.seconds} |" for r in results]
     if metrics_path.is_file():
@@ -150,4 +163,11 @@ def summary_markdown(results: list[StageResult], metrics_path: Path) -> str:
                 f"| {name} | {m.get('rows_in')} | {m.get('rows_valid')} | {m.get('rows_quarantined')} | "
                 f"{m.get('duplicates_removed')} | {splits.get('train')} | {splits.get('val')} | {splits.get('test')} |"
             )
+    root = metrics_path.parent.parent
+    models = [(family, path, keys) for family, (path, keys) in MODEL_METRICS.items() if (root / path).is_file()]
+    if models:
+        lines += ["", "## Models", "", "| model | metrics |", "|---|---|"]
+        for family, path, keys in models:
+            values = json.loads((root / path).read_text(encoding="utf-8"))
+            lines.append(f"| {family} | " + ", ".join(f"{k} {values[k]}" for k in keys if k in values) + " |")
     return "\n".join(lines) + "\n"

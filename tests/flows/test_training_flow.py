@@ -14,7 +14,13 @@ from flows.stages import PermanentStageError, _exit_code, _retry_transient, dvc_
 from flows.training import training
 from tests.conftest import copy_repo, venv_env
 
-STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text"]
+STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text", "train_feature_net",
+          "train_image", "evaluate_image", "train_restore", "evaluate_restore"]  # fmt: skip
+# (stage, a stage it depends on): the order must respect each.
+DEPENDENCIES = [("validate", "ingest"), ("clean", "validate"), ("augment", "clean"), ("features", "augment"),
+                ("train_text", "features"), ("evaluate_text", "train_text"), ("train_image", "features"),
+                ("evaluate_image", "train_image"), ("evaluate_image", "train_feature_net"),
+                ("evaluate_restore", "train_restore")]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +29,9 @@ def venv_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_stage_order_comes_from_dvc(tiny_repo: Path) -> None:
-    assert dvc_stage_order(tiny_repo) == STAGES
+    order = dvc_stage_order(tiny_repo)
+    assert sorted(order) == sorted(STAGES)
+    assert all(order.index(stage) > order.index(dependency) for stage, dependency in DEPENDENCIES)
     assert dvc_stage_order(tiny_repo, ["features", "ingest"]) == ["ingest", "features"]
     with pytest.raises(ValueError, match="unknown stage"):
         dvc_stage_order(tiny_repo, ["train_everything"])
@@ -32,7 +40,7 @@ def test_stage_order_comes_from_dvc(tiny_repo: Path) -> None:
 @pytest.mark.slow
 def test_flow_runs_every_stage_then_skips_them(tiny_repo: Path) -> None:
     first = training(repo_root=str(tiny_repo))
-    assert [(r.name, r.status) for r in first] == [(name, "ran") for name in STAGES]
+    assert [(r.name, r.status) for r in first] == [(name, "ran") for name in dvc_stage_order(tiny_repo)]
     assert (tiny_repo / "data" / "features" / "reference" / "text.parquet").is_file()
     second = training(repo_root=str(tiny_repo))
     assert [r.status for r in second] == ["up to date"] * len(STAGES)
@@ -94,10 +102,15 @@ def test_exit_code_is_read_from_the_dvc_error_chain() -> None:
 def test_summary_lists_stages_and_data(tmp_path: Path) -> None:
     from flows.stages import StageResult
 
-    metrics = tmp_path / "data.json"
+    (tmp_path / "metrics").mkdir()
+    metrics = tmp_path / "metrics" / "data.json"  # as under the repo root
     metrics.write_text(
         '{"text": {"rows_in": 3, "rows_valid": 2, "rows_quarantined": 1, "duplicates_removed": 0,'
         ' "splits": {"train": 1, "val": 1, "test": 0}}}'
     )
     text = summary_markdown([StageResult("ingest", "ran", 1.0)], metrics)
     assert "| ingest | ran | 1.0 |" in text and "| text | 3 | 2 | 1 | 0 | 1 | 1 | 0 |" in text
+    assert "## Models" not in text
+    (tmp_path / "metrics" / "restore.json").write_text('{"psnr": 31.5, "psnr_baseline": 30.1, "task": "x"}')
+    with_models = summary_markdown([], metrics)
+    assert "| restore | psnr 31.5, psnr_baseline 30.1 |" in with_models
