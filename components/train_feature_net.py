@@ -119,7 +119,9 @@ def train_feature_net(
             }
             save_model(net, {**net_cfg.to_json(), "label_names": train.label_names}, out_dir)
             params = {"model": asdict(net_cfg), "train": asdict(cfg.train)}
-            write_json({"params": params, "data_hash": hashed, **summary}, out_dir / "training.json")
+            # No timings in the model folder: a rerun must give the same bytes (and DVC hash).
+            kept = {k: v for k, v in summary.items() if k != "train_seconds"}
+            write_json({"params": params, "data_hash": hashed, **kept}, out_dir / "training.json")
             extractor = DomainFeatures(net)
             meta = {"feature_net_data_hash": hashed, "feature_dim": net_cfg.feature_dim}
             for split, images in (("test", test.images), ("train", train.originals().images)):

@@ -130,7 +130,11 @@ def train_image(
             items_per_batch=lambda batch: len(batch["labels"]),
             after_step=after_step,
         )
+        log.info("trained to step %d in %.1f s", result.steps, time.perf_counter() - start)
         if runtime.is_main and result.steps >= cfg.train.max_steps:
+            final_grid = samples_dir / f"step-{result.steps:08d}.png" if samples_dir else None
+            if final_grid is not None and not final_grid.exists():  # resumed at the last step: no step ran
+                save_grid(generate(model.generator_ema, grid_z, grid_labels), final_grid, cfg.samples_per_class)
             save_model(model.generator_ema, {**gan.to_json(), "label_names": data.label_names}, out_dir)
             last = result.phase_losses[-1][1] if result.phase_losses else {}
             write_json(
@@ -140,7 +144,6 @@ def train_image(
                     "steps": result.steps,
                     "final_losses": last,
                     "resumed_from": result.resumed_from,
-                    "train_seconds": round(time.perf_counter() - start, 1),
                     "generator_parameters": sum(p.numel() for p in model.generator.parameters()),
                 },
                 out_dir / "training.json",

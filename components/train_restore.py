@@ -123,6 +123,7 @@ def train_restore(
             stop_after=stop_after,
             items_per_batch=lambda batch: len(batch["clean"]),
         )
+        log.info("trained to step %d in %.1f s", result.steps, time.perf_counter() - start)
         if runtime.is_main and result.steps >= cfg.train.max_steps:
             save_model(model, cfg.model.to_json(), out_dir)
             write_json(
@@ -132,7 +133,6 @@ def train_restore(
                     "steps": result.steps,
                     "final_loss": result.final_loss,
                     "resumed_from": result.resumed_from,
-                    "train_seconds": round(time.perf_counter() - start, 1),
                     "parameters": sum(p.numel() for p in model.parameters()),
                 },
                 out_dir / "training.json",

@@ -171,6 +171,7 @@ def train_text(
             stop_after=stop_after,
             items_per_batch=lambda batch: int(batch["attention_mask"].sum()),
         )
+        log.info("trained to step %d in %.1f s", result.steps, time.perf_counter() - start)
         if runtime.is_main and result.steps >= cfg.train.max_steps:
             final = unwrap(model)
             final.save_pretrained(out_dir, safe_serialization=True)
@@ -186,7 +187,6 @@ def train_text(
                     "steps": result.steps,
                     "final_loss": result.final_loss,
                     "resumed_from": result.resumed_from,
-                    "train_seconds": round(time.perf_counter() - start, 1),
                     "parameters": sum(p.numel() for p in final.parameters()),
                 },
                 out_dir / "training.json",
