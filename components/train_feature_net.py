@@ -25,7 +25,16 @@ from components.common import load_params, require, run_main, write_json
 from components.feature_net import DomainFeatures, FeatureNet, FeatureNetConfig, extract, prepare
 from components.image_io import ImageSplit, load_image_split
 from components.model_io import save_model
-from components.training import TrainConfig, TrainResult, data_hash, fit, hash_seed, setup_runtime, teardown_runtime
+from components.training import (
+    TrainConfig,
+    TrainResult,
+    data_hash,
+    fit,
+    hash_seed,
+    setup_runtime,
+    stage_parser,
+    teardown_runtime,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +155,12 @@ def load_reference(path: Path) -> torch.Tensor:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m components.train_feature_net", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("features", type=Path, help="image features folder (data/features/images)")
-    parser.add_argument("out", type=Path, help="model folder to write (models/feature_net)")
+    parser = stage_parser(
+        "python -m components.train_feature_net", __doc__, "image features folder (data/features/images)",
+        "model folder to write (models/feature_net)", curves=False,
+    )  # fmt: skip
     parser.add_argument("--reference", type=Path, required=True, help="folder for the real-image reference features")
-    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder (kept between runs)")
     parser.add_argument("--metrics", type=Path, default=None, help="JSON metrics file (test accuracy)")
-    parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
 

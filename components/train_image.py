@@ -26,7 +26,18 @@ from components.common import load_params, require, run_main, write_json
 from components.gan_model import ConditionalGAN, GANConfig, class_noise, from_uint8, generate
 from components.image_io import ImageSplit, load_image_split, save_grid
 from components.model_io import save_model
-from components.training import Phase, TrainConfig, TrainResult, data_hash, fit, hash_seed, setup_runtime, teardown_runtime
+from components.training import (
+    Phase,
+    TrainConfig,
+    TrainResult,
+    data_hash,
+    fit,
+    hash_seed,
+    setup_runtime,
+    stage_parser,
+    teardown_runtime,
+    training_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,33 +147,19 @@ def train_image(
             if final_grid is not None and not final_grid.exists():  # resumed at the last step: no step ran
                 save_grid(generate(model.generator_ema, grid_z, grid_labels), final_grid, cfg.samples_per_class)
             save_model(model.generator_ema, {**gan.to_json(), "label_names": data.label_names}, out_dir)
-            last = result.phase_losses[-1][1] if result.phase_losses else {}
-            write_json(
-                {
-                    "params": {"model": asdict(gan), "train": asdict(cfg.train), "sample_every": cfg.sample_every},
-                    "data_hash": hashed,
-                    "steps": result.steps,
-                    "final_losses": last,
-                    "resumed_from": result.resumed_from,
-                    "generator_parameters": sum(p.numel() for p in model.generator.parameters()),
-                },
-                out_dir / "training.json",
-            )
+            params = {"model": asdict(gan), "train": asdict(cfg.train), "sample_every": cfg.sample_every}
+            write_json(training_record(params, hashed, result, model.generator_ema), out_dir / "training.json")
         return result
     finally:
         teardown_runtime(runtime)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m components.train_image", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("features", type=Path, help="image features folder (data/features/images)")
-    parser.add_argument("out", type=Path, help="model folder to write (models/image)")
-    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder (kept between runs)")
-    parser.add_argument("--metrics-dir", type=Path, default=None, help="dvclive folder for the training curves")
+    parser = stage_parser(
+        "python -m components.train_image", __doc__, "image features folder (data/features/images)",
+        "model folder to write (models/image)",
+    )  # fmt: skip
     parser.add_argument("--samples", type=Path, default=None, help="folder for the per-class sample grids")
-    parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
 

@@ -24,7 +24,17 @@ import torch.nn.functional as F
 from components.common import ConfigError, DataError, load_params, require, run_main, write_json
 from components.model_io import save_model
 from components.restore_model import RestoreConfig, Restorer, degrade
-from components.training import TrainConfig, TrainResult, data_hash, fit, hash_seed, setup_runtime, teardown_runtime
+from components.training import (
+    TrainConfig,
+    TrainResult,
+    data_hash,
+    fit,
+    hash_seed,
+    setup_runtime,
+    stage_parser,
+    teardown_runtime,
+    training_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,31 +136,18 @@ def train_restore(
         log.info("trained to step %d in %.1f s", result.steps, time.perf_counter() - start)
         if runtime.is_main and result.steps >= cfg.train.max_steps:
             save_model(model, cfg.model.to_json(), out_dir)
-            write_json(
-                {
-                    "params": {"model": asdict(cfg.model), "crop_size": cfg.crop_size, "train": asdict(cfg.train)},
-                    "data_hash": hashed,
-                    "steps": result.steps,
-                    "final_loss": result.final_loss,
-                    "resumed_from": result.resumed_from,
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                },
-                out_dir / "training.json",
-            )
+            params = {"model": asdict(cfg.model), "crop_size": cfg.crop_size, "train": asdict(cfg.train)}
+            write_json(training_record(params, hashed, result, model), out_dir / "training.json")
         return result
     finally:
         teardown_runtime(runtime)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m components.train_restore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("features", type=Path, help="restore features folder (data/features/restore)")
-    parser.add_argument("out", type=Path, help="model folder to write (models/restore)")
-    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder (kept between runs)")
-    parser.add_argument("--metrics-dir", type=Path, default=None, help="dvclive folder for the training curves")
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(
+        "python -m components.train_restore", __doc__, "restore features folder (data/features/restore)",
+        "model folder to write (models/restore)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 

@@ -28,7 +28,9 @@ from components.training import (
     fit,
     hash_seed,
     setup_runtime,
+    stage_parser,
     teardown_runtime,
+    training_record,
     unwrap,
 )
 
@@ -176,35 +178,22 @@ def train_text(
             final = unwrap(model)
             final.save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
-            write_json(
-                {
-                    "params": {
-                        "init_from": str(cfg.init_from) if cfg.init_from else None,
-                        "model": asdict(cfg.model),
-                        "train": asdict(cfg.train),
-                    },
-                    "data_hash": hashed,
-                    "steps": result.steps,
-                    "final_loss": result.final_loss,
-                    "resumed_from": result.resumed_from,
-                    "parameters": sum(p.numel() for p in final.parameters()),
-                },
-                out_dir / "training.json",
-            )
+            params = {
+                "init_from": str(cfg.init_from) if cfg.init_from else None,
+                "model": asdict(cfg.model),
+                "train": asdict(cfg.train),
+            }
+            write_json(training_record(params, hashed, result, final), out_dir / "training.json")
         return result
     finally:
         teardown_runtime(runtime)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m components.train_text", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("features", type=Path, help="text features folder (data/features/text)")
-    parser.add_argument("out", type=Path, help="model folder to write (models/text)")
-    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder (kept between runs)")
-    parser.add_argument("--metrics-dir", type=Path, default=None, help="dvclive folder for the training curves")
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(
+        "python -m components.train_text", __doc__, "text features folder (data/features/text)",
+        "model folder to write (models/text)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 

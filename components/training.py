@@ -15,6 +15,7 @@ Only torch, numpy and the standard library are imported here.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -496,3 +497,31 @@ def fit(
             break
     logger.close()
     return result
+
+
+# --- what every training stage shares around the loop ---------------------------------------------------
+
+
+def stage_parser(prog: str, doc: str | None, features_help: str, out_help: str, curves: bool = True) -> argparse.ArgumentParser:
+    """The command line of a training stage: `<features> <out> --checkpoints DIR [--metrics-dir DIR] [--params]`."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("features", type=Path, help=features_help)
+    parser.add_argument("out", type=Path, help=out_help)
+    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder (kept between runs)")
+    if curves:
+        parser.add_argument("--metrics-dir", type=Path, default=None, help="dvclive folder for the training curves")
+    parser.add_argument("--params", default="params.yaml")
+    return parser
+
+
+def training_record(params: dict[str, Any], data_hash: str, result: TrainResult, model: nn.Module) -> dict[str, Any]:
+    """`training.json` of a model folder: what produced it. No timings, so a rerun writes the same bytes."""
+    return {
+        "params": params,
+        "data_hash": data_hash,
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "final_losses": result.phase_losses[-1][1] if result.phase_losses else {},
+        "resumed_from": result.resumed_from,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
