@@ -23,6 +23,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a stage run needs from the repo; outputs (data/*, metrics/) are produced by the run itself.
+# Every stage of dvc.yaml.
+STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text", "train_feature_net",
+          "train_image", "evaluate_image", "train_restore", "evaluate_restore"]  # fmt: skip
 REPO_FILES = ["components", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "data/.gitignore"]
 
 

@@ -5,20 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-STAGES = [
-    "ingest",
-    "validate",
-    "clean",
-    "augment",
-    "features",
-    "train_text",
-    "evaluate_text",
-    "train_feature_net",
-    "train_image",
-    "evaluate_image",
-    "train_restore",
-    "evaluate_restore",
-]
+from tests.conftest import STAGES
 
 
 def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:

@@ -8,24 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import venv_env
+from tests.conftest import STAGES, venv_env
 
 pytestmark = pytest.mark.slow
-
-STAGES = [
-    "ingest",
-    "validate",
-    "clean",
-    "augment",
-    "features",
-    "train_text",
-    "evaluate_text",
-    "train_feature_net",
-    "train_image",
-    "evaluate_image",
-    "train_restore",
-    "evaluate_restore",
-]
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -12,10 +12,8 @@ from prefect.states import Failed
 
 from flows.stages import PermanentStageError, _exit_code, _retry_transient, dvc_stage_order, summary_markdown
 from flows.training import training
-from tests.conftest import copy_repo, venv_env
+from tests.conftest import STAGES, copy_repo, venv_env
 
-STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text", "train_feature_net",
-          "train_image", "evaluate_image", "train_restore", "evaluate_restore"]  # fmt: skip
 # (stage, a stage it depends on): the order must respect each.
 DEPENDENCIES = [("validate", "ingest"), ("clean", "validate"), ("augment", "clean"), ("features", "augment"),
                 ("train_text", "features"), ("evaluate_text", "train_text"), ("train_image", "features"),
