@@ -1,4 +1,8 @@
-"""Run under torchrun by test_train_text: each rank trains a tiny model with components.training.fit (gloo)."""
+"""Run under torchrun by the DDP tests: each rank trains a tiny model with components.training.fit (gloo).
+
+ddp_worker.py OUT            a two-layer regression net, one phase, gradient accumulation
+ddp_worker.py OUT gan        the conditional GAN: two phases (discriminator, generator) and the EMA hook
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from components.training import TrainConfig, fit, hash_seed, setup_runtime, teardown_runtime, unwrap
+from components.training import Runtime, TrainConfig, fit, hash_seed, setup_runtime, teardown_runtime, unwrap
 
 
-def main(out: Path) -> None:
+def main(out: Path, family: str) -> None:
     cfg = TrainConfig(
         max_steps=5,
         batch_size=8,
@@ -32,6 +36,9 @@ def main(out: Path) -> None:
     )
     runtime = setup_runtime(cfg)
     torch.manual_seed(cfg.seed)
+    if family == "gan":
+        train_gan(cfg, runtime, out)
+        return
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     if runtime.is_main:
         torch.save(model.state_dict(), out / "initial.pt")
@@ -49,5 +56,30 @@ def main(out: Path) -> None:
     teardown_runtime(runtime)
 
 
+def train_gan(cfg: TrainConfig, runtime: Runtime, out: Path) -> None:
+    from components.gan_model import ConditionalGAN, GANConfig
+    from components.train_image import PHASES
+
+    model = ConditionalGAN(GANConfig(16, 1, 3, 8, 4, 8, 8, "nonsaturating", 0.9))
+    # Parameters only: BatchNorm running statistics are per rank by design (DDP broadcasts rank 0's at each
+    # forward, then every rank updates them with its own batch).
+    if runtime.is_main:
+        torch.save(dict(model.named_parameters()), out / "initial.pt")
+
+    def batch(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(hash_seed(cfg.seed, step, micro, rank))
+        return {
+            "images": torch.rand(4, 1, 16, 16, generator=generator) * 2 - 1,
+            "labels": torch.randint(0, 3, (4,), generator=generator),
+            "fake_labels": torch.randint(0, 3, (4,), generator=generator),
+            "z_discriminator": torch.randn(4, 8, generator=generator),
+            "z_generator": torch.randn(4, 8, generator=generator),
+        }
+
+    fit(model, batch, PHASES, cfg, runtime, out / "ckpt", "ddp-gan", after_step=lambda m, done: m.update_ema(done))
+    torch.save({k: v.detach() for k, v in unwrap(model).named_parameters()}, out / f"rank{runtime.rank}.pt")
+    teardown_runtime(runtime)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "mlp")

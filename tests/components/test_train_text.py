@@ -200,27 +200,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_agree_on_the_weights(tmp_path: Path) -> None:
+def run_ddp_worker(out: Path, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            str(REPO_ROOT / "tests" / "components" / "ddp_worker.py"),
-            str(tmp_path),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    worker = str(REPO_ROOT / "tests" / "components" / "ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    run = subprocess.run([*command, worker, str(out), *args], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mlp", "gan"])
+def test_ddp_two_processes_agree_on_the_weights(tmp_path: Path, family: str) -> None:
+    run_ddp_worker(tmp_path, family)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
