@@ -136,27 +136,32 @@ def retrieval_baseline(train_rows: list[dict[str, str]], sources: list[str]) -> 
     return answers
 
 
-def generate(model: Any, tokenizer: Any, sources: list[str], cfg: EvaluateTextConfig, device: torch.device) -> list[str]:
+def decoding_options(decoding: str, num_beams: int, top_p: float, temperature: float, max_new_tokens: int) -> dict[str, Any]:
+    """`model.generate` keyword arguments for greedy, beam or nucleus decoding (shared with serving)."""
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    if decoding == "beam":
+        options.update(num_beams=num_beams, do_sample=False, early_stopping=True)
+    elif decoding == "nucleus":
+        options.update(do_sample=True, top_p=top_p, temperature=temperature)
+    else:
+        options.update(do_sample=False, num_beams=1)
+    return options
+
+
+def generate_texts(
+    model: Any, tokenizer: Any, sources: list[str], options: dict[str, Any], batch_size: int, device: torch.device,
+    max_new_tokens: int, show_progress: bool = False,
+) -> list[str]:  # fmt: skip
     """Batched decoding of `source SEP`; left padding so every prompt ends where generation starts."""
     from components.text_model import prompt_ids
 
     max_length = model.config.max_position_embeddings
-    options: dict[str, Any] = {
-        "max_new_tokens": cfg.max_new_tokens,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    if cfg.decoding == "beam":
-        options.update(num_beams=cfg.num_beams, do_sample=False, early_stopping=True)
-    elif cfg.decoding == "nucleus":
-        options.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature)
-    else:
-        options.update(do_sample=False, num_beams=1)
-    torch.manual_seed(cfg.seed)
+    options = {**options, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     outputs: list[str] = []
     model.eval()
-    for start in progress(range(0, len(sources), cfg.batch_size), desc="generate", unit="batch"):
-        prompts = [prompt_ids(s, tokenizer, max_length, cfg.max_new_tokens) for s in sources[start : start + cfg.batch_size]]
+    starts = range(0, len(sources), batch_size)
+    for start in progress(starts, desc="generate", unit="batch") if show_progress else starts:
+        prompts = [prompt_ids(s, tokenizer, max_length, max_new_tokens) for s in sources[start : start + batch_size]]
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
@@ -167,6 +172,13 @@ def generate(model: Any, tokenizer: Any, sources: list[str], cfg: EvaluateTextCo
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **options)
         outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
     return [text.strip() for text in outputs]
+
+
+def generate(model: Any, tokenizer: Any, sources: list[str], cfg: EvaluateTextConfig, device: torch.device) -> list[str]:
+    """The test split's outputs under the configured decoding, seeded."""
+    options = decoding_options(cfg.decoding, cfg.num_beams, cfg.top_p, cfg.temperature, cfg.max_new_tokens)
+    torch.manual_seed(cfg.seed)
+    return generate_texts(model, tokenizer, sources, options, cfg.batch_size, device, cfg.max_new_tokens, show_progress=True)
 
 
 def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_size: int, device: torch.device) -> float:

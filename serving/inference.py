@@ -1,0 +1,184 @@
+"""The promoted models as plain Python objects, batched where it pays; no BentoML here.
+
+`serving/service.py` wraps these in BentoML services; tests and benches can drive them directly. Every
+output is a pure function of (model, request, seed): batching changes how fast, never what comes back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Caps that bound the work of one request; the public API validates against them.
+MAX_NEW_TOKENS = 256
+MAX_IMAGES = 16
+MAX_UPLOAD_PIXELS = 4096 * 4096
+MAX_UPLOAD_SIDE = 4096
+# Restoration runs on the whole image; this keeps one request's memory bounded (super-resolution output).
+MAX_RESTORE_PIXELS = 2048 * 2048
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    prompt: str
+    decoding: str = "greedy"  # greedy | beam | nucleus
+    temperature: float = 1.0
+    top_p: float = 0.9
+    num_beams: int = 4
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def group_key(self) -> tuple[Any, ...]:
+        """Requests that may share one `generate` call: same decoding, and for sampling the same seed."""
+        sampled = self.decoding == "nucleus"
+        return (self.decoding, self.temperature, self.top_p, self.num_beams, self.max_new_tokens, self.seed if sampled else None)
+
+
+class TextGenerator:
+    """The text model of a `save_pretrained` folder (models/text), generating from prompts in batches."""
+
+    def __init__(self, folder: Path, device: torch.device) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from components.model_io import check_safetensors_folder
+
+        check_safetensors_folder(folder, "text model")
+        self.model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.device = device
+        self.max_length = int(self.model.config.max_position_embeddings)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def generate(self, requests: list[TextRequest]) -> list[str]:
+        """Texts for the requests, in order; requests with the same decoding settings run as one batch."""
+        from components.evaluate_text import decoding_options, generate_texts
+
+        outputs: list[str | None] = [None] * len(requests)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(request.group_key(), []).append(index)
+        for indices in groups.values():
+            first = requests[indices[0]]
+            options = decoding_options(first.decoding, first.num_beams, first.top_p, first.temperature, first.max_new_tokens)
+            torch.manual_seed(first.seed)  # sampling only; greedy and beam search ignore it
+            prompts = [requests[i].prompt for i in indices]
+            texts = generate_texts(self.model, self.tokenizer, prompts, options, len(prompts), self.device, first.max_new_tokens)
+            for i, text in zip(indices, texts, strict=True):
+                outputs[i] = text
+        return [text or "" for text in outputs]
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    label: int
+    n: int = 1
+    seed: int = 0
+
+
+class ImageGenerator:
+    """The EMA generator of models/image; one forward pass for every image of every request in a batch."""
+
+    def __init__(self, folder: Path, device: torch.device) -> None:
+        from components.gan_model import load_generator
+
+        self.generator, config = load_generator(folder)
+        self.generator.to(device)
+        self.label_names: list[str] = list(config["label_names"])
+        self.device = device
+
+    def generate(self, requests: list[ImageRequest]) -> list[list[np.ndarray]]:
+        """uint8 (H, W, C) images per request; a request's noise comes from its own seed only."""
+        from components.gan_model import generate
+
+        cfg = self.generator.cfg
+        zs = [torch.randn(r.n, cfg.latent_dim, generator=torch.Generator().manual_seed(r.seed)) for r in requests]
+        labels = torch.cat([torch.full((r.n,), r.label, dtype=torch.long) for r in requests])
+        images = generate(self.generator, torch.cat(zs), labels).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        out, start = [], 0
+        for r in requests:
+            out.append([images[i] for i in range(start, start + r.n)])
+            start += r.n
+        return out
+
+
+class ImageRestorer:
+    """The restorer of models/restore, on whole uint8 (H, W, 3) images."""
+
+    def __init__(self, folder: Path, device: torch.device) -> None:
+        from components.restore_model import load_restorer
+
+        self.model = load_restorer(folder).to(device)
+        self.device = device
+
+    @property
+    def task(self) -> str:
+        return self.model.cfg.task
+
+    def restore(self, pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float().div(255.0)[None].to(self.device)
+        with torch.inference_mode():
+            y = self.model(x).clamp(0, 1)
+        return (y[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def png_bytes(pixels: np.ndarray, metadata: dict[str, str]) -> bytes:
+    """PNG of uint8 (H, W) or (H, W, C) pixels with provenance as tEXt chunks."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, value)
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+class UploadError(ValueError):
+    """An uploaded image that cannot be accepted; the message names the problem."""
+
+
+def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS, max_side: int = MAX_UPLOAD_SIDE) -> np.ndarray:
+    """uint8 (H, W, 3) pixels of an uploaded image, refusing corrupt files and decompression bombs.
+
+    The size comes from the header before any pixel is decoded, so a tiny file claiming a huge image
+    costs nothing; Pillow's own bomb check is made an error too.
+    """
+    from PIL import Image
+
+    if not data:
+        raise UploadError("image: the upload is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels or max(width, height) > max_side:
+                raise UploadError(f"image: {width}x{height} is over the limit ({max_side} px a side, {max_pixels} pixels)")
+            image.load()
+            return np.asarray(image.convert("RGB"))
+    except UploadError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise UploadError(f"image: refused as a decompression bomb ({err})") from err
+    except Exception as err:  # Pillow raises several types for truncated or non-image data
+        raise UploadError(f"image: not a readable image ({type(err).__name__}: {err})") from err
+
+
+def model_provenance(folder: Path) -> dict[str, str]:
+    """params hash and data hash from a model folder's training.json (empty strings when absent)."""
+    record_path = folder / "training.json"
+    if not record_path.is_file():
+        return {"params_hash": "", "data_hash": ""}
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    import hashlib
+
+    params = json.dumps(record.get("params", {}), sort_keys=True, default=str)
+    return {"params_hash": hashlib.sha256(params.encode()).hexdigest()[:16], "data_hash": str(record.get("data_hash", ""))}

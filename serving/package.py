@@ -1,0 +1,124 @@
+"""Stage `package`: the promoted models into BentoML's model store, then a Bento from `bentofile.yaml`.
+
+    python -m serving.package models/text models/image models/restore --out models/bento.json
+
+Each model folder is imported as `aigc-<family>` with labels: its headline metrics, the hash of the params
+and of the data that produced it, and the git revision. A folder whose content is already in the store
+(same content hash label) is not imported again, so a rerun adds nothing. Then the Bento is built from
+`serving/bentofile.yaml` (offline: no package locking, nothing downloaded) and the receipt lists the tags.
+The store is BentoML's (`$BENTOML_HOME`, default `~/bentoml`); DVC tracks the receipt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from components.common import ConfigError, DataError, run_main, write_json
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("text", "image", "restore")
+HEADLINE_METRICS = {
+    "text": ("metrics/text.json", ("bleu", "chrf", "perplexity", "bleu_retrieval_baseline")),
+    "image": ("metrics/image.json", ("fid_domain", "kid_domain", "fid_domain_floor", "feature_net_accuracy")),
+    "restore": ("metrics/restore.json", ("psnr", "ssim", "psnr_y", "psnr_baseline", "task")),
+}
+
+
+def content_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def git_revision(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def model_labels(family: str, folder: Path, root: Path) -> dict[str, str]:
+    """Labels of one model: headline metrics, params / data hashes, git revision, content hash."""
+    from serving.inference import model_provenance
+
+    labels = {"family": family, "content_hash": content_hash(folder), "git_revision": git_revision(root)}
+    labels.update(model_provenance(folder))
+    metrics_path, keys = HEADLINE_METRICS[family]
+    if (root / metrics_path).is_file():
+        metrics = json.loads((root / metrics_path).read_text(encoding="utf-8"))
+        labels.update({key: str(metrics[key]) for key in keys if metrics.get(key) is not None})
+    return labels
+
+
+def import_model(family: str, folder: Path, root: Path) -> str:
+    """Tag of `aigc-<family>` holding folder's content: the existing one if the store has it, else a new one."""
+    import shutil
+
+    import bentoml
+
+    from components.model_io import PICKLE_SUFFIXES
+
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        raise DataError(f"{folder}: no model here (run the {family} training stage first)")
+    pickles = [p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ConfigError(f"{folder}: refusing to package pickle files {pickles}")
+    labels = model_labels(family, folder, root)
+    name = f"aigc-{family}"
+    try:
+        existing_models = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:  # the first import of this family
+        existing_models = []
+    for existing in existing_models:
+        if existing.info.labels.get("content_hash") == labels["content_hash"]:
+            log.info("%s: already in the store as %s", folder, existing.tag)
+            return str(existing.tag)
+    with bentoml.models.create(name, labels=labels, metadata={"source": str(folder)}) as model:
+        for path in folder.iterdir():
+            if path.is_file():
+                shutil.copy2(path, Path(model.path) / path.name)
+    log.info("%s: imported as %s", folder, model.tag)
+    return str(model.tag)
+
+
+def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) -> dict[str, Any]:
+    """Import the models, build the Bento, write the receipt; returns it."""
+    import bentoml
+
+    tags = {family: import_model(family, folder, root) for family, folder in folders.items()}
+    bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(root), labels={"git_revision": git_revision(root)})
+    receipt = {"models": tags, "bento": str(bento.tag)}
+    write_json(receipt, out)
+    log.info("built %s with %s", bento.tag, ", ".join(tags.values()))
+    return receipt
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.package", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for family in FAMILIES:
+        parser.add_argument(family, type=Path, help=f"{family} model folder (models/{family})")
+    parser.add_argument("--bentofile", type=Path, default=Path("serving/bentofile.yaml"))
+    parser.add_argument("--root", type=Path, default=Path("."), help="repository root (metrics/, git)")
+    parser.add_argument("--out", type=Path, required=True, help="receipt JSON to write (models/bento.json)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_main(lambda: package({f: getattr(args, f) for f in FAMILIES}, args.root, args.bentofile, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The service's request log for monitoring: one row per request, written off the response path.
+
+Rows go into a bounded in-memory queue (`log` never blocks: when the writer falls behind, rows are dropped
+and counted, never the request); a background thread writes them as Parquet parts under the log folder,
+`requests-<UTC time>-<n>.parquet`, one part per flush (every `flush_rows` rows or `flush_seconds`), keeping
+the newest `max_files` parts. Rows hold features (the same definitions as the `features` stage's drift
+reference, `components.feature_defs`), an output summary, latency and the model tag: never raw prompts,
+raw images or free-text attribute values.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+# Attributes with free text (possibly personal data) are not logged; the categorical ones are.
+UNLOGGED_ATTRIBUTES = frozenset({"name"})
+LOGGED_ATTRIBUTES = ("category", "colour", "material", "price", "audience", "feature", "tone")
+
+LOG_SCHEMA = pa.schema(
+    [
+        ("timestamp", pa.timestamp("ms", tz="UTC")),
+        ("request_id", pa.string()),
+        ("endpoint", pa.string()),
+        ("status", pa.int32()),
+        ("latency_ms", pa.float64()),
+        ("model_tag", pa.string()),
+        ("params_hash", pa.string()),
+        ("seed", pa.int64()),
+        # text requests
+        ("source_chars", pa.int64()),
+        ("source_tokens", pa.int64()),
+        ("num_attributes", pa.int64()),
+        *[(f"attr_{key}", pa.string()) for key in LOGGED_ATTRIBUTES],
+        ("decoding", pa.string()),
+        ("output_chars", pa.int64()),
+        # image generation requests
+        ("label", pa.string()),
+        ("images", pa.int64()),
+        # restoration requests (features of the upload)
+        ("width", pa.float64()),
+        ("height", pa.float64()),
+        ("brightness", pa.float64()),
+        ("contrast", pa.float64()),
+        ("sharpness", pa.float64()),
+        ("task", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+COLUMNS = tuple(LOG_SCHEMA.names)
+
+
+class RequestLog:
+    def __init__(
+        self, folder: Path, flush_rows: int = 256, flush_seconds: float = 5.0, max_files: int = 1000, max_queue: int = 100_000
+    ) -> None:
+        self.folder = folder
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.max_files = max_files
+        self.dropped = 0
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
+        self._parts = 0
+        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self._thread.start()
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Queue one row (unknown keys are an error in the caller, caught here as a bug, not at write time)."""
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise KeyError(f"request log has no column(s) {sorted(unknown)}")
+        row.setdefault("timestamp", datetime.now(UTC))
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("request log queue full: %d rows dropped so far", self.dropped)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued and stop the writer."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        pending: list[dict[str, Any]] = []
+        deadline = time.monotonic() + self.flush_seconds
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                item = ...
+            if item is None:
+                self._flush(pending)
+                return
+            if item is not ...:
+                pending.append(item)  # type: ignore[arg-type]
+            if len(pending) >= self.flush_rows or time.monotonic() >= deadline:
+                self._flush(pending)
+                pending = []
+                deadline = time.monotonic() + self.flush_seconds
+
+    def _flush(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        from components.tables import write_parquet_atomic
+
+        try:
+            table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=LOG_SCHEMA)
+            self._parts += 1
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            write_parquet_atomic(table, self.folder / f"requests-{stamp}-{self._parts:06d}.parquet")
+            parts = sorted(self.folder.glob("requests-*.parquet"))
+            for old in parts[: max(0, len(parts) - self.max_files)]:
+                old.unlink(missing_ok=True)
+        except Exception:  # the log must never take the service down
+            log.exception("could not write %d request log rows", len(rows))
+
+
+def text_log_fields(prompt: str, prompt_tokens: int) -> dict[str, Any]:
+    """The drift features of a text request, minus free-text attribute values."""
+    from components.feature_defs import text_features
+
+    features = text_features(prompt, prompt_tokens)
+    row = {k: features[k] for k in ("source_chars", "source_tokens", "num_attributes")}
+    row.update({f"attr_{key}": features.get(f"attr_{key}") for key in LOGGED_ATTRIBUTES})
+    return row
+
+
+def image_log_fields(pixels: Any) -> dict[str, Any]:
+    from components.feature_defs import image_features
+
+    return image_features(pixels)

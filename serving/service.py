@@ -1,0 +1,302 @@
+"""The BentoML service: text generation, class-conditional image generation and image restoration.
+
+    bentoml serve serving.service:Gateway            # http://localhost:3000, Swagger UI at /
+
+Two services, the pattern BentoML documents for adaptive batching across requests: `Gateway` is the public
+HTTP API (validation, auth, provenance, request log) and `Models` holds the promoted models (class-level
+`BentoModel` dependencies from the model store) with batchable inference methods; the gateway's concurrent
+requests reach `Models` as batches. Every bad request is a 4xx naming the field.
+
+Environment: `AIGC_API_KEY` (when set, requests need `Authorization: Bearer <key>`; health endpoints and the
+docs stay open), `AIGC_TEXT_MODEL` / `AIGC_IMAGE_MODEL` / `AIGC_RESTORE_MODEL` (model-store tags, default
+`aigc-<family>:latest`), `AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks),
+`AIGC_REQUEST_LOG` (request log folder, default `monitoring/logs`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import bentoml
+from annotated_types import Ge, Le
+from bentoml.exceptions import InvalidArgument
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, MAX_RESTORE_PIXELS, ImageRequest, TextRequest
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # uploads over this are refused with 413 before they are read
+MAX_PROMPT_CHARS = 2000
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/", "/static_content")
+BATCHING = os.environ.get("AIGC_BATCHING", "1") != "0"
+TEXT_TAG = os.environ.get("AIGC_TEXT_MODEL", "aigc-text:latest")
+IMAGE_TAG = os.environ.get("AIGC_IMAGE_MODEL", "aigc-image:latest")
+RESTORE_TAG = os.environ.get("AIGC_RESTORE_MODEL", "aigc-restore:latest")
+# The text dataset's attribute order: prompts are serialised the way the model saw its training sources.
+RECORD_FIELDS = ("name", "category", "colour", "material", "price", "audience", "feature", "tone")
+
+
+class ProductRecord(BaseModel):
+    """A structured source record: the fields of the training data (at least one), nothing else."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=200)
+    category: str | None = Field(None, max_length=100)
+    colour: str | None = Field(None, max_length=100)
+    material: str | None = Field(None, max_length=100)
+    price: str | None = Field(None, max_length=100)
+    audience: str | None = Field(None, max_length=100)
+    feature: str | None = Field(None, max_length=200)
+    tone: str | None = Field(None, max_length=100)
+
+    def to_prompt(self) -> str:
+        from components.textgen import serialise
+
+        values = {key: getattr(self, key) for key in RECORD_FIELDS if getattr(self, key)}
+        return serialise({k: " ".join(v.split()) for k, v in values.items()})
+
+
+class TextResult(BaseModel):
+    text: str
+    model: str
+    seed: int
+    decoding: str
+
+
+class ImageResult(BaseModel):
+    label: str
+    seed: int
+    model: str
+    images: list[str]  # base64 PNGs, provenance in their tEXt chunks
+
+
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _labels(model: Any) -> dict[str, str]:
+    return {k: str(v) for k, v in (model.info.labels or {}).items()}
+
+
+@bentoml.service(name="aigc-models", traffic={"timeout": 120})
+class Models:
+    text_model = bentoml.models.BentoModel(TEXT_TAG)
+    image_model = bentoml.models.BentoModel(IMAGE_TAG)
+    restore_model = bentoml.models.BentoModel(RESTORE_TAG)
+
+    def __init__(self) -> None:
+        from serving.inference import ImageGenerator, ImageRestorer, TextGenerator
+
+        device = _device()
+        self.text = TextGenerator(Path(self.text_model.path), device)
+        self.image = ImageGenerator(Path(self.image_model.path), device)
+        self.restorer = ImageRestorer(Path(self.restore_model.path), device)
+
+    @bentoml.api
+    def describe(self) -> dict[str, Any]:
+        """Model tags, provenance labels and what the gateway validates against."""
+        return {
+            "text": {"tag": str(self.text_model.tag), **_labels(self.text_model), "max_length": self.text.max_length},
+            "image": {"tag": str(self.image_model.tag), **_labels(self.image_model), "label_names": self.image.label_names},
+            "restore": {"tag": str(self.restore_model.tag), **_labels(self.restore_model), "task": self.restorer.task},
+        }
+
+    @bentoml.api
+    def prompt_tokens(self, prompt: str) -> int:
+        return self.text.prompt_tokens(prompt)
+
+    @bentoml.api(batchable=BATCHING, max_batch_size=32, max_latency_ms=100)
+    def generate_text_batch(self, requests: list[dict[str, Any]]) -> list[str]:
+        return self.text.generate([TextRequest(**r) for r in requests])
+
+    @bentoml.api(batchable=BATCHING, max_batch_size=64, max_latency_ms=50)
+    def generate_image_batch(self, requests: list[dict[str, Any]]) -> list[list[str]]:
+        """Per request, its images as base64 PNGs carrying model tag, seed, label and params hash."""
+        from serving.inference import png_bytes
+
+        results = self.image.generate([ImageRequest(**r) for r in requests])
+        meta = {"model": str(self.image_model.tag), "params_hash": _labels(self.image_model).get("params_hash", "")}
+        return [
+            [
+                base64.b64encode(png_bytes(px, {**meta, "seed": str(r["seed"]), "label": self.image.label_names[r["label"]]})).decode()
+                for px in images
+            ]
+            for r, images in zip(requests, results, strict=True)
+        ]
+
+    @bentoml.api
+    def restore(self, image_b64: str, seed: int) -> str:
+        """The restored image of a validated upload, as a base64 PNG with provenance."""
+        from serving.inference import decode_upload, png_bytes
+
+        pixels = decode_upload(base64.b64decode(image_b64))
+        restored = self.restorer.restore(pixels)
+        meta = {"model": str(self.restore_model.tag), "params_hash": _labels(self.restore_model).get("params_hash", ""),
+                "seed": str(seed), "task": self.restorer.task}  # fmt: skip
+        return base64.b64encode(png_bytes(restored, meta)).decode()
+
+
+class GuardMiddleware:
+    """ASGI middleware in front of the gateway: optional bearer-token auth and a request body cap."""
+
+    def __init__(self, app: Any, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.api_key = os.environ.get("AIGC_API_KEY") or None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        if self.api_key and not (path in OPEN_PATHS or path.startswith("/static_content")):
+            supplied = headers.get("authorization", "")
+            expected = f"Bearer {self.api_key}"
+            if not hmac.compare_digest(supplied.encode(), expected.encode()):
+                await _json(send, 401, {"error": "authorization: missing or wrong bearer token"}, {"www-authenticate": "Bearer"})
+                return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await _json(send, 413, {"error": f"body: {int(length)} bytes is over the limit of {self.max_body}"})
+            return
+        received = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise InvalidArgument(f"body: over the limit of {self.max_body} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _json(send: Any, status: int, body: dict[str, Any], extra: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+@bentoml.service(name="aigc-gateway", traffic={"timeout": 120})
+class Gateway:
+    models = bentoml.depends(Models)
+
+    def __init__(self) -> None:
+        from serving.request_log import RequestLog
+
+        self.log = RequestLog(Path(os.environ.get("AIGC_REQUEST_LOG", "monitoring/logs")))
+        self._described: dict[str, Any] | None = None
+
+    async def _describe(self) -> dict[str, Any]:
+        if self._described is None:
+            self._described = await self.models.to_async.describe()
+        return self._described
+
+    def _provenance(self, ctx: bentoml.Context, family: dict[str, Any], seed: int, request_id: str) -> None:
+        ctx.response.headers["x-model-tag"] = family["tag"]
+        ctx.response.headers["x-params-hash"] = family.get("params_hash", "")
+        ctx.response.headers["x-data-hash"] = family.get("data_hash", "")
+        ctx.response.headers["x-seed"] = str(seed)
+        ctx.response.headers["x-request-id"] = request_id
+
+    @bentoml.api
+    async def generate_text(
+        self,
+        ctx: bentoml.Context,
+        record: ProductRecord | None = None,
+        prompt: Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)] = None,
+        decoding: Literal["greedy", "beam", "nucleus"] = "greedy",
+        temperature: Annotated[float, Ge(0.05), Le(2.0)] = 1.0,
+        top_p: Annotated[float, Ge(0.05), Le(1.0)] = 0.9,
+        num_beams: Annotated[int, Ge(1), Le(8)] = 4,
+        max_new_tokens: Annotated[int, Ge(1), Le(MAX_NEW_TOKENS)] = 64,
+        seed: Annotated[int, Ge(0), Le(2**31 - 1)] = 0,
+    ) -> TextResult:
+        """Copy for a product record (`record`) or a raw `prompt` (exactly one of them)."""
+        from serving.request_log import text_log_fields
+
+        start, request_id = time.perf_counter(), uuid.uuid4().hex
+        if (record is None) == (prompt is None):
+            raise InvalidArgument("record, prompt: give exactly one of them")
+        text = record.to_prompt() if record is not None else " ".join(prompt.split())  # type: ignore[union-attr]
+        if not text:
+            raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
+        described = (await self._describe())["text"]
+        tokens = await self.models.to_async.prompt_tokens(text)
+        room = described["max_length"] - max_new_tokens - 1
+        if tokens > room:
+            field = "record" if record is not None else "prompt"
+            raise InvalidArgument(f"{field}: {tokens} tokens; at most {room} fit with max_new_tokens={max_new_tokens}")
+        request = TextRequest(text, decoding, temperature, top_p, num_beams, max_new_tokens, seed)
+        (output,) = await self.models.to_async.generate_text_batch([request.__dict__])
+        self._provenance(ctx, described, seed, request_id)
+        self.log.log({
+            "request_id": request_id, "endpoint": "generate_text", "status": 200, "model_tag": described["tag"],
+            "params_hash": described.get("params_hash"), "seed": seed, "decoding": decoding, "output_chars": len(output),
+            "latency_ms": (time.perf_counter() - start) * 1000, **text_log_fields(text, tokens),
+        })  # fmt: skip
+        return TextResult(text=output, model=described["tag"], seed=seed, decoding=decoding)
+
+    @bentoml.api
+    async def generate_image(
+        self,
+        ctx: bentoml.Context,
+        label: Annotated[str, Field(min_length=1, max_length=100)],
+        n: Annotated[int, Ge(1), Le(MAX_IMAGES)] = 1,
+        seed: Annotated[int, Ge(0), Le(2**31 - 1)] = 0,
+    ) -> ImageResult:
+        """`n` images of class `label` (one of the trained labels) as base64 PNGs."""
+        start, request_id = time.perf_counter(), uuid.uuid4().hex
+        described = (await self._describe())["image"]
+        names = described["label_names"]
+        if label not in names:
+            raise InvalidArgument(f"label: {label!r} is not one of the trained labels {names}")
+        request = ImageRequest(names.index(label), n, seed)
+        (images,) = await self.models.to_async.generate_image_batch([request.__dict__])
+        self._provenance(ctx, described, seed, request_id)
+        self.log.log({
+            "request_id": request_id, "endpoint": "generate_image", "status": 200, "model_tag": described["tag"],
+            "params_hash": described.get("params_hash"), "seed": seed, "label": label, "images": n,
+            "latency_ms": (time.perf_counter() - start) * 1000,
+        })  # fmt: skip
+        return ImageResult(label=label, seed=seed, model=described["tag"], images=images)
+
+    @bentoml.api
+    async def restore_image(self, ctx: bentoml.Context, image: Path) -> Annotated[Path, bentoml.validators.ContentType("image/png")]:
+        """The restored upload (multipart field `image`: PNG or JPEG, ≤ 8 MB) as a PNG."""
+        from serving.inference import UploadError, decode_upload
+        from serving.request_log import image_log_fields
+
+        start, request_id = time.perf_counter(), uuid.uuid4().hex
+        data = image.read_bytes()
+        try:
+            pixels = decode_upload(data, max_pixels=MAX_RESTORE_PIXELS)
+        except UploadError as err:
+            raise InvalidArgument(str(err)) from err
+        described = (await self._describe())["restore"]
+        restored = base64.b64decode(await self.models.to_async.restore(base64.b64encode(data).decode(), 0))
+        out = Path(ctx.temp_dir) / f"restored-{request_id}.png"
+        out.write_bytes(restored)
+        self._provenance(ctx, described, 0, request_id)
+        self.log.log({
+            "request_id": request_id, "endpoint": "restore_image", "status": 200, "model_tag": described["tag"],
+            "params_hash": described.get("params_hash"), "seed": 0, "task": described["task"],
+            "latency_ms": (time.perf_counter() - start) * 1000, **image_log_fields(pixels),
+        })  # fmt: skip
+        return out
+
+
+Gateway.add_asgi_middleware(GuardMiddleware)
