@@ -10,7 +10,7 @@ requests reach `Models` as batches. Every bad request is a 4xx naming the field.
 Environment: `AIGC_API_KEY` (when set, requests need `Authorization: Bearer <key>`; health endpoints and the
 docs stay open), `AIGC_TEXT_MODEL` / `AIGC_IMAGE_MODEL` / `AIGC_RESTORE_MODEL` (model-store tags, default
 `aigc-<family>:latest`), `AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks),
-`AIGC_REQUEST_LOG` (request log folder, default `monitoring/logs`).
+`AIGC_REQUEST_LOG` (request log folder, default `monitoring/logs`) and `AIGC_REQUEST_LOG_FLUSH_SECONDS` (5).
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ class Models:
         meta = {"model": str(self.image_model.tag), "params_hash": _labels(self.image_model).get("params_hash", "")}
         return [
             [
-                base64.b64encode(png_bytes(px, {**meta, "seed": str(r["seed"]), "label": self.image.label_names[r["label"]]})).decode()
+                base64.b64encode(
+                    png_bytes(px, {**meta, "seed": str(r["seed"]), "label": self.image.label_names[r["label"]]})
+                ).decode()
                 for px in images
             ]
             for r, images in zip(requests, results, strict=True)
@@ -197,7 +199,10 @@ class Gateway:
     def __init__(self) -> None:
         from serving.request_log import RequestLog
 
-        self.log = RequestLog(Path(os.environ.get("AIGC_REQUEST_LOG", "monitoring/logs")))
+        self.log = RequestLog(
+            Path(os.environ.get("AIGC_REQUEST_LOG", "monitoring/logs")),
+            flush_seconds=float(os.environ.get("AIGC_REQUEST_LOG_FLUSH_SECONDS", "5")),
+        )
         self._described: dict[str, Any] | None = None
 
     async def _describe(self) -> dict[str, Any]:
@@ -275,7 +280,9 @@ class Gateway:
         return ImageResult(label=label, seed=seed, model=described["tag"], images=images)
 
     @bentoml.api
-    async def restore_image(self, ctx: bentoml.Context, image: Path) -> Annotated[Path, bentoml.validators.ContentType("image/png")]:
+    async def restore_image(
+        self, ctx: bentoml.Context, image: Path
+    ) -> Annotated[Path, bentoml.validators.ContentType("image/png")]:
         """The restored upload (multipart field `image`: PNG or JPEG, ≤ 8 MB) as a PNG."""
         from serving.inference import UploadError, decode_upload
         from serving.request_log import image_log_fields

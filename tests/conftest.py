@@ -20,13 +20,16 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The package stage writes to BentoML's store: a temporary one, never the user's ~/bentoml.
+os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bentoml-home-"))
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a stage run needs from the repo; outputs (data/*, metrics/) are produced by the run itself.
 # Every stage of dvc.yaml.
 STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text", "train_feature_net",
-          "train_image", "evaluate_image", "train_restore", "evaluate_restore"]  # fmt: skip
-REPO_FILES = ["components", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "data/.gitignore"]
+          "train_image", "evaluate_image", "train_restore", "evaluate_restore", "package"]  # fmt: skip
+REPO_FILES = ["components", "flows", "serving", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "data/.gitignore"]
 
 
 def shrink(params: dict[str, Any]) -> dict[str, Any]:

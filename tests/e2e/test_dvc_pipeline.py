@@ -47,6 +47,7 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) ->
         "data/evaluation/image/samples.png",
         "models/restore/model.safetensors",
         "data/evaluation/restore/comparison.png",
+        "models/bento.json",
         "dvc.lock",
     ]:
         assert (tiny_repo / path).is_file(), path
@@ -74,7 +75,7 @@ def test_param_change_reruns_only_the_stages_that_read_it(tiny_repo: Path) -> No
     (tiny_repo / "params.yaml").write_text(params.replace("image_size: 16", "image_size: 8"))
     rerun = dvc(tiny_repo, "repro")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    image_stages = ["features", "train_feature_net", "train_image", "evaluate_image"]
+    image_stages = ["features", "train_feature_net", "train_image", "evaluate_image", "package"]
     for stage in image_stages:
         assert f"Running stage '{stage}'" in rerun.stdout
     # The text and restore features are byte-identical after an image-size change: their models are not retrained.

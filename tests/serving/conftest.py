@@ -1,0 +1,115 @@
+"""A running service over tiny models the tests train: `bentoml serve` on a free port, its own model store."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import REPO_ROOT, section, shrink
+
+
+@dataclass
+class Server:
+    url: str
+    log_dir: Path
+    process: subprocess.Popen[bytes]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_features: Path, tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Path:
+    """models/{text,image,restore} trained on the tiny configuration (a few seconds)."""
+    from components import train_image, train_restore, train_text
+
+    tiny = shrink(real_params)
+    root = tmp_path_factory.mktemp("models")
+    train_text.train_text(
+        train_text.TrainTextConfig.from_params(section(tiny, "train_text")), tiny_features / "text", root / "text", root / "ckpt"
+    )
+    train_image.train_image(
+        train_image.TrainImageConfig.from_params(section(tiny, "train_image")),
+        tiny_features / "images",
+        root / "image",
+        root / "ckpt",
+    )
+    train_restore.train_restore(
+        train_restore.TrainRestoreConfig.from_params(section(tiny, "train_restore")),
+        tiny_features / "restore", root / "restore", root / "ckpt",
+    )  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="session")
+def bento_home(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BentoML home holding the tiny models, filled by the `package` stage itself."""
+    home = tmp_path_factory.mktemp("bentoml")
+    env = service_env(home)
+    command = [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in ("text", "image", "restore"))]
+    run = subprocess.run([*command, "--out", str(home / "receipt.json")], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return home
+
+
+def service_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "AIGC_API_KEY"}
+    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def start_server(home: Path, log_dir: Path, **extra: str) -> Server:
+    port = free_port()
+    env = service_env(home, AIGC_REQUEST_LOG=str(log_dir), AIGC_REQUEST_LOG_FLUSH_SECONDS="0.2", **extra)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:Gateway", "--port", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return Server(url, log_dir, process)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("bentoml serve did not become ready in 120 s")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(bento_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(bento_home, tmp_path_factory.mktemp("request-log"))
+    yield running
+    stop_server(running)
+
+
+def receipt(home: Path) -> dict[str, Any]:
+    return json.loads((home / "receipt.json").read_text())

@@ -1,0 +1,225 @@
+"""The BentoML service over HTTP (`bentoml serve` on tiny models): valid requests, bad requests, auth,
+provenance, determinism and the request log; plus the `package` stage that fills the model store."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from serving.request_log import COLUMNS
+from tests.conftest import REPO_ROOT
+from tests.serving.conftest import Server, receipt, service_env, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+RECORD = {"name": "Aurora", "category": "lamp", "colour": "amber", "tone": "playful"}
+
+
+def post(server: Server, api: str, **kwargs: object) -> httpx.Response:
+    return httpx.post(f"{server.url}/{api}", timeout=60, **kwargs)  # type: ignore[arg-type]
+
+
+def png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def upload(size: tuple[int, int] = (40, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def error_text(response: httpx.Response) -> str:
+    return json.dumps(response.json())
+
+
+# --- packaging --------------------------------------------------------------------------------------------
+
+
+def test_package_imports_labelled_models_and_builds_a_bento(bento_home: Path, tiny_models: Path) -> None:
+    tags = receipt(bento_home)
+    assert set(tags["models"]) == {"text", "image", "restore"} and tags["bento"].startswith("aigc-pipeline:")
+    import_check = "import bentoml, json; m = bentoml.models.get('aigc-restore:latest'); print(json.dumps(m.info.labels))"
+    labels = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", import_check], env=service_env(bento_home), capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert {"params_hash", "data_hash", "git_revision", "content_hash", "psnr"} - {"psnr"} <= set(labels)
+    again = subprocess.run(
+        [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in ("text", "image", "restore")),
+         "--out", str(bento_home / "again.json")],
+        cwd=REPO_ROOT, env=service_env(bento_home), capture_output=True, text=True,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((bento_home / "again.json").read_text())["models"] == tags["models"]  # nothing re-imported
+
+
+def test_package_refuses_a_folder_with_pickles(bento_home: Path, tiny_models: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "restore"
+    shutil.copytree(tiny_models / "restore", bad)
+    (bad / "extra.pt").write_bytes(b"pickle")
+    run = subprocess.run(
+        [sys.executable, "-m", "serving.package", str(tiny_models / "text"), str(tiny_models / "image"), str(bad),
+         "--out", str(tmp_path / "r.json")],
+        cwd=REPO_ROOT, env=service_env(bento_home), capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 78 and "refusing to package pickle files ['extra.pt']" in run.stderr
+
+
+# --- valid requests ---------------------------------------------------------------------------------------
+
+
+def test_health_and_docs_are_served(server: Server) -> None:
+    assert httpx.get(f"{server.url}/livez").status_code == 200
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert httpx.get(f"{server.url}/").status_code == 200
+    spec = httpx.get(f"{server.url}/docs.json").json()
+    assert {"/generate_text", "/generate_image", "/restore_image"} <= set(spec["paths"])
+
+
+def test_generate_text_from_a_record_and_from_a_prompt(server: Server) -> None:
+    for body in ({"record": RECORD}, {"prompt": "name: Aurora | colour: amber"}):
+        response = post(server, "generate_text", json=body)
+        assert response.status_code == 200, response.text
+        assert isinstance(response.json()["text"], str)
+        assert response.headers["x-model-tag"].startswith("aigc-text:")
+        assert response.headers["x-seed"] == "0" and len(response.headers["x-params-hash"]) == 16
+
+
+def test_sampled_text_is_reproducible_from_its_seed(server: Server) -> None:
+    body = {"record": RECORD, "decoding": "nucleus", "temperature": 1.5, "seed": 11, "max_new_tokens": 12}
+    first, second = (post(server, "generate_text", json=body).json()["text"] for _ in range(2))
+    assert first == second
+
+
+def test_generate_image_returns_pngs_with_provenance(server: Server) -> None:
+    response = post(server, "generate_image", json={"label": "3", "n": 2, "seed": 5})
+    assert response.status_code == 200, response.text
+    images = [png(base64.b64decode(b)) for b in response.json()["images"]]
+    assert len(images) == 2 and images[0].size == (16, 16)
+    assert images[0].text["seed"] == "5" and images[0].text["label"] == "3"
+    assert images[0].text["model"] == response.headers["x-model-tag"]
+    again = post(server, "generate_image", json={"label": "3", "n": 2, "seed": 5}).json()["images"]
+    assert again == response.json()["images"]  # same seed, same images
+
+
+def test_restore_image_returns_the_upscaled_png(server: Server) -> None:
+    response = post(server, "restore_image", files={"image": ("photo.png", upload((40, 32)), "image/png")})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    restored = png(response.content)
+    assert restored.size == (80, 64) and restored.text["task"] == "super_resolution"  # the tiny restorer is ×2
+
+
+def test_python_client(server: Server) -> None:
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server.url) as client:
+        result = client.generate_image(label="7", n=1, seed=1)
+    assert result["label"] == "7" and len(result["images"]) == 1
+
+
+# --- bad requests: a 4xx naming the field, never a 500 -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("api", "body", "field"),
+    [
+        ("generate_text", {"prompt": "word " * 500}, "prompt"),  # over the character cap
+        ("generate_text", {"prompt": "colour: amber " * 60}, "prompt"),  # under it, but too many tokens
+        ("generate_text", {"record": {"name": "A", "sku": "1"}}, "sku"),
+        ("generate_text", {"record": RECORD, "prompt": "both"}, "record, prompt"),
+        ("generate_text", {}, "record, prompt"),
+        ("generate_text", {"record": RECORD, "max_new_tokens": 100000}, "max_new_tokens"),
+        ("generate_text", {"record": RECORD, "temperature": -1}, "temperature"),
+        ("generate_image", {"label": "cat"}, "label"),
+        ("generate_image", {"label": "3", "n": 1000}, "n"),
+        ("generate_image", {"label": "3", "seed": -1}, "seed"),
+    ],
+)
+def test_bad_json_requests_are_400_naming_the_field(server: Server, api: str, body: dict[str, object], field: str) -> None:
+    response = post(server, api, json=body)
+    assert response.status_code == 400, response.text
+    assert field in error_text(response)
+
+
+def test_malformed_json_and_wrong_content_type_are_4xx(server: Server) -> None:
+    broken = post(server, "generate_text", content=b'{"record": ', headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "Invalid JSON" in broken.text
+    text = post(server, "generate_text", content=b"hello", headers={"content-type": "text/plain"})
+    assert 400 <= text.status_code < 500
+    json_upload = post(server, "restore_image", json={"image": "abc"})
+    assert json_upload.status_code == 400 and "image" in error_text(json_upload)
+
+
+def test_a_10_mb_body_is_refused_with_413(server: Server) -> None:
+    response = post(server, "generate_text", content=b"x" * (10 * 1024 * 1024), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "body" in response.text
+
+
+def test_corrupt_and_oversized_uploads_are_400(server: Server) -> None:
+    corrupt = post(server, "restore_image", files={"image": ("bad.png", upload()[:100], "image/png")})
+    assert corrupt.status_code == 400 and "image: not a readable image" in corrupt.text
+    not_an_image = post(server, "restore_image", files={"image": ("notes.txt", b"hello", "text/plain")})
+    assert not_an_image.status_code == 400 and "image" in not_an_image.text
+    # A 4 MB-pixel claim in a tiny file (a decompression bomb): refused from the header, nothing decoded.
+    bomb = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(bomb, "PNG")
+    response = post(server, "restore_image", files={"image": ("bomb.png", bomb.getvalue(), "image/png")})
+    assert response.status_code == 400 and "over the limit" in response.text
+
+
+# --- request log --------------------------------------------------------------------------------------------
+
+
+def test_requests_are_logged_with_the_documented_columns_and_no_raw_text(server: Server) -> None:
+    post(server, "generate_text", json={"record": RECORD})
+    post(server, "generate_image", json={"label": "2"})
+    post(server, "restore_image", files={"image": ("p.png", upload(), "image/png")})
+    deadline = time.monotonic() + 10
+    rows: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        parts = sorted(server.log_dir.glob("requests-*.parquet"))
+        rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
+        if {"generate_text", "generate_image", "restore_image"} <= {r["endpoint"] for r in rows}:
+            break
+        time.sleep(0.3)
+    assert {"generate_text", "generate_image", "restore_image"} <= {r["endpoint"] for r in rows}
+    assert tuple(pq.read_schema(sorted(server.log_dir.glob("requests-*.parquet"))[0]).names) == COLUMNS
+    text_row = next(r for r in rows if r["endpoint"] == "generate_text")
+    assert text_row["attr_colour"] == "amber" and text_row["num_attributes"] == 4 and text_row["latency_ms"] > 0
+    restore_row = next(r for r in rows if r["endpoint"] == "restore_image")
+    assert restore_row["width"] == 40 and restore_row["brightness"] is not None
+    logged = json.dumps(rows, default=str)
+    assert "Aurora" not in logged  # free-text attribute values (names) are never logged
+
+
+# --- auth -----------------------------------------------------------------------------------------------------
+
+
+def test_api_key_guards_the_apis_but_not_health(bento_home: Path, tmp_path: Path) -> None:
+    guarded = start_server(bento_home, tmp_path / "log", AIGC_API_KEY="s3cret")
+    try:
+        assert post(guarded, "generate_image", json={"label": "1"}).status_code == 401
+        wrong = post(guarded, "generate_image", json={"label": "1"}, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = post(guarded, "generate_image", json={"label": "1"}, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{guarded.url}/livez").status_code == 200 and httpx.get(f"{guarded.url}/readyz").status_code == 200
+    finally:
+        stop_server(guarded)
