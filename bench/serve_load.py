@@ -1,0 +1,131 @@
+"""Load test of the service: N concurrent clients for T seconds, adaptive batching on vs off, in one run.
+
+    dvc repro package && python bench/serve_load.py                  # starts both servers itself
+    python bench/serve_load.py --clients 32 --seconds 20 --endpoint generate_text
+    python bench/serve_load.py --url http://localhost:3000           # only measure a running service
+
+Each client (httpx, async) sends requests back to back. Prints JSON: requests/s, p50/p95/p99 latency (ms),
+errors, per configuration, and the throughput ratio batched / unbatched. The servers use the models of the
+current BentoML store ($BENTOML_HOME), as `bentoml serve` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BODIES = {
+    "generate_text": {"record": {"name": "Aurora", "colour": "amber", "tone": "playful"}, "max_new_tokens": 32},
+    "generate_image": {"label": "3", "n": 4},
+}
+
+
+async def load(url: str, endpoint: str, clients: int, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(http: httpx.AsyncClient, index: int) -> None:
+        nonlocal errors
+        sent = 0
+        while time.perf_counter() < deadline:
+            body = {**BODIES[endpoint], "seed": index * 100_000 + sent}
+            start = time.perf_counter()
+            try:
+                response = await http.post(f"{url}/{endpoint}", json=body)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append((time.perf_counter() - start) * 1000)
+            else:
+                errors += 1
+            sent += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http, i) for i in range(clients)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else float("nan")
+
+    return {"requests": len(latencies), "errors": errors, "requests_per_s": round(len(latencies) / elapsed, 2),
+            "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(batching: bool) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "AIGC_BATCHING": "1" if batching else "0", "AIGC_REQUEST_LOG": "/tmp/aigc-bench-log"}
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    process = subprocess.Popen(
+        [bentoml, "serve", "serving.service:Gateway", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            sys.exit("bentoml serve exited: run `dvc repro package` first (the models must be in the store)")
+        time.sleep(0.5)
+    process.kill()
+    sys.exit("bentoml serve did not become ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--endpoint", choices=[*BODIES, "both"], default="both")
+    parser.add_argument("--url", default=None, help="measure this running service instead of starting two")
+    args = parser.parse_args()
+    endpoints = list(BODIES) if args.endpoint == "both" else [args.endpoint]
+    results: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds}
+    if args.url:
+        for endpoint in endpoints:
+            results[endpoint] = asyncio.run(load(args.url, endpoint, args.clients, args.seconds))
+        print(json.dumps(results, indent=2))
+        return
+    for batching in (False, True):
+        process, url = serve(batching)
+        try:
+            for endpoint in endpoints:
+                asyncio.run(load(url, endpoint, 2, 2))  # warm-up, not reported
+                results.setdefault(endpoint, {})["batched" if batching else "unbatched"] = asyncio.run(
+                    load(url, endpoint, args.clients, args.seconds)
+                )
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    for endpoint in endpoints:
+        r = results[endpoint]
+        r["throughput_ratio"] = round(r["batched"]["requests_per_s"] / max(r["unbatched"]["requests_per_s"], 1e-9), 2)
+    results["goal"] = {"throughput_ratio": 3.0, "errors": 0, "device": "GPU, 32 clients"}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
