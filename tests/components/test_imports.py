@@ -20,7 +20,8 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
 
 def test_stages_do_not_import_prefect_dvc_ge_evidently_or_bentoml() -> None:
     watched = ["prefect", "dvc", "great_expectations", "evidently", "bentoml", "dvclive"]
-    assert loaded_after_import([f"components.{s}" for s in STAGES], watched) == []
+    # `package` is serving code (serving/package.py): BentoML is its job.
+    assert loaded_after_import([f"components.{s}" for s in STAGES if s != "package"], watched) == []
 
 
 def test_shared_helpers_run_on_a_machine_with_only_torch_and_transformers() -> None:
