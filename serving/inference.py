@@ -54,9 +54,6 @@ class TextGenerator:
         self.device = device
         self.max_length = int(self.model.config.max_position_embeddings)
 
-    def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-
     def generate(self, requests: list[TextRequest]) -> list[str]:
         """Texts for the requests, in order; requests with the same decoding settings run as one batch."""
         from components.evaluate_text import decoding_options, generate_texts

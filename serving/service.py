@@ -109,15 +109,13 @@ class Models:
             "restore": {"tag": str(self.restore_model.tag), **_labels(self.restore_model), "task": self.restorer.task},
         }
 
-    @bentoml.api
-    def prompt_tokens(self, prompt: str) -> int:
-        return self.text.prompt_tokens(prompt)
-
-    @bentoml.api(batchable=BATCHING, max_batch_size=32, max_latency_ms=100)
+    # max_latency_ms bounds how long a request may wait for its batch; the dispatcher answers 503 when it
+    # expects to miss it, so it is set well above a CPU batch's time (~1 s for 32 texts).
+    @bentoml.api(batchable=BATCHING, max_batch_size=32, max_latency_ms=30_000)
     def generate_text_batch(self, requests: list[dict[str, Any]]) -> list[str]:
         return self.text.generate([TextRequest(**r) for r in requests])
 
-    @bentoml.api(batchable=BATCHING, max_batch_size=64, max_latency_ms=50)
+    @bentoml.api(batchable=BATCHING, max_batch_size=64, max_latency_ms=30_000)
     def generate_image_batch(self, requests: list[dict[str, Any]]) -> list[list[str]]:
         """Per request, its images as base64 PNGs carrying model tag, seed, label and params hash."""
         from serving.inference import png_bytes
@@ -195,19 +193,44 @@ async def _json(send: Any, status: int, body: dict[str, Any], extra: dict[str, s
 @bentoml.service(name="aigc-gateway", traffic={"timeout": 120})
 class Gateway:
     models = bentoml.depends(Models)
+    text_model = bentoml.models.BentoModel(TEXT_TAG)  # for its tokenizer: prompt lengths are checked here
 
     def __init__(self) -> None:
+        from transformers import AutoTokenizer
+
         from serving.request_log import RequestLog
 
+        self.tokenizer = AutoTokenizer.from_pretrained(self.text_model.path)
         self.log = RequestLog(
             Path(os.environ.get("AIGC_REQUEST_LOG", "monitoring/logs")),
             flush_seconds=float(os.environ.get("AIGC_REQUEST_LOG_FLUSH_SECONDS", "5")),
         )
         self._described: dict[str, Any] | None = None
 
+    async def _call(self, api: str, *args: Any) -> Any:
+        """A call to the Models service, retried when its pooled connection was closed under it.
+
+        Under sustained load BentoML's inter-service client reuses connections the other side has just
+        closed (ServerDisconnectedError; bentoml/BentoML#5540). Every Models API is a pure function of its
+        input, so a retry is safe; after three tries the client gets a 503, never a 500.
+        """
+        import asyncio
+
+        import aiohttp
+        from bentoml.exceptions import ServiceUnavailable
+
+        for attempt in range(3):
+            try:
+                return await getattr(self.models.to_async, api)(*args)
+            except aiohttp.ClientConnectionError as err:
+                if attempt == 2:
+                    raise ServiceUnavailable(f"model service connection failed: {type(err).__name__}") from err
+                await asyncio.sleep(0.02 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     async def _describe(self) -> dict[str, Any]:
         if self._described is None:
-            self._described = await self.models.to_async.describe()
+            self._described = await self._call("describe")
         return self._described
 
     def _provenance(self, ctx: bentoml.Context, family: dict[str, Any], seed: int, request_id: str) -> None:
@@ -240,13 +263,13 @@ class Gateway:
         if not text:
             raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
         described = (await self._describe())["text"]
-        tokens = await self.models.to_async.prompt_tokens(text)
+        tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         room = described["max_length"] - max_new_tokens - 1
         if tokens > room:
             field = "record" if record is not None else "prompt"
             raise InvalidArgument(f"{field}: {tokens} tokens; at most {room} fit with max_new_tokens={max_new_tokens}")
         request = TextRequest(text, decoding, temperature, top_p, num_beams, max_new_tokens, seed)
-        (output,) = await self.models.to_async.generate_text_batch([request.__dict__])
+        (output,) = await self._call("generate_text_batch", [request.__dict__])
         self._provenance(ctx, described, seed, request_id)
         self.log.log({
             "request_id": request_id, "endpoint": "generate_text", "status": 200, "model_tag": described["tag"],
@@ -270,7 +293,7 @@ class Gateway:
         if label not in names:
             raise InvalidArgument(f"label: {label!r} is not one of the trained labels {names}")
         request = ImageRequest(names.index(label), n, seed)
-        (images,) = await self.models.to_async.generate_image_batch([request.__dict__])
+        (images,) = await self._call("generate_image_batch", [request.__dict__])
         self._provenance(ctx, described, seed, request_id)
         self.log.log({
             "request_id": request_id, "endpoint": "generate_image", "status": 200, "model_tag": described["tag"],
@@ -294,7 +317,7 @@ class Gateway:
         except UploadError as err:
             raise InvalidArgument(str(err)) from err
         described = (await self._describe())["restore"]
-        restored = base64.b64decode(await self.models.to_async.restore(base64.b64encode(data).decode(), 0))
+        restored = base64.b64decode(await self._call("restore", base64.b64encode(data).decode(), 0))
         out = Path(ctx.temp_dir) / f"restored-{request_id}.png"
         out.write_bytes(restored)
         self._provenance(ctx, described, 0, request_id)
