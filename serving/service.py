@@ -304,9 +304,10 @@ class Gateway:
 
     @bentoml.api
     async def restore_image(
-        self, ctx: bentoml.Context, image: Path
+        self, ctx: bentoml.Context, image: Path, task: Literal["super_resolution", "denoise"] | None = None
     ) -> Annotated[Path, bentoml.validators.ContentType("image/png")]:
-        """The restored upload (multipart field `image`: PNG or JPEG, ≤ 8 MB) as a PNG."""
+        """The restored upload (multipart field `image`: PNG or JPEG, ≤ 8 MB) as a PNG. `task`, when given,
+        must be the served restorer's (a model does one task; the wrong one is refused, not run)."""
         from serving.inference import UploadError, decode_upload
         from serving.request_log import image_log_fields
 
@@ -317,6 +318,8 @@ class Gateway:
         except UploadError as err:
             raise InvalidArgument(str(err)) from err
         described = (await self._describe())["restore"]
+        if task is not None and task != described["task"]:
+            raise InvalidArgument(f"task: the served restorer does {described['task']!r}, not {task!r}")
         restored = base64.b64decode(await self._call("restore", base64.b64encode(data).decode(), 0))
         out = Path(ctx.temp_dir) / f"restored-{request_id}.png"
         out.write_bytes(restored)

@@ -175,6 +175,8 @@ def test_a_10_mb_body_is_refused_with_413(server: Server) -> None:
 def test_corrupt_and_oversized_uploads_are_400(server: Server) -> None:
     corrupt = post(server, "restore_image", files={"image": ("bad.png", upload()[:100], "image/png")})
     assert corrupt.status_code == 400 and "image: not a readable image" in corrupt.text
+    wrong_task = post(server, "restore_image", files={"image": ("p.png", upload(), "image/png")}, data={"task": "denoise"})
+    assert wrong_task.status_code == 400 and "task" in wrong_task.text
     not_an_image = post(server, "restore_image", files={"image": ("notes.txt", b"hello", "text/plain")})
     assert not_an_image.status_code == 400 and "image" in not_an_image.text
     # A 4 MB-pixel claim in a tiny file (a decompression bomb): refused from the header, nothing decoded.
