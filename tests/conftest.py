@@ -29,7 +29,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every stage of dvc.yaml.
 STAGES = ["ingest", "validate", "clean", "augment", "features", "train_text", "evaluate_text", "train_feature_net",
           "train_image", "evaluate_image", "train_restore", "evaluate_restore", "package"]  # fmt: skip
-REPO_FILES = ["components", "flows", "serving", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "data/.gitignore"]
+REPO_FILES = [
+    "components",
+    "flows",
+    "serving",
+    "monitoring",
+    ".gitignore",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    "data/.gitignore",
+]
 
 
 def shrink(params: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +113,8 @@ def copy_repo(dest: Path, params: dict[str, Any]) -> Path:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
-            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+            # Code only: never the runtime state a local service or flow left under monitoring/.
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "logs", "reports", "retrain"))
         else:
             shutil.copy2(src, target)
     write_params(params, dest / "params.yaml")

@@ -1,0 +1,123 @@
+"""Drift check and drift-triggered retraining.
+
+    python -m flows.monitoring                         # check the last window; retrain on drift
+    python -m flows.monitoring --no-retrain            # only the check and its report
+
+`drift_check` runs `monitoring.drift` over the request log and publishes the decision as a markdown
+artifact. On drift it asks the retrain gate (`monitoring/retrain_gate.py`: cooldown + lock) and, when
+allowed, starts `retrain`: through `run_deployment("retrain/retrain")` when deployments are being served
+(`--via-deployment`), as a direct subflow otherwise. `retrain` is a DVC experiment (`dvc exp run -n
+<name>`) of the whole pipeline on the current data, named after the drift report that triggered it; the
+gate's `state.json` maps each experiment to its report, so any retrain can be reproduced with
+`dvc exp apply <name>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+
+@task(retries=1, retry_delay_seconds=5, task_run_name="check-drift")
+def run_drift_check(repo_root: str, log_dir: str, reports_dir: str) -> dict[str, Any]:
+    from components.common import load_params
+    from monitoring.drift import DriftConfig, check_drift
+
+    root = Path(repo_root)
+    cfg = DriftConfig.from_params(load_params("monitor", root / "params.yaml"))
+    report_dir, results = check_drift(cfg, root / log_dir, root / "data" / "features" / "reference", root / reports_dir)
+    return {"report": str(report_dir), "results": {name: r.as_dict() for name, r in results.items()}}
+
+
+@task(task_run_name="dvc-exp-run-{experiment}")
+def dvc_experiment(repo_root: str, experiment: str) -> str:
+    """`dvc exp run -n <experiment>`: the whole pipeline as a named experiment, streamed into the log."""
+    logger = get_run_logger()
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = [str(Path(sys.executable).parent / "dvc"), "exp", "run", "-n", experiment]
+    run = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True)
+    for line in (run.stdout + run.stderr).splitlines()[-40:]:
+        logger.info(line)
+    if run.returncode != 0:
+        raise RuntimeError(f"dvc exp run -n {experiment} failed with exit {run.returncode}")
+    return experiment
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(repo_root: str = ".", experiment: str | None = None, report: str | None = None) -> str:
+    """Reproduce the pipeline as a DVC experiment (named after its trigger when there is one)."""
+    name = experiment or f"retrain-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+    get_run_logger().info("retraining as experiment %s%s", name, f" (drift report {report})" if report else "")
+    return dvc_experiment(repo_root, name)
+
+
+def summary_markdown(check: dict[str, Any], action: str) -> str:
+    lines = ["## Drift check", "", f"Report: `{check['report']}`", "", "| family | decision | why |", "|---|---|---|"]
+    lines += [f"| {name} | {r['decision']} | {r['reason']} |" for name, r in check["results"].items()]
+    return "\n".join([*lines, "", f"**Action:** {action}", ""])
+
+
+@flow(name="drift-check", log_prints=True)
+def drift_check(
+    repo_root: str = ".",
+    log_dir: str = "monitoring/logs",
+    reports_dir: str = "monitoring/reports",
+    retrain_on_drift: bool = True,
+    via_deployment: bool = False,
+) -> dict[str, Any]:
+    """Check the last window for drift; on drift, start one retrain unless the gate refuses."""
+    from components.common import load_params
+    from monitoring.retrain_gate import RetrainGate
+
+    logger = get_run_logger()
+    root = Path(repo_root)
+    check = run_drift_check(repo_root, log_dir, reports_dir)
+    drifted = [name for name, r in check["results"].items() if r["decision"] == "drift"]
+    action = "none: no drift" if not drifted else "none: retraining disabled"
+    outcome: dict[str, Any] = {**check, "drifted": drifted, "retrain": None}
+    if drifted and retrain_on_drift:
+        cooldown = float(load_params("monitor", root / "params.yaml")["cooldown_hours"])
+        gate = RetrainGate(root / "monitoring" / "retrain", timedelta(hours=cooldown))
+        experiment = f"retrain-{Path(check['report']).name.lower()}"
+        with gate.claim(check["report"], experiment) as decision:
+            action = decision.reason
+            logger.info(decision.reason)
+            if decision.start:
+                if via_deployment:
+                    from prefect.deployments import run_deployment
+
+                    params = {"repo_root": str(root.resolve()), "experiment": experiment, "report": check["report"]}
+                    run_deployment("retrain/retrain", parameters=params)
+                else:
+                    retrain(repo_root, experiment, check["report"])
+                outcome["retrain"] = experiment
+    create_markdown_artifact(summary_markdown(check, action), key="drift-check", description="Drift decision and action")
+    outcome["action"] = action
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.monitoring", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repo", default=".")
+    parser.add_argument("--log", default="monitoring/logs")
+    parser.add_argument("--reports", default="monitoring/reports")
+    parser.add_argument("--no-retrain", action="store_true", help="only check and report")
+    parser.add_argument("--via-deployment", action="store_true", help="start the retrain through its served deployment")
+    args = parser.parse_args(argv)
+    result = drift_check(args.repo, args.log, args.reports, not args.no_retrain, args.via_deployment)
+    print(f"{result['report']}: drift in {result['drifted'] or 'no family'}; {result['action']}")
+
+
+if __name__ == "__main__":
+    main()

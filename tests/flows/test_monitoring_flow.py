@@ -1,0 +1,52 @@
+"""The drift flow on a tiny pipeline: drift -> exactly one retrain (a real `dvc exp run`) per cooldown;
+clean or too-small windows -> none."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.monitoring import drift_check
+from monitoring.simulate import write_simulated_log
+from tests.conftest import copy_repo, venv_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def built_repo(tmp_path: Path, tiny_params: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Path:
+    tiny_params["monitor"].update(min_rows=50, cooldown_hours=24)
+    repo = copy_repo(tmp_path / "repo", tiny_params)
+    monkeypatch.setenv("PATH", venv_env()["PATH"])
+    run = subprocess.run(["dvc", "repro"], cwd=repo, env=venv_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline reproduced"], cwd=repo, check=True)
+    return repo
+
+
+def experiments(repo: Path) -> list[str]:
+    out = subprocess.run(["dvc", "exp", "list", "--name-only"], cwd=repo, env=venv_env(), capture_output=True, text=True)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_drift_triggers_one_retrain_within_the_cooldown_and_clean_windows_none(built_repo: Path) -> None:
+    reference = built_repo / "data" / "features" / "reference"
+    clean = drift_check(repo_root=str(built_repo))
+    assert clean["retrain"] is None and all(r["decision"] == "skipped" for r in clean["results"].values())
+
+    write_simulated_log(reference, built_repo / "monitoring" / "logs", 300, shift=0.0, seed=1)
+    no_drift = drift_check(repo_root=str(built_repo))
+    assert no_drift["drifted"] == [] and no_drift["retrain"] is None
+
+    write_simulated_log(reference, built_repo / "monitoring" / "logs", 3000, shift=1.0, seed=2)
+    first = drift_check(repo_root=str(built_repo))
+    assert first["drifted"] and first["retrain"] is not None
+    second = drift_check(repo_root=str(built_repo))  # still drifted, within the cooldown
+    assert second["drifted"] and second["retrain"] is None and second["action"].startswith("cooldown:")
+    assert experiments(built_repo) == [first["retrain"]]
+    assert Path(first["report"], "decision.json").is_file()
