@@ -178,6 +178,11 @@ def evaluate_image(
         if value is None:
             log.warning("fid_inception skipped: %s", status)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The generated images themselves: a champion / challenger comparison embeds both models' samples with
+    # one feature network (the champion's), so the two FIDs share a yardstick even when the data changed.
+    from safetensors.torch import save_file
+
+    save_file({"images": fake_images.contiguous(), "labels": labels.contiguous()}, str(out_dir / "generated_images.safetensors"))
     grid_z, grid_labels = class_noise(generator.cfg, cfg.grid_per_class, cfg.seed + 1)
     save_grid(generate(generator, grid_z, grid_labels), out_dir / "samples.png", cfg.grid_per_class)
     write_json(metrics, metrics_path)

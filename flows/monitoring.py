@@ -6,10 +6,13 @@
 `drift_check` runs `monitoring.drift` over the request log and publishes the decision as a markdown
 artifact. On drift it asks the retrain gate (`monitoring/retrain_gate.py`: cooldown + lock) and, when
 allowed, starts `retrain`: through `run_deployment("retrain/retrain")` when deployments are being served
-(`--via-deployment`), as a direct subflow otherwise. `retrain` is a DVC experiment (`dvc exp run -n
+(`--via-deployment`), as a direct subflow otherwise. `retrain` is a DVC experiment (`dvc exp run --temp -n
 <name>`) of the whole pipeline on the current data, named after the drift report that triggered it; the
 gate's `state.json` maps each experiment to its report, so any retrain can be reproduced with
-`dvc exp apply <name>`.
+`dvc exp apply <name>`. The challenger is then compared with the champion (the workspace's models) on the
+same test data (`monitoring/promotion.py`: BLEU, FID, PSNR with paired-bootstrap intervals) and promoted
+(`dvc exp apply`, then the `package` stage rebuilds the model store entries and the Bento) only when no
+family is worse beyond its tolerance; `monitoring/promotion/history.json` lists every decision.
 """
 
 from __future__ import annotations
@@ -37,27 +40,64 @@ def run_drift_check(repo_root: str, log_dir: str, reports_dir: str) -> dict[str,
     return {"report": str(report_dir), "results": {name: r.as_dict() for name, r in results.items()}}
 
 
-@task(task_run_name="dvc-exp-run-{experiment}")
-def dvc_experiment(repo_root: str, experiment: str) -> str:
-    """`dvc exp run -n <experiment>`: the whole pipeline as a named experiment, streamed into the log."""
+def dvc(repo_root: str, *args: str) -> None:
+    """Run a DVC command in the repo (this interpreter's venv), its output into the task log."""
     logger = get_run_logger()
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = [str(Path(sys.executable).parent / "dvc"), "exp", "run", "-n", experiment]
-    run = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args], cwd=repo_root, env=env, capture_output=True, text=True
+    )
     for line in (run.stdout + run.stderr).splitlines()[-40:]:
         logger.info(line)
     if run.returncode != 0:
-        raise RuntimeError(f"dvc exp run -n {experiment} failed with exit {run.returncode}")
+        raise RuntimeError(f"dvc {' '.join(args)} failed with exit {run.returncode}")
+
+
+@task(task_run_name="dvc-exp-run-{experiment}")
+def dvc_experiment(repo_root: str, experiment: str) -> str:
+    """`dvc exp run --temp -n <experiment>`: the whole pipeline as a named experiment, run aside so the
+    workspace keeps the champion until the gate decides."""
+    dvc(repo_root, "exp", "run", "--temp", "-n", experiment)
     return experiment
 
 
+@task(task_run_name="champion-challenger-{experiment}")
+def champion_challenger(repo_root: str, experiment: str) -> dict[str, Any]:
+    """Compare the experiment (challenger) with the workspace (champion); record the decision."""
+    from components.common import load_params
+    from monitoring.promotion import PromotionConfig, compare_revisions, record
+
+    root = Path(repo_root)
+    cfg = PromotionConfig.from_params(load_params("promotion", root / "params.yaml"))
+    comparisons = compare_revisions(root, experiment, cfg)
+    promoted = all(c.promote for c in comparisons)
+    for comparison in comparisons:
+        get_run_logger().info("%s: %s", comparison.family, comparison.reason)
+    return record(root / "monitoring" / "promotion" / "history.json", comparisons, experiment, promoted)
+
+
+@task(task_run_name="promote-{experiment}")
+def promote(repo_root: str, experiment: str) -> None:
+    """The challenger becomes the workspace's models, and `package` puts them in the model store and Bento."""
+    dvc(repo_root, "exp", "apply", experiment)
+    dvc(repo_root, "repro", "package")
+
+
 @flow(name="retrain", log_prints=True)
-def retrain(repo_root: str = ".", experiment: str | None = None, report: str | None = None) -> str:
-    """Reproduce the pipeline as a DVC experiment (named after its trigger when there is one)."""
+def retrain(repo_root: str = ".", experiment: str | None = None, report: str | None = None) -> dict[str, Any]:
+    """Reproduce the pipeline as a DVC experiment (named after its trigger when there is one), then
+    promote it only if the champion / challenger gate says it is not worse beyond the tolerances."""
     name = experiment or f"retrain-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     get_run_logger().info("retraining as experiment %s%s", name, f" (drift report {report})" if report else "")
-    return dvc_experiment(repo_root, name)
+    dvc_experiment(repo_root, name)
+    decision = champion_challenger(repo_root, name)
+    if decision["promoted"]:
+        promote(repo_root, name)
+    reasons = "\n".join(f"- {c['reason']}" for c in decision["comparisons"])
+    verdict = "promoted" if decision["promoted"] else "not promoted: the champion stays"
+    create_markdown_artifact(f"## Retrain {name}: {verdict}\n\n{reasons}\n", key="promotion", description="Champion / challenger")
+    return decision
 
 
 def summary_markdown(check: dict[str, Any], action: str) -> str:

@@ -3,6 +3,7 @@ clean or too-small windows -> none."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,8 @@ def test_drift_triggers_one_retrain_within_the_cooldown_and_clean_windows_none(b
     assert second["drifted"] and second["retrain"] is None and second["action"].startswith("cooldown:")
     assert experiments(built_repo) == [first["retrain"]]
     assert Path(first["report"], "decision.json").is_file()
+    # The retrain reproduced the same models (same data, same seeds): not worse, so promoted, and recorded.
+    history = json.loads((built_repo / "monitoring" / "promotion" / "history.json").read_text())
+    assert [(h["experiment"], h["promoted"]) for h in history] == [(first["retrain"], True)]
+    assert {c["family"] for c in history[0]["comparisons"]} == {"text", "image", "restore"}
+    assert all(c["delta"] == pytest.approx(0, abs=1e-6) for c in history[0]["comparisons"])

@@ -1,0 +1,203 @@
+"""Champion / challenger: is a retrained model good enough to replace the promoted one?
+
+Both are scored on the same test data, per family, with a paired bootstrap (the same resampled test items
+for both models) of the difference challenger − champion, oriented so that positive is better:
+
+- text: corpus BLEU (sacrebleu's sufficient statistics per sentence, summed over each resample, as
+  sacrebleu's own paired bootstrap does), from each model's `data/evaluation/text/outputs.parquet`;
+- restore: mean PSNR over the test images, from `data/evaluation/restore/per_image.json`;
+- image: FID (lower is better) of resampled generated images against the real test images, both models'
+  samples (`data/evaluation/image/generated_images.safetensors`) embedded by the champion's feature network
+  and compared with the champion's cached real features, so the two FIDs share one yardstick.
+
+The challenger is promoted when the lower end of the 95 % interval of the difference is at least −tolerance
+(a non-inferiority test: "not worse beyond the tolerance", with confidence). Every decision is appended to
+the promotion history (JSON) with the figures that made it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.common import write_json
+
+
+@dataclass(frozen=True)
+class Comparison:
+    family: str
+    metric: str
+    champion: float
+    challenger: float
+    delta: float  # challenger − champion, positive = better
+    ci_low: float
+    ci_high: float
+    tolerance: float
+    promote: bool
+    reason: str
+
+
+def paired_bootstrap(
+    n_items: int, statistic: Callable[[np.ndarray], tuple[float, float]], samples: int, seed: int
+) -> tuple[float, float]:
+    """95 % interval of statistic(champion) − statistic(challenger) differences, oriented by the caller:
+    `statistic(indices)` returns (champion value, challenger value) on the resampled items."""
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(samples):
+        idx = rng.integers(0, n_items, n_items)
+        champion, challenger = statistic(idx)
+        deltas.append(challenger - champion)
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def decide(family: str, metric: str, champion: float, challenger: float, ci: tuple[float, float], tolerance: float) -> Comparison:
+    delta = challenger - champion
+    promote = ci[0] >= -tolerance
+    verdict = "not worse beyond" if promote else "possibly worse beyond"
+    reason = (
+        f"{metric}: challenger {challenger:.4g} vs champion {champion:.4g}, difference {delta:+.4g} "
+        f"(95% CI {ci[0]:+.4g} … {ci[1]:+.4g}): {verdict} the tolerance {tolerance}"
+    )
+    return Comparison(family, metric, champion, challenger, delta, ci[0], ci[1], tolerance, promote, reason)
+
+
+def bleu_statistics(hypotheses: list[str], references: list[list[str]]) -> tuple[Any, np.ndarray]:
+    """sacrebleu's per-sentence BLEU statistics (n-gram matches and totals, lengths), multi-reference."""
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU()
+    width = max(len(r) for r in references)
+    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
+    return metric, np.array(metric._extract_corpus_statistics(hypotheses, streams))
+
+
+def compare_text(champion: Any, challenger: Any, tolerance: float, samples: int, seed: int) -> Comparison:
+    """Corpus BLEU of two outputs tables (evaluate_text's outputs.parquet as pandas) on the same sources."""
+    merged = champion.merge(challenger, on="source", suffixes=("_champion", "_challenger"))
+    if merged.empty:
+        raise ValueError("the two evaluations share no test source")
+    references = [list(r) for r in merged["references_champion"]]
+    metric, champ_stats = bleu_statistics(list(merged["hypothesis_champion"]), references)
+    _, chall_stats = bleu_statistics(list(merged["hypothesis_challenger"]), references)
+
+    def bleu(stats: np.ndarray) -> float:
+        return float(metric._compute_score_from_stats(list(stats.sum(0))).score)
+
+    ci = paired_bootstrap(len(merged), lambda idx: (bleu(champ_stats[idx]), bleu(chall_stats[idx])), samples, seed)
+    return decide("text", "bleu", bleu(champ_stats), bleu(chall_stats), ci, tolerance)
+
+
+def compare_restore(
+    champion: list[dict[str, Any]], challenger: list[dict[str, Any]], tolerance: float, samples: int, seed: int
+) -> Comparison:
+    """Mean PSNR over the images both evaluations scored (evaluate_restore's per_image.json rows)."""
+    by_id = {row["record_id"]: row["psnr"] for row in champion}
+    pairs = np.array([(by_id[row["record_id"]], row["psnr"]) for row in challenger if row["record_id"] in by_id])
+    if len(pairs) == 0:
+        raise ValueError("the two evaluations share no test image")
+    ci = paired_bootstrap(len(pairs), lambda idx: (pairs[idx, 0].mean(), pairs[idx, 1].mean()), samples, seed)
+    return decide("restore", "psnr", float(pairs[:, 0].mean()), float(pairs[:, 1].mean()), ci, tolerance)
+
+
+def compare_image(champion_fake: Any, challenger_fake: Any, real: Any, tolerance: float, samples: int, seed: int) -> Comparison:
+    """FID (negated, so higher is better) of generated-image features against the real test features,
+    bootstrapping the generated images (same resampled indices for both; the seeds are shared)."""
+    from components.evaluate_image import fid_from_features
+
+    n = min(len(champion_fake), len(challenger_fake))
+
+    def neg_fid(idx: np.ndarray) -> tuple[float, float]:
+        return -fid_from_features(real, champion_fake[idx]), -fid_from_features(real, challenger_fake[idx])
+
+    champion_value, challenger_value = neg_fid(np.arange(n))
+    ci = paired_bootstrap(n, neg_fid, samples, seed)
+    comparison = decide("image", "-fid_domain", champion_value, challenger_value, ci, tolerance)
+    return comparison
+
+
+def record(history_path: Path, comparisons: list[Comparison], experiment: str, promoted: bool) -> dict[str, Any]:
+    """Append one decision (all families) to the promotion history and return it."""
+    history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []
+    entry = {
+        "at": datetime.now(UTC).isoformat(),
+        "experiment": experiment,
+        "promoted": promoted,
+        "comparisons": [asdict(c) for c in comparisons],
+    }
+    write_json([*history, entry], history_path)
+    return entry
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    tolerance_bleu: float
+    tolerance_fid: float
+    tolerance_psnr: float
+    bootstrap_samples: int
+    seed: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> PromotionConfig:
+        from components.common import require
+
+        p = "promotion"
+        return cls(
+            tolerance_bleu=float(require(params, "tolerance_bleu", (int, float), p, low=0)),
+            tolerance_fid=float(require(params, "tolerance_fid", (int, float), p, low=0)),
+            tolerance_psnr=float(require(params, "tolerance_psnr", (int, float), p, low=0)),
+            bootstrap_samples=require(params, "bootstrap_samples", int, p, low=10),
+            seed=require(params["base"], "seed", int, "base"),
+        )
+
+
+EVALUATION_FILES = {
+    "text": "data/evaluation/text/outputs.parquet",
+    "restore": "data/evaluation/restore/per_image.json",
+    "image": "data/evaluation/image/generated_images.safetensors",
+}
+
+
+def read_artifact(root: Path, path: str, rev: str | None) -> bytes:
+    """A pipeline output as bytes: from the workspace (rev None) or from a git revision / DVC experiment."""
+    if rev is None:
+        return (root / path).read_bytes()
+    import dvc.api
+
+    return dvc.api.read(path, repo=str(root), rev=rev, mode="rb")
+
+
+def compare_revisions(root: Path, challenger_rev: str, cfg: PromotionConfig, champion_rev: str | None = None) -> list[Comparison]:
+    """Every family's comparison of the challenger (an experiment) with the champion (the workspace)."""
+    import io
+
+    import pandas as pd
+    from safetensors.torch import load as load_safetensors
+
+    def both(family: str) -> tuple[bytes, bytes]:
+        path = EVALUATION_FILES[family]
+        return read_artifact(root, path, champion_rev), read_artifact(root, path, challenger_rev)
+
+    text = [pd.read_parquet(io.BytesIO(b)) for b in both("text")]
+    restore = [json.loads(b) for b in both("restore")]
+    from components.feature_net import DomainFeatures, FeatureNet, FeatureNetConfig, extract
+
+    net_config = json.loads(read_artifact(root, "models/feature_net/config.json", champion_rev))
+    net = FeatureNet(FeatureNetConfig.from_json(net_config))
+    net.load_state_dict(load_safetensors(read_artifact(root, "models/feature_net/model.safetensors", champion_rev)))
+    extractor = DomainFeatures(net.eval())
+    images = [extract(extractor, load_safetensors(b)["images"]) for b in both("image")]
+    real = load_safetensors(read_artifact(root, "data/fid_reference/test.safetensors", champion_rev))["features"]
+    n, seed = cfg.bootstrap_samples, cfg.seed
+    return [
+        compare_text(text[0], text[1], cfg.tolerance_bleu, n, seed),
+        compare_image(images[0], images[1], real, cfg.tolerance_fid, max(10, n // 10), seed),  # FID per resample is dearer
+        compare_restore(restore[0], restore[1], cfg.tolerance_psnr, n, seed),
+    ]
