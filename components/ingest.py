@@ -47,6 +47,7 @@ class IngestConfig:
     text: TextSource
     images_path: Path | None
     restore_path: Path | None
+    landing: Path | None = None  # new data dropped here (text/, images/<label>/, restore/) is added to each input
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> IngestConfig:
@@ -72,6 +73,7 @@ class IngestConfig:
             ),
             images_path=_optional_path(require(params, "images", dict, "ingest").get("path"), "ingest.images.path"),
             restore_path=_optional_path(require(params, "restore", dict, "ingest").get("path"), "ingest.restore.path"),
+            landing=_optional_path(params.get("landing"), "ingest.landing"),
         )
 
 
@@ -86,24 +88,51 @@ def _optional_path(value: Any, key: str) -> Path | None:
     return path
 
 
+def landing_folder(cfg: IngestConfig, name: str) -> Path | None:
+    """The landing sub-folder of a dataset when it holds any file, else None."""
+    if cfg.landing is None:
+        return None
+    folder = cfg.landing / name
+    return folder if folder.is_dir() and any(p.is_file() for p in folder.rglob("*")) else None
+
+
+def with_landing(primary: Iterator[pa.RecordBatch], landed: Iterator[pa.RecordBatch] | None) -> Iterator[pa.RecordBatch]:
+    """The primary input, then the landed files; landed ids are prefixed so they never collide with it."""
+    yield from primary
+    if landed is None:
+        return
+    for batch in landed:
+        ids = pa.array([f"landing/{i}" for i in batch.column("record_id").to_pylist()], pa.string())
+        yield batch.set_column(batch.schema.get_field_index("record_id"), "record_id", ids)
+
+
 def text_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
-    """The configured text input: the user's files, or the embedded generator."""
-    if cfg.text.path is None:
-        return datasets.generated_text(cfg.text.num_records, cfg.text.refs_per_record, cfg.seed)
+    """The configured text input (the user's files, or the embedded generator), then landed files."""
     columns = {"source": cfg.text.source_column, "reference": cfg.text.reference_column, "id": cfg.text.id_column}
-    return datasets.read_text_folder(cfg.text.path, columns, cfg.batch_rows)
+    if cfg.text.path is None:
+        primary = datasets.generated_text(cfg.text.num_records, cfg.text.refs_per_record, cfg.seed)
+    else:
+        primary = datasets.read_text_folder(cfg.text.path, columns, cfg.batch_rows)
+    landed = landing_folder(cfg, "text")
+    return with_landing(primary, datasets.read_text_folder(landed, columns, cfg.batch_rows) if landed else None)
 
 
 def image_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
     if cfg.images_path is None:
-        return datasets.builtin_digits(cfg.batch_rows)
-    return datasets.image_folder(cfg.images_path, labelled=True, batch_rows=cfg.batch_rows)
+        primary = datasets.builtin_digits(cfg.batch_rows)
+    else:
+        primary = datasets.image_folder(cfg.images_path, labelled=True, batch_rows=cfg.batch_rows)
+    landed = landing_folder(cfg, "images")
+    return with_landing(primary, datasets.image_folder(landed, labelled=True, batch_rows=cfg.batch_rows) if landed else None)
 
 
 def restore_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
     if cfg.restore_path is None:
-        return datasets.builtin_photos(cfg.batch_rows)
-    return datasets.image_folder(cfg.restore_path, labelled=False, batch_rows=cfg.batch_rows)
+        primary = datasets.builtin_photos(cfg.batch_rows)
+    else:
+        primary = datasets.image_folder(cfg.restore_path, labelled=False, batch_rows=cfg.batch_rows)
+    landed = landing_folder(cfg, "restore")
+    return with_landing(primary, datasets.image_folder(landed, labelled=False, batch_rows=cfg.batch_rows) if landed else None)
 
 
 def ingest_dataset(batches: Iterator[pa.RecordBatch], schema: pa.Schema, out: Path, name: str) -> dict[str, int]:

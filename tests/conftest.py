@@ -40,6 +40,7 @@ REPO_FILES = [
     ".dvc/config",
     ".dvcignore",
     "data/.gitignore",
+    "data/landing",
 ]
 
 
