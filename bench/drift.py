@@ -4,7 +4,7 @@
     python bench/drift.py --rows 10000 100000 --max-rows 20000
 
 Each size runs in its own process (so peak RSS is that run's): a simulated log (a third of the rows per
-family, 30 % shifted) is written, then `monitoring.drift.check_drift` is timed end to end: reading the
+family, 30 % shifted) is written by another process, then `monitoring.drift.check_drift` is timed end to end: reading the
 window, Evidently's report for each family, HTML + JSON. With `--max-rows 0` nothing is sampled, which shows
 what sampling saves. Prints JSON.
 """
@@ -20,14 +20,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+GENERATE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from monitoring.simulate import write_simulated_log
+write_simulated_log(Path({reference!r}), Path({work!r}) / "logs", {rows} // 3, 0.3, seed=0)
+"""
+
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from monitoring.drift import DriftConfig, check_drift
-from monitoring.simulate import write_simulated_log
 rows, max_rows, work = {rows}, {max_rows}, Path({work!r})
-write_simulated_log(Path({reference!r}), work / "logs", rows // 3, 0.3, seed=0)
 cfg = DriftConfig(window_hours=24, min_rows=100, drift_share=0.3, max_rows=max_rows or 10**9, seed=0)
 start = time.perf_counter()
 _, results = check_drift(cfg, work / "logs", Path({reference!r}), work / "reports")
@@ -49,8 +55,10 @@ def main() -> None:
     runs = []
     for rows in args.rows:
         with tempfile.TemporaryDirectory() as work:
-            code = CHILD.format(root=str(ROOT), rows=rows, max_rows=args.max_rows, work=work, reference=args.reference)
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            fields = {"root": str(ROOT), "rows": rows, "max_rows": args.max_rows, "work": work, "reference": args.reference}
+            # The log is written by another process, so the peak RSS is the check's own.
+            subprocess.run([sys.executable, "-c", GENERATE.format(**fields)], check=True)
+            out = subprocess.run([sys.executable, "-c", CHILD.format(**fields)], capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(out.stderr[-3000:])
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
