@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from components.common import DataError, load_params, require, run_main, write_json
+from components.common import ConfigError, DataError, load_params, require, run_main, write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,23 @@ class DriftConfig:
     drift_share: float
     max_rows: int
     seed: int
+    stattest_threshold: float | None = None  # None: Evidently's default per test (p < 0.05, or its distance cut-off)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> DriftConfig:
         p = "monitor"
+        threshold = params.get("stattest_threshold")
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1
+        ):
+            raise ConfigError(f"params key '{p}.stattest_threshold' must be a number in (0, 1) or null, got {threshold!r}")
         return cls(
             window_hours=float(require(params, "window_hours", (int, float), p, low=0.01)),
             min_rows=require(params, "min_rows", int, p, low=1),
             drift_share=float(require(params, "drift_share", (int, float), p, low=0.01, high=1)),
             max_rows=require(params, "max_rows", int, p, low=100),
             seed=require(params["base"], "seed", int, "base"),
+            stattest_threshold=float(threshold) if threshold is not None else None,
         )
 
 
@@ -117,7 +124,7 @@ def build_drift_report(family: str, reference: Any, current: Any, cfg: DriftConf
     ref = prepare(reference, numerical, categorical, cfg.max_rows, cfg.seed)
     cur = prepare(current, numerical, categorical, cfg.max_rows, cfg.seed)
     definition = DataDefinition(numerical_columns=list(numerical), categorical_columns=list(categorical))
-    snapshot = Report([DataDriftPreset(drift_share=cfg.drift_share)]).run(
+    snapshot = Report([DataDriftPreset(drift_share=cfg.drift_share, threshold=cfg.stattest_threshold)]).run(
         current_data=Dataset.from_pandas(cur, data_definition=definition),
         reference_data=Dataset.from_pandas(ref, data_definition=definition),
     )

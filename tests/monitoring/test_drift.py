@@ -73,3 +73,13 @@ def test_bad_monitor_params_name_the_key(tiny_params: dict[str, Any]) -> None:
 
     with pytest.raises(ConfigError, match="'monitor.drift_share'"):
         config(tiny_params, drift_share=0)
+    with pytest.raises(ConfigError, match="'monitor.stattest_threshold'"):
+        config(tiny_params, stattest_threshold=5)
+
+
+def test_a_stricter_test_threshold_flags_fewer_features(tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path) -> None:
+    _, default = run(tiny_params, tiny_features, tmp_path / "a", rows=400, shift=0.3)
+    _, strict = run(tiny_params, tiny_features, tmp_path / "b", rows=400, shift=0.3, stattest_threshold=1e-12)
+    drifted = {name: sum(f["drifted"] for f in r.features) for name, r in default.items()}
+    strict_drifted = {name: sum(f["drifted"] for f in r.features) for name, r in strict.items()}
+    assert sum(strict_drifted.values()) < sum(drifted.values())
