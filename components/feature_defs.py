@@ -6,25 +6,47 @@ computes the same ones for live traffic. Keep them cheap and defined here once.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 
 from components.textgen import parse_source
 
-TEXT_FEATURE_COLUMNS = ("source_chars", "source_tokens", "num_attributes", "reference_chars", "reference_tokens")
+TEXT_FEATURE_COLUMNS = ("source_chars", "source_tokens", "num_attributes", "oov_share", "reference_chars", "reference_tokens")
+WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens: the unit of the out-of-vocabulary share."""
+    return WORD.findall(text.lower())
+
+
+def oov_share(text: str, vocabulary: Collection[str]) -> float:
+    """Share of the text's words that no training source contains (0 for a text without words)."""
+    tokens = words(text)
+    return sum(token not in vocabulary for token in tokens) / len(tokens) if tokens else 0.0
+
+
 IMAGE_FEATURE_COLUMNS = ("width", "height", "brightness", "contrast", "sharpness")
 
 
 def text_features(
-    source: str, source_tokens: int, reference: str | None = None, reference_tokens: int | None = None
+    source: str,
+    source_tokens: int,
+    reference: str | None = None,
+    reference_tokens: int | None = None,
+    vocabulary: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Lengths and attributes of one text record; `attr_<key>` columns hold each attribute's value."""
+    """Lengths, attributes and (given the training vocabulary) the out-of-vocabulary share of one text
+    record; `attr_<key>` columns hold each attribute's value."""
     attributes = parse_source(source) or {}
     row: dict[str, Any] = {
         "source_chars": len(source),
         "source_tokens": source_tokens,
         "num_attributes": len(attributes),
+        "oov_share": oov_share(source, vocabulary) if vocabulary is not None else None,
         "reference_chars": len(reference) if reference is not None else None,
         "reference_tokens": reference_tokens,
     }

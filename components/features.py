@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from components.augment import decode
 from components.common import SPLITS, DataError, load_params, require, run_main, write_json
-from components.feature_defs import image_features, text_features
+from components.feature_defs import image_features, text_features, words
 from components.tables import write_parquet_atomic
 from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS
 
@@ -96,6 +96,11 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
+    # The words of the training sources: the out-of-vocabulary share of a prompt (a drift feature) is
+    # measured against them, here for the reference and in the service for live requests.
+    vocabulary = sorted({w for source in train.column("source").to_pylist() for w in words(source)})
+    write_json({"words": vocabulary}, out / "vocabulary.json")
+    vocabulary_set = frozenset(vocabulary)
     write_json(
         {"special_tokens": {"pad": PAD, "sep": SEP, "eos": EOS}, "vocab_size": tokenizer.get_vocab_size()},
         out / "tokenizer_config.json",
@@ -137,7 +142,9 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
             strict=True,
         ):
             if not augmented_flag:
-                feature_rows.append({"record_id": record_id, "split": split, **text_features(source, len(s), reference, len(t))})
+                feature_rows.append(
+                    {"record_id": record_id, "split": split, **text_features(source, len(s), reference, len(t), vocabulary_set)}
+                )
     log.info("text: vocabulary %d, %d feature rows", tokenizer.get_vocab_size(), len(feature_rows))
     return pa.Table.from_pylist(feature_rows)
 

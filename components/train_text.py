@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,6 +179,8 @@ def train_text(
             final = unwrap(model)
             final.save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
+            if (features_dir / "vocabulary.json").is_file():  # the service measures prompts' OOV share with it
+                shutil.copy2(features_dir / "vocabulary.json", out_dir / "vocabulary.json")
             params = {
                 "init_from": str(cfg.init_from) if cfg.init_from else None,
                 "model": asdict(cfg.model),

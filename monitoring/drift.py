@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 FAMILIES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "text": (
         "generate_text",
-        ("source_chars", "source_tokens", "num_attributes"),
+        ("source_chars", "source_tokens", "num_attributes", "oov_share"),
         ("attr_category", "attr_colour", "attr_material", "attr_price", "attr_feature", "attr_tone"),
     ),
     "images": ("generate_image", (), ("label",)),
@@ -159,8 +159,9 @@ def check_drift(
         reference_path = reference_dir / f"{family}.parquet"
         if not reference_path.is_file():
             raise DataError(f"missing drift reference {reference_path}: run the features stage first")
+        # Every clean row (all splits): the data the model was built from, including sources outside the
+        # training words, so the out-of-vocabulary share has a real reference distribution.
         reference = pd.read_parquet(reference_path)
-        reference = reference[reference["split"] == "train"] if "split" in reference.columns else reference
         result, snapshot = build_drift_report(family, reference, read_window(log_dir, endpoint, since), cfg)
         if snapshot is not None:
             snapshot.save_html(str(report_dir / f"{family}.html"))

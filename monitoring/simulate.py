@@ -28,13 +28,14 @@ def simulated_log(reference_dir: Path, rows: int, shift: float, seed: int, now: 
     frames = []
     for family, endpoint in (("text", "generate_text"), ("images", "generate_image"), ("restore", "restore_image")):
         reference = pd.read_parquet(reference_dir / f"{family}.parquet")
-        reference = reference[reference["split"] == "train"]  # what the drift check compares against
         sample = reference.sample(n=rows, replace=True, random_state=int(rng.integers(1 << 31))).reset_index(drop=True)
         shifted = rng.random(rows) < shift
         if family == "text":
             sample.loc[shifted, "source_chars"] = sample.loc[shifted, "source_chars"] * 3
             sample.loc[shifted, "source_tokens"] = sample.loc[shifted, "source_tokens"] * 3
             sample.loc[shifted, "attr_tone"] = "sarcastic"
+            if "oov_share" in sample.columns:
+                sample.loc[shifted, "oov_share"] = 0.5
         elif family == "images":
             sample.loc[shifted, "label"] = "1"
         else:

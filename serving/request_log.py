@@ -40,6 +40,7 @@ LOG_SCHEMA = pa.schema(
         ("source_chars", pa.int64()),
         ("source_tokens", pa.int64()),
         ("num_attributes", pa.int64()),
+        ("oov_share", pa.float64()),
         *[(f"attr_{key}", pa.string()) for key in LOGGED_ATTRIBUTES],
         ("decoding", pa.string()),
         ("output_chars", pa.int64()),
@@ -126,12 +127,12 @@ class RequestLog:
             log.exception("could not write %d request log rows", len(rows))
 
 
-def text_log_fields(prompt: str, prompt_tokens: int) -> dict[str, Any]:
+def text_log_fields(prompt: str, prompt_tokens: int, vocabulary: frozenset[str] | None = None) -> dict[str, Any]:
     """The drift features of a text request, minus free-text attribute values."""
     from components.feature_defs import text_features
 
-    features = text_features(prompt, prompt_tokens)
-    row = {k: features[k] for k in ("source_chars", "source_tokens", "num_attributes")}
+    features = text_features(prompt, prompt_tokens, vocabulary=vocabulary)
+    row = {k: features[k] for k in ("source_chars", "source_tokens", "num_attributes", "oov_share")}
     row.update({f"attr_{key}": features.get(f"attr_{key}") for key in LOGGED_ATTRIBUTES})
     return row
 

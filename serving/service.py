@@ -201,6 +201,10 @@ class Gateway:
         from serving.request_log import RequestLog
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.text_model.path)
+        vocabulary_path = Path(self.text_model.path) / "vocabulary.json"
+        self.vocabulary = (
+            frozenset(json.loads(vocabulary_path.read_text(encoding="utf-8"))["words"]) if vocabulary_path.is_file() else None
+        )
         self.log = RequestLog(
             Path(os.environ.get("AIGC_REQUEST_LOG", "monitoring/logs")),
             flush_seconds=float(os.environ.get("AIGC_REQUEST_LOG_FLUSH_SECONDS", "5")),
@@ -274,7 +278,7 @@ class Gateway:
         self.log.log({
             "request_id": request_id, "endpoint": "generate_text", "status": 200, "model_tag": described["tag"],
             "params_hash": described.get("params_hash"), "seed": seed, "decoding": decoding, "output_chars": len(output),
-            "latency_ms": (time.perf_counter() - start) * 1000, **text_log_fields(text, tokens),
+            "latency_ms": (time.perf_counter() - start) * 1000, **text_log_fields(text, tokens, self.vocabulary),
         })  # fmt: skip
         return TextResult(text=output, model=described["tag"], seed=seed, decoding=decoding)
 

@@ -137,7 +137,7 @@ def test_restore_arrays(feature_dir: Path, augmented: Path) -> None:
 
 def test_reference_tables_cover_every_clean_row(feature_dir: Path, clean_dir: Path) -> None:
     for name, columns in (
-        ("text", {"source_chars", "source_tokens", "num_attributes", "attr_category", "attr_tone"}),
+        ("text", {"source_chars", "source_tokens", "num_attributes", "oov_share", "attr_category", "attr_tone"}),
         ("images", {"label", "brightness", "contrast", "sharpness", "width", "height"}),
         ("restore", {"brightness", "contrast", "sharpness", "width", "height"}),
     ):
@@ -168,3 +168,14 @@ def test_features_are_byte_identical_when_rerun(
     second = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert first.keys() == second.keys()
     assert [str(name) for name in first if first[name] != second[name]] == []
+
+
+def test_oov_share_is_measured_against_the_training_words(feature_dir: Path) -> None:
+    from components.feature_defs import oov_share
+
+    assert oov_share("A red-red lamp!", {"a", "red"}) == pytest.approx(1 / 4)
+    assert oov_share("   ", {"a"}) == 0.0
+    vocabulary = set(json.loads((feature_dir / "text" / "vocabulary.json").read_text())["words"])
+    reference = pq.read_table(feature_dir / "reference" / "text.parquet").to_pylist()
+    assert all(r["oov_share"] == 0.0 for r in reference if r["split"] == "train")  # their words are the vocabulary
+    assert vocabulary and all(w == w.lower() for w in vocabulary)

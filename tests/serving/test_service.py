@@ -205,6 +205,7 @@ def test_requests_are_logged_with_the_documented_columns_and_no_raw_text(server:
     assert tuple(pq.read_schema(sorted(server.log_dir.glob("requests-*.parquet"))[0]).names) == COLUMNS
     text_row = next(r for r in rows if r["endpoint"] == "generate_text")
     assert text_row["attr_colour"] == "amber" and text_row["num_attributes"] == 4 and text_row["latency_ms"] > 0
+    assert 0.0 <= text_row["oov_share"] <= 1.0  # measured against the model folder's vocabulary.json
     restore_row = next(r for r in rows if r["endpoint"] == "restore_image")
     assert restore_row["width"] == 40 and restore_row["brightness"] is not None
     logged = json.dumps(rows, default=str)
