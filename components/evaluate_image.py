@@ -135,8 +135,9 @@ def evaluate_image(
     from components.gan_model import class_noise, generate, load_generator
     from components.image_io import load_image_split, save_grid
     from components.train_feature_net import load_reference
+    from components.training import evaluation_device
 
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = evaluation_device(cfg.device)
     generator, gen_config = load_generator(model_dir)
     net = load_feature_net(feature_net_dir).to(device)
     if gen_config.get("label_names") != json.loads((feature_net_dir / "config.json").read_text())["label_names"]:

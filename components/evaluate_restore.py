@@ -97,8 +97,9 @@ def evaluate_restore(
     """Score the restorer and its baseline on every image of the split; write metrics, table and a crop."""
     from components.image_io import save_grid
     from components.restore_model import baseline, crop_to_scale, degrade, load_restorer
+    from components.training import evaluation_device
 
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = evaluation_device(cfg.device)
     model = load_restorer(model_dir).to(device)
     rcfg = model.cfg
     images, ids = load_images(features_dir / f"{cfg.split}.safetensors")

@@ -214,7 +214,9 @@ def evaluate_text(
     from components.train_text import read_texts
 
     check_safetensors_folder(model_dir, "evaluate_text model folder")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    from components.training import evaluation_device
+
+    device = evaluation_device(cfg.device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     test_rows = read_texts(features_dir / "test.parquet")

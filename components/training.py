@@ -152,6 +152,13 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(device, torch.bfloat16 if bf16 else None, rank, world_size, local_rank)
 
 
+def evaluation_device(choice: str) -> torch.device:
+    """The device an evaluation stage runs on: `cuda`, `cpu`, or `auto` (CUDA when present)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("params asks for device 'cuda' but no CUDA device is visible")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def teardown_runtime(runtime: Runtime) -> None:
     if runtime.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
