@@ -46,16 +46,19 @@ class Comparison:
 def paired_bootstrap(
     n_items: int, statistic: Callable[[np.ndarray], tuple[float, float]], samples: int, seed: int
 ) -> tuple[float, float]:
-    """95 % interval of statistic(champion) − statistic(challenger) differences, oriented by the caller:
-    `statistic(indices)` returns (champion value, challenger value) on the resampled items."""
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(samples):
-        idx = rng.integers(0, n_items, n_items)
-        champion, challenger = statistic(idx)
-        deltas.append(challenger - champion)
-    low, high = np.percentile(deltas, [2.5, 97.5])
-    return float(low), float(high)
+    """95 % percentile interval of challenger − champion, by scipy's bootstrap over the test items' indices
+    (so both models see the same resampled items): `statistic(indices)` returns (champion, challenger)."""
+    from scipy.stats import bootstrap
+
+    def delta(indices: np.ndarray) -> float:
+        champion, challenger = statistic(indices.astype(int))
+        return challenger - champion
+
+    result = bootstrap(
+        (np.arange(n_items),), delta, vectorized=False, n_resamples=samples, method="percentile",
+        rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def decide(family: str, metric: str, champion: float, challenger: float, ci: tuple[float, float], tolerance: float) -> Comparison:
