@@ -23,11 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.evaluate_image import fid_from_features, kid_from_features  # noqa: E402
-from components.feature_net import DomainFeatures, extract, load_feature_net  # noqa: E402
+from components.feature_net import DomainFeatures, extract, load_feature_net, load_reference, reference_path  # noqa: E402
 from components.gan_model import class_noise, generate, load_generator  # noqa: E402
 from components.image_io import load_image_split  # noqa: E402
-from components.train_feature_net import load_reference  # noqa: E402
+from components.metrics import fid_from_features, kid_from_features  # noqa: E402
+from components.pipeline import load_stages  # noqa: E402
 
 
 def timed(fn):  # type: ignore[no-untyped-def]
@@ -47,23 +47,27 @@ def main() -> None:
     parser.add_argument("--kid-subsets", type=int, default=100)
     parser.add_argument("--kid-subset-size", type=int, default=100)
     args = parser.parse_args()
-    for needed in ("models/image", "models/feature_net", "data/fid_reference/test.safetensors"):
-        if not (ROOT / needed).exists():
+    stages = load_stages(ROOT)
+    image_dir, net_dir = ROOT / stages["train_image"].argument(1), ROOT / stages["train_feature_net"].argument(1)
+    reference = ROOT / reference_path(stages["train_feature_net"].argument("--reference"), "test")
+    test_images = ROOT / stages["train_image"].argument(0) / "test.safetensors"
+    for needed in (image_dir, net_dir, reference, test_images):
+        if not needed.exists():
             sys.exit(f"{needed} is missing: run `dvc repro evaluate_image` first")
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator, _ = load_generator(ROOT / "models/image")
-    extractor = DomainFeatures(load_feature_net(ROOT / "models/feature_net").to(device))
+    generator, _ = load_generator(image_dir)
+    extractor = DomainFeatures(load_feature_net(net_dir).to(device))
     per_class = -(-args.images // generator.cfg.num_classes)
     z, labels = class_noise(generator.cfg, per_class, seed=0)
     fake_images, generate_s = timed(lambda: generate(generator.to(device), z[: args.images], labels[: args.images], args.batch))
-    real_images = load_image_split(ROOT / "data/features/images/test.safetensors").images
+    real_images = load_image_split(test_images).images
     size = min(args.kid_subset_size, len(real_images))
 
     def ours(with_kid: bool) -> tuple[float, float | None]:
-        real = load_reference(ROOT / "data/fid_reference/test.safetensors")
+        real = load_reference(reference)
         fake = extract(extractor, fake_images, args.batch)
         kid = kid_from_features(real, fake, args.kid_subsets, size, seed=0)[0] if with_kid else None
         return fid_from_features(real, fake), kid

@@ -12,7 +12,6 @@ with `augment.enabled: false` the files exist and are empty, so the DAG shape ne
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,9 @@ from components.common import (
     require,
     run_main,
 )
+from components.image_io import decode_image, encode_png
+from components.records import parse_source, serialise
 from components.tables import write_parquet_atomic
-from components.textgen import parse_source, serialise
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +118,6 @@ def augment_text(table: pa.Table, copies: int, seed: int) -> pa.Table:
     return pa.table(columns, schema=table.schema.append(pa.field("augmented_from", pa.string())))
 
 
-def decode(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode))
-
-
-def encode(pixels: np.ndarray) -> bytes:
-    from components.datasets import encode_png
-
-    return encode_png(pixels)
-
-
 def image_pipeline(cfg: ImageAugment, size: tuple[int, int]) -> Any:
     """The torchvision v2 transform for one generation-training image of the given (H, W)."""
     from torchvision.transforms import v2
@@ -165,7 +152,7 @@ def augment_images(table: pa.Table, cfg: ImageAugment, seed: int) -> pa.Table:
     out: list[dict[str, Any]] = []
     rows = train_rows(table).to_pylist() if cfg.copies else []
     for row in progress(rows, desc="augment images", unit="img"):
-        pixels = decode(row["image"])
+        pixels = decode_image(row["image"])
         transform = image_pipeline(cfg, pixels.shape[:2])
         for copy in range(cfg.copies):
             augmented = from_tensor(transform(to_tensor(pixels)))
@@ -173,7 +160,7 @@ def augment_images(table: pa.Table, cfg: ImageAugment, seed: int) -> pa.Table:
                 {
                     **row,
                     "record_id": f"{row['record_id']}#aug{copy}",
-                    "image": encode(augmented),
+                    "image": encode_png(augmented),
                     "format": "PNG",
                     "augmented_from": row["record_id"],
                 }
@@ -191,7 +178,7 @@ def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int)
     transform = v2.Compose([v2.RandomCrop(patch_size), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
     out: list[dict[str, Any]] = []
     for row in train_rows(table).to_pylist():
-        pixels = decode(row["image"])
+        pixels = decode_image(row["image"])
         if pixels.ndim == 2:
             pixels = np.repeat(pixels[..., None], 3, axis=2)
         if min(pixels.shape[:2]) < patch_size:
@@ -208,7 +195,7 @@ def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int)
                 {
                     "record_id": f"{row['record_id']}#patch{index}",
                     "source_id": row["record_id"],
-                    "image": encode(from_tensor(patch.contiguous())),
+                    "image": encode_png(from_tensor(patch.contiguous())),
                 }
             )
     return pa.Table.from_pylist(out, schema=PATCH_SCHEMA)

@@ -35,8 +35,8 @@ from components.common import (
     run_main,
     write_json,
 )
+from components.records import parse_source, serialise
 from components.tables import write_parquet_atomic
-from components.textgen import parse_source, serialise
 
 log = logging.getLogger(__name__)
 

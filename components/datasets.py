@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from components.common import DataError, resolve_inside
+from components.image_io import encode_png
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def _jsonl_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Itera
             for role, name in wanted.items():
                 value = obj.get(name)
                 if role == "source" and isinstance(value, dict):
-                    from components.textgen import serialise
+                    from components.records import serialise
 
                     value = serialise({str(k): str(v) for k, v in value.items()})
                 elif value is not None and not isinstance(value, str):
@@ -322,13 +323,6 @@ def _batches(rows: Iterator[dict[str, Any]], batch_rows: int) -> Iterator[pa.Rec
             buffer = []
     if buffer:
         yield pa.RecordBatch.from_pylist(buffer, schema=IMAGE_SCHEMA)
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    """uint8 HxW or HxWxC pixels -> PNG bytes (lossless, so ingest changes no pixel)."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def builtin_digits(batch_rows: int) -> Iterator[pa.RecordBatch]:

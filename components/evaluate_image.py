@@ -23,9 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from components.common import ConfigError, load_params, require, run_main, write_json
+from components.feature_net import DomainFeatures, extract, load_feature_net, load_reference, prepare, reference_path
+from components.gan_model import class_noise, generate, load_generator
+from components.image_io import load_image_split, save_grid
+from components.metrics import fid_from_features, inception_fid, kid_from_features
+from components.runtime import DEVICES, cpu_threads_from_params, evaluation_device
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class EvaluateImageConfig:
     grid_per_class: int
     device: str
     seed: int
+    cpu_threads: int | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateImageConfig:
@@ -49,8 +54,8 @@ class EvaluateImageConfig:
         if weights is not None and (not isinstance(weights, str) or not weights):
             raise ConfigError(f"params key '{p}.inception_weights' must be a file path or null, got {weights!r}")
         device = require(params, "device", str, p)
-        if device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"params key '{p}.device' must be one of ['auto', 'cpu', 'cuda'], got {device!r}")
+        if device not in DEVICES:
+            raise ConfigError(f"params key '{p}.device' must be one of {list(DEVICES)}, got {device!r}")
         return cls(
             samples_per_class=require(params, "samples_per_class", int, p, low=2),
             kid_subsets=require(params, "kid_subsets", int, p, low=1),
@@ -61,64 +66,11 @@ class EvaluateImageConfig:
             grid_per_class=require(params, "grid_per_class", int, p, low=1, high=64),
             device=device,
             seed=require(params["base"], "seed", int, "base"),
+            cpu_threads=cpu_threads_from_params(params["base"]),
         )
 
 
-class PrecomputedFeatures(nn.Module):
-    """A torchmetrics `feature=` module for inputs that already are features: the identity, with its width."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """torchmetrics FID between two (N, d) feature sets."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]))
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
-    return float(metric.compute())
-
-
-def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int, seed: int) -> tuple[float, float]:
-    """torchmetrics KID (mean, std over random subsets) between two (N, d) feature sets; the subsets are
-    drawn from a fixed seed without disturbing the caller's RNG."""
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size)
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
-    return float(mean), float(std)
-
-
-def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights: Path | None, batch_size: int) -> tuple[float | None, str]:
-    """Standard FID (torch-fidelity's InceptionV3 through torchmetrics) and a status line.
-
-    The weights come from `weights` when given, else from the library's own download, which fails offline:
-    then the value is None and the status says why; the pipeline goes on with the domain metrics.
-    """
-    if weights is not None and not weights.is_file():
-        return None, f"unavailable: inception_weights {weights} does not exist"
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights) if weights else None)
-    except Exception as err:  # no torch-fidelity, no network, or a bad weights file
-        return None, f"unavailable: {type(err).__name__}: {err}"[:300]
-    for images, is_real in ((real, True), (fake, False)):
-        for i in range(0, len(images), batch_size):
-            chunk = images[i : i + batch_size]
-            metric.update(chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk, real=is_real)
-    return float(metric.compute()), "computed"
+CONFIG = EvaluateImageConfig
 
 
 def evaluate_image(
@@ -131,20 +83,14 @@ def evaluate_image(
     out_dir: Path,
 ) -> dict[str, Any]:
     """Generate, score against the cached real test features, write metrics and a sample grid."""
-    from components.feature_net import DomainFeatures, extract, load_feature_net, prepare
-    from components.gan_model import class_noise, generate, load_generator
-    from components.image_io import load_image_split, save_grid
-    from components.train_feature_net import load_reference
-    from components.training import evaluation_device
-
-    device = evaluation_device(cfg.device)
+    device = evaluation_device(cfg.device, cfg.cpu_threads)
     generator, gen_config = load_generator(model_dir)
     net = load_feature_net(feature_net_dir).to(device)
     if gen_config.get("label_names") != json.loads((feature_net_dir / "config.json").read_text())["label_names"]:
         raise ConfigError(f"{model_dir} and {feature_net_dir} were trained on different label sets")
     extractor = DomainFeatures(net)
-    real_test = load_reference(reference_dir / "test.safetensors")
-    real_train = load_reference(reference_dir / "train.safetensors")
+    real_test = load_reference(reference_path(reference_dir, "test"))
+    real_train = load_reference(reference_path(reference_dir, "train"))
     if real_test.shape[1] != extractor.num_features:
         raise ConfigError(f"{reference_dir} was computed with another feature network (width {real_test.shape[1]})")
 

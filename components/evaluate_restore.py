@@ -22,6 +22,10 @@ from typing import Any
 import torch
 
 from components.common import ConfigError, DataError, load_params, require, run_main, write_json
+from components.image_io import save_grid
+from components.metrics import restoration_scores
+from components.restore_model import baseline, crop_to_scale, degrade, load_restorer
+from components.runtime import DEVICES, cpu_threads_from_params, evaluation_device
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ class EvaluateRestoreConfig:
     comparison_crop: int
     device: str
     seed: int
+    cpu_threads: int | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateRestoreConfig:
@@ -40,41 +45,18 @@ class EvaluateRestoreConfig:
         if split not in ("val", "test"):
             raise ConfigError(f"params key '{p}.split' must be 'val' or 'test', got {split!r}")
         device = require(params, "device", str, p)
-        if device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"params key '{p}.device' must be one of ['auto', 'cpu', 'cuda'], got {device!r}")
+        if device not in DEVICES:
+            raise ConfigError(f"params key '{p}.device' must be one of {list(DEVICES)}, got {device!r}")
         return cls(
             split=split,
             comparison_crop=require(params, "comparison_crop", int, p, low=16, high=4096),
             device=device,
             seed=require(params["base"], "seed", int, "base"),
+            cpu_threads=cpu_threads_from_params(params["base"]),
         )
 
 
-def luma(images: torch.Tensor) -> torch.Tensor:
-    """ITU-R BT.601 Y of RGB in [0, 1] (the 16-235 studio range, scaled to [0, 1]), (B, 1, H, W)."""
-    weights = torch.tensor([65.481, 128.553, 24.966], device=images.device).view(1, 3, 1, 1)
-    return (16.0 + (images * weights).sum(dim=1, keepdim=True)) / 255.0
-
-
-def shave(images: torch.Tensor, border: int) -> torch.Tensor:
-    return images[..., border:-border, border:-border] if border else images
-
-
-def image_scores(restored: torch.Tensor, clean: torch.Tensor, border: int) -> dict[str, float]:
-    """PSNR / SSIM (torchmetrics, data range 1) of one (1, 3, H, W) pair, RGB and Y with the border shaved."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-    restored = restored.clamp(0, 1).float()
-    clean = clean.float()
-    y_restored, y_clean = shave(luma(restored), border), shave(luma(clean), border)
-    # PSNR in float64 (cheap, and exact to the last digit reported); SSIM's Gaussian convolutions in
-    # float32, which agrees to ~1e-6 and is ~30x faster than float64 on a CPU.
-    return {
-        "psnr": float(peak_signal_noise_ratio(restored.double(), clean.double(), data_range=1.0)),
-        "ssim": float(structural_similarity_index_measure(restored, clean, data_range=1.0)),
-        "psnr_y": float(peak_signal_noise_ratio(y_restored.double(), y_clean.double(), data_range=1.0)),
-        "ssim_y": float(structural_similarity_index_measure(y_restored, y_clean, data_range=1.0)),
-    }
+CONFIG = EvaluateRestoreConfig
 
 
 def load_images(path: Path) -> tuple[list[torch.Tensor], list[str]]:
@@ -95,11 +77,7 @@ def evaluate_restore(
     cfg: EvaluateRestoreConfig, model_dir: Path, features_dir: Path, metrics_path: Path, out_dir: Path
 ) -> dict[str, Any]:
     """Score the restorer and its baseline on every image of the split; write metrics, table and a crop."""
-    from components.image_io import save_grid
-    from components.restore_model import baseline, crop_to_scale, degrade, load_restorer
-    from components.training import evaluation_device
-
-    device = evaluation_device(cfg.device)
+    device = evaluation_device(cfg.device, cfg.cpu_threads)
     model = load_restorer(model_dir).to(device)
     rcfg = model.cfg
     images, ids = load_images(features_dir / f"{cfg.split}.safetensors")
@@ -113,7 +91,7 @@ def evaluate_restore(
         with torch.inference_mode():
             restored = model(degraded).clamp(0, 1)
         classical = baseline(degraded, rcfg).clamp(0, 1)
-        ours, theirs = image_scores(restored, clean, border), image_scores(classical, clean, border)
+        ours, theirs = restoration_scores(restored, clean, border), restoration_scores(classical, clean, border)
         rows.append({"record_id": record_id, **ours, **{f"{k}_baseline": v for k, v in theirs.items()}})
         if index == 0:
             size = min(cfg.comparison_crop, clean.shape[-2], clean.shape[-1])

@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from components.common import ConfigError, DataError, load_params, progress, require, run_main, write_json
-from components.textgen import parse_source
+from components.common import ConfigError, DataError, load_params, require, run_main, write_json
+from components.metrics import corpus_scores, sentence_bleu
+from components.records import parse_source
+from components.runtime import DEVICES, cpu_threads_from_params, evaluation_device
+from components.text_model import DECODING, Examples, decoding_options, generate_texts, load_text_model, make_batch, read_texts
 
 log = logging.getLogger(__name__)
-
-DECODING = ("greedy", "beam", "nucleus")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class EvaluateTextConfig:
     samples: int
     device: str
     seed: int
+    cpu_threads: int | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateTextConfig:
@@ -51,8 +53,8 @@ class EvaluateTextConfig:
         if max_sources is not None and (isinstance(max_sources, bool) or not isinstance(max_sources, int) or max_sources < 1):
             raise ConfigError(f"params key '{p}.max_sources' must be a positive integer or null, got {max_sources!r}")
         device = require(params, "device", str, p)
-        if device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"params key '{p}.device' must be one of ['auto', 'cpu', 'cuda'], got {device!r}")
+        if device not in DEVICES:
+            raise ConfigError(f"params key '{p}.device' must be one of {list(DEVICES)}, got {device!r}")
         return cls(
             decoding=decoding,
             num_beams=require(params, "num_beams", int, p, low=1, high=16),
@@ -64,7 +66,11 @@ class EvaluateTextConfig:
             samples=require(params, "samples", int, p, low=0),
             device=device,
             seed=require(params["base"], "seed", int, "base"),
+            cpu_threads=cpu_threads_from_params(params["base"]),
         )
+
+
+CONFIG = EvaluateTextConfig
 
 
 @dataclass(frozen=True)
@@ -85,30 +91,6 @@ def group_by_source(rows: list[dict[str, str]], limit: int | None = None) -> lis
         refs[row["source_key"]].append(row["reference"])
     groups = [SourceGroup(key, first[key], refs[key]) for key in first]
     return groups[:limit] if limit else groups
-
-
-def score(hypotheses: list[str], references: list[list[str]]) -> dict[str, Any]:
-    """Corpus BLEU and chrF (sacrebleu), any number of references per hypothesis."""
-    from sacrebleu.metrics import BLEU, CHRF
-
-    width = max(len(r) for r in references)
-    # sacrebleu wants reference *streams*; a hypothesis with fewer references gets None in the others.
-    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
-    bleu, chrf = BLEU(), CHRF()
-    bleu_score = bleu.corpus_score(hypotheses, streams)
-    chrf_score = chrf.corpus_score(hypotheses, streams)
-    return {
-        "bleu": round(bleu_score.score, 2),
-        "chrf": round(chrf_score.score, 2),
-        "sacrebleu_signature": str(bleu.get_signature()),
-        "chrf_signature": str(chrf.get_signature()),
-    }
-
-
-def sentence_bleu(hypothesis: str, references: list[str]) -> float:
-    from sacrebleu.metrics import BLEU
-
-    return round(BLEU(effective_order=True).sentence_score(hypothesis, references).score, 2)
 
 
 def source_features(source: str) -> set[str]:
@@ -136,44 +118,6 @@ def retrieval_baseline(train_rows: list[dict[str, str]], sources: list[str]) -> 
     return answers
 
 
-def decoding_options(decoding: str, num_beams: int, top_p: float, temperature: float, max_new_tokens: int) -> dict[str, Any]:
-    """`model.generate` keyword arguments for greedy, beam or nucleus decoding (shared with serving)."""
-    options: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-    if decoding == "beam":
-        options.update(num_beams=num_beams, do_sample=False, early_stopping=True)
-    elif decoding == "nucleus":
-        options.update(do_sample=True, top_p=top_p, temperature=temperature)
-    else:
-        options.update(do_sample=False, num_beams=1)
-    return options
-
-
-def generate_texts(
-    model: Any, tokenizer: Any, sources: list[str], options: dict[str, Any], batch_size: int, device: torch.device,
-    max_new_tokens: int, show_progress: bool = False,
-) -> list[str]:  # fmt: skip
-    """Batched decoding of `source SEP`; left padding so every prompt ends where generation starts."""
-    from components.text_model import prompt_ids
-
-    max_length = model.config.max_position_embeddings
-    options = {**options, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    outputs: list[str] = []
-    model.eval()
-    starts = range(0, len(sources), batch_size)
-    for start in progress(starts, desc="generate", unit="batch") if show_progress else starts:
-        prompts = [prompt_ids(s, tokenizer, max_length, max_new_tokens) for s in sources[start : start + batch_size]]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
-        with torch.inference_mode():
-            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **options)
-        outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
-    return [text.strip() for text in outputs]
-
-
 def generate(model: Any, tokenizer: Any, sources: list[str], cfg: EvaluateTextConfig, device: torch.device) -> list[str]:
     """The test split's outputs under the configured decoding, seeded."""
     options = decoding_options(cfg.decoding, cfg.num_beams, cfg.top_p, cfg.temperature, cfg.max_new_tokens)
@@ -185,14 +129,8 @@ def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_siz
     """exp(mean negative log-likelihood per target token) of the references given their sources."""
     from torchmetrics.text import Perplexity
 
-    from components.text_model import example_ids
-    from components.train_text import Examples, make_batch
-
     max_length = model.config.max_position_embeddings
-    sources = tokenizer([r["source"] for r in rows], add_special_tokens=False)["input_ids"]
-    targets = tokenizer([r["reference"] for r in rows], add_special_tokens=False)["input_ids"]
-    pairs = [example_ids(s, t, tokenizer, max_length) for s, t in zip(sources, targets, strict=True)]
-    examples = Examples([p[0] for p in pairs], [p[1] for p in pairs])
+    examples = Examples.from_texts([r["source"] for r in rows], [r["reference"] for r in rows], tokenizer, max_length)
     metric = Perplexity(ignore_index=-100).to(device)
     model.eval()
     with torch.inference_mode():
@@ -208,17 +146,8 @@ def evaluate_text(
     cfg: EvaluateTextConfig, model_dir: Path, features_dir: Path, metrics_path: Path, out_dir: Path
 ) -> dict[str, Any]:
     """Score the model on the test split, next to the retrieval baseline; write metrics and outputs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from components.model_io import check_safetensors_folder
-    from components.train_text import read_texts
-
-    check_safetensors_folder(model_dir, "evaluate_text model folder")
-    from components.training import evaluation_device
-
-    device = evaluation_device(cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    device = evaluation_device(cfg.device, cfg.cpu_threads)
+    model, tokenizer = load_text_model(model_dir, "evaluate_text model folder", device)
     test_rows = read_texts(features_dir / "test.parquet")
     if not test_rows:
         raise DataError(f"{features_dir / 'test.parquet'} has no rows")
@@ -228,8 +157,8 @@ def evaluate_text(
 
     hypotheses = generate(model, tokenizer, [g.source for g in groups], cfg, device)
     baseline = retrieval_baseline(read_texts(features_dir / "train.parquet"), [g.source for g in groups])
-    model_scores = score(hypotheses, references)
-    baseline_scores = score(baseline, references)
+    model_scores = corpus_scores(hypotheses, references)
+    baseline_scores = corpus_scores(baseline, references)
     ppl = perplexity(model, tokenizer, [r for r in test_rows if r["source_key"] in kept], cfg.batch_size, device)
     metrics = {
         **model_scores,

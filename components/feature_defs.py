@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from components.textgen import parse_source
+from components.records import parse_source
 
+REFERENCE_DIR = "reference"
+"""Sub-folder of the features stage's output holding the drift reference tables (`<family>.parquet`)."""
 TEXT_FEATURE_COLUMNS = ("source_chars", "source_tokens", "num_attributes", "oov_share", "reference_chars", "reference_tokens")
 WORD = re.compile(r"\w+")
 

@@ -108,13 +108,56 @@ def prepare(images: torch.Tensor, size: int, channels: int, device: torch.device
     return x
 
 
+def feature_net_from_state(config: dict[str, Any], state: dict[str, torch.Tensor]) -> FeatureNet:
+    """The network in eval mode from its saved config JSON and safetensors state (a folder's, or a git revision's)."""
+    net = FeatureNet(FeatureNetConfig.from_json(config))
+    net.load_state_dict(state)
+    return net.eval()
+
+
 def load_feature_net(folder: Path, key: str = "feature network folder") -> FeatureNet:
     from components.model_io import load_model_files
 
     config, state = load_model_files(Path(folder), key, FAMILY)
-    net = FeatureNet(FeatureNetConfig.from_json(config))
-    net.load_state_dict(state)
-    return net.eval()
+    return feature_net_from_state(config, state)
+
+
+@torch.no_grad()
+def accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Share of uint8 images (N, C, H, W) the classifier puts in their labelled class."""
+    net.eval()
+    device = next(net.parameters()).device
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        x = prepare(images[i : i + batch_size], net.cfg.image_size, net.cfg.channels, device)
+        correct += int((net(x).argmax(dim=1).cpu() == labels[i : i + batch_size]).sum())
+    return correct / max(1, len(labels))
+
+
+def reference_path(reference_dir: Path, split: str) -> Path:
+    """Where `train_feature_net` caches a split's real-image features."""
+    return reference_dir / f"{split}.safetensors"
+
+
+def save_reference(features: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
+    """Cached real-image features (N, d) as safetensors, with what produced them in the metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": features.contiguous()}, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
+
+
+def load_reference(path: Path) -> torch.Tensor:
+    """(N, d) float64 reference features written by `save_reference`."""
+    from safetensors.torch import load_file
+
+    from components.common import DataError
+
+    if not path.is_file():
+        raise DataError(f"missing {path}: run the train_feature_net stage first")
+    return load_file(str(path))["features"]
 
 
 @torch.no_grad()

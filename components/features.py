@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from components.augment import decode
 from components.common import SPLITS, DataError, load_params, require, run_main, write_json
-from components.feature_defs import image_features, text_features, words
+from components.feature_defs import REFERENCE_DIR, image_features, text_features, words
+from components.image_io import decode_image
 from components.tables import write_parquet_atomic
-from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS
+from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS, TOKENIZER_FILE, VOCABULARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,11 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
     corpus = train.column("source").to_pylist() + augmented.column("source").to_pylist() + train.column("reference").to_pylist()
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / "tokenizer.json"))
+    tokenizer.save(str(out / TOKENIZER_FILE))
     # The words of the training sources: the out-of-vocabulary share of a prompt (a drift feature) is
     # measured against them, here for the reference and in the service for live requests.
     vocabulary = sorted({w for source in train.column("source").to_pylist() for w in words(source)})
-    write_json({"words": vocabulary}, out / "vocabulary.json")
+    write_json({"words": vocabulary}, out / VOCABULARY_FILE)
     vocabulary_set = frozenset(vocabulary)
     write_json(
         {"special_tokens": {"pad": PAD, "sep": SEP, "eos": EOS}, "vocab_size": tokenizer.get_vocab_size()},
@@ -174,7 +174,7 @@ def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConf
     feature_rows = []
     for split in SPLITS:
         rows = clean.filter(pc.equal(clean.column("split"), split))
-        decoded = [decode(b) for b in rows.column("image").to_pylist()]
+        decoded = [decode_image(b) for b in rows.column("image").to_pylist()]
         feature_rows += [
             {"record_id": r, "split": split, "label": label, **image_features(p)}
             for r, label, p in zip(rows.column("record_id").to_pylist(), rows.column("label").to_pylist(), decoded, strict=True)
@@ -182,7 +182,7 @@ def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConf
         row_labels = rows.column("label").to_pylist()
         originals = len(decoded)
         if split == "train" and augmented.num_rows:
-            decoded += [decode(b) for b in augmented.column("image").to_pylist()]
+            decoded += [decode_image(b) for b in augmented.column("image").to_pylist()]
             row_labels += augmented.column("label").to_pylist()
         stacked = resize_stack(decoded, cfg.image_size, channels)
         is_augmented = np.zeros(len(decoded), dtype=np.uint8)
@@ -208,13 +208,13 @@ def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.
         tensors: dict[str, np.ndarray] = {}
         ids = rows.column("record_id").to_pylist()
         for i, (record_id, data) in enumerate(zip(ids, rows.column("image").to_pylist(), strict=True)):
-            pixels = decode(data)
+            pixels = decode_image(data)
             feature_rows.append({"record_id": record_id, "split": split, **image_features(pixels)})
             if pixels.ndim == 2:
                 pixels = np.repeat(pixels[..., None], 3, axis=2)
             tensors[f"image_{i}"] = np.ascontiguousarray(pixels.transpose(2, 0, 1))
         if split == "train":
-            decoded = [decode(b) for b in patches.column("image").to_pylist()]
+            decoded = [decode_image(b) for b in patches.column("image").to_pylist()]
             tensors["patches"] = (
                 np.stack([p.transpose(2, 0, 1) for p in decoded]) if decoded else np.zeros((0, 3, 1, 1), dtype=np.uint8)
             )
@@ -242,7 +242,7 @@ def features(cfg: FeaturesConfig, clean_dir: Path, augmented_dir: Path, out_dir:
         ),
     }
     for name, table in references.items():
-        write_parquet_atomic(table, out_dir / "reference" / f"{name}.parquet")
+        write_parquet_atomic(table, out_dir / REFERENCE_DIR / f"{name}.parquet")
     return {name: table.num_rows for name, table in references.items()}
 
 

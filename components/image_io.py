@@ -1,7 +1,9 @@
-"""Reading the `features` stage's image arrays and writing sample grids, for every image family.
+"""Image bytes and arrays for every stage and family: PNG encoding and decoding, the `features` stage's image
+arrays, and sample grids.
 
-Only torch, safetensors, numpy and the standard library at import time; torchvision (grids) is imported
-when a grid is written, so training still runs on a GPU box that lacks it (grids are then skipped).
+Only numpy and the standard library at import time, so the data stages load no torch: Pillow, torch,
+safetensors and torchvision (grids) are imported when used, and training still runs on a GPU box that
+lacks torchvision (grids are then skipped).
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from components.common import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,13 @@ class ImageSplit:
     label_names: list[str]
     augmented: torch.Tensor  # bool (N,): rows added by the augment stage (train split only)
 
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n (images, labels) drawn with replacement by `generator`."""
+        import torch
+
+        indices = torch.randint(0, len(self.labels), (n,), generator=generator)
+        return self.images[indices], self.labels[indices]
+
     def originals(self) -> ImageSplit:
         """Only the rows that were not made by augmentation."""
         keep = ~self.augmented
@@ -34,6 +47,7 @@ class ImageSplit:
 
 def load_image_split(path: Path) -> ImageSplit:
     """One split written by the features stage (`images`, `labels`, optional `augmented`, `meta` metadata)."""
+    import torch
     from safetensors import safe_open
 
     if not path.is_file():
@@ -66,3 +80,24 @@ def save_grid(images: torch.Tensor, path: Path, columns: int) -> bool:
     write_png(grid.cpu(), str(tmp))
     os.replace(tmp, path)
     return True
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 HxW or HxWxC pixels -> PNG bytes (lossless, so no stage changes a pixel by storing it)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Pixels of an encoded image as uint8 (H, W) for greyscale or (H, W, 3), other modes converted to RGB."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode))

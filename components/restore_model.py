@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.common import ConfigError, require
+from components.common import ConfigError, DataError, require
 
 FAMILY = "residual-restorer"
 TASKS = ("super_resolution", "denoise")
@@ -119,3 +119,23 @@ def load_restorer(folder: Path, key: str = "restore model folder") -> Restorer:
     model = Restorer(RestoreConfig.from_json(config))
     model.load_state_dict(state)
     return model.eval()
+
+
+def load_patches(path: Path, crop_size: int) -> torch.Tensor:
+    """uint8 (N, 3, P, P) training patches written by the features stage, checked against the crop size."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise DataError(f"missing {path}: run the features stage first")
+    with safe_open(str(path), framework="pt") as fh:
+        if "patches" not in set(fh.keys()):
+            raise DataError(f"{path} has no 'patches' array")
+        patches = fh.get_tensor("patches")
+    if len(patches) == 0:
+        raise DataError(f"{path} holds no training patches (augment.restore.patches_per_image is 0?)")
+    if patches.shape[-1] < crop_size or patches.shape[-2] < crop_size:
+        raise ConfigError(
+            f"params key 'train_restore.crop_size' ({crop_size}) is larger than the patches "
+            f"({patches.shape[-2]}x{patches.shape[-1]}, augment.restore.patch_size)"
+        )
+    return patches

@@ -1,20 +1,28 @@
 """The text family: a decoder-only transformer (GPT-2 architecture from `transformers`) for data-to-text.
 
 A training example is `source <|sep|> target <|endoftext|>`; the loss covers the target and the end token
-only. The same prompt format is used by evaluation and serving, so it lives here once.
+only. The family owns everything that depends on that format: building, loading and saving the model,
+the training examples and their batches, and generation with its decoding options, so training,
+evaluation and serving share one definition of each.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.common import ConfigError, require
+import torch
+
+from components.common import ConfigError, DataError, progress, require
 from components.model_io import check_safetensors_folder
 
 PAD, SEP, EOS = "<|pad|>", "<|sep|>", "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, SEP, EOS)
+DECODING = ("greedy", "beam", "nucleus")
+TOKENIZER_FILE = "tokenizer.json"
+VOCABULARY_FILE = "vocabulary.json"  # training-source words; the service measures prompts' OOV share with it
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,23 @@ def ensure_special_tokens(tokenizer: Any, model: Any) -> None:
     model.config.eos_token_id = tokenizer.eos_token_id
 
 
+def load_text_model(folder: Path, key: str, device: torch.device | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) of a trained model folder (`models/text`), safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_safetensors_folder(folder, key)
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    return (model.to(device) if device is not None else model).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def save_text_model(model: Any, tokenizer: Any, folder: Path, features_dir: Path) -> None:
+    """A save_pretrained folder (safetensors, config, tokenizer) with the training vocabulary beside it."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if (features_dir / VOCABULARY_FILE).is_file():
+        shutil.copy2(features_dir / VOCABULARY_FILE, folder / VOCABULARY_FILE)
+
+
 def load_pretrained(path: Path, key: str) -> tuple[Any, Any]:
     """(model, tokenizer) from a save_pretrained folder, safetensors only; our tokens added if missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,3 +136,117 @@ def prompt_ids(source: str, tokenizer: Any, max_length: int, max_new_tokens: int
     """The generation prompt for a source record: its tokens and the separator, leaving room to generate."""
     ids = tokenizer(source, add_special_tokens=False)["input_ids"]
     return ids[: max(1, max_length - max_new_tokens - 1)] + [tokenizer.sep_token_id]
+
+
+# --- training examples --------------------------------------------------------------------------------
+
+
+@dataclass
+class Examples:
+    """Tokenized sequences (`source SEP target EOS`) with the length of each prompt."""
+
+    ids: list[list[int]]
+    prompt_lengths: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_token_ids(cls, sources: list[list[int]], targets: list[list[int]], tokenizer: Any, max_length: int) -> Examples:
+        pairs = [example_ids(s, t, tokenizer, max_length) for s, t in zip(sources, targets, strict=True)]
+        return cls([p[0] for p in pairs], [p[1] for p in pairs])
+
+    @classmethod
+    def from_texts(cls, sources: list[str], targets: list[str], tokenizer: Any, max_length: int) -> Examples:
+        encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        return cls.from_token_ids(encode(sources), encode(targets), tokenizer, max_length)
+
+
+def read_ragged(path: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """(source ids, target ids) per row from a features safetensors file."""
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise DataError(f"missing {path}: run the features stage first")
+    arrays = load_file(str(path))
+
+    def split(ids: Any, offsets: Any) -> list[list[int]]:
+        return [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+    return split(arrays["source_ids"], arrays["source_offsets"]), split(arrays["target_ids"], arrays["target_offsets"])
+
+
+def read_texts(path: Path) -> list[dict[str, str]]:
+    """Rows of a features split as dicts (record_id, source, reference, source_key)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DataError(f"missing {path}: run the features stage first")
+    return pq.read_table(path, columns=["record_id", "source", "reference", "source_key"]).to_pylist()
+
+
+def load_examples(features_dir: Path, split: str, tokenizer: Any, ours: bool, max_length: int) -> Examples:
+    """Training sequences of a split: our token arrays, or the texts re-tokenized by a pretrained tokenizer."""
+    if ours:
+        examples = Examples.from_token_ids(*read_ragged(features_dir / f"{split}.safetensors"), tokenizer, max_length)
+    else:
+        rows = read_texts(features_dir / f"{split}.parquet")
+        examples = Examples.from_texts([r["source"] for r in rows], [r["reference"] for r in rows], tokenizer, max_length)
+    if not len(examples):
+        raise DataError(f"no {split} examples in {features_dir}")
+    return examples
+
+
+def make_batch(examples: Examples, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are -100 on the prompt and the padding, so only the target is learned."""
+    width = max(len(examples.ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(indices), width), dtype=torch.long)
+    labels = torch.full((len(indices), width), -100, dtype=torch.long)
+    for row, i in enumerate(indices):
+        ids = torch.tensor(examples.ids[i], dtype=torch.long)
+        input_ids[row, : len(ids)] = ids  # (B, T)
+        attention[row, : len(ids)] = 1
+        labels[row, examples.prompt_lengths[i] : len(ids)] = ids[examples.prompt_lengths[i] :]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# --- generation ---------------------------------------------------------------------------------------
+
+
+def decoding_options(decoding: str, num_beams: int, top_p: float, temperature: float, max_new_tokens: int) -> dict[str, Any]:
+    """`model.generate` keyword arguments for greedy, beam or nucleus decoding."""
+    if decoding not in DECODING:
+        raise ValueError(f"decoding must be one of {list(DECODING)}, got {decoding!r}")
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    if decoding == "beam":
+        options.update(num_beams=num_beams, do_sample=False, early_stopping=True)
+    elif decoding == "nucleus":
+        options.update(do_sample=True, top_p=top_p, temperature=temperature)
+    else:
+        options.update(do_sample=False, num_beams=1)
+    return options
+
+
+def generate_texts(
+    model: Any, tokenizer: Any, sources: list[str], options: dict[str, Any], batch_size: int, device: torch.device,
+    max_new_tokens: int, show_progress: bool = False,
+) -> list[str]:  # fmt: skip
+    """Batched decoding of `source SEP`; left padding so every prompt ends where generation starts."""
+    max_length = model.config.max_position_embeddings
+    options = {**options, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    outputs: list[str] = []
+    model.eval()
+    starts = range(0, len(sources), batch_size)
+    for start in progress(starts, desc="generate", unit="batch") if show_progress else starts:
+        prompts = [prompt_ids(s, tokenizer, max_length, max_new_tokens) for s in sources[start : start + batch_size]]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+        attention = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        with torch.inference_mode():
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **options)
+        outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+    return [text.strip() for text in outputs]

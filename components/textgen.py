@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from components.records import serialise
+
 ATTRIBUTE_ORDER = ("name", "category", "colour", "material", "price", "audience", "feature", "tone")
 """The canonical order of a serialised record; augmentation shuffles it."""
 
@@ -272,22 +274,6 @@ class ProductRecord:
         """The present attributes in canonical order."""
         values = {key: getattr(self, key) for key in ATTRIBUTE_ORDER}
         return {key: value for key, value in values.items() if value is not None}
-
-
-def serialise(attributes: dict[str, str]) -> str:
-    """`key: value | key: value`, the source format of the text dataset (and of the generator's prompt)."""
-    return " | ".join(f"{key}: {value}" for key, value in attributes.items())
-
-
-def parse_source(source: str) -> dict[str, str] | None:
-    """Inverse of `serialise`; None when the text is not a `key: value | ...` record (e.g. a free prompt)."""
-    attributes: dict[str, str] = {}
-    for part in source.split(" | "):
-        key, sep, value = part.partition(": ")
-        if not sep or not key or not value or key in attributes:
-            return None
-        attributes[key] = value
-    return attributes
 
 
 def sample_record(rng: np.random.Generator) -> ProductRecord:

@@ -11,9 +11,6 @@ recomputes the reference, only when the image data or this network changes.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,22 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from components.common import load_params, require, run_main, write_json
-from components.feature_net import DomainFeatures, FeatureNet, FeatureNetConfig, extract, prepare
+from components.common import require, write_json
+from components.feature_net import DomainFeatures, FeatureNet, FeatureNetConfig, accuracy, extract, reference_path, save_reference
 from components.image_io import ImageSplit, load_image_split
 from components.model_io import save_model
-from components.training import (
-    TrainConfig,
-    TrainResult,
-    data_hash,
-    fit,
-    hash_seed,
-    setup_runtime,
-    stage_parser,
-    teardown_runtime,
-)
+from components.training import TrainConfig, TrainingJob, TrainResult, run_training, step_generator, training_main
 
-log = logging.getLogger(__name__)
+SUMMARY_KEYS = ("test_accuracy", "train_accuracy", "test_images", "feature_dim", "final_loss")
+"""What the stage's metrics file reports (all of it also in the model's training.json)."""
 
 
 @dataclass(frozen=True)
@@ -48,14 +37,16 @@ class TrainFeatureNetConfig:
     def from_params(cls, params: dict[str, Any]) -> TrainFeatureNetConfig:
         model = require(params, "model", dict, "train_feature_net")
         FeatureNetConfig.from_params(model, "train_feature_net.model", 32, 1, 2)  # key checks before any work
-        return cls(model, TrainConfig.from_params(params, "train_feature_net", require(params["base"], "seed", int, "base")))
+        return cls(model, TrainConfig.from_params(params, "train_feature_net"))
+
+
+CONFIG = TrainFeatureNetConfig
 
 
 def batch_sampler(data: ImageSplit, batch_size: int, seed: int) -> Any:
     def batch_fn(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(hash_seed(seed, step, micro, rank))
-        indices = torch.randint(0, len(data.labels), (batch_size,), generator=generator)
-        return {"images": data.images[indices].float().div(127.5).sub(1.0), "labels": data.labels[indices]}
+        images, labels = data.sample(batch_size, step_generator(seed, step, micro, rank))
+        return {"images": images.float().div(127.5).sub(1.0), "labels": labels}
 
     return batch_fn
 
@@ -64,118 +55,63 @@ def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     return F.cross_entropy(model(batch["images"]), batch["labels"])
 
 
-@torch.no_grad()
-def accuracy(net: FeatureNet, data: ImageSplit, batch_size: int = 1000) -> float:
-    net.eval()
-    device = next(net.parameters()).device
-    correct = 0
-    for i in range(0, len(data.labels), batch_size):
-        x = prepare(data.images[i : i + batch_size], net.cfg.image_size, net.cfg.channels, device)
-        correct += int((net(x).argmax(dim=1).cpu() == data.labels[i : i + batch_size]).sum())
-    return correct / max(1, len(data.labels))
-
-
-def save_reference(features: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
-    import json
-
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": features.contiguous()}, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
-
-
-def train_feature_net(
-    cfg: TrainFeatureNetConfig,
-    features_dir: Path,
-    out_dir: Path,
-    reference_dir: Path,
-    checkpoint_dir: Path,
-    metrics_path: Path | None = None,
-    stop_after: int | None = None,
-) -> dict[str, Any]:
-    """Train, report test accuracy, save the network and the real-image reference features (rank 0)."""
+def feature_net_job(cfg: TrainFeatureNetConfig, features_dir: Path, reference_dir: Path) -> TrainingJob:
+    """The feature network's job; saving also caches the real images' reference features."""
     train = load_image_split(features_dir / "train.safetensors")
     test = load_image_split(features_dir / "test.safetensors")
     _, channels, size, _ = train.images.shape
     net_cfg = FeatureNetConfig.from_params(cfg.model, "train_feature_net.model", size, channels, len(train.label_names))
-    runtime = setup_runtime(cfg.train)
-    try:
-        torch.manual_seed(cfg.train.seed)
-        net = FeatureNet(net_cfg)
-        hashed = data_hash([features_dir / "train.safetensors"])
-        start = time.perf_counter()
-        result: TrainResult = fit(
-            net,
-            batch_sampler(train, cfg.train.batch_size, cfg.train.seed),
-            classification_loss,
-            cfg.train,
-            runtime,
-            checkpoint_dir,
-            cfg.train.fingerprint(asdict(net_cfg), hashed),
-            stop_after=stop_after,
-            items_per_batch=lambda batch: len(batch["labels"]),
-        )
-        summary: dict[str, Any] = {"steps": result.steps}
-        if runtime.is_main and result.steps >= cfg.train.max_steps:
-            net.eval()
-            summary = {
-                "test_accuracy": round(accuracy(net, test), 4),
-                "train_accuracy": round(accuracy(net, train.originals()), 4),
-                "test_images": len(test.labels),
-                "feature_dim": net_cfg.feature_dim,
-                "final_loss": round(result.final_loss, 4),
-                "train_seconds": round(time.perf_counter() - start, 1),
-            }
-            save_model(net, {**net_cfg.to_json(), "label_names": train.label_names}, out_dir)
-            params = {"model": asdict(net_cfg), "train": asdict(cfg.train)}
-            # No timings in the model folder: a rerun must give the same bytes (and DVC hash).
-            kept = {k: v for k, v in summary.items() if k != "train_seconds"}
-            write_json({"params": params, "data_hash": hashed, **kept}, out_dir / "training.json")
-            extractor = DomainFeatures(net)
-            meta = {"feature_net_data_hash": hashed, "feature_dim": net_cfg.feature_dim}
-            for split, images in (("test", test.images), ("train", train.originals().images)):
-                save_reference(extract(extractor, images), reference_dir / f"{split}.safetensors", {**meta, "split": split})
-            if metrics_path is not None:
-                write_json(summary, metrics_path)
-            log.info("feature network: test accuracy %.4f on %d images", summary["test_accuracy"], len(test.labels))
-        return summary
-    finally:
-        teardown_runtime(runtime)
+    net = FeatureNet(net_cfg)
+
+    def save(out_dir: Path, result: TrainResult) -> dict[str, Any]:
+        originals = train.originals()
+        save_model(net, {**net_cfg.to_json(), "label_names": train.label_names}, out_dir)
+        extractor = DomainFeatures(net)
+        meta = {"feature_net": asdict(net_cfg), "feature_dim": net_cfg.feature_dim}
+        for split, images in (("test", test.images), ("train", originals.images)):
+            save_reference(extract(extractor, images), reference_path(reference_dir, split), {**meta, "split": split})
+        return {
+            "test_accuracy": round(accuracy(net, test.images, test.labels), 4),
+            "train_accuracy": round(accuracy(net, originals.images, originals.labels), 4),
+            "test_images": len(test.labels),
+            "feature_dim": net_cfg.feature_dim,
+        }
+
+    return TrainingJob(
+        model=net,
+        batches=batch_sampler(train, cfg.train.batch_size, cfg.train.seed),
+        loss=classification_loss,
+        params={"model": asdict(net_cfg)},
+        data_files=[features_dir / "train.safetensors"],
+        save=save,
+        description=f"feature network: {len(train.labels)} training images, {len(train.label_names)} classes",
+        items=lambda batch: len(batch["labels"]),
+    )
 
 
-def load_reference(path: Path) -> torch.Tensor:
-    """(N, d) float64 reference features written by this stage."""
-    from safetensors.torch import load_file
-
-    from components.common import DataError
-
-    if not path.is_file():
-        raise DataError(f"missing {path}: run the train_feature_net stage first")
-    return load_file(str(path))["features"]
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = stage_parser(
-        "python -m components.train_feature_net", __doc__, "image features folder (data/features/images)",
-        "model folder to write (models/feature_net)", curves=False,
-    )  # fmt: skip
-    parser.add_argument("--reference", type=Path, required=True, help="folder for the real-image reference features")
-    parser.add_argument("--metrics", type=Path, default=None, help="JSON metrics file (test accuracy)")
-    return parser.parse_args(argv)
+def train_feature_net(
+    cfg: TrainFeatureNetConfig, features_dir: Path, out_dir: Path, reference_dir: Path, checkpoint_dir: Path,
+    metrics_path: Path | None = None, stop_after: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train, save the network and the real-image reference features (rank 0); the summary of what it scored."""
+    result = run_training(cfg.train, lambda runtime: feature_net_job(cfg, features_dir, reference_dir), out_dir, checkpoint_dir,
+                          stop_after=stop_after)  # fmt: skip
+    if not result.record:  # stopped early, or not rank 0
+        return {"steps": result.steps}
+    summary = {key: round(result.record[key], 4) if key == "final_loss" else result.record[key] for key in SUMMARY_KEYS}
+    if metrics_path is not None:
+        write_json(summary, metrics_path)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    run_main(
-        lambda: train_feature_net(
-            TrainFeatureNetConfig.from_params(load_params("train_feature_net", args.params)),
-            args.features,
-            args.out,
-            args.reference,
-            args.checkpoints,
-            args.metrics,
-        )
-    )
+    training_main(
+        argv, "train_feature_net", __doc__, CONFIG,
+        lambda cfg, a: train_feature_net(cfg, a.features, a.out, a.reference, a.checkpoints, a.metrics),
+        "image features folder (data/features/images)", "model folder to write (models/feature_net)", curves=False,
+        options={"--reference": "folder for the real-image reference features", "--metrics": "JSON metrics file (test accuracy)"},
+        required=("--reference",),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

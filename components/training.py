@@ -1,10 +1,12 @@
-"""Training infrastructure shared by every model family.
+"""Training infrastructure shared by every model family: the loop, and the one runner every training stage uses.
 
 A family supplies its model, a `batch(step, micro, rank, world)` function and a `loss(model, batch)`
 function (or, for adversarial training, several `Phase`s, each a loss with its own parameters and optimizer,
-run in order every step); `fit` does the rest: device and precision, `torch.compile`, fused AdamW with a warm-up + cosine
-schedule, gradient accumulation and clipping, DDP under torchrun, atomic checkpoints with automatic resume,
-and metric curves through dvclive (when installed; a GPU box may lack it) plus a progress bar.
+run in order every step); `fit` does the rest: `torch.compile`, fused AdamW with a warm-up + cosine schedule,
+gradient accumulation and clipping, DDP under torchrun, atomic checkpoints with automatic resume
+(`components.checkpoints`), and metric curves through dvclive (when installed; a GPU box may lack it) plus a
+progress bar. `run_training` wraps it for a stage: device and precision (`components.runtime`), seeding,
+data hash and run fingerprint, saving on rank 0 and the `training.json` record.
 
 Resuming is exact: batches are a pure function of (seed, step), and a checkpoint holds model, optimizer,
 scheduler, every rank's RNG state and the step, so an interrupted run resumed from step k ends with the
@@ -21,8 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,13 +32,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.common import ConfigError, progress, require
+from components.checkpoints import (
+    checkpoint_path,
+    gather_rng_states,
+    newest_good_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
+from components.common import ConfigError, load_params, progress, require, run_main, write_json
+from components.runtime import DEVICES, PRECISIONS, Runtime, cpu_threads_from_params, setup_runtime, teardown_runtime
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.ckpt$")
 
 
 @dataclass(frozen=True)
@@ -73,10 +81,13 @@ class TrainConfig:
     resume: str
     log_every: int
     seed: int
+    cpu_threads: int | None = None
 
     @classmethod
-    def from_params(cls, section: dict[str, Any], prefix: str, seed: int) -> TrainConfig:
-        """Read the training keys of a family's params section (e.g. `train_text`)."""
+    def from_params(cls, section: dict[str, Any], prefix: str, seed: int | None = None) -> TrainConfig:
+        """Read the training keys of a family's params section (e.g. `train_text`); the seed and the CPU thread
+        count come from its `base` (as `load_params` merges it in) unless a seed is given."""
+        base = section.get("base", {})
         betas = require(section, "betas", list, prefix)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ConfigError(f"params key '{prefix}.betas' must be two numbers in [0, 1), got {betas!r}")
@@ -97,9 +108,10 @@ class TrainConfig:
             keep_checkpoints=require(section, "keep_checkpoints", int, prefix, low=1),
             resume=require(section, "resume", str, prefix),
             log_every=require(section, "log_every", int, prefix, low=1),
-            seed=seed,
+            seed=require(base, "seed", int, "base") if seed is None else seed,
+            cpu_threads=cpu_threads_from_params(base),
         )
-        choices = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32"), "resume": ("auto", "never")}
+        choices = {"device": DEVICES, "precision": PRECISIONS, "resume": ("auto", "never")}
         for key, allowed in choices.items():
             if getattr(cfg, key) not in allowed:
                 raise ConfigError(f"params key '{prefix}.{key}' must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
@@ -112,56 +124,6 @@ class TrainConfig:
         }
         payload = json.dumps([relevant, *extra], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-@dataclass
-class Runtime:
-    """Where this process trains: device, autocast dtype and its place in a torchrun job."""
-
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Pick the device (CUDA when present unless told otherwise) and join the torchrun group if there is one."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise ConfigError("params asks for device 'cuda' but no CUDA device is visible")
-    device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
-    if want_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if want_cuda else "gloo")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and want_cuda and torch.cuda.is_bf16_supported())
-    return Runtime(device, torch.bfloat16 if bf16 else None, rank, world_size, local_rank)
-
-
-def evaluation_device(choice: str) -> torch.device:
-    """The device an evaluation stage runs on: `cuda`, `cpu`, or `auto` (CUDA when present)."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("params asks for device 'cuda' but no CUDA device is visible")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def teardown_runtime(runtime: Runtime) -> None:
-    if runtime.distributed and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -212,96 +174,6 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
 
 
-# --- checkpoints --------------------------------------------------------------------------------------
-
-
-def checkpoint_path(directory: Path, step: int) -> Path:
-    return directory / f"step-{step:08d}.ckpt"
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint files, newest first."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write atomically: temp file, fsync, rename, fsync the folder. A crash leaves the old set intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load tensors and plain containers only (`weights_only`): no code runs from the file."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not {"model", "optimizers", "step", "fingerprint"} <= set(state):
-        raise ValueError("not a checkpoint of this project (missing keys)")
-    return state
-
-
-def newest_good_checkpoint(directory: Path, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads and matches this run; unreadable ones are reported and skipped."""
-    for path in list_checkpoints(directory):
-        try:
-            state = load_checkpoint(path)
-        except Exception as err:  # a truncated or garbled file: torch raises several types
-            # Moved aside, not deleted: kept for inspection, and out of the way of pruning and of the
-            # new checkpoint that will be written for the same step.
-            kept = path.with_name(path.name + ".corrupt")
-            os.replace(path, kept)
-            log.warning(
-                "checkpoint %s is unreadable (%s: %s); kept as %s, resuming from the previous one",
-                path,
-                type(err).__name__,
-                err,
-                kept.name,
-            )
-            continue
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(f"{path} belongs to run {state['fingerprint']}, not {fingerprint}")
-        return path, state
-    return None
-
-
-def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Keep the newest `keep` readable-looking checkpoints; never touch anything else in the folder."""
-    for old in list_checkpoints(directory)[keep:]:
-        old.unlink(missing_ok=True)
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather_rng_states(runtime: Runtime) -> list[dict[str, torch.Tensor]]:
-    if not runtime.distributed:
-        return [rng_state()]
-    gathered: list[Any] = [None] * runtime.world_size
-    torch.distributed.all_gather_object(gathered, rng_state())
-    return gathered
-
-
 # --- metrics ------------------------------------------------------------------------------------------
 
 
@@ -346,6 +218,7 @@ class TrainResult:
     resumed_from: int | None
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, summed loss of every phase)
     phase_losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)  # training.json, once run_training has saved the model
 
     @property
     def final_loss(self) -> float:
@@ -384,7 +257,7 @@ def fit(
         fingerprint: identifies config + data; only checkpoints of the same fingerprint are resumed.
         metrics_dir: dvclive folder for the curves (rank 0); None logs nothing.
         stop_after: stop (after checkpointing) once this step is reached; simulates a crash in tests.
-        items_per_batch: counts tokens / images in a batch for the throughput figure.
+        items_per_batch: counts tokens / images in a batch for the throughput shown on the progress bar.
         after_step: (unwrapped model, steps done) after every optimizer step, on every rank: EMA updates
             (state kept in the model, so checkpoints hold it) and side outputs such as sample grids.
     """
@@ -479,10 +352,14 @@ def fit(
             else:
                 metrics = {f"train/loss_{name}": window_losses[name] / steps_in_window for name in names}
             metrics["train/lr"] = schedulers[0].get_last_lr()[0]
-            if items_per_batch:
-                metrics["train/items_per_s"] = window_items * runtime.world_size / max(elapsed, 1e-9)
             logger.log(done, metrics)
-            bar.set_postfix({k.removeprefix("train/"): f"{v:.3f}" for k, v in metrics.items() if "loss" in k})
+            # Throughput is shown, never written to the curves: DVC hashes those, and a timing would make
+            # every rerun's dvc.lock differ.
+            shown = {k.removeprefix("train/"): f"{v:.3f}" for k, v in metrics.items() if "loss" in k}
+            if items_per_batch:
+                shown["items/s"] = f"{window_items * runtime.world_size / max(elapsed, 1e-9):.0f}"
+            bar.set_postfix(shown)
+            log.debug("step %d: %s", done, shown)
             window_losses = dict.fromkeys(names, 0.0)
             window_items, window_start = 0, time.perf_counter()
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or done == stop_after:
@@ -506,29 +383,124 @@ def fit(
     return result
 
 
-# --- what every training stage shares around the loop ---------------------------------------------------
+# --- one runner for every training stage ----------------------------------------------------------------
 
 
-def stage_parser(prog: str, doc: str | None, features_help: str, out_help: str, curves: bool = True) -> argparse.ArgumentParser:
-    """The command line of a training stage: `<features> <out> --checkpoints DIR [--metrics-dir DIR] [--params]`."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("features", type=Path, help=features_help)
-    parser.add_argument("out", type=Path, help=out_help)
-    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder (kept between runs)")
-    if curves:
-        parser.add_argument("--metrics-dir", type=Path, default=None, help="dvclive folder for the training curves")
-    parser.add_argument("--params", default="params.yaml")
-    return parser
+@dataclass
+class TrainingJob:
+    """What a family's training stage hands `run_training`, built after the seed is set (same weights on every rank).
+
+    Attributes:
+        model: the module `fit` trains (on CPU).
+        batches: (step, micro, rank, world) -> batch, a pure function of its arguments.
+        loss: one loss, or the phases of an adversarial step.
+        params: what the run depends on besides the `TrainConfig` (model config, init weights, crop size...):
+            part of the run fingerprint and recorded in `training.json`.
+        data_files: the training inputs, hashed into the fingerprint and `training.json`.
+        save: writes the finished model folder (rank 0) and returns extra `training.json` fields.
+        description: one log line about the model and data.
+        items: counts tokens / images in a batch, for the throughput on the progress bar.
+        after_step: (unwrapped model, steps done) after every optimizer step (EMA updates, sample grids).
+    """
+
+    model: nn.Module
+    batches: Callable[[int, int, int, int], Batch]
+    loss: LossFn | list[Phase]
+    params: dict[str, Any]
+    data_files: list[Path]
+    save: Callable[[Path, TrainResult], dict[str, Any]]
+    description: str
+    items: Callable[[Batch], int] | None = None
+    after_step: Callable[[nn.Module, int], None] | None = None
 
 
-def training_record(params: dict[str, Any], data_hash: str, result: TrainResult, model: nn.Module) -> dict[str, Any]:
-    """`training.json` of a model folder: what produced it. No timings, so a rerun writes the same bytes."""
+def run_training(
+    cfg: TrainConfig,
+    build: Callable[[Runtime], TrainingJob],
+    out_dir: Path,
+    checkpoint_dir: Path,
+    metrics_dir: Path | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Set up the runtime, build the family's job, train it, and on rank 0 save the model with `training.json`.
+
+    The model folder is written only once `max_steps` are done; `result.record` is then its `training.json`.
+    """
+    runtime = setup_runtime(cfg.device, cfg.precision, cfg.cpu_threads)
+    try:
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        job = build(runtime)
+        hashed = data_hash(job.data_files)
+        log.info(
+            "%s; %.3fM trainable parameters, device %s%s",
+            job.description,
+            sum(p.numel() for p in job.model.parameters() if p.requires_grad) / 1e6,
+            runtime.device,
+            f", {runtime.world_size} processes" if runtime.distributed else "",
+        )
+        start = time.perf_counter()
+        result = fit(
+            job.model, job.batches, job.loss, cfg, runtime, checkpoint_dir, cfg.fingerprint(job.params, hashed),
+            metrics_dir=metrics_dir, stop_after=stop_after, items_per_batch=job.items, after_step=job.after_step,
+        )  # fmt: skip
+        log.info(
+            "trained to step %d in %.1f s%s",
+            result.steps,
+            time.perf_counter() - start,
+            f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else "",
+        )
+        if runtime.is_main and result.steps >= cfg.max_steps:
+            extra = job.save(out_dir, result)
+            result.record = training_record({**job.params, "train": asdict(cfg)}, hashed, result) | extra
+            write_json(result.record, out_dir / "training.json")
+        return result
+    finally:
+        teardown_runtime(runtime)
+
+
+def training_record(params: dict[str, Any], data_hash: str, result: TrainResult) -> dict[str, Any]:
+    """`training.json` of a model folder: what produced it. Nothing that depends on the machine, the clock or
+    on whether the run was resumed, so every rerun writes the same bytes (and DVC hash)."""
     return {
         "params": params,
         "data_hash": data_hash,
         "steps": result.steps,
         "final_loss": result.final_loss,
         "final_losses": result.phase_losses[-1][1] if result.phase_losses else {},
-        "resumed_from": result.resumed_from,
-        "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def parameter_count(module: nn.Module) -> dict[str, int]:
+    """The `parameters` field of `training.json`, for the module that was saved."""
+    return {"parameters": sum(p.numel() for p in module.parameters())}
+
+
+def training_main(
+    argv: list[str] | None,
+    stage: str,
+    doc: str | None,
+    config: Any,
+    train: Callable[[Any, argparse.Namespace], Any],
+    features_help: str,
+    out_help: str,
+    curves: bool = True,
+    options: dict[str, str] | None = None,
+    required: tuple[str, ...] = (),
+) -> None:
+    """The `main` of a training stage: `<features> <out> --checkpoints DIR [--metrics-dir DIR] [--params FILE]`
+    plus the stage's own path `options` (flag -> help; those in `required` must be given), then
+    `train(config from params, args)` under `run_main`.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python -m components.{stage}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("features", type=Path, help=features_help)
+    parser.add_argument("out", type=Path, help=out_help)
+    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder (kept between runs)")
+    if curves:
+        parser.add_argument("--metrics-dir", type=Path, default=None, help="dvclive folder for the training curves")
+    for flag, help_text in (options or {}).items():
+        parser.add_argument(flag, type=Path, default=None, required=flag in required, help=help_text)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    run_main(lambda: train(config.from_params(load_params(stage, args.params)), args))

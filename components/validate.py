@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,10 +306,16 @@ def merge_counts(total: dict[str, int], counts: dict[str, dict[str, int]]) -> No
 
 
 def validate(
-    cfg: ValidateConfig, raw_dir: Path, valid_dir: Path, report_dir: Path, quarantine_dir: Path
+    cfg: ValidateConfig, raw_dir: Path, valid_dir: Path, report_dir: Path, quarantine_dir: Path, docs_dir: Path | None = None
 ) -> dict[str, DatasetReport]:
-    """Validate all datasets, write the report, then fail if any dataset quarantined too much."""
-    runner = SuiteRunner(report_dir / "docs")
+    """Validate all datasets, write the report, then fail if any dataset quarantined too much.
+
+    The data docs (`docs_dir`, default `<report_dir>/docs`) carry run times and time-stamped folders, so a
+    pipeline keeps them outside its hashed outputs; they are rebuilt from scratch on every run.
+    """
+    docs_dir = docs_dir if docs_dir is not None else report_dir / "docs"
+    shutil.rmtree(docs_dir, ignore_errors=True)  # only this run's validations, not an earlier run's pages
+    runner = SuiteRunner(docs_dir)
     suites = {
         "text": text_expectations(cfg.text),
         "images": image_expectations(cfg.images),
@@ -358,7 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__)
     parser.add_argument("raw", type=Path, help="ingested data folder (data/raw)")
     parser.add_argument("--valid", type=Path, required=True, help="output folder for rows that pass")
-    parser.add_argument("--report", type=Path, required=True, help="output folder for report.json and data docs")
+    parser.add_argument("--report", type=Path, required=True, help="output folder for report.json")
+    parser.add_argument("--docs", type=Path, default=None, help="output folder for the GE data docs (default: <report>/docs)")
     parser.add_argument("--quarantine", type=Path, required=True, help="output folder for failing rows")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
@@ -368,8 +376,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     run_main(
         lambda: validate(
-            ValidateConfig.from_params(load_params("validate", args.params)), args.raw, args.valid, args.report, args.quarantine
-        )
+            ValidateConfig.from_params(load_params("validate", args.params)),
+            args.raw,
+            args.valid,
+            args.report,
+            args.quarantine,
+            args.docs,
+        )  # fmt: skip
     )
 
 

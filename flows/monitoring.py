@@ -29,14 +29,35 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 
+def monitoring_paths(repo_root: str) -> dict[str, Path]:
+    """Where the loop reads and writes, under the repo: the request log, reports, retrain gate state and
+    promotion history from params.yaml's `monitor` / `promotion`; the drift reference from dvc.yaml."""
+    from components.common import load_params, require
+    from components.feature_defs import REFERENCE_DIR
+    from components.pipeline import stage
+
+    root = Path(repo_root)
+    monitor, promotion = load_params("monitor", root / "params.yaml"), load_params("promotion", root / "params.yaml")
+    return {
+        "log": root / require(monitor, "log_dir", str, "monitor"),
+        "reports": root / require(monitor, "reports_dir", str, "monitor"),
+        "retrain": root / require(monitor, "retrain_dir", str, "monitor"),
+        "history": root / require(promotion, "history", str, "promotion"),
+        "reference": root / stage("features", root).argument(-1) / REFERENCE_DIR,
+    }
+
+
 @task(retries=1, retry_delay_seconds=5, task_run_name="check-drift")
-def run_drift_check(repo_root: str, log_dir: str, reports_dir: str) -> dict[str, Any]:
+def run_drift_check(repo_root: str, log_dir: str | None = None, reports_dir: str | None = None) -> dict[str, Any]:
     from components.common import load_params
     from monitoring.drift import DriftConfig, check_drift
 
     root = Path(repo_root)
+    paths = monitoring_paths(repo_root)
     cfg = DriftConfig.from_params(load_params("monitor", root / "params.yaml"))
-    report_dir, results = check_drift(cfg, root / log_dir, root / "data" / "features" / "reference", root / reports_dir)
+    logs = root / log_dir if log_dir else paths["log"]
+    reports = root / reports_dir if reports_dir else paths["reports"]
+    report_dir, results = check_drift(cfg, logs, paths["reference"], reports)
     return {"report": str(report_dir), "results": {name: r.as_dict() for name, r in results.items()}}
 
 
@@ -74,7 +95,7 @@ def champion_challenger(repo_root: str, experiment: str) -> dict[str, Any]:
     promoted = all(c.promote for c in comparisons)
     for comparison in comparisons:
         get_run_logger().info("%s: %s", comparison.family, comparison.reason)
-    return record(root / "monitoring" / "promotion" / "history.json", comparisons, experiment, promoted)
+    return record(monitoring_paths(repo_root)["history"], comparisons, experiment, promoted)
 
 
 @task(task_run_name="promote-{experiment}")
@@ -109,12 +130,13 @@ def summary_markdown(check: dict[str, Any], action: str) -> str:
 @flow(name="drift-check", log_prints=True)
 def drift_check(
     repo_root: str = ".",
-    log_dir: str = "monitoring/logs",
-    reports_dir: str = "monitoring/reports",
+    log_dir: str | None = None,
+    reports_dir: str | None = None,
     retrain_on_drift: bool = True,
     via_deployment: bool = False,
 ) -> dict[str, Any]:
-    """Check the last window for drift; on drift, start one retrain unless the gate refuses."""
+    """Check the last window for drift; on drift, start one retrain unless the gate refuses. The request log
+    and reports folders default to params.yaml's `monitor.log_dir` / `monitor.reports_dir`."""
     from components.common import load_params
     from monitoring.retrain_gate import RetrainGate
 
@@ -126,7 +148,7 @@ def drift_check(
     outcome: dict[str, Any] = {**check, "drifted": drifted, "retrain": None}
     if drifted and retrain_on_drift:
         cooldown = float(load_params("monitor", root / "params.yaml")["cooldown_hours"])
-        gate = RetrainGate(root / "monitoring" / "retrain", timedelta(hours=cooldown))
+        gate = RetrainGate(monitoring_paths(repo_root)["retrain"], timedelta(hours=cooldown))
         experiment = f"retrain-{Path(check['report']).name.lower()}"
         with gate.claim(check["report"], experiment) as decision:
             action = decision.reason
@@ -150,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m flows.monitoring", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repo", default=".")
-    parser.add_argument("--log", default="monitoring/logs")
-    parser.add_argument("--reports", default="monitoring/reports")
+    parser.add_argument("--log", default=None, help="request log folder (default: params monitor.log_dir)")
+    parser.add_argument("--reports", default=None, help="reports folder (default: params monitor.reports_dir)")
     parser.add_argument("--no-retrain", action="store_true", help="only check and report")
     parser.add_argument("--via-deployment", action="store_true", help="start the retrain through its served deployment")
     args = parser.parse_args(argv)

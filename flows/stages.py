@@ -16,6 +16,8 @@ from prefect import get_run_logger, task
 
 from components.common import EX_CONFIG, EX_DATAERR
 
+DATA_METRICS_STAGE = "clean"  # its metrics file counts the rows of every dataset
+
 
 class PermanentStageError(RuntimeError):
     """A stage failed on bad data or bad params: retrying cannot help, so the flow does not retry it."""
@@ -95,29 +97,6 @@ def run_stage(name: str, repo_root: str = ".", force: bool = False) -> StageResu
     return StageResult(name, "ran" if ran else "up to date", round(time.monotonic() - start, 2))
 
 
-STAGE_CONFIGS = {
-    "ingest": ("components.ingest", "IngestConfig"),
-    "validate": ("components.validate", "ValidateConfig"),
-    "clean": ("components.clean", "CleanConfig"),
-    "augment": ("components.augment", "AugmentConfig"),
-    "features": ("components.features", "FeaturesConfig"),
-    "train_text": ("components.train_text", "TrainTextConfig"),
-    "evaluate_text": ("components.evaluate_text", "EvaluateTextConfig"),
-    "train_feature_net": ("components.train_feature_net", "TrainFeatureNetConfig"),
-    "train_image": ("components.train_image", "TrainImageConfig"),
-    "evaluate_image": ("components.evaluate_image", "EvaluateImageConfig"),
-    "train_restore": ("components.train_restore", "TrainRestoreConfig"),
-    "evaluate_restore": ("components.evaluate_restore", "EvaluateRestoreConfig"),
-}
-
-# The evaluation figures the run summary shows, per model family: (metrics file, keys).
-MODEL_METRICS = {
-    "text": ("metrics/text.json", ["bleu", "bleu_retrieval_baseline", "chrf", "perplexity"]),
-    "image": ("metrics/image.json", ["fid_domain", "fid_domain_floor", "kid_domain", "generated_class_accuracy"]),
-    "restore": ("metrics/restore.json", ["psnr", "psnr_baseline", "ssim", "ssim_baseline"]),
-}
-
-
 @task(task_run_name="check-params")
 def check_params(stages: list[str], repo_root: str = ".") -> None:
     """Build every stage's config from params.yaml before any stage runs.
@@ -126,26 +105,31 @@ def check_params(stages: list[str], repo_root: str = ".") -> None:
     itself would already have cleared the previous outputs from the workspace (DVC's cache still has them);
     checked here first, nothing is touched.
     """
-    import importlib
-
     from components.common import ConfigError, load_params
+    from components.pipeline import load_stages
 
+    declared = load_stages(repo_root)
     problems = []
     for name in stages:
-        if name not in STAGE_CONFIGS:
+        config = declared[name].config()
+        if config is None:  # a stage that reads no params section
             continue
-        module, config = STAGE_CONFIGS[name]
         try:
-            getattr(importlib.import_module(module), config).from_params(load_params(name, Path(repo_root) / "params.yaml"))
+            config.from_params(load_params(name, Path(repo_root) / "params.yaml"))
         except ConfigError as err:
             problems.append(f"{name}: {err}")
     if problems:
         raise PermanentStageError("invalid params, no stage was run:\n  " + "\n  ".join(problems))
 
 
-def summary_markdown(results: list[StageResult], metrics_path: Path) -> str:
+def summary_markdown(results: list[StageResult], repo_root: Path) -> str:
     """A markdown table of what ran and what was up to date, then the data metrics and, where the
     evaluation stages have written them, each model family's headline figures."""
+    from components.metrics import HEADLINE, evaluation_stage
+    from components.pipeline import load_stages
+
+    stages = load_stages(repo_root)
+    metrics_path = repo_root / stages[DATA_METRICS_STAGE].only_metrics()
     lines = ["## Pipeline run", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r.name} | {r.status} | {r.seconds} |" for r in results]
     if metrics_path.is_file():
@@ -163,11 +147,11 @@ def summary_markdown(results: list[StageResult], metrics_path: Path) -> str:
                 f"| {name} | {m.get('rows_in')} | {m.get('rows_valid')} | {m.get('rows_quarantined')} | "
                 f"{m.get('duplicates_removed')} | {splits.get('train')} | {splits.get('val')} | {splits.get('test')} |"
             )
-    root = metrics_path.parent.parent
-    models = [(family, path, keys) for family, (path, keys) in MODEL_METRICS.items() if (root / path).is_file()]
+    models = [(family, repo_root / stages[evaluation_stage(family)].only_metrics(), keys) for family, keys in HEADLINE.items()]
+    models = [(family, path, keys) for family, path, keys in models if path.is_file()]
     if models:
         lines += ["", "## Models", "", "| model | metrics |", "|---|---|"]
         for family, path, keys in models:
-            values = json.loads((root / path).read_text(encoding="utf-8"))
+            values = json.loads(path.read_text(encoding="utf-8"))
             lines.append(f"| {family} | " + ", ".join(f"{k} {values[k]}" for k in keys if k in values) + " |")
     return "\n".join(lines) + "\n"

@@ -18,8 +18,6 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import StageResult, check_params, dvc_stage_order, run_stage, summary_markdown
 
-DATA_METRICS = Path("metrics/data.json")
-
 
 @flow(name="training", log_prints=True)
 def training(stages: list[str] | None = None, repo_root: str = ".", force: bool = False) -> list[StageResult]:
@@ -34,7 +32,7 @@ def training(stages: list[str] | None = None, repo_root: str = ".", force: bool 
         logger.info("%s: %s in %.1f s", result.name, result.status, result.seconds)
         results.append(result)
     create_markdown_artifact(
-        summary_markdown(results, Path(repo_root) / DATA_METRICS),
+        summary_markdown(results, Path(repo_root)),
         key="pipeline-run",
         description="Stages run or skipped, and the data metrics",
     )

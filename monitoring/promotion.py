@@ -72,28 +72,17 @@ def decide(family: str, metric: str, champion: float, challenger: float, ci: tup
     return Comparison(family, metric, champion, challenger, delta, ci[0], ci[1], tolerance, promote, reason)
 
 
-def bleu_statistics(hypotheses: list[str], references: list[list[str]]) -> tuple[Any, np.ndarray]:
-    """sacrebleu's per-sentence BLEU statistics (n-gram matches and totals, lengths), multi-reference."""
-    from sacrebleu.metrics import BLEU
-
-    metric = BLEU()
-    width = max(len(r) for r in references)
-    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
-    return metric, np.array(metric._extract_corpus_statistics(hypotheses, streams))
-
-
 def compare_text(champion: Any, challenger: Any, tolerance: float, samples: int, seed: int) -> Comparison:
     """Corpus BLEU of two outputs tables (evaluate_text's outputs.parquet as pandas) on the same sources."""
     merged = champion.merge(challenger, on="source", suffixes=("_champion", "_challenger"))
     if merged.empty:
         raise ValueError("the two evaluations share no test source")
+    from components.metrics import bleu_from_statistics as bleu
+    from components.metrics import bleu_statistics
+
     references = [list(r) for r in merged["references_champion"]]
-    metric, champ_stats = bleu_statistics(list(merged["hypothesis_champion"]), references)
-    _, chall_stats = bleu_statistics(list(merged["hypothesis_challenger"]), references)
-
-    def bleu(stats: np.ndarray) -> float:
-        return float(metric._compute_score_from_stats(list(stats.sum(0))).score)
-
+    champ_stats = bleu_statistics(list(merged["hypothesis_champion"]), references)
+    chall_stats = bleu_statistics(list(merged["hypothesis_challenger"]), references)
     ci = paired_bootstrap(len(merged), lambda idx: (bleu(champ_stats[idx]), bleu(chall_stats[idx])), samples, seed)
     return decide("text", "bleu", bleu(champ_stats), bleu(chall_stats), ci, tolerance)
 
@@ -113,7 +102,7 @@ def compare_restore(
 def compare_image(champion_fake: Any, challenger_fake: Any, real: Any, tolerance: float, samples: int, seed: int) -> Comparison:
     """FID (negated, so higher is better) of generated-image features against the real test features,
     bootstrapping the generated images (same resampled indices for both; the seeds are shared)."""
-    from components.evaluate_image import fid_from_features
+    from components.metrics import fid_from_features
 
     n = min(len(champion_fake), len(challenger_fake))
 
@@ -161,13 +150,6 @@ class PromotionConfig:
         )
 
 
-EVALUATION_FILES = {
-    "text": "data/evaluation/text/outputs.parquet",
-    "restore": "data/evaluation/restore/per_image.json",
-    "image": "data/evaluation/image/generated_images.safetensors",
-}
-
-
 def read_artifact(root: Path, path: str, rev: str | None) -> bytes:
     """A pipeline output as bytes: from the workspace (rev None) or from a git revision / DVC experiment."""
     if rev is None:
@@ -184,20 +166,29 @@ def compare_revisions(root: Path, challenger_rev: str, cfg: PromotionConfig, cha
     import pandas as pd
     from safetensors.torch import load as load_safetensors
 
+    from components.feature_net import DomainFeatures, extract, feature_net_from_state, reference_path
+    from components.metrics import evaluation_stage
+    from components.model_io import CONFIG, WEIGHTS
+    from components.pipeline import load_stages
+
+    stages = load_stages(root)
+
     def both(family: str) -> tuple[bytes, bytes]:
-        path = EVALUATION_FILES[family]
+        """The per-item outputs of a family's evaluation stage, for the champion and the challenger."""
+        path = stages[evaluation_stage(family)].only_out().as_posix()
         return read_artifact(root, path, champion_rev), read_artifact(root, path, challenger_rev)
+
+    def champions(path: Path) -> bytes:
+        return read_artifact(root, path.as_posix(), champion_rev)
 
     text = [pd.read_parquet(io.BytesIO(b)) for b in both("text")]
     restore = [json.loads(b) for b in both("restore")]
-    from components.feature_net import DomainFeatures, FeatureNet, FeatureNetConfig, extract
-
-    net_config = json.loads(read_artifact(root, "models/feature_net/config.json", champion_rev))
-    net = FeatureNet(FeatureNetConfig.from_json(net_config))
-    net.load_state_dict(load_safetensors(read_artifact(root, "models/feature_net/model.safetensors", champion_rev)))
-    extractor = DomainFeatures(net.eval())
+    feature_net_stage = stages["train_feature_net"]  # its command: <features> <model folder> --reference <folder>
+    net_dir, reference_dir = feature_net_stage.argument(1), feature_net_stage.argument("--reference")
+    net = feature_net_from_state(json.loads(champions(net_dir / CONFIG)), load_safetensors(champions(net_dir / WEIGHTS)))
+    extractor = DomainFeatures(net)
     images = [extract(extractor, load_safetensors(b)["images"]) for b in both("image")]
-    real = load_safetensors(read_artifact(root, "data/fid_reference/test.safetensors", champion_rev))["features"]
+    real = load_safetensors(champions(reference_path(reference_dir, "test")))["features"]
     n, seed = cfg.bootstrap_samples, cfg.seed
     return [
         compare_text(text[0], text[1], cfg.tolerance_bleu, n, seed),

@@ -44,19 +44,15 @@ class TextGenerator:
     """The text model of a `save_pretrained` folder (models/text), generating from prompts in batches."""
 
     def __init__(self, folder: Path, device: torch.device) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from components.text_model import load_text_model
 
-        from components.model_io import check_safetensors_folder
-
-        check_safetensors_folder(folder, "text model")
-        self.model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model, self.tokenizer = load_text_model(folder, "text model", device)
         self.device = device
         self.max_length = int(self.model.config.max_position_embeddings)
 
     def generate(self, requests: list[TextRequest]) -> list[str]:
         """Texts for the requests, in order; requests with the same decoding settings run as one batch."""
-        from components.evaluate_text import decoding_options, generate_texts
+        from components.text_model import decoding_options, generate_texts
 
         outputs: list[str | None] = [None] * len(requests)
         groups: dict[tuple[Any, ...], list[int]] = {}

@@ -20,15 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from components.common import ConfigError, DataError, run_main, write_json
+from components.metrics import HEADLINE, evaluation_stage
+from components.pipeline import stage
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("text", "image", "restore")
-HEADLINE_METRICS = {
-    "text": ("metrics/text.json", ("bleu", "chrf", "perplexity", "bleu_retrieval_baseline")),
-    "image": ("metrics/image.json", ("fid_domain", "kid_domain", "fid_domain_floor", "feature_net_accuracy")),
-    "restore": ("metrics/restore.json", ("psnr", "ssim", "psnr_y", "psnr_baseline", "task")),
-}
+FAMILIES = tuple(HEADLINE)
 
 
 def content_hash(folder: Path) -> str:
@@ -53,10 +50,10 @@ def model_labels(family: str, folder: Path, root: Path) -> dict[str, str]:
 
     labels = {"family": family, "content_hash": content_hash(folder), "git_revision": git_revision(root)}
     labels.update(model_provenance(folder))
-    metrics_path, keys = HEADLINE_METRICS[family]
-    if (root / metrics_path).is_file():
-        metrics = json.loads((root / metrics_path).read_text(encoding="utf-8"))
-        labels.update({key: str(metrics[key]) for key in keys if metrics.get(key) is not None})
+    metrics_path = root / stage(evaluation_stage(family), root).only_metrics()
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        labels.update({key: str(metrics[key]) for key in HEADLINE[family] if metrics.get(key) is not None})
     return labels
 
 

@@ -56,7 +56,7 @@ class ProductRecord(BaseModel):
     tone: str | None = Field(None, max_length=100)
 
     def to_prompt(self) -> str:
-        from components.textgen import serialise
+        from components.records import serialise
 
         values = {key: getattr(self, key) for key in RECORD_FIELDS if getattr(self, key)}
         return serialise({k: " ".join(v.split()) for k, v in values.items()})

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from components.training import Runtime, TrainConfig, fit, hash_seed, setup_runtime, teardown_runtime, unwrap
+from components.runtime import Runtime, setup_runtime, teardown_runtime
+from components.training import TrainConfig, fit, hash_seed, unwrap
 
 
 def main(out: Path, family: str) -> None:
@@ -34,7 +35,7 @@ def main(out: Path, family: str) -> None:
         log_every=1,
         seed=3,
     )
-    runtime = setup_runtime(cfg)
+    runtime = setup_runtime(cfg.device, cfg.precision, cfg.cpu_threads)
     torch.manual_seed(cfg.seed)
     if family == "gan":
         train_gan(cfg, runtime, out)

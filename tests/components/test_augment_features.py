@@ -15,8 +15,9 @@ from tokenizers import Tokenizer
 
 from components import augment, features
 from components.common import ConfigError
+from components.image_io import decode_image
+from components.records import parse_source
 from components.text_model import SPECIAL_TOKENS
-from components.textgen import parse_source
 from tests.conftest import run_data_stages, section, shrink
 
 
@@ -69,7 +70,7 @@ def test_image_augmentation_changes_pixels_keeps_labels_and_size(clean_dir: Path
     for row in extra.to_pylist():
         original = originals[row["augmented_from"]]
         assert row["label"] == original["label"] and original["split"] == "train"
-        before, after = augment.decode(original["image"]), augment.decode(row["image"])
+        before, after = decode_image(original["image"]), decode_image(row["image"])
         assert before.shape == after.shape
         changed += not np.array_equal(before, after)
     assert changed == extra.num_rows
@@ -78,7 +79,7 @@ def test_image_augmentation_changes_pixels_keeps_labels_and_size(clean_dir: Path
 def test_restore_patches_have_the_configured_size(augmented: Path) -> None:
     patches = pq.read_table(augmented / "restore_patches.parquet")
     assert patches.num_rows > 0
-    assert {augment.decode(b).shape for b in patches.column("image").to_pylist()} == {(32, 32, 3)}
+    assert {decode_image(b).shape for b in patches.column("image").to_pylist()} == {(32, 32, 3)}
 
 
 def test_disabled_augmentation_writes_empty_tables(clean_dir: Path, real_params: dict[str, Any], tmp_path: Path) -> None:
@@ -129,7 +130,7 @@ def test_restore_arrays(feature_dir: Path, augmented: Path) -> None:
     train = load_file(str(feature_dir / "restore" / "train.safetensors"))
     assert train["patches"].shape[1:] == (3, 32, 32)
     # Pixel for pixel the augment stage's patches (a non-contiguous array once came back scrambled).
-    decoded = [augment.decode(b) for b in pq.read_table(augmented / "restore_patches.parquet").column("image").to_pylist()]
+    decoded = [decode_image(b) for b in pq.read_table(augmented / "restore_patches.parquet").column("image").to_pylist()]
     assert all(np.array_equal(train["patches"][i], d.transpose(2, 0, 1)) for i, d in enumerate(decoded))
     test = load_file(str(feature_dir / "restore" / "test.safetensors"))
     assert test and all(v.ndim == 3 and v.shape[0] == 3 for v in test.values())

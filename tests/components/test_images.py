@@ -16,11 +16,13 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from components import evaluate_image, evaluate_restore, train_feature_net, train_image, train_restore
 from components.common import ConfigError
-from components.feature_net import DomainFeatures, FeatureNet, FeatureNetConfig, extract
+from components.feature_net import DomainFeatures, FeatureNet, FeatureNetConfig, extract, load_reference
 from components.gan_model import GANConfig, load_generator
+from components.metrics import luma, restoration_scores
 from components.model_io import PICKLE_SUFFIXES
 from components.restore_model import RestoreConfig, Restorer, baseline, degrade, load_restorer
-from components.training import Phase, TrainConfig, fit, setup_runtime
+from components.runtime import setup_runtime
+from components.training import Phase, TrainConfig, fit
 from tests.conftest import section
 
 
@@ -166,10 +168,10 @@ def image_models(tiny_features: Path, tmp_path_factory: pytest.TempPathFactory, 
 
 def test_feature_net_stage_caches_reference_features_of_the_real_images(image_models: Path, tiny_features: Path) -> None:
     test = load_file(str(tiny_features / "images" / "test.safetensors"))
-    reference = train_feature_net.load_reference(image_models / "reference" / "test.safetensors")
+    reference = load_reference(image_models / "reference" / "test.safetensors")
     assert reference.shape == (len(test["labels"]), 8) and reference.dtype == torch.float64
     train = load_file(str(tiny_features / "images" / "train.safetensors"))
-    floor = train_feature_net.load_reference(image_models / "reference" / "train.safetensors")
+    floor = load_reference(image_models / "reference" / "train.safetensors")
     assert len(floor) == int((train["augmented"] == 0).sum()) < len(train["labels"])  # real images only
     assert json.loads((image_models / "net.json").read_text())["test_images"] == len(test["labels"])
     assert no_pickles(image_models / "feature_net")
@@ -198,12 +200,12 @@ def test_evaluate_image_writes_the_documented_metrics(
 def test_psnr_and_luma_match_hand_computed_values() -> None:
     clean = torch.zeros(1, 3, 16, 16)
     off_by_a_tenth = torch.full((1, 3, 16, 16), 0.1)  # MSE 0.01 -> 10·log10(1/0.01) = 20 dB
-    scores = evaluate_restore.image_scores(off_by_a_tenth, clean, border=2)
+    scores = restoration_scores(off_by_a_tenth, clean, border=2)
     assert scores["psnr"] == pytest.approx(20.0, abs=1e-5)  # 0.1 is not exact in float32
     # Y of a uniform 0.1 grey vs black: (65.481 + 128.553 + 24.966)·0.1/255 = 0.085882 -> 21.32 dB
     assert scores["psnr_y"] == pytest.approx(-20 * math.log10(219.0 * 0.1 / 255.0), abs=1e-5)
-    assert evaluate_restore.luma(torch.ones(1, 3, 1, 1)).item() == pytest.approx(235 / 255)
-    assert scores["ssim"] < evaluate_restore.image_scores(clean, clean, border=2)["ssim"] == pytest.approx(1.0)
+    assert luma(torch.ones(1, 3, 1, 1)).item() == pytest.approx(235 / 255)
+    assert scores["ssim"] < restoration_scores(clean, clean, border=2)["ssim"] == pytest.approx(1.0)
 
 
 def smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
@@ -229,12 +231,20 @@ def test_restorer_beats_bicubic_on_smooth_images_after_a_few_hundred_steps(tiny_
 
     torch.manual_seed(0)
     model = Restorer(model_cfg)
-    fit(model, batch_fn, train_restore.restore_loss, cfg.train, setup_runtime(cfg.train), tmp_path / "ckpt", "smooth")
+    fit(
+        model,
+        batch_fn,
+        train_restore.restore_loss,
+        cfg.train,
+        setup_runtime(cfg.train.device, cfg.train.precision),
+        tmp_path / "ckpt",
+        "smooth",
+    )
     held_out = smooth_images(4, 64, seed=1)
     degraded = degrade(held_out, model_cfg)
     with torch.no_grad():
-        ours = evaluate_restore.image_scores(model(degraded), held_out, border=2)["psnr"]
-    bicubic = evaluate_restore.image_scores(baseline(degraded, model_cfg), held_out, border=2)["psnr"]
+        ours = restoration_scores(model(degraded), held_out, border=2)["psnr"]
+    bicubic = restoration_scores(baseline(degraded, model_cfg), held_out, border=2)["psnr"]
     assert ours > bicubic + 1.0, (ours, bicubic)
 
 
@@ -285,4 +295,12 @@ def test_phases_need_distinct_names(tiny_params: dict[str, Any], tmp_path: Path)
     cfg = TrainConfig.from_params(section(tiny_params, "train_restore"), "train_restore", 0)
     phase = Phase("same", lambda model, batch: model(batch["x"]).sum())
     with pytest.raises(ValueError, match="distinct names"):
-        fit(torch.nn.Linear(2, 1), lambda *a: {"x": torch.ones(1, 2)}, [phase, phase], cfg, setup_runtime(cfg), tmp_path, "x")
+        fit(
+            torch.nn.Linear(2, 1),
+            lambda *a: {"x": torch.ones(1, 2)},
+            [phase, phase],
+            cfg,
+            setup_runtime(cfg.device, cfg.precision),
+            tmp_path,
+            "x",
+        )

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from components import textgen
+from components.records import parse_source, serialise
 
 
 def rows(num_records: int, refs: int, seed: int) -> list[tuple[int, str, str]]:
@@ -28,7 +29,7 @@ def test_each_record_has_distinct_references_that_name_it() -> None:
     assert len(by_record) == 200
     for index, references in by_record.items():
         assert len(set(references)) == 3, references
-        attributes = textgen.parse_source(sources[index])
+        attributes = parse_source(sources[index])
         assert attributes is not None
         for reference in references:
             assert attributes["name"] in reference
@@ -48,6 +49,6 @@ def test_articles_agree_with_the_colour() -> None:
 
 def test_serialise_and_parse_round_trip_and_free_text_is_not_a_record() -> None:
     attributes = {"name": "Nova Air", "colour": "sage", "tone": "minimal"}
-    assert textgen.parse_source(textgen.serialise(attributes)) == attributes
-    assert textgen.parse_source("write an ad for a lamp") is None
-    assert textgen.parse_source("name: a | name: b") is None  # repeated key
+    assert parse_source(serialise(attributes)) == attributes
+    assert parse_source("write an ad for a lamp") is None
+    assert parse_source("name: a | name: b") is None  # repeated key

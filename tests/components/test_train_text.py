@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from components import evaluate_text, train_text
 from components.common import ConfigError
+from components.metrics import corpus_scores
 from components.text_model import load_pretrained
 from components.training import TrainConfig, lr_factor
 from tests.conftest import REPO_ROOT, section
@@ -146,13 +147,13 @@ def test_bleu_matches_the_sacrebleu_command_line(tmp_path: Path) -> None:
         [*command, "-m", "bleu", "chrf", "-b", "-f", "text", "-w", "2"], capture_output=True, text=True, check=True
     )
     cli_bleu, cli_chrf = (float(line) for line in cli.stdout.split())
-    ours = evaluate_text.score(hypotheses, [list(pair) for pair in zip(refs_a, refs_b, strict=True)])
+    ours = corpus_scores(hypotheses, [list(pair) for pair in zip(refs_a, refs_b, strict=True)])
     assert ours["bleu"] == pytest.approx(cli_bleu, abs=0.01) and ours["chrf"] == pytest.approx(cli_chrf, abs=0.01)
     assert ours["sacrebleu_signature"].startswith("nrefs:2|")
 
 
 def test_variable_reference_counts() -> None:
-    scored = evaluate_text.score(["a b c d", "e f g h"], [["a b c d"], ["x y z w", "e f g h"]])
+    scored = corpus_scores(["a b c d", "e f g h"], [["a b c d"], ["x y z w", "e f g h"]])
     assert scored["bleu"] == pytest.approx(100.0)
 
 
@@ -178,8 +179,7 @@ def test_evaluate_writes_metrics_and_outputs(tiny_params: dict[str, Any], tiny_f
 
 
 def test_perplexity_is_exp_of_the_target_token_loss(tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path) -> None:
-    from components.text_model import example_ids
-    from components.train_text import Examples, make_batch
+    from components.text_model import Examples, example_ids, make_batch
 
     tiny_pretrained(tmp_path / "model", tiny_features / "text")
     model, tokenizer = load_pretrained(tmp_path / "model", "test")

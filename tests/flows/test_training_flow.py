@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from prefect.states import Failed
 
 from flows.stages import PermanentStageError, _exit_code, _retry_transient, dvc_stage_order, summary_markdown
 from flows.training import training
-from tests.conftest import STAGES, copy_repo, venv_env
+from tests.conftest import REPO_ROOT, STAGES, copy_repo, venv_env
 
 # (stage, a stage it depends on): the order must respect each.
 DEPENDENCIES = [("validate", "ingest"), ("clean", "validate"), ("augment", "clean"), ("features", "augment"),
@@ -101,15 +102,16 @@ def test_exit_code_is_read_from_the_dvc_error_chain() -> None:
 def test_summary_lists_stages_and_data(tmp_path: Path) -> None:
     from flows.stages import StageResult
 
+    shutil.copy(REPO_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")  # where the metrics files are
     (tmp_path / "metrics").mkdir()
     metrics = tmp_path / "metrics" / "data.json"  # as under the repo root
     metrics.write_text(
         '{"text": {"rows_in": 3, "rows_valid": 2, "rows_quarantined": 1, "duplicates_removed": 0,'
         ' "splits": {"train": 1, "val": 1, "test": 0}}}'
     )
-    text = summary_markdown([StageResult("ingest", "ran", 1.0)], metrics)
+    text = summary_markdown([StageResult("ingest", "ran", 1.0)], tmp_path)
     assert "| ingest | ran | 1.0 |" in text and "| text | 3 | 2 | 1 | 0 | 1 | 1 | 0 |" in text
     assert "## Models" not in text
     (tmp_path / "metrics" / "restore.json").write_text('{"psnr": 31.5, "psnr_baseline": 30.1, "task": "x"}')
-    with_models = summary_markdown([], metrics)
-    assert "| restore | psnr 31.5, psnr_baseline 30.1 |" in with_models
+    with_models = summary_markdown([], tmp_path)
+    assert "| restore | psnr 31.5, psnr_baseline 30.1, task x |" in with_models

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from components.evaluate_text import score
+from components.metrics import corpus_scores as score
 from monitoring.promotion import compare_image, compare_restore, compare_text, record
 
 SOURCES = [f"name: item {i} | colour: c{i % 7}" for i in range(60)]

@@ -1,0 +1,109 @@
+"""Training checkpoints: atomic writes, newest-good-first resume, pruning, and the RNG states they carry.
+
+A checkpoint is scratch state of one run (`<checkpoints>/<family>/<run fingerprint>/step-*.ckpt`), written
+by `torch.save` and read back with `weights_only=True`, so loading one runs no code from the file.
+Only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.ckpt$")
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:08d}.ckpt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files, newest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write atomically: temp file, fsync, rename, fsync the folder. A crash leaves the old set intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load tensors and plain containers only (`weights_only`): no code runs from the file."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not {"model", "optimizers", "step", "fingerprint"} <= set(state):
+        raise ValueError("not a checkpoint of this project (missing keys)")
+    return state
+
+
+def newest_good_checkpoint(directory: Path, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads and matches this run; unreadable ones are reported and skipped."""
+    for path in list_checkpoints(directory):
+        try:
+            state = load_checkpoint(path)
+        except Exception as err:  # a truncated or garbled file: torch raises several types
+            # Moved aside, not deleted: kept for inspection, and out of the way of pruning and of the
+            # new checkpoint that will be written for the same step.
+            kept = path.with_name(path.name + ".corrupt")
+            os.replace(path, kept)
+            log.warning(
+                "checkpoint %s is unreadable (%s: %s); kept as %s, resuming from the previous one",
+                path,
+                type(err).__name__,
+                err,
+                kept.name,
+            )
+            continue
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{path} belongs to run {state['fingerprint']}, not {fingerprint}")
+        return path, state
+    return None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Keep the newest `keep` readable-looking checkpoints; never touch anything else in the folder."""
+    for old in list_checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states(runtime: Runtime) -> list[dict[str, torch.Tensor]]:
+    if not runtime.distributed:
+        return [rng_state()]
+    gathered: list[Any] = [None] * runtime.world_size
+    torch.distributed.all_gather_object(gathered, rng_state())
+    return gathered
