@@ -167,6 +167,21 @@ class ConditionalGAN(nn.Module):
             ema.copy_(live)
 
 
+def training_batch(
+    images: torch.Tensor, labels: torch.Tensor, cfg: GANConfig, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """What `ConditionalGAN.forward` takes for both phases: real uint8 images (B, C, S, S) with their labels,
+    and, drawn from `generator`, the labels and noise of the fakes each phase generates."""
+    size = len(labels)
+    return {
+        "images": from_uint8(images),
+        "labels": labels,
+        "fake_labels": torch.randint(0, cfg.num_classes, (size,), generator=generator),
+        "z_discriminator": torch.randn(size, cfg.latent_dim, generator=generator),
+        "z_generator": torch.randn(size, cfg.latent_dim, generator=generator),
+    }
+
+
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 

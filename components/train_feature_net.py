@@ -18,11 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from components import training
 from components.common import require, write_json
 from components.feature_net import DomainFeatures, FeatureNet, FeatureNetConfig, accuracy, extract, reference_path, save_reference
 from components.image_io import ImageSplit, load_image_split
 from components.model_io import save_model
-from components.training import TrainConfig, TrainingJob, TrainResult, run_training, step_generator, training_main
+from components.training import TrainConfig, TrainingJob, TrainResult
 
 SUMMARY_KEYS = ("test_accuracy", "train_accuracy", "test_images", "feature_dim", "final_loss")
 """What the stage's metrics file reports (all of it also in the model's training.json)."""
@@ -45,7 +46,7 @@ CONFIG = TrainFeatureNetConfig
 
 def batch_sampler(data: ImageSplit, batch_size: int, seed: int) -> Any:
     def batch_fn(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        images, labels = data.sample(batch_size, step_generator(seed, step, micro, rank))
+        images, labels = data.sample(batch_size, training.step_generator(seed, step, micro, rank))
         return {"images": images.float().div(127.5).sub(1.0), "labels": labels}
 
     return batch_fn
@@ -94,8 +95,8 @@ def train_feature_net(
     metrics_path: Path | None = None, stop_after: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train, save the network and the real-image reference features (rank 0); the summary of what it scored."""
-    result = run_training(cfg.train, lambda runtime: feature_net_job(cfg, features_dir, reference_dir), out_dir, checkpoint_dir,
-                          stop_after=stop_after)  # fmt: skip
+    build = lambda runtime: feature_net_job(cfg, features_dir, reference_dir)  # noqa: E731
+    result = training.run_training(cfg.train, build, out_dir, checkpoint_dir, stop_after=stop_after)
     if not result.record:  # stopped early, or not rank 0
         return {"steps": result.steps}
     summary = {key: round(result.record[key], 4) if key == "final_loss" else result.record[key] for key in SUMMARY_KEYS}
@@ -105,7 +106,7 @@ def train_feature_net(
 
 
 def main(argv: list[str] | None = None) -> None:
-    training_main(
+    training.training_main(
         argv, "train_feature_net", __doc__, CONFIG,
         lambda cfg, a: train_feature_net(cfg, a.features, a.out, a.reference, a.checkpoints, a.metrics),
         "image features folder (data/features/images)", "model folder to write (models/feature_net)", curves=False,

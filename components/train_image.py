@@ -4,10 +4,9 @@
         --metrics-dir metrics/train_image --samples metrics/train_image/samples
     torchrun --nproc-per-node 8 -m components.train_image ...        # DDP, same command otherwise
 
-Two phases per step (discriminator, then generator, each with its own Adam); the EMA generator is updated
-after every step and saved (`model.safetensors`, `config.json`, `training.json`). Every `sample_every` steps
-a grid of fixed-seed samples, one row per class, goes to `step-XXXXXXXX.png` for `dvc plots diff`. Needs
-only torch, safetensors, numpy and yaml (torchvision for the grids when installed).
+Two phases a step (discriminator, then generator, each with its own Adam); the EMA generator is saved. Every
+`sample_every` steps a fixed-seed grid, a row per class, goes to `step-XXXXXXXX.png` for `dvc plots diff`.
+Needs only torch, safetensors, numpy and yaml (torchvision for the grids when installed).
 """
 
 from __future__ import annotations
@@ -18,21 +17,13 @@ from typing import Any
 
 import torch
 
+from components import training
 from components.common import require
-from components.gan_model import ConditionalGAN, GANConfig, class_noise, from_uint8, generate
+from components.gan_model import ConditionalGAN, GANConfig, class_noise, generate, training_batch
 from components.image_io import ImageSplit, load_image_split, save_grid
 from components.model_io import save_model
 from components.runtime import Runtime
-from components.training import (
-    Phase,
-    TrainConfig,
-    TrainingJob,
-    TrainResult,
-    parameter_count,
-    run_training,
-    step_generator,
-    training_main,
-)
+from components.training import Phase, TrainConfig, TrainingJob, TrainResult
 
 
 @dataclass(frozen=True)
@@ -61,15 +52,8 @@ def batch_sampler(data: ImageSplit, gan: GANConfig, batch_size: int, seed: int) 
     """(step, micro, rank, world) -> real images with labels, and the noise and labels of both phases' fakes."""
 
     def batch_fn(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        generator = step_generator(seed, step, micro, rank)
-        images, labels = data.sample(batch_size, generator)
-        return {
-            "images": from_uint8(images),
-            "labels": labels,
-            "fake_labels": torch.randint(0, gan.num_classes, (batch_size,), generator=generator),
-            "z_discriminator": torch.randn(batch_size, gan.latent_dim, generator=generator),
-            "z_generator": torch.randn(batch_size, gan.latent_dim, generator=generator),
-        }
+        generator = training.step_generator(seed, step, micro, rank)
+        return training_batch(*data.sample(batch_size, generator), gan, generator)
 
     return batch_fn
 
@@ -88,22 +72,27 @@ def image_job(cfg: TrainImageConfig, features_dir: Path, samples_dir: Path | Non
     model = ConditionalGAN(gan)
     grid_z, grid_labels = class_noise(gan, cfg.samples_per_class, cfg.train.seed)
 
-    def write_grid(done: int) -> None:
-        if samples_dir is not None:
-            save_grid(
-                generate(model.generator_ema, grid_z, grid_labels), samples_dir / f"step-{done:08d}.png", cfg.samples_per_class
-            )
+    def grid_path(step: int) -> Path:
+        return samples_dir / f"step-{step:08d}.png"  # type: ignore[operator]
+
+    def draw(step: int) -> None:
+        save_grid(generate(model.generator_ema, grid_z, grid_labels), grid_path(step), cfg.samples_per_class)
 
     def after_step(unwrapped: torch.nn.Module, done: int) -> None:
         unwrapped.update_ema(done)
-        if runtime.is_main and (done % cfg.sample_every == 0 or done == cfg.train.max_steps):
-            write_grid(done)
+        if runtime.is_main and samples_dir is not None and (done % cfg.sample_every == 0 or done == cfg.train.max_steps):
+            draw(done)
 
     def save(out_dir: Path, result: TrainResult) -> dict[str, Any]:
-        if samples_dir is not None and not (samples_dir / f"step-{result.steps:08d}.png").exists():
-            write_grid(result.steps)  # resumed at the last step: no step ran to draw it
+        if samples_dir is not None:
+            # Grids persist across a crash and resume (dvc.yaml `persist`): keep exactly this run's.
+            steps = (*range(cfg.sample_every, result.steps + 1, cfg.sample_every), result.steps)
+            for stale in set(samples_dir.glob("step-*.png")) - {grid_path(step) for step in steps}:
+                stale.unlink()
+            if not grid_path(result.steps).exists():  # resumed at the last step: no step ran to draw it
+                draw(result.steps)
         save_model(model.generator_ema, {**gan.to_json(), "label_names": data.label_names}, out_dir)
-        return parameter_count(model.generator_ema)
+        return training.parameter_count(model.generator_ema)
 
     return TrainingJob(
         model=model,
@@ -124,11 +113,11 @@ def train_image(
 ) -> TrainResult:  # fmt: skip
     """Train the GAN on `features_dir/train.safetensors`; save the EMA generator under out_dir (rank 0)."""
     build = lambda runtime: image_job(cfg, features_dir, samples_dir, runtime)  # noqa: E731
-    return run_training(cfg.train, build, out_dir, checkpoint_dir, metrics_dir, stop_after)
+    return training.run_training(cfg.train, build, out_dir, checkpoint_dir, metrics_dir, stop_after)
 
 
 def main(argv: list[str] | None = None) -> None:
-    training_main(
+    training.training_main(
         argv, "train_image", __doc__, CONFIG,
         lambda cfg, a: train_image(cfg, a.features, a.out, a.checkpoints, a.metrics_dir, a.samples),
         "image features folder (data/features/images)", "model folder to write (models/image)",

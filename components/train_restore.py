@@ -18,18 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from components import training
 from components.common import ConfigError, require
 from components.model_io import save_model
 from components.restore_model import RestoreConfig, Restorer, degrade, load_patches
-from components.training import (
-    TrainConfig,
-    TrainingJob,
-    TrainResult,
-    parameter_count,
-    run_training,
-    step_generator,
-    training_main,
-)
+from components.training import TrainConfig, TrainingJob, TrainResult
 
 
 @dataclass(frozen=True)
@@ -56,7 +49,7 @@ def batch_sampler(patches: torch.Tensor, cfg: TrainRestoreConfig) -> Any:
     size, batch = cfg.crop_size, cfg.train.batch_size
 
     def batch_fn(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        generator = step_generator(cfg.train.seed, step, micro, rank)
+        generator = training.step_generator(cfg.train.seed, step, micro, rank)
         indices = torch.randint(0, n, (batch,), generator=generator).tolist()
         tops = torch.randint(0, height - size + 1, (batch,), generator=generator).tolist()
         lefts = torch.randint(0, width - size + 1, (batch,), generator=generator).tolist()
@@ -78,7 +71,7 @@ def restore_job(cfg: TrainRestoreConfig, features_dir: Path) -> TrainingJob:
 
     def save(out_dir: Path, result: TrainResult) -> dict[str, Any]:
         save_model(model, cfg.model.to_json(), out_dir)
-        return parameter_count(model)
+        return training.parameter_count(model)
 
     return TrainingJob(
         model=model,
@@ -98,11 +91,11 @@ def train_restore(
 ) -> TrainResult:  # fmt: skip
     """Train the restorer on `features_dir/train.safetensors` patches and save it under out_dir (rank 0)."""
     build = lambda runtime: restore_job(cfg, features_dir)  # noqa: E731
-    return run_training(cfg.train, build, out_dir, checkpoint_dir, metrics_dir, stop_after)
+    return training.run_training(cfg.train, build, out_dir, checkpoint_dir, metrics_dir, stop_after)
 
 
 def main(argv: list[str] | None = None) -> None:
-    training_main(
+    training.training_main(
         argv, "train_restore", __doc__, CONFIG,
         lambda cfg, a: train_restore(cfg, a.features, a.out, a.checkpoints, a.metrics_dir),
         "restore features folder (data/features/restore)", "model folder to write (models/restore)",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from components import training
 from components.common import ConfigError, require
 from components.text_model import (
     TOKENIZER_FILE,
@@ -27,16 +28,7 @@ from components.text_model import (
     save_text_model,
     tokenizer_from_file,
 )
-from components.training import (
-    TrainConfig,
-    TrainingJob,
-    TrainResult,
-    parameter_count,
-    run_training,
-    step_generator,
-    training_main,
-    unwrap,
-)
+from components.training import TrainConfig, TrainingJob, TrainResult
 
 
 @dataclass(frozen=True)
@@ -64,7 +56,7 @@ def batch_sampler(examples: Examples, batch_size: int, pad_id: int, seed: int) -
     """(step, micro, rank, world) -> batch: a pure function of its arguments, so resume replays the data."""
 
     def batch_fn(step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        indices = torch.randint(0, len(examples), (batch_size,), generator=step_generator(seed, step, micro, rank))
+        indices = torch.randint(0, len(examples), (batch_size,), generator=training.step_generator(seed, step, micro, rank))
         return make_batch(examples, indices.tolist(), pad_id)
 
     return batch_fn
@@ -85,8 +77,8 @@ def text_job(cfg: TrainTextConfig, features_dir: Path) -> TrainingJob:
     examples = load_examples(features_dir, "train", tokenizer, cfg.init_from is None, max_length)
 
     def save(out_dir: Path, result: TrainResult) -> dict[str, Any]:
-        save_text_model(unwrap(model), tokenizer, out_dir, features_dir)
-        return parameter_count(model)
+        save_text_model(training.unwrap(model), tokenizer, out_dir, features_dir)
+        return training.parameter_count(model)
 
     inputs = [features_dir / TOKENIZER_FILE, features_dir / "train.safetensors", features_dir / "train.parquet"]
     return TrainingJob(
@@ -107,11 +99,11 @@ def train_text(
 ) -> TrainResult:  # fmt: skip
     """Train (or fine-tune) the text generator and save it with its tokenizer under out_dir (rank 0)."""
     build = lambda runtime: text_job(cfg, features_dir)  # noqa: E731
-    return run_training(cfg.train, build, out_dir, checkpoint_dir, metrics_dir, stop_after)
+    return training.run_training(cfg.train, build, out_dir, checkpoint_dir, metrics_dir, stop_after)
 
 
 def main(argv: list[str] | None = None) -> None:
-    training_main(
+    training.training_main(
         argv, "train_text", __doc__, CONFIG,
         lambda cfg, a: train_text(cfg, a.features, a.out, a.checkpoints, a.metrics_dir),
         "text features folder (data/features/text)", "model folder to write (models/text)",

@@ -273,6 +273,7 @@ def fit(
     optimizers = [make_optimizer(model, cfg, runtime.device, p.parameters(model) if p.parameters else None) for p in phases]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, cfg)) for o in optimizers]
     start_step, resumed_from = 0, None
+    resumed_losses: dict[str, float] = {}
     if cfg.resume == "auto":
         found = newest_good_checkpoint(checkpoint_dir, fingerprint)
         if found is not None:
@@ -285,6 +286,7 @@ def fit(
             rngs = state["rng"]
             set_rng_state(rngs[runtime.rank] if runtime.rank < len(rngs) else rngs[0])
             start_step = resumed_from = int(state["step"])
+            resumed_losses = {name: float(value) for name, value in state.get("losses", {}).items()}
             log.info("resuming from %s (step %d of %d)", path, start_step, cfg.max_steps)
     train_model: nn.Module = model
     if runtime.distributed:
@@ -297,6 +299,9 @@ def fit(
 
     logger = MetricLogger(metrics_dir, runtime.is_main, resume=resumed_from is not None)
     result = TrainResult(steps=start_step, resumed_from=resumed_from)
+    if resumed_losses:  # the last step's losses, so a run resumed at its end still reports them
+        result.losses.append((start_step, sum(resumed_losses.values())))
+        result.phase_losses.append((start_step, resumed_losses))
     bar = progress(
         range(start_step, cfg.max_steps),
         desc="train",
@@ -373,6 +378,7 @@ def fit(
                         "rng": rngs,
                         "step": done,
                         "fingerprint": fingerprint,
+                        "losses": step_losses,
                     },
                     checkpoint_path(checkpoint_dir, done),
                 )

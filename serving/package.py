@@ -2,11 +2,13 @@
 
     python -m serving.package models/text models/image models/restore --out models/bento.json
 
-Each model folder is imported as `aigc-<family>` with labels: its headline metrics, the hash of the params
-and of the data that produced it, and the git revision. A folder whose content is already in the store
-(same content hash label) is not imported again, so a rerun adds nothing. Then the Bento is built from
-`serving/bentofile.yaml` (offline: no package locking, nothing downloaded) and the receipt lists the tags.
-The store is BentoML's (`$BENTOML_HOME`, default `~/bentoml`); DVC tracks the receipt.
+Each model folder is imported as `aigc-<family>:<hash of its files>` with labels: its headline metrics, the
+hash of the params and of the data that produced it, and the git revision. A folder whose content is
+already in the store is not imported again, so a rerun adds nothing. Then the Bento is built from
+`serving/bentofile.yaml` (offline: no package locking, nothing downloaded) as
+`aigc-pipeline:<hash of the model tags and the shipped code>`, and the receipt lists the tags. Tags are
+content hashes, not BentoML's time-based ids, so the receipt that DVC tracks is the same on every machine
+that packages the same models and code. The store is BentoML's (`$BENTOML_HOME`, default `~/bentoml`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,25 @@ def content_hash(folder: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def bento_name(bentofile: Path) -> str:
+    import yaml
+
+    return str(yaml.safe_load(bentofile.read_text(encoding="utf-8"))["name"])
+
+
+def bento_version(model_tags: dict[str, str], bentofile: Path, root: Path) -> str:
+    """A content hash of what the Bento holds: the model tags, the bentofile and every file it includes."""
+    import yaml
+
+    digest = hashlib.sha256(json.dumps(model_tags, sort_keys=True).encode())
+    digest.update(bentofile.read_bytes())
+    for pattern in yaml.safe_load(bentofile.read_text(encoding="utf-8")).get("include", []):
+        for path in sorted(root.glob(pattern)):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -71,16 +92,14 @@ def import_model(family: str, folder: Path, root: Path) -> str:
     if pickles:
         raise ConfigError(f"{folder}: refusing to package pickle files {pickles}")
     labels = model_labels(family, folder, root)
-    name = f"aigc-{family}"
+    tag = bentoml.Tag(f"aigc-{family}", labels["content_hash"])
     try:
-        existing_models = bentoml.models.list(name)
-    except bentoml.exceptions.NotFound:  # the first import of this family
-        existing_models = []
-    for existing in existing_models:
-        if existing.info.labels.get("content_hash") == labels["content_hash"]:
-            log.info("%s: already in the store as %s", folder, existing.tag)
-            return str(existing.tag)
-    with bentoml.models.create(name, labels=labels, metadata={"source": str(folder)}) as model:
+        existing = bentoml.models.get(tag)
+        log.info("%s: already in the store as %s", folder, existing.tag)
+        return str(existing.tag)
+    except bentoml.exceptions.NotFound:  # not imported yet
+        pass
+    with bentoml.models.create(tag, labels=labels, metadata={"source": str(folder)}) as model:
         for path in folder.iterdir():
             if path.is_file():
                 shutil.copy2(path, Path(model.path) / path.name)
@@ -93,7 +112,14 @@ def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) ->
     import bentoml
 
     tags = {family: import_model(family, folder, root) for family, folder in folders.items()}
-    bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(root), labels={"git_revision": git_revision(root)})
+    version = bento_version(tags, bentofile, root)
+    try:
+        bento = bentoml.get(f"{bento_name(bentofile)}:{version}")
+        log.info("the Bento is already in the store as %s", bento.tag)
+    except bentoml.exceptions.NotFound:
+        bento = bentoml.bentos.build_bentofile(
+            str(bentofile), build_ctx=str(root), version=version, labels={"git_revision": git_revision(root)}
+        )
     receipt = {"models": tags, "bento": str(bento.tag)}
     write_json(receipt, out)
     log.info("built %s with %s", bento.tag, ", ".join(tags.values()))

@@ -1,0 +1,66 @@
+"""A fresh `dvc repro` reproduces dvc.lock byte for byte, and experiments compare in `dvc exp show` / `dvc plots diff`.
+
+Two fresh copies of the tiny pipeline at different paths, with different hash seeds and thread counts in the
+environment, must write the same dvc.lock: every hashed output is a function of params, code and data. Then
+two experiments of one copy render side by side: both runs' curves and sample grids in the plots HTML.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import copy_repo, venv_env
+
+pytestmark = pytest.mark.slow
+
+
+def dvc(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    run = subprocess.run(["dvc", *args], cwd=repo, env={**venv_env(), **env}, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"dvc {' '.join(args)}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return run
+
+
+def machine(threads: int, hash_seed: int) -> dict[str, str]:
+    """Environment of a machine with another core count and another Python hash seed."""
+    count = str(threads)
+    return {"OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count, "RAYON_NUM_THREADS": count, "PYTHONHASHSEED": str(hash_seed)}
+
+
+def test_two_fresh_copies_write_the_same_dvc_lock_and_experiments_compare(tmp_path: Path, tiny_params: dict[str, Any]) -> None:
+    first = copy_repo(tmp_path / "a", tiny_params)
+    second = copy_repo(tmp_path / "elsewhere" / "deeper" / "b", tiny_params)
+    dvc(first, "repro", **machine(1, 1))
+    dvc(second, "repro", **machine(2, 4242))
+    lock = (first / "dvc.lock").read_text()
+    assert lock == (second / "dvc.lock").read_text()
+    assert str(tmp_path) not in lock
+
+    git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=first, check=True)
+    subprocess.run([*git, "commit", "-qm", "reproduced"], cwd=first, check=True)
+    again = dvc(first, "repro", "--force", "train_restore", **machine(2, 7))  # a rerun in place, other threads
+    assert "Running stage 'train_restore'" in again.stdout
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=first, capture_output=True, text=True, check=True)
+    assert status.stdout == "", status.stdout
+
+    for name, lr in (("slow-gan", "1.0e-4"), ("fast-gan", "4.0e-4")):
+        dvc(first, "exp", "run", "-n", name, "-S", f"train_image.lr={lr}")
+    shown = json.loads(dvc(first, "exp", "show", "--json").stdout)
+    names = {exp.get("name") for commit in shown for exp in (commit.get("experiments") or [])}
+    assert {"slow-gan", "fast-gan"} <= {n for n in names if n} | {
+        e.get("name") for commit in shown for group in (commit.get("experiments") or []) for e in group.get("revs", [])
+    }
+    html = tmp_path / "plots"
+    dvc(first, "plots", "diff", "slow-gan", "fast-gan", "-o", str(html))
+    page = (html / "index.html").read_text()
+    for name in ("slow-gan", "fast-gan"):
+        assert name in page
+    assert "loss_generator" in page
+    grids = [p.name for p in (html / "static").glob("*.png")]
+    for name in ("slow-gan", "fast-gan"):
+        assert any(name in grid and "samples" in grid for grid in grids), grids
