@@ -93,6 +93,9 @@ class AugmentConfig:
         )
 
 
+CONFIG = AugmentConfig
+
+
 def train_rows(table: pa.Table) -> pa.Table:
     return table.filter(pc.equal(table.column("split"), "train"))
 

@@ -67,6 +67,9 @@ class CleanConfig:
         )
 
 
+CONFIG = CleanConfig
+
+
 def _fractions(section: dict[str, Any], key: str) -> dict[str, float]:
     if set(section) != set(SPLITS):
         raise ConfigError(f"params key '{key}' must have exactly the keys {list(SPLITS)}, got {list(section)}")

@@ -51,6 +51,9 @@ class FeaturesConfig:
         return cls(vocab, min_frequency, size)
 
 
+CONFIG = FeaturesConfig
+
+
 def save_arrays(arrays: dict[str, np.ndarray], path: Path, meta: dict[str, Any]) -> None:
     """safetensors with one `meta` JSON entry: several metadata keys come out in random order, which would
     change the file's bytes (and DVC's hash) on every run."""

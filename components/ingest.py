@@ -77,6 +77,9 @@ class IngestConfig:
         )
 
 
+CONFIG = IngestConfig
+
+
 def _optional_path(value: Any, key: str) -> Path | None:
     if value is None:
         return None

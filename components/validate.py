@@ -92,6 +92,9 @@ class ValidateConfig:
         )
 
 
+CONFIG = ValidateConfig
+
+
 def _image_rules(section: dict[str, Any], prefix: str) -> ImageRules:
     min_size = require(section, "min_size", int, prefix, low=1)
     max_size = require(section, "max_size", int, prefix, low=min_size)

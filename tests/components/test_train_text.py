@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -42,6 +43,21 @@ def test_loss_falls_over_a_few_dozen_steps(tiny_params: dict[str, Any], tiny_fea
     assert last < 0.7 * first, (first, last)  # an untrained model stays at ~ln(vocabulary) = 5.7
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert not [p for p in (tmp_path / "model").iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+
+
+def test_a_rerun_resumed_at_its_last_step_writes_the_same_bytes(
+    tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path
+) -> None:
+    # `dvc repro --force` after a finished run resumes at max_steps: no step runs, yet the model folder that
+    # DVC hashes (weights, training.json) must not change.
+    cfg = config(tiny_params)
+    features = tiny_features / "text"
+    train_text.train_text(cfg, features, tmp_path / "first", tmp_path / "ckpt")
+    again = train_text.train_text(cfg, features, tmp_path / "again", tmp_path / "ckpt")
+    assert again.resumed_from == cfg.train.max_steps
+    for name in ("model.safetensors", "training.json", "tokenizer.json"):
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+    assert json.loads((tmp_path / "again" / "training.json").read_text())["final_loss"] > 0
 
 
 def test_kill_and_resume_ends_bit_identical(tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path) -> None:

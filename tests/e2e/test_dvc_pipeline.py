@@ -28,7 +28,7 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) ->
         "data/validated/images.parquet",
         "data/quarantine/restore.parquet",
         "data/validation/report.json",
-        "data/validation/docs/index.html",
+        "data/validation_docs/index.html",
         "data/clean/text.parquet",
         "data/augmented/images.parquet",
         "data/features/text/tokenizer.json",

@@ -51,10 +51,13 @@ def test_two_fresh_copies_write_the_same_dvc_lock_and_experiments_compare(tmp_pa
     for name, lr in (("slow-gan", "1.0e-4"), ("fast-gan", "4.0e-4")):
         dvc(first, "exp", "run", "-n", name, "-S", f"train_image.lr={lr}")
     shown = json.loads(dvc(first, "exp", "show", "--json").stdout)
-    names = {exp.get("name") for commit in shown for exp in (commit.get("experiments") or [])}
-    assert {"slow-gan", "fast-gan"} <= {n for n in names if n} | {
-        e.get("name") for commit in shown for group in (commit.get("experiments") or []) for e in group.get("revs", [])
+    runs = {group["name"]: group["revs"][0]["data"] for commit in shown for group in commit.get("experiments") or []}
+    assert set(runs) == {"slow-gan", "fast-gan"}
+    assert {name: data["params"]["params.yaml"]["data"]["train_image"]["lr"] for name, data in runs.items()} == {
+        "slow-gan": 1.0e-4,
+        "fast-gan": 4.0e-4,
     }
+    assert all("fid_domain" in data["metrics"]["metrics/image.json"]["data"] for data in runs.values())
     html = tmp_path / "plots"
     dvc(first, "plots", "diff", "slow-gan", "fast-gan", "-o", str(html))
     page = (html / "index.html").read_text()
