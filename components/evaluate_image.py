@@ -29,7 +29,7 @@ from components.feature_net import DomainFeatures, extract, load_feature_net, lo
 from components.gan_model import class_noise, generate, load_generator
 from components.image_io import load_image_split, save_grid
 from components.metrics import fid_from_features, inception_fid, kid_from_features
-from components.runtime import DEVICES, cpu_threads_from_params, evaluation_device
+from components.runtime import cpu_threads_from_params, device_from_params, evaluation_device
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ class EvaluateImageConfig:
         weights = params.get("inception_weights")
         if weights is not None and (not isinstance(weights, str) or not weights):
             raise ConfigError(f"params key '{p}.inception_weights' must be a file path or null, got {weights!r}")
-        device = require(params, "device", str, p)
-        if device not in DEVICES:
-            raise ConfigError(f"params key '{p}.device' must be one of {list(DEVICES)}, got {device!r}")
+        device = device_from_params(params, p)
         return cls(
             samples_per_class=require(params, "samples_per_class", int, p, low=2),
             kid_subsets=require(params, "kid_subsets", int, p, low=1),

@@ -25,7 +25,7 @@ from components.common import ConfigError, DataError, load_params, require, run_
 from components.image_io import save_grid
 from components.metrics import restoration_scores
 from components.restore_model import baseline, crop_to_scale, degrade, load_restorer
-from components.runtime import DEVICES, cpu_threads_from_params, evaluation_device
+from components.runtime import cpu_threads_from_params, device_from_params, evaluation_device
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ class EvaluateRestoreConfig:
         split = require(params, "split", str, p)
         if split not in ("val", "test"):
             raise ConfigError(f"params key '{p}.split' must be 'val' or 'test', got {split!r}")
-        device = require(params, "device", str, p)
-        if device not in DEVICES:
-            raise ConfigError(f"params key '{p}.device' must be one of {list(DEVICES)}, got {device!r}")
+        device = device_from_params(params, p)
         return cls(
             split=split,
             comparison_crop=require(params, "comparison_crop", int, p, low=16, high=4096),

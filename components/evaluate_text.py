@@ -23,7 +23,7 @@ import torch
 from components.common import ConfigError, DataError, load_params, require, run_main, write_json
 from components.metrics import corpus_scores, sentence_bleu
 from components.records import parse_source
-from components.runtime import DEVICES, cpu_threads_from_params, evaluation_device
+from components.runtime import cpu_threads_from_params, device_from_params, evaluation_device
 from components.text_model import DECODING, Examples, decoding_options, generate_texts, load_text_model, make_batch, read_texts
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,7 @@ class EvaluateTextConfig:
         max_sources = params.get("max_sources")
         if max_sources is not None and (isinstance(max_sources, bool) or not isinstance(max_sources, int) or max_sources < 1):
             raise ConfigError(f"params key '{p}.max_sources' must be a positive integer or null, got {max_sources!r}")
-        device = require(params, "device", str, p)
-        if device not in DEVICES:
-            raise ConfigError(f"params key '{p}.device' must be one of {list(DEVICES)}, got {device!r}")
+        device = device_from_params(params, p)
         return cls(
             decoding=decoding,
             num_beams=require(params, "num_beams", int, p, low=1, high=16),

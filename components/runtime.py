@@ -44,6 +44,14 @@ def wants_cuda(choice: str) -> bool:
     return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
 
 
+def device_from_params(section: dict[str, Any], prefix: str) -> str:
+    """A stage's `device` key: one of `auto` (CUDA when present), `cpu`, `cuda`."""
+    device = section.get("device")
+    if device not in DEVICES:
+        raise ConfigError(f"params key '{prefix}.device' must be one of {list(DEVICES)}, got {device!r}")
+    return device
+
+
 def cpu_threads_from_params(base: dict[str, Any]) -> int | None:
     """`base.cpu_threads`: a positive integer, or null for torch's default (every core)."""
     threads = base.get("cpu_threads")

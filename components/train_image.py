@@ -20,9 +20,8 @@ import torch
 from components import training
 from components.common import require
 from components.gan_model import ConditionalGAN, GANConfig, class_noise, generate, training_batch
-from components.image_io import ImageSplit, load_image_split, save_grid
+from components.image_io import ImageSplit, load_image_split
 from components.model_io import save_model
-from components.runtime import Runtime
 from components.training import Phase, TrainConfig, TrainingJob, TrainResult
 
 
@@ -64,33 +63,15 @@ PHASES = [
 ]
 
 
-def image_job(cfg: TrainImageConfig, features_dir: Path, samples_dir: Path | None, runtime: Runtime) -> TrainingJob:
-    """The GAN's training job: two phases a step, the EMA update and the sample grids after each step."""
+def image_job(cfg: TrainImageConfig, features_dir: Path) -> TrainingJob:
+    """The GAN's training job: two phases a step, the EMA update after each, fixed-seed sample grids."""
     data = load_image_split(features_dir / "train.safetensors")
     _, channels, size, _ = data.images.shape
     gan = GANConfig.from_params(cfg.model, "train_image.model", size, channels, len(data.label_names))
     model = ConditionalGAN(gan)
     grid_z, grid_labels = class_noise(gan, cfg.samples_per_class, cfg.train.seed)
 
-    def grid_path(step: int) -> Path:
-        return samples_dir / f"step-{step:08d}.png"  # type: ignore[operator]
-
-    def draw(step: int) -> None:
-        save_grid(generate(model.generator_ema, grid_z, grid_labels), grid_path(step), cfg.samples_per_class)
-
-    def after_step(unwrapped: torch.nn.Module, done: int) -> None:
-        unwrapped.update_ema(done)
-        if runtime.is_main and samples_dir is not None and (done % cfg.sample_every == 0 or done == cfg.train.max_steps):
-            draw(done)
-
     def save(out_dir: Path, result: TrainResult) -> dict[str, Any]:
-        if samples_dir is not None:
-            # Grids persist across a crash and resume (dvc.yaml `persist`): keep exactly this run's.
-            steps = (*range(cfg.sample_every, result.steps + 1, cfg.sample_every), result.steps)
-            for stale in set(samples_dir.glob("step-*.png")) - {grid_path(step) for step in steps}:
-                stale.unlink()
-            if not grid_path(result.steps).exists():  # resumed at the last step: no step ran to draw it
-                draw(result.steps)
         save_model(model.generator_ema, {**gan.to_json(), "label_names": data.label_names}, out_dir)
         return training.parameter_count(model.generator_ema)
 
@@ -103,7 +84,10 @@ def image_job(cfg: TrainImageConfig, features_dir: Path, samples_dir: Path | Non
         save=save,
         description=f"GAN: {len(data.labels)} training images {tuple(data.images.shape[1:])}, {gan.num_classes} classes",
         items=lambda batch: len(batch["labels"]),
-        after_step=after_step,
+        after_step=lambda unwrapped, done: unwrapped.update_ema(done),
+        samples=lambda unwrapped: generate(unwrapped.generator_ema, grid_z, grid_labels),
+        sample_every=cfg.sample_every,
+        sample_columns=cfg.samples_per_class,
     )
 
 
@@ -112,8 +96,8 @@ def train_image(
     samples_dir: Path | None = None, stop_after: int | None = None,
 ) -> TrainResult:  # fmt: skip
     """Train the GAN on `features_dir/train.safetensors`; save the EMA generator under out_dir (rank 0)."""
-    build = lambda runtime: image_job(cfg, features_dir, samples_dir, runtime)  # noqa: E731
-    return training.run_training(cfg.train, build, out_dir, checkpoint_dir, metrics_dir, stop_after)
+    build = lambda runtime: image_job(cfg, features_dir)  # noqa: E731
+    return training.run_training(cfg.train, build, out_dir, checkpoint_dir, metrics_dir, stop_after, samples_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from components.checkpoints import (
     set_rng_state,
 )
 from components.common import ConfigError, load_params, progress, require, run_main, write_json
+from components.image_io import save_grid
 from components.runtime import DEVICES, PRECISIONS, Runtime, cpu_threads_from_params, setup_runtime, teardown_runtime
 
 log = logging.getLogger(__name__)
@@ -178,23 +180,33 @@ def make_optimizer(
 
 
 class MetricLogger:
-    """dvclive when it is installed (curves for `dvc plots`), else JSON lines in the run folder."""
+    """dvclive when it is installed (curves for `dvc plots`), else JSON lines in the run folder.
 
-    def __init__(self, directory: Path | None, enabled: bool, resume: bool) -> None:
+    The curves are written afresh by every run: a resumed run first replays the rows its checkpoint carries
+    (`history`), so they hold exactly this run's steps, whatever the folder held before (another
+    experiment's curves, or steps logged after the checkpoint a crashed run resumes from).
+    """
+
+    def __init__(self, directory: Path | None, enabled: bool, history: list[tuple[int, dict[str, float]]] | None = None) -> None:
         self._live: Any = None
         self._jsonl: Path | None = None
+        self.history: list[tuple[int, dict[str, float]]] = []
         if not enabled or directory is None:
             return
         try:
             from dvclive import Live
 
-            self._live = Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+            self._live = Live(dir=str(directory), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
         except Exception as err:  # not installed (GPU boxes), or it cannot read the git state: curves only
             directory.mkdir(parents=True, exist_ok=True)
             self._jsonl = directory / "metrics.jsonl"
+            self._jsonl.unlink(missing_ok=True)
             log.warning("dvclive unavailable (%s: %s); curves go to %s", type(err).__name__, err, self._jsonl)
+        for step, metrics in history or []:
+            self.log(int(step), dict(metrics))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.append((step, metrics))
         if self._live is not None:
             self._live.step = step
             for name, value in metrics.items():
@@ -223,6 +235,13 @@ class TrainResult:
     @property
     def final_loss(self) -> float:
         return self.losses[-1][1] if self.losses else float("nan")
+
+
+def run_folder(checkpoint_dir: Path, fingerprint: str, model: nn.Module) -> Path:
+    """One folder per configuration + data + architecture: a run never resumes, prunes or overwrites another's
+    checkpoints, and a code change that alters the network's parameters starts afresh instead of failing to
+    load the old state."""
+    return checkpoint_dir / f"{fingerprint}-{architecture_signature(model)}"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -261,11 +280,8 @@ def fit(
         after_step: (unwrapped model, steps done) after every optimizer step, on every rank: EMA updates
             (state kept in the model, so checkpoints hold it) and side outputs such as sample grids.
     """
-    # One folder per configuration + data + architecture: a run never resumes, prunes or overwrites another's
-    # checkpoints, and a code change that alters the network's parameters starts afresh instead of failing
-    # to load the old state.
-    fingerprint = f"{fingerprint}-{architecture_signature(model)}"
-    checkpoint_dir = checkpoint_dir / fingerprint
+    checkpoint_dir = run_folder(checkpoint_dir, fingerprint, model)
+    fingerprint = checkpoint_dir.name
     model.to(runtime.device)
     phases = loss_fn if isinstance(loss_fn, list) else [Phase("model", loss_fn)]
     if not phases or len({p.name for p in phases}) != len(phases):
@@ -274,6 +290,7 @@ def fit(
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, cfg)) for o in optimizers]
     start_step, resumed_from = 0, None
     resumed_losses: dict[str, float] = {}
+    curves: list[tuple[int, dict[str, float]]] = []
     if cfg.resume == "auto":
         found = newest_good_checkpoint(checkpoint_dir, fingerprint)
         if found is not None:
@@ -287,6 +304,7 @@ def fit(
             set_rng_state(rngs[runtime.rank] if runtime.rank < len(rngs) else rngs[0])
             start_step = resumed_from = int(state["step"])
             resumed_losses = {name: float(value) for name, value in state.get("losses", {}).items()}
+            curves = list(state.get("curves", []))
             log.info("resuming from %s (step %d of %d)", path, start_step, cfg.max_steps)
     train_model: nn.Module = model
     if runtime.distributed:
@@ -297,7 +315,7 @@ def fit(
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    logger = MetricLogger(metrics_dir, runtime.is_main, resume=resumed_from is not None)
+    logger = MetricLogger(metrics_dir, runtime.is_main, history=curves)
     result = TrainResult(steps=start_step, resumed_from=resumed_from)
     if resumed_losses:  # the last step's losses, so a run resumed at its end still reports them
         result.losses.append((start_step, sum(resumed_losses.values())))
@@ -379,6 +397,7 @@ def fit(
                         "step": done,
                         "fingerprint": fingerprint,
                         "losses": step_losses,
+                        "curves": logger.history,
                     },
                     checkpoint_path(checkpoint_dir, done),
                 )
@@ -406,7 +425,9 @@ class TrainingJob:
         save: writes the finished model folder (rank 0) and returns extra `training.json` fields.
         description: one log line about the model and data.
         items: counts tokens / images in a batch, for the throughput on the progress bar.
-        after_step: (unwrapped model, steps done) after every optimizer step (EMA updates, sample grids).
+        after_step: (unwrapped model, steps done) after every optimizer step (e.g. an EMA update).
+        samples: (unwrapped model) -> uint8 images (N, C, H, W) from fixed seeds: a grid of them is drawn
+            every `sample_every` steps and at the end, `sample_columns` a row.
     """
 
     model: nn.Module
@@ -418,6 +439,9 @@ class TrainingJob:
     description: str
     items: Callable[[Batch], int] | None = None
     after_step: Callable[[nn.Module, int], None] | None = None
+    samples: Callable[[nn.Module], torch.Tensor] | None = None
+    sample_every: int = 0
+    sample_columns: int = 8
 
 
 def run_training(
@@ -427,16 +451,21 @@ def run_training(
     checkpoint_dir: Path,
     metrics_dir: Path | None = None,
     stop_after: int | None = None,
+    samples_dir: Path | None = None,
 ) -> TrainResult:
     """Set up the runtime, build the family's job, train it, and on rank 0 save the model with `training.json`.
 
     The model folder is written only once `max_steps` are done; `result.record` is then its `training.json`.
+    Sample grids are drawn into the run's checkpoint folder, which holds this run's alone, and copied to
+    `samples_dir` at the end, so that folder shows exactly this run's grids even after a crash and resume.
     """
     runtime = setup_runtime(cfg.device, cfg.precision, cfg.cpu_threads)
     try:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         job = build(runtime)
         hashed = data_hash(job.data_files)
+        fingerprint = cfg.fingerprint(job.params, hashed)
+        grids = run_folder(checkpoint_dir, fingerprint, job.model) / "samples"
         log.info(
             "%s; %.3fM trainable parameters, device %s%s",
             job.description,
@@ -444,10 +473,21 @@ def run_training(
             runtime.device,
             f", {runtime.world_size} processes" if runtime.distributed else "",
         )
+
+        def draw(model: nn.Module, step: int) -> None:
+            if job.samples is not None and samples_dir is not None and runtime.is_main:
+                save_grid(job.samples(model), grids / f"step-{step:08d}.png", job.sample_columns)
+
+        def after_step(model: nn.Module, done: int) -> None:
+            if job.after_step is not None:
+                job.after_step(model, done)
+            if job.sample_every and (done % job.sample_every == 0 or done == cfg.max_steps):
+                draw(model, done)
+
         start = time.perf_counter()
         result = fit(
-            job.model, job.batches, job.loss, cfg, runtime, checkpoint_dir, cfg.fingerprint(job.params, hashed),
-            metrics_dir=metrics_dir, stop_after=stop_after, items_per_batch=job.items, after_step=job.after_step,
+            job.model, job.batches, job.loss, cfg, runtime, checkpoint_dir, fingerprint,
+            metrics_dir=metrics_dir, stop_after=stop_after, items_per_batch=job.items, after_step=after_step,
         )  # fmt: skip
         log.info(
             "trained to step %d in %.1f s%s",
@@ -456,6 +496,12 @@ def run_training(
             f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else "",
         )
         if runtime.is_main and result.steps >= cfg.max_steps:
+            if job.samples is not None and samples_dir is not None:
+                if not (grids / f"step-{result.steps:08d}.png").exists():  # resumed at the end: no step drew it
+                    draw(unwrap(job.model), result.steps)
+                shutil.rmtree(samples_dir, ignore_errors=True)
+                if grids.is_dir():  # none without torchvision (a bare GPU box)
+                    shutil.copytree(grids, samples_dir)
             extra = job.save(out_dir, result)
             result.record = training_record({**job.params, "train": asdict(cfg)}, hashed, result) | extra
             write_json(result.record, out_dir / "training.json")

@@ -29,22 +29,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 
-def monitoring_paths(repo_root: str) -> dict[str, Path]:
-    """Where the loop reads and writes, under the repo: the request log, reports, retrain gate state and
-    promotion history from params.yaml's `monitor` / `promotion`; the drift reference from dvc.yaml."""
+def monitoring_path(repo_root: str, key: str) -> Path:
+    """A folder of the loop under the repo: `monitor.log_dir` / `reports_dir` / `retrain_dir` from params.yaml,
+    or `reference`, the drift reference inside the features stage's output (dvc.yaml)."""
     from components.common import load_params, require
     from components.feature_defs import REFERENCE_DIR
     from components.pipeline import stage
 
     root = Path(repo_root)
-    monitor, promotion = load_params("monitor", root / "params.yaml"), load_params("promotion", root / "params.yaml")
-    return {
-        "log": root / require(monitor, "log_dir", str, "monitor"),
-        "reports": root / require(monitor, "reports_dir", str, "monitor"),
-        "retrain": root / require(monitor, "retrain_dir", str, "monitor"),
-        "history": root / require(promotion, "history", str, "promotion"),
-        "reference": root / stage("features", root).argument(-1) / REFERENCE_DIR,
-    }
+    if key == "reference":
+        return root / stage("features", root).only_out() / REFERENCE_DIR
+    return root / require(load_params("monitor", root / "params.yaml"), key, str, "monitor")
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="check-drift")
@@ -53,11 +48,10 @@ def run_drift_check(repo_root: str, log_dir: str | None = None, reports_dir: str
     from monitoring.drift import DriftConfig, check_drift
 
     root = Path(repo_root)
-    paths = monitoring_paths(repo_root)
     cfg = DriftConfig.from_params(load_params("monitor", root / "params.yaml"))
-    logs = root / log_dir if log_dir else paths["log"]
-    reports = root / reports_dir if reports_dir else paths["reports"]
-    report_dir, results = check_drift(cfg, logs, paths["reference"], reports)
+    logs = root / log_dir if log_dir else monitoring_path(repo_root, "log_dir")
+    reports = root / reports_dir if reports_dir else monitoring_path(repo_root, "reports_dir")
+    report_dir, results = check_drift(cfg, logs, monitoring_path(repo_root, "reference"), reports)
     return {"report": str(report_dir), "results": {name: r.as_dict() for name, r in results.items()}}
 
 
@@ -95,7 +89,7 @@ def champion_challenger(repo_root: str, experiment: str) -> dict[str, Any]:
     promoted = all(c.promote for c in comparisons)
     for comparison in comparisons:
         get_run_logger().info("%s: %s", comparison.family, comparison.reason)
-    return record(monitoring_paths(repo_root)["history"], comparisons, experiment, promoted)
+    return record(root / cfg.history, comparisons, experiment, promoted)
 
 
 @task(task_run_name="promote-{experiment}")
@@ -148,7 +142,7 @@ def drift_check(
     outcome: dict[str, Any] = {**check, "drifted": drifted, "retrain": None}
     if drifted and retrain_on_drift:
         cooldown = float(load_params("monitor", root / "params.yaml")["cooldown_hours"])
-        gate = RetrainGate(monitoring_paths(repo_root)["retrain"], timedelta(hours=cooldown))
+        gate = RetrainGate(monitoring_path(repo_root, "retrain_dir"), timedelta(hours=cooldown))
         experiment = f"retrain-{Path(check['report']).name.lower()}"
         with gate.claim(check["report"], experiment) as decision:
             action = decision.reason

@@ -135,6 +135,7 @@ class PromotionConfig:
     tolerance_psnr: float
     bootstrap_samples: int
     seed: int
+    history: Path  # relative to the repo root
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PromotionConfig:
@@ -147,6 +148,7 @@ class PromotionConfig:
             tolerance_psnr=float(require(params, "tolerance_psnr", (int, float), p, low=0)),
             bootstrap_samples=require(params, "bootstrap_samples", int, p, low=10),
             seed=require(params["base"], "seed", int, "base"),
+            history=Path(require(params, "history", str, p)),
         )
 
 

@@ -27,7 +27,7 @@ from components.pipeline import stage
 
 log = logging.getLogger(__name__)
 
-FAMILIES = tuple(HEADLINE)
+FAMILIES = ("text", "image", "restore")  # the command's positional model folders, in this order
 
 
 def content_hash(folder: Path) -> str:

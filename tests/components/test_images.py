@@ -18,7 +18,7 @@ from components import evaluate_image, evaluate_restore, train_feature_net, trai
 from components.common import ConfigError
 from components.feature_net import DomainFeatures, FeatureNet, FeatureNetConfig, extract, load_reference
 from components.gan_model import GANConfig, load_generator
-from components.metrics import luma, restoration_scores
+from components.metrics import fid_from_features, kid_from_features, luma, restoration_scores
 from components.model_io import PICKLE_SUFFIXES
 from components.restore_model import RestoreConfig, Restorer, baseline, degrade, load_restorer
 from components.runtime import setup_runtime
@@ -79,6 +79,34 @@ def test_gan_kill_and_resume_ends_bit_identical(tiny_params: dict[str, Any], tin
     assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)
 
 
+def test_curves_and_grids_after_a_crash_and_resume_are_those_of_a_straight_run(
+    tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path
+) -> None:
+    # Curves logged after the checkpoint a crashed run resumes from must not appear twice, and whatever the
+    # plot folders held before (another experiment's grids) must go: DVC hashes these folders.
+    cfg = image_config(tiny_params, log_every=2)  # checkpoints every 4 steps, curves every 2
+    features = tiny_features / "images"
+
+    def run(name: str, **kwargs: Any) -> Any:
+        out = tmp_path / name
+        return train_image.train_image(cfg, features, out / "model", out / "ckpt", out / "live", out / "grids", **kwargs)
+
+    run("straight")
+    run("crashed", stop_after=6)
+    (run_dir,) = (tmp_path / "crashed" / "ckpt").iterdir()
+    (run_dir / "step-00000006.ckpt").unlink()  # the crash came before step 6 was saved: resume from 4
+    (tmp_path / "crashed" / "grids").mkdir()  # grids appear only once the run is done
+    (tmp_path / "crashed" / "grids" / "step-00000099.png").write_bytes(b"another experiment's grid")
+    assert run("crashed").resumed_from == 4
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    for folder in ("live", "grids", "model"):
+        assert files(tmp_path / "crashed" / folder) == files(tmp_path / "straight" / folder), folder
+    assert (tmp_path / "straight" / "live" / "plots" / "metrics" / "train" / "loss_generator.tsv").read_text().count("\n") == 5
+
+
 def test_gan_params_are_checked_with_the_key_named(tiny_params: dict[str, Any]) -> None:
     model = dict(tiny_params["train_image"]["model"], loss="wasserstein")
     with pytest.raises(ConfigError, match=r"'train_image.model.loss'"):
@@ -119,10 +147,10 @@ def images(n: int, seed: int, shift: int = 0) -> torch.Tensor:
 def test_fid_of_a_set_against_itself_is_zero_and_a_shifted_set_is_not() -> None:
     extractor = random_extractor()
     real = extract(extractor, images(64, seed=1))
-    assert evaluate_image.fid_from_features(real, real) == pytest.approx(0.0, abs=1e-6)
+    assert fid_from_features(real, real) == pytest.approx(0.0, abs=1e-6)
     shifted = extract(extractor, images(64, seed=2, shift=60))
-    assert evaluate_image.fid_from_features(real, shifted) > 0.5
-    assert evaluate_image.kid_from_features(real, shifted, subsets=10, subset_size=32, seed=0)[0] > 0
+    assert fid_from_features(real, shifted) > 0.5
+    assert kid_from_features(real, shifted, subsets=10, subset_size=32, seed=0)[0] > 0
 
 
 def test_fid_and_kid_equal_torchmetrics_reference_path_on_the_same_features() -> None:
@@ -131,7 +159,7 @@ def test_fid_and_kid_equal_torchmetrics_reference_path_on_the_same_features() ->
     reference = FrechetInceptionDistance(feature=extractor)
     reference.update(real_images, real=True)
     reference.update(fake_images, real=False)
-    ours = evaluate_image.fid_from_features(extract(extractor, real_images), extract(extractor, fake_images))
+    ours = fid_from_features(extract(extractor, real_images), extract(extractor, fake_images))
     assert ours == pytest.approx(float(reference.compute()), rel=1e-5)
 
     kid = KernelInceptionDistance(feature=extractor, subsets=5, subset_size=20)
@@ -139,7 +167,7 @@ def test_fid_and_kid_equal_torchmetrics_reference_path_on_the_same_features() ->
     kid.update(fake_images, real=False)
     torch.manual_seed(7)
     expected_mean, _ = kid.compute()
-    mean, _ = evaluate_image.kid_from_features(
+    mean, _ = kid_from_features(
         extract(extractor, real_images), extract(extractor, fake_images), subsets=5, subset_size=20, seed=7
     )
     assert mean == pytest.approx(float(expected_mean), rel=1e-4)
