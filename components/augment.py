@@ -1,7 +1,8 @@
 """Stage `augment`: seeded extra training rows, from the train split only.
 
-- text: copies of each train row with the source attributes in a shuffled order (same reference), so the
-  model learns that attribute order carries no meaning;
+- text: copies of each train row whose source is a record (any syntax of components.records) with its
+  attributes in a shuffled order, in the same syntax (same reference), so the model learns that attribute
+  order carries no meaning; free prompts get no copies (said once in the log);
 - images: flips, small rotations, crops and colour jitter with torchvision transforms v2;
 - restore: random patches (with flips / 90-degree turns) of the train photographs.
 
@@ -31,7 +32,7 @@ from components.common import (
     run_main,
 )
 from components.image_io import decode_image, encode_png
-from components.records import parse_source, serialise
+from components.records import parse_source
 from components.tables import write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -101,23 +102,30 @@ def train_rows(table: pa.Table) -> pa.Table:
 
 
 def augment_text(table: pa.Table, copies: int, seed: int) -> pa.Table:
-    """`copies` rows per train row whose source attributes are shuffled; free-text sources are skipped."""
+    """`copies` rows per train row whose record attributes are shuffled (in the record's own syntax); free
+    prompts and single-attribute records have no order to shuffle and are skipped."""
     rng = np.random.default_rng([seed, 1])
     columns: dict[str, list[Any]] = {name: [] for name in table.column_names}
     columns["augmented_from"] = []
-    for row in train_rows(table).to_pylist():
-        attributes = parse_source(row["source"])
-        if attributes is None or len(attributes) < 2:
+    prompts = 0
+    rows = train_rows(table).to_pylist() if copies else []
+    for row in rows:
+        record = parse_source(row["source"])
+        if record is None:
+            prompts += 1
             continue
-        keys = list(attributes)
+        if len(record.pairs) < 2:
+            continue
         for copy in range(copies):
-            order = rng.permutation(len(keys))
-            shuffled = {keys[i]: attributes[keys[i]] for i in order}
             for name in table.column_names:
                 columns[name].append(row[name])
-            columns["source"][-1] = serialise(shuffled)
+            columns["source"][-1] = record.reordered(rng.permutation(len(record.pairs)).tolist())
             columns["record_id"][-1] = f"{row['record_id']}#shuffle{copy}"
             columns["augmented_from"].append(row["record_id"])
+    if prompts:
+        log.info(
+            "text: %d of %d train sources are free prompts, not records: attribute-order shuffles skip them", prompts, len(rows)
+        )
     return pa.table(columns, schema=table.schema.append(pa.field("augmented_from", pa.string())))
 
 

@@ -35,7 +35,7 @@ from components.common import (
     run_main,
     write_json,
 )
-from components.records import parse_source, serialise
+from components.records import canonical_source
 from components.tables import write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -121,14 +121,6 @@ def normalise_text(values: pa.ChunkedArray | pa.Array, mask_pii: bool) -> pa.Arr
 def near_duplicate_key(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """Case-folded text with everything but letters and digits removed: rows equal under it are near duplicates."""
     return pc.replace_substring_regex(pc.utf8_lower(values), r"[^\p{L}\p{N}]+", "")
-
-
-def canonical_source(source: str) -> str:
-    """The grouping key of a source: attributes sorted by key, so a reordered record is the same record."""
-    attributes = parse_source(source)
-    if attributes is None:
-        return " ".join(source.casefold().split())
-    return serialise(dict(sorted(attributes.items())))
 
 
 def dictionary(values: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:

@@ -208,9 +208,7 @@ def _jsonl_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Itera
             for role, name in wanted.items():
                 value = obj.get(name)
                 if role == "source" and isinstance(value, dict):
-                    from components.records import serialise
-
-                    value = serialise({str(k): str(v) for k, v in value.items()})
+                    value = json.dumps(value, ensure_ascii=False)  # a JSON-object source (components.records)
                 elif value is not None and not isinstance(value, str):
                     value = str(value) if not (isinstance(value, float) and np.isnan(value)) else None
                 out[role].append(value)

@@ -92,10 +92,10 @@ def group_by_source(rows: list[dict[str, str]], limit: int | None = None) -> lis
 
 
 def source_features(source: str) -> set[str]:
-    """What retrieval compares: `key: value` pairs of a record, or lower-cased words of free text."""
-    attributes = parse_source(source)
-    if attributes is not None:
-        return {f"{k}={v}" for k, v in attributes.items()}
+    """What retrieval compares: the (key, value) pairs of a record, or lower-cased words of free text."""
+    record = parse_source(source)
+    if record is not None:
+        return {f"{k}={v}" for k, v in record.pairs}
     return set(source.lower().split())
 
 

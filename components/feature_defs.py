@@ -16,6 +16,7 @@ from components.records import parse_source
 
 REFERENCE_DIR = "reference"
 """Sub-folder of the features stage's output holding the drift reference tables (`<family>.parquet`)."""
+ATTRIBUTE_PREFIX = "attr_"
 TEXT_FEATURE_COLUMNS = ("source_chars", "source_tokens", "num_attributes", "oov_share", "reference_chars", "reference_tokens")
 WORD = re.compile(r"\w+")
 
@@ -34,25 +35,33 @@ def oov_share(text: str, vocabulary: Collection[str]) -> float:
 IMAGE_FEATURE_COLUMNS = ("width", "height", "brightness", "contrast", "sharpness")
 
 
+def attribute_column(key: str) -> str:
+    """The drift-feature column of a record attribute."""
+    return f"{ATTRIBUTE_PREFIX}{key}"
+
+
 def text_features(
     source: str,
     source_tokens: int,
     reference: str | None = None,
     reference_tokens: int | None = None,
     vocabulary: Collection[str] | None = None,
+    attributes: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Lengths, attributes and (given the training vocabulary) the out-of-vocabulary share of one text
-    record; `attr_<key>` columns hold each attribute's value."""
-    attributes = parse_source(source) or {}
+    """Lengths, attribute count and (given the training vocabulary) the out-of-vocabulary share of one text
+    row; one `attr_<key>` column per key in `attributes` (the schema's categorical keys) holds its value,
+    None when the record lacks it."""
+    record = parse_source(source)
+    values = record.as_dict() if record is not None else {}
     row: dict[str, Any] = {
         "source_chars": len(source),
         "source_tokens": source_tokens,
-        "num_attributes": len(attributes),
+        "num_attributes": len(values),
         "oov_share": oov_share(source, vocabulary) if vocabulary is not None else None,
         "reference_chars": len(reference) if reference is not None else None,
         "reference_tokens": reference_tokens,
     }
-    row.update({f"attr_{key}": value for key, value in attributes.items()})
+    row.update({attribute_column(key): values.get(key) for key in attributes})
     return row
 
 

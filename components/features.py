@@ -2,7 +2,9 @@
 
 - text: a byte-level BPE tokenizer trained with HF `tokenizers` on the train split (clean + augmented),
   saved as `<out>/text/tokenizer.json`; each split tokenized to ragged int32 arrays in safetensors
-  (`source_ids`/`source_offsets`, `target_ids`/`target_offsets`) beside a Parquet of its rows;
+  (`source_ids`/`source_offsets`, `target_ids`/`target_offsets`) beside a Parquet of its rows; and the
+  record schema learned from the train sources, `<out>/text/schema.json` (components.records.infer_schema:
+  syntax, keys with value counts, categorical or free text), which travels with the model;
 - images: `<out>/images/<split>.safetensors` with `images` uint8 (N, C, S, S), `labels` int64 and
   `augmented` uint8 (1 for rows made by the augment stage); the
   label names are in the file's `meta` metadata entry (JSON) and in `images/meta.json`;
@@ -26,8 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.common import SPLITS, DataError, load_params, require, run_main, write_json
-from components.feature_defs import REFERENCE_DIR, image_features, text_features, words
-from components.image_io import decode_image
+from components.feature_defs import IMAGE_FEATURE_COLUMNS, REFERENCE_DIR, TEXT_FEATURE_COLUMNS, attribute_column, image_features, text_features, words
+from components.image_io import GREY_MODES, decode_image
+from components.records import SCHEMA_FILE, categorical_keys, infer_schema
 from components.tables import write_parquet_atomic
 from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS, TOKENIZER_FILE, VOCABULARY_FILE
 
@@ -39,6 +42,7 @@ class FeaturesConfig:
     vocab_size: int
     min_frequency: int
     image_size: int
+    max_categorical_values: int = 50
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FeaturesConfig:
@@ -48,10 +52,12 @@ class FeaturesConfig:
         vocab = require(text, "vocab_size", int, "features.text", low=300, high=1_000_000)
         min_frequency = require(text, "min_frequency", int, "features.text", low=1)
         size = require(images, "image_size", int, "features.images", low=4, high=1024)
-        return cls(vocab, min_frequency, size)
+        categorical = require(text, "max_categorical_values", int, "features.text", low=1)
+        return cls(vocab, min_frequency, size, categorical)
 
 
 CONFIG = FeaturesConfig
+IMAGE_REFERENCE_COLUMNS = [("record_id", pa.string()), ("split", pa.string())] + [(c, pa.float64()) for c in IMAGE_FEATURE_COLUMNS]
 
 
 def save_arrays(arrays: dict[str, np.ndarray], path: Path, meta: dict[str, Any]) -> None:
@@ -109,6 +115,14 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
         out / "tokenizer_config.json",
     )
 
+    # Each distinct train source once: a source's several references must not weigh its values more.
+    schema = infer_schema(dict.fromkeys(train.column("source").to_pylist()), cfg.max_categorical_values)
+    write_json(schema, out / SCHEMA_FILE)
+    attributes = categorical_keys(schema)
+    log.info(
+        "text: %s sources; keys %s", schema["syntax"], {k: e["kind"] for k, e in schema["keys"].items()} or "none (free prompts)"
+    )
+
     keep = ["record_id", "source", "reference", "source_key", "split"]
     augmented_rows = augmented.select(keep[:-1]).append_column("split", pa.array(["train"] * augmented.num_rows, pa.string()))
     feature_rows: list[dict[str, Any]] = []
@@ -117,12 +131,12 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
         if split == "train":
             rows = pa.concat_tables(
                 [
-                    rows.append_column("augmented", pa.array([False] * rows.num_rows)),
-                    augmented_rows.append_column("augmented", pa.array([True] * augmented_rows.num_rows)),
+                    rows.append_column("augmented", pa.array([False] * rows.num_rows, pa.bool_())),
+                    augmented_rows.append_column("augmented", pa.array([True] * augmented_rows.num_rows, pa.bool_())),
                 ]
             )
         else:
-            rows = rows.append_column("augmented", pa.array([False] * rows.num_rows))
+            rows = rows.append_column("augmented", pa.array([False] * rows.num_rows, pa.bool_()))
         sources = rows.column("source").to_pylist()
         references = rows.column("reference").to_pylist()
         source_ids = [e.ids for e in tokenizer.encode_batch(sources)]
@@ -146,10 +160,24 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
         ):
             if not augmented_flag:
                 feature_rows.append(
-                    {"record_id": record_id, "split": split, **text_features(source, len(s), reference, len(t), vocabulary_set)}
+                    {
+                        "record_id": record_id,
+                        "split": split,
+                        **text_features(source, len(s), reference, len(t), vocabulary_set, attributes),
+                    }
                 )
     log.info("text: vocabulary %d, %d feature rows", tokenizer.get_vocab_size(), len(feature_rows))
-    return pa.Table.from_pylist(feature_rows)
+    return feature_table(
+        feature_rows,
+        [("record_id", pa.string()), ("split", pa.string())]
+        + [(c, pa.float64() if c == "oov_share" else pa.int64()) for c in TEXT_FEATURE_COLUMNS]
+        + [(attribute_column(k), pa.string()) for k in attributes],
+    )
+
+
+def feature_table(rows: list[dict[str, Any]], columns: list[tuple[str, pa.DataType]]) -> pa.Table:
+    """Rows with every column typed, so an empty split or a value missing from the first row loses nothing."""
+    return pa.Table.from_pylist(rows, schema=pa.schema(columns))
 
 
 def resize_stack(images: list[np.ndarray], size: int, channels: int) -> np.ndarray:
@@ -172,7 +200,7 @@ def resize_stack(images: list[np.ndarray], size: int, channels: int) -> np.ndarr
 def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
     labels = sorted(set(clean.column("label").to_pylist()), key=lambda v: (len(v), v))
     label_index = {name: i for i, name in enumerate(labels)}
-    channels = 3 if "RGB" in set(clean.column("mode").to_pylist()) else 1
+    channels = 1 if set(clean.column("mode").to_pylist()) <= GREY_MODES else 3
     out.mkdir(parents=True, exist_ok=True)
     feature_rows = []
     for split in SPLITS:
@@ -200,7 +228,7 @@ def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConf
             {"label_names": labels, "image_size": cfg.image_size, "channels": channels},
         )
     write_json({"label_names": labels, "image_size": cfg.image_size, "channels": channels}, out / "meta.json")
-    return pa.Table.from_pylist(feature_rows)
+    return feature_table(feature_rows, IMAGE_REFERENCE_COLUMNS + [("label", pa.string())])
 
 
 def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.Table:
@@ -222,7 +250,7 @@ def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.
                 np.stack([p.transpose(2, 0, 1) for p in decoded]) if decoded else np.zeros((0, 3, 1, 1), dtype=np.uint8)
             )
         save_arrays(tensors, out / f"{split}.safetensors", {"record_ids": ids})
-    return pa.Table.from_pylist(feature_rows)
+    return feature_table(feature_rows, IMAGE_REFERENCE_COLUMNS)
 
 
 def features(cfg: FeaturesConfig, clean_dir: Path, augmented_dir: Path, out_dir: Path) -> dict[str, int]:

@@ -93,11 +93,25 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+"""Pillow modes with one colour channel (alpha aside): they decode to greyscale, everything else to RGB."""
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Pixels of an encoded image as uint8 (H, W) for greyscale or (H, W, 3), other modes converted to RGB."""
+    """Pixels of an encoded image as uint8 (H, W) for greyscale modes or (H, W, 3) for colour ones.
+
+    Alpha is dropped, palettes expanded, and 16-bit / 32-bit greyscale scaled to 8 bits by its bit depth
+    (Pillow's own conversion clips them at 255 instead).
+    """
     import io
 
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode))
+        if image.mode in ("L", "RGB"):
+            return np.asarray(image)
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            wide = np.asarray(image).astype(np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
+            return np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.asarray(image.convert("L" if image.mode in GREY_MODES else "RGB"))

@@ -1,27 +1,249 @@
-"""The source record of a data-to-text row: `key: value | key: value` text, parsed and written in one place.
+"""The source of a data-to-text row, parsed and written in one place, whatever its syntax.
 
-Cleaning (the split key), augmentation (shuffled attribute order), the drift features, the retrieval baseline
-and serving all read or write records through these two functions. A source that is not a record (a free
-prompt) parses to None and is treated as plain text. Only the standard library.
+Three structured syntaxes are recognised, each an ordered list of (key, value) pairs:
+
+- `pipe`:    `name: Harbor | category: lamp`      (values may hold `:`; a `|` in a value is written `\\|`)
+- `bracket`: `name[Harbor], category[lamp]`       (E2E-style meaning representations; values may hold
+  `,`, `|`, `:`, quotes and balanced brackets; an unbalanced bracket is written `\\[` or `\\]`)
+- `json`:    `{"name": "Harbor", "category": "lamp"}` (non-string values are kept as their JSON text)
+
+Any other text is a free prompt (`parse_source` returns None) and passes through untouched. Cleaning (the
+split key), augmentation (attribute-order shuffles), the record schema, the drift features, the retrieval
+baseline and serving all go through this module. Only the standard library.
 """
 
 from __future__ import annotations
 
-FIELD_SEPARATOR = " | "
-KEY_SEPARATOR = ": "
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+PIPE, BRACKET, JSON, PROMPT = "pipe", "bracket", "json", "prompt"
+SYNTAXES = (PIPE, BRACKET, JSON)
+"""The structured syntaxes; a source in none of them is a free prompt (PROMPT)."""
+
+SCHEMA_FILE = "schema.json"
+"""The record schema learned by the `features` stage; it travels with the text model folder."""
+CATEGORICAL, FREE_TEXT = "categorical", "free_text"
+
+# A key is a short name: letters, digits, `_`, `-`, `.` and inner spaces ("customer rating"), starting with
+# a letter or `_`. Anything looser turns ordinary sentences with a colon into "records".
+KEY = r"[^\W\d][\w.\- ]{0,63}"
+_PIPE_FIELD = re.compile(rf"({KEY}): (.*)", re.DOTALL)
+_PIPE_SPLIT = re.compile(r"(?<!\\) \| ")
+_BRACKET_KEY = re.compile(rf"\s*({KEY}?)\s*\[")
 
 
-def serialise(attributes: dict[str, str]) -> str:
-    """`key: value | key: value`, in the given order."""
-    return FIELD_SEPARATOR.join(f"{key}{KEY_SEPARATOR}{value}" for key, value in attributes.items())
+@dataclass(frozen=True)
+class Record:
+    """A parsed structured source: its syntax, its (key, value) pairs in source order, and (JSON only) the
+    keys whose values were JSON literals (numbers, booleans, null, arrays, objects) rather than strings."""
+
+    syntax: str
+    pairs: tuple[tuple[str, str], ...]
+    literal_keys: frozenset[str] = frozenset()
+
+    def keys(self) -> list[str]:
+        return [key for key, _ in self.pairs]
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.pairs)
+
+    def reordered(self, order: Iterable[int]) -> str:
+        """The same record with its pairs in the given order, in its own syntax."""
+        return serialise([self.pairs[i] for i in order], self.syntax, self.literal_keys)
 
 
-def parse_source(source: str) -> dict[str, str] | None:
-    """Inverse of `serialise`; None when the text is not a `key: value | ...` record (e.g. a free prompt)."""
-    attributes: dict[str, str] = {}
-    for part in source.split(FIELD_SEPARATOR):
-        key, sep, value = part.partition(KEY_SEPARATOR)
-        if not sep or not key or not value or key in attributes:
+def _unique(pairs: list[tuple[str, str]]) -> bool:
+    return len({key for key, _ in pairs}) == len(pairs)
+
+
+def _parse_pipe(source: str) -> Record | None:
+    pairs = []
+    for part in _PIPE_SPLIT.split(source):
+        match = _PIPE_FIELD.fullmatch(part.strip())
+        if match is None or not match.group(2).strip():
             return None
-        attributes[key] = value
-    return attributes
+        pairs.append((match.group(1).strip(), match.group(2).strip().replace("\\|", "|")))
+    return Record(PIPE, tuple(pairs)) if pairs and _unique(pairs) else None
+
+
+def _parse_bracket(source: str) -> Record | None:
+    pairs: list[tuple[str, str]] = []
+    i, n = 0, len(source)
+    while True:
+        match = _BRACKET_KEY.match(source, i)
+        if match is None or not match.group(1).strip():
+            return None
+        key, i, depth, value = match.group(1).strip(), match.end(), 1, []
+        while i < n:
+            char = source[i]
+            if char == "\\" and i + 1 < n and source[i + 1] in "[]\\":
+                value.append(source[i + 1])
+                i += 2
+                continue
+            depth += {"[": 1, "]": -1}.get(char, 0)
+            if depth == 0:
+                break
+            value.append(char)
+            i += 1
+        if depth:
+            return None
+        pairs.append((key, "".join(value).strip()))
+        i += 1
+        while i < n and source[i].isspace():
+            i += 1
+        if i == n:
+            return Record(BRACKET, tuple(pairs)) if _unique(pairs) else None
+        if source[i] != ",":
+            return None
+        i += 1
+
+
+def _parse_json(source: str) -> Record | None:
+    try:
+        data = json.loads(source)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not data:
+        return None
+    pairs, literals = [], set()
+    for key, value in data.items():
+        if not key.strip() or len(key) > 64 or not key.isprintable():
+            return None
+        if isinstance(value, str):
+            pairs.append((key.strip(), value.strip()))
+        else:
+            pairs.append((key.strip(), json.dumps(value, ensure_ascii=False, separators=(", ", ": "))))
+            literals.add(key.strip())
+    return Record(JSON, tuple(pairs), frozenset(literals))
+
+
+def parse_source(source: str) -> Record | None:
+    """The record a source holds, in whichever structured syntax it is written; None for a free prompt."""
+    text = source.strip()
+    if not text:
+        return None
+    if text[0] == "{":
+        return _parse_json(text)
+    if text[-1] == "]" and "[" in text:
+        record = _parse_bracket(text)
+        if record is not None:
+            return record
+    return _parse_pipe(text)
+
+
+def syntax_of(source: str) -> str:
+    record = parse_source(source)
+    return record.syntax if record is not None else PROMPT
+
+
+def _escape_brackets(value: str) -> str:
+    depth = 0
+    for char in value:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            break
+    if depth == 0:
+        return value.replace("\\", "\\\\") if "\\" in value else value
+    return value.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
+
+
+def serialise(pairs: Iterable[tuple[str, str]] | dict[str, str], syntax: str = PIPE, literal_keys: Iterable[str] = ()) -> str:
+    """(key, value) pairs as a source in `syntax`, in the given order; `parse_source` inverts it.
+
+    For JSON, values of `literal_keys` that are valid JSON are written as JSON (a number stays a number).
+    """
+    items = list(pairs.items() if isinstance(pairs, dict) else pairs)
+    if syntax == PIPE:
+        return " | ".join(f"{key}: {value.replace('|', chr(92) + '|') if ' | ' in value else value}" for key, value in items)
+    if syntax == BRACKET:
+        return ", ".join(f"{key}[{_escape_brackets(value)}]" for key, value in items)
+    if syntax == JSON:
+        literal = frozenset(literal_keys)
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            obj[key] = value
+            if key in literal:
+                try:
+                    obj[key] = json.loads(value)
+                except ValueError:
+                    pass
+        return json.dumps(obj, ensure_ascii=False)
+    raise ValueError(f"unknown record syntax {syntax!r}; one of {list(SYNTAXES)}")
+
+
+def canonical_source(source: str) -> str:
+    """The grouping key of a source: a record's pairs sorted by key, in one syntax, so the same record
+    reordered or written in another syntax is the same source; a free prompt case-folded and space-collapsed."""
+    record = parse_source(source)
+    if record is None:
+        return " ".join(source.casefold().split())
+    return serialise(sorted(record.pairs), PIPE)
+
+
+# --- the record schema, learned from the data -----------------------------------------------------------
+
+
+def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[str, Any]:
+    """The record schema of a set of training sources (each distinct source once).
+
+    - `syntax`: the most common syntax (`prompt` when no source is a record);
+    - `keys`: per key, in the order records usually list them: `rows` (records with the key), `distinct`
+      values, `kind` (`categorical`: at most `max_categorical_values` distinct values that repeat, on
+      average twice or more; else `free_text`), `values` (value counts, categorical keys only: free text
+      such as names is not copied out of the data) and, for JSON, `literal` (values are JSON numbers etc.).
+    """
+    syntaxes: Counter[str] = Counter()
+    values: dict[str, Counter[str]] = defaultdict(Counter)
+    positions: dict[str, list[float]] = defaultdict(list)
+    literal: Counter[str] = Counter()
+    total = 0
+    for source in sources:
+        total += 1
+        record = parse_source(source)
+        if record is None:
+            syntaxes[PROMPT] += 1
+            continue
+        syntaxes[record.syntax] += 1
+        for index, (key, value) in enumerate(record.pairs):
+            values[key][value] += 1
+            positions[key].append(index / max(1, len(record.pairs) - 1))
+            literal[key] += key in record.literal_keys
+    structured = sum(n for name, n in syntaxes.items() if name != PROMPT)
+    syntax = max(SYNTAXES, key=lambda name: syntaxes[name]) if structured else PROMPT
+    keys: dict[str, Any] = {}
+    for key in sorted(values, key=lambda k: (sum(positions[k]) / len(positions[k]), k)):
+        counts = values[key]
+        rows, distinct = sum(counts.values()), len(counts)
+        categorical = distinct <= max_categorical_values and rows >= 2 * distinct
+        entry: dict[str, Any] = {"rows": rows, "distinct": distinct, "kind": CATEGORICAL if categorical else FREE_TEXT}
+        if categorical:
+            entry["values"] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        if syntax == JSON:
+            entry["literal"] = literal[key] * 2 > rows
+        keys[key] = entry
+    return {
+        "syntax": syntax,
+        "sources": total,
+        "syntaxes": {name: syntaxes[name] for name in (*SYNTAXES, PROMPT) if syntaxes[name]},
+        "keys": keys,
+    }
+
+
+def categorical_keys(schema: dict[str, Any]) -> list[str]:
+    return [key for key, entry in schema.get("keys", {}).items() if entry.get("kind") == CATEGORICAL]
+
+
+def literal_keys(schema: dict[str, Any]) -> frozenset[str]:
+    return frozenset(key for key, entry in schema.get("keys", {}).items() if entry.get("literal"))
+
+
+def check_schema(schema: Any, where: str) -> dict[str, Any]:
+    """A loaded schema, checked enough that its users can index it; ValueError naming `where` otherwise."""
+    if not isinstance(schema, dict) or schema.get("syntax") not in (*SYNTAXES, PROMPT) or not isinstance(schema.get("keys"), dict):
+        raise ValueError(f"{where}: not a record schema (needs 'syntax' in {[*SYNTAXES, PROMPT]} and a 'keys' object)")
+    return schema

@@ -17,6 +17,7 @@ import torch
 
 from components.common import ConfigError, DataError, progress, require
 from components.model_io import check_safetensors_folder
+from components.records import SCHEMA_FILE
 
 PAD, SEP, EOS = "<|pad|>", "<|sep|>", "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, SEP, EOS)
@@ -103,11 +104,13 @@ def load_text_model(folder: Path, key: str, device: torch.device | None = None) 
 
 
 def save_text_model(model: Any, tokenizer: Any, folder: Path, features_dir: Path) -> None:
-    """A save_pretrained folder (safetensors, config, tokenizer) with the training vocabulary beside it."""
+    """A save_pretrained folder (safetensors, config, tokenizer) with the training vocabulary and the record
+    schema beside it: the service builds its request model and drift log from them."""
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    if (features_dir / VOCABULARY_FILE).is_file():
-        shutil.copy2(features_dir / VOCABULARY_FILE, folder / VOCABULARY_FILE)
+    for name in (VOCABULARY_FILE, SCHEMA_FILE):
+        if (features_dir / name).is_file():
+            shutil.copy2(features_dir / name, folder / name)
 
 
 def load_pretrained(path: Path, key: str) -> tuple[Any, Any]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from components.common import (
     run_main,
     write_json,
 )
+from components.records import parse_source
 from components.tables import ParquetSink, iter_parquet
 
 if TYPE_CHECKING:
@@ -56,8 +57,8 @@ class TextRules:
 class ImageRules:
     min_size: int
     max_size: int
-    channels: tuple[int, ...]
-    modes: tuple[str, ...]
+    channels: tuple[int, ...] | None
+    modes: tuple[str, ...] | None
     labels: tuple[str, ...] | None
 
 
@@ -98,25 +99,45 @@ CONFIG = ValidateConfig
 def _image_rules(section: dict[str, Any], prefix: str) -> ImageRules:
     min_size = require(section, "min_size", int, prefix, low=1)
     max_size = require(section, "max_size", int, prefix, low=min_size)
-    channels = require(section, "channels", list, prefix)
-    modes = require(section, "modes", list, prefix)
-    labels = section.get("labels")
-    if labels is not None and not isinstance(labels, list):
-        raise ConfigError(f"params key '{prefix}.labels' must be a list or null, got {labels!r}")
+    lists = {}
+    for key in ("channels", "modes", "labels"):
+        value = section.get(key)
+        if value is not None and (not isinstance(value, list) or not value):
+            raise ConfigError(f"params key '{prefix}.{key}' must be a non-empty list or null (any), got {value!r}")
+        lists[key] = value
     return ImageRules(
         min_size,
         max_size,
-        tuple(int(c) for c in channels),
-        tuple(str(m) for m in modes),
-        tuple(str(label) for label in labels) if labels is not None else None,
+        tuple(int(c) for c in lists["channels"]) if lists["channels"] is not None else None,
+        tuple(str(m) for m in lists["modes"]) if lists["modes"] is not None else None,
+        tuple(str(label) for label in lists["labels"]) if lists["labels"] is not None else None,
     )
 
 
-def attribute_regex(allowed: tuple[str, ...]) -> str:
-    """A regex matching `key: value | key: value` records whose keys are all in `allowed`."""
-    keys = "|".join(re.escape(key) for key in sorted(allowed, key=len, reverse=True))
-    pair = rf"(?:{keys}): [^|]+?"
-    return rf"^{pair}(?: \| {pair})*$"
+ATTRIBUTE_CHECK_COLUMN = "source_attribute_problem"
+"""A column computed for the text suite when `allowed_attributes` is set: null when the source is a record
+(any syntax) whose keys are all allowed, else what is wrong with it."""
+
+
+def attribute_problems(sources: Any, allowed: tuple[str, ...]) -> list[str | None]:
+    allowed_set = frozenset(allowed)
+    problems: list[str | None] = []
+    for source in sources:
+        record = parse_source(source) if isinstance(source, str) else None
+        if record is None:
+            problems.append("not a record")
+            continue
+        unknown = [key for key in record.keys() if key not in allowed_set]
+        problems.append(f"unknown keys {unknown}" if unknown else None)
+    return problems
+
+
+def text_derived_columns(rules: TextRules) -> Callable[[Any], None] | None:
+    """What adds the computed columns the text suite checks to a chunk's DataFrame (None: there are none)."""
+    allowed = rules.allowed_attributes
+    if allowed is None:
+        return None
+    return lambda frame: frame.insert(len(frame.columns), ATTRIBUTE_CHECK_COLUMN, attribute_problems(frame["source"], allowed))
 
 
 def text_expectations(rules: TextRules) -> list[Any]:
@@ -138,7 +159,7 @@ def text_expectations(rules: TextRules) -> list[Any]:
         e.ExpectColumnValuesToNotMatchRegex(column="source", regex=r"^\s*$"),
     ]
     if rules.allowed_attributes is not None:
-        expectations.append(e.ExpectColumnValuesToMatchRegex(column="source", regex=attribute_regex(rules.allowed_attributes)))
+        expectations.append(e.ExpectColumnValuesToBeNull(column=ATTRIBUTE_CHECK_COLUMN))
     return expectations
 
 
@@ -151,9 +172,11 @@ def image_expectations(rules: ImageRules) -> list[Any]:
         e.ExpectColumnValuesToBeNull(column="ingest_error"),
         e.ExpectColumnValuesToBeBetween(column="width", min_value=rules.min_size, max_value=rules.max_size),
         e.ExpectColumnValuesToBeBetween(column="height", min_value=rules.min_size, max_value=rules.max_size),
-        e.ExpectColumnValuesToBeInSet(column="channels", value_set=list(rules.channels)),
-        e.ExpectColumnValuesToBeInSet(column="mode", value_set=list(rules.modes)),
     ]
+    if rules.channels is not None:
+        expectations.append(e.ExpectColumnValuesToBeInSet(column="channels", value_set=list(rules.channels)))
+    if rules.modes is not None:
+        expectations.append(e.ExpectColumnValuesToBeInSet(column="mode", value_set=list(rules.modes)))
     if rules.labels is not None:
         expectations.append(e.ExpectColumnValuesToNotBeNull(column="label"))
         expectations.append(e.ExpectColumnValuesToBeInSet(column="label", value_set=list(rules.labels)))
@@ -253,8 +276,9 @@ class DatasetReport:
 
 
 def validate_dataset(
-    name: str, raw: Path, expectations: list[Any], runner: SuiteRunner, valid_out: Path, quarantine_out: Path, chunk_rows: int
-) -> DatasetReport:
+    name: str, raw: Path, expectations: list[Any], runner: SuiteRunner, valid_out: Path, quarantine_out: Path, chunk_rows: int,
+    derive: Callable[[Any], None] | None = None,
+) -> DatasetReport:  # fmt: skip
     """Validate one raw Parquet file chunk by chunk; split its rows between valid and quarantine files.
 
     Uniqueness of `record_id` needs every row at once, so it runs first on that column alone; the row-wise
@@ -279,6 +303,8 @@ def validate_dataset(
             table = pa.Table.from_batches([batch])
             frame = table.drop_columns([c for c in [IMAGE_BYTES_COLUMN] if c in table.column_names]).to_pandas()
             frame["_row"] = np.arange(offset, offset + table.num_rows)
+            if derive is not None:
+                derive(frame)  # columns the suite checks that are not stored
             failures, counts = runner.run(name, expectations, frame)
             merge_counts(report.expectations, counts)
             for row in range(offset, offset + table.num_rows):
@@ -324,14 +350,16 @@ def validate(
         "images": image_expectations(cfg.images),
         "restore": image_expectations(cfg.restore),
     }
+    derive = {"text": text_derived_columns(cfg.text)}
     reports = {}
     for name in DATASETS:
         raw = raw_dir / f"{name}.parquet"
         if not raw.is_file():
             raise DataError(f"missing input {raw}: run the ingest stage first")
         reports[name] = validate_dataset(
-            name, raw, suites[name], runner, valid_dir / f"{name}.parquet", quarantine_dir / f"{name}.parquet", cfg.chunk_rows
-        )
+            name, raw, suites[name], runner, valid_dir / f"{name}.parquet", quarantine_dir / f"{name}.parquet", cfg.chunk_rows,
+            derive.get(name),
+        )  # fmt: skip
         log.info(
             "%s: %d rows in, %d valid, %d quarantined",
             name,

@@ -24,14 +24,15 @@ def cfg(tiny_params: dict[str, Any]) -> validate.ValidateConfig:
 
 
 def run(
-    name: str, raw: pa.Table, rules_expectations: list[Any], tmp_path: Path
+    name: str, raw: pa.Table, rules_expectations: list[Any], tmp_path: Path, derive: Any = None
 ) -> tuple[pa.Table, pa.Table, validate.DatasetReport]:
     raw_path = tmp_path / f"raw_{name}.parquet"
     pq.write_table(raw, raw_path)
     runner = validate.SuiteRunner(tmp_path / "docs")
     report = validate.validate_dataset(
-        name, raw_path, rules_expectations, runner, tmp_path / "valid.parquet", tmp_path / "quarantine.parquet", chunk_rows=3
-    )
+        name, raw_path, rules_expectations, runner, tmp_path / "valid.parquet", tmp_path / "quarantine.parquet", chunk_rows=3,
+        derive=derive,
+    )  # fmt: skip
     return pq.read_table(tmp_path / "valid.parquet"), pq.read_table(tmp_path / "quarantine.parquet"), report
 
 
@@ -73,8 +74,9 @@ def check_accounting(valid: pa.Table, quarantine: pa.Table, report: validate.Dat
         ((GOOD[0], ""), "expect_column_value_lengths_to_be_between(reference)"),
         ((GOOD[0], "   "), "expect_column_values_to_not_match_regex(reference)"),
         ((GOOD[0], "x" * 1_000_000), "expect_column_value_lengths_to_be_between(reference)"),
-        (("colour: sage | shoe_size: 9", GOOD[1]), "expect_column_values_to_match_regex(source)"),
-        (("write me an ad", GOOD[1]), "expect_column_values_to_match_regex(source)"),
+        (("colour: sage | shoe_size: 9", GOOD[1]), "expect_column_values_to_be_null(source_attribute_problem)"),
+        (("colour[sage], shoe_size[9]", GOOD[1]), "expect_column_values_to_be_null(source_attribute_problem)"),
+        (("write me an ad", GOOD[1]), "expect_column_values_to_be_null(source_attribute_problem)"),
     ],
     ids=[
         "null-reference",
@@ -83,14 +85,16 @@ def check_accounting(valid: pa.Table, quarantine: pa.Table, report: validate.Dat
         "blank-reference",
         "1MB-reference",
         "unknown-attribute",
+        "unknown-attribute-bracket",
         "not-a-record",
     ],
 )
 def test_bad_text_row_is_quarantined_with_its_expectation(
     cfg: validate.ValidateConfig, tmp_path: Path, row: tuple[str | None, str | None], expectation: str
 ) -> None:
-    raw = text_table([GOOD, row, GOOD, GOOD])
-    valid, quarantine, report = run("text", raw, validate.text_expectations(cfg.text), tmp_path)
+    raw = text_table([GOOD, row, ('{"name": "Nova Air", "colour": "sage"}', GOOD[1]), ("name[Nova Air]", GOOD[1])])
+    rules = validate.TextRules(**{**cfg.text.__dict__, "allowed_attributes": ("name", "colour")})
+    valid, quarantine, report = run("text", raw, validate.text_expectations(rules), tmp_path, validate.text_derived_columns(rules))
     check_accounting(valid, quarantine, report, 4)
     assert quarantine.num_rows == 1
     assert expectation in quarantined_reason(quarantine, "f.csv:2")
@@ -230,7 +234,7 @@ def test_default_data_passes_and_writes_report_and_data_docs(tiny_params: dict[s
     [
         (("max_quarantine_ratio",), 1.5, "'validate.max_quarantine_ratio' = 1.5 is outside"),
         (("text", "min_reference_chars"), 10_000, "'validate.text.min_reference_chars' exceeds"),
-        (("images", "labels"), "0-9", "'validate.images.labels' must be a list or null"),
+        (("images", "labels"), "0-9", "'validate.images.labels' must be a non-empty list or null"),
         (("restore", "max_size"), 1, "'validate.restore.max_size' = 1 is outside"),
     ],
 )

@@ -1,0 +1,117 @@
+"""The one source parser: each syntax, awkward values, round trips, free prompts, and the learned schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from components.records import (
+    BRACKET,
+    CATEGORICAL,
+    FREE_TEXT,
+    JSON,
+    PIPE,
+    PROMPT,
+    canonical_source,
+    infer_schema,
+    parse_source,
+    serialise,
+    syntax_of,
+)
+
+
+def test_pipe_syntax() -> None:
+    record = parse_source("name: Harbor | category: desk lamp | ratio: 3:1")
+    assert record is not None and record.syntax == PIPE
+    assert record.pairs == (("name", "Harbor"), ("category", "desk lamp"), ("ratio", "3:1"))
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["a, b", "a|b", "a | b", "x: y", "[draft]", "say \"hi\"", "it's", "a [b] c", "50% off, [new] | 2:1 \"x\""],
+)
+@pytest.mark.parametrize("syntax", [PIPE, BRACKET, JSON])
+def test_awkward_values_round_trip(syntax: str, value: str) -> None:
+    pairs = [("name", "Harbor"), ("note", value), ("price range", "cheap")]
+    source = serialise(pairs, syntax)
+    record = parse_source(source)
+    assert record is not None, source
+    assert record.syntax == syntax
+    assert list(record.pairs) == pairs
+
+
+def test_bracket_syntax_as_in_e2e() -> None:
+    source = "name[The Eagle], eatType[coffee shop], food[Japanese], customer rating[5 out of 5], near[Burger King]"
+    record = parse_source(source)
+    assert record is not None and record.syntax == BRACKET
+    assert record.as_dict() == {
+        "name": "The Eagle",
+        "eatType": "coffee shop",
+        "food": "Japanese",
+        "customer rating": "5 out of 5",
+        "near": "Burger King",
+    }
+
+
+def test_bracket_values_with_commas_nested_and_escaped_brackets() -> None:
+    record = parse_source(r"name[Blue, Red], size[large [XL]], note[a \] b], tag[x|y: z]")
+    assert record is not None
+    assert record.as_dict() == {"name": "Blue, Red", "size": "large [XL]", "note": "a ] b", "tag": "x|y: z"}
+    assert serialise(record.pairs, BRACKET) == r"name[Blue, Red], size[large [XL]], note[a \] b], tag[x|y: z]"
+
+
+def test_json_object_keeps_literals() -> None:
+    record = parse_source('{"name": "Harbor", "price": 12.5, "in_stock": true, "tags": ["a", "b"]}')
+    assert record is not None and record.syntax == JSON
+    assert record.as_dict() == {"name": "Harbor", "price": "12.5", "in_stock": "true", "tags": '["a", "b"]'}
+    assert record.literal_keys == {"price", "in_stock", "tags"}
+    again = json.loads(record.reordered([1, 0, 2, 3]))
+    assert list(again) == ["price", "name", "in_stock", "tags"] and again["price"] == 12.5 and again["tags"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Write a cheerful description of a lamp.",
+        "a lamp, amber, oak",
+        "name: | category: lamp",  # empty value
+        "name: a | name: b",  # repeated key
+        "name[Harbor], category[lamp",  # unclosed bracket
+        "name[Harbor] category[lamp]",  # no comma between pairs
+        "[1, 2, 3]",
+        "{not json}",
+        '["a JSON list"]',
+        "{}",
+        "12: 30 | 1: 2",  # keys must start with a letter
+    ],
+)
+def test_free_prompts_pass_through(prompt: str) -> None:
+    assert parse_source(prompt) is None
+    assert syntax_of(prompt) == PROMPT
+    assert canonical_source(prompt) == " ".join(prompt.casefold().split())
+
+
+def test_canonical_source_ignores_order_and_syntax() -> None:
+    pairs = [("name", "Harbor"), ("colour", "amber")]
+    keys = {canonical_source(serialise(order, syntax)) for order in (pairs, pairs[::-1]) for syntax in (PIPE, BRACKET, JSON)}
+    assert keys == {"colour: amber | name: Harbor"}
+
+
+def test_schema_is_learned_from_the_sources() -> None:
+    sources = [
+        serialise([("name", f"Item {i}"), ("colour", ["red", "blue"][i % 2]), ("size", ["S", "M", "L"][i % 3])], BRACKET)
+        for i in range(30)
+    ] + ["a free prompt"]
+    schema = infer_schema(sources, max_categorical_values=10)
+    assert schema["syntax"] == BRACKET
+    assert schema["syntaxes"] == {BRACKET: 30, PROMPT: 1}
+    assert list(schema["keys"]) == ["name", "colour", "size"]  # the order records list them in
+    assert schema["keys"]["name"] == {"rows": 30, "distinct": 30, "kind": FREE_TEXT}
+    assert schema["keys"]["colour"] == {"rows": 30, "distinct": 2, "kind": CATEGORICAL, "values": {"blue": 15, "red": 15}}
+    assert schema["keys"]["size"]["kind"] == CATEGORICAL
+
+
+def test_schema_of_free_prompts_has_no_keys() -> None:
+    schema = infer_schema(["write about a lamp", "describe a chair"], max_categorical_values=10)
+    assert schema["syntax"] == PROMPT and schema["keys"] == {}
