@@ -31,7 +31,7 @@ from components.common import (
     require,
     run_main,
 )
-from components.image_io import decode_image, encode_png
+from components.image_io import channel_layout, decode_image, encode_png, to_layout
 from components.records import parse_source
 from components.tables import write_parquet_atomic
 
@@ -181,23 +181,27 @@ def augment_images(table: pa.Table, cfg: ImageAugment, seed: int) -> pa.Table:
 
 
 def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int) -> pa.Table:
-    """Random square patches of the train photos, randomly flipped / turned; colour photos only (RGB)."""
+    """Random square patches of the train photos, randomly flipped / turned, in the dataset's channel layout
+    (greyscale when every photo is; else RGB). Patches are at most as large as the smallest train photo."""
     import torch
     from torchvision.transforms import v2
 
     torch.manual_seed(seed)
+    rows = train_rows(table).to_pylist() if per_image else []
+    if not rows:
+        return pa.Table.from_pylist([], schema=PATCH_SCHEMA)
+    channels = channel_layout(table.column("mode").to_pylist())
+    smallest = min(min(row["width"], row["height"]) for row in rows)
+    if smallest < patch_size:
+        log.warning(
+            "restore: the smallest train photo is %d px a side, under augment.restore.patch_size=%d: patches are %d px",
+            smallest, patch_size, smallest,
+        )  # fmt: skip
+        patch_size = smallest
     transform = v2.Compose([v2.RandomCrop(patch_size), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
     out: list[dict[str, Any]] = []
-    for row in train_rows(table).to_pylist():
-        pixels = decode_image(row["image"])
-        if pixels.ndim == 2:
-            pixels = np.repeat(pixels[..., None], 3, axis=2)
-        if min(pixels.shape[:2]) < patch_size:
-            raise DataError(
-                f"restore image {row['record_id']} is {pixels.shape[1]}x{pixels.shape[0]}, smaller than "
-                f"augment.restore.patch_size={patch_size}"
-            )
-        image = to_tensor(pixels)
+    for row in rows:
+        image = torch.from_numpy(to_layout(decode_image(row["image"]), channels))
         for index in range(per_image):
             patch = transform(image)
             if torch.rand(()) < 0.5:
@@ -206,7 +210,7 @@ def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int)
                 {
                     "record_id": f"{row['record_id']}#patch{index}",
                     "source_id": row["record_id"],
-                    "image": encode_png(from_tensor(patch.contiguous())),
+                    "image": encode_png(from_tensor(patch.contiguous())),  # (P, P) grey or (P, P, 3)
                 }
             )
     return pa.Table.from_pylist(out, schema=PATCH_SCHEMA)

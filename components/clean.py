@@ -35,6 +35,7 @@ from components.common import (
     run_main,
     write_json,
 )
+from components.image_io import decode_image, encode_png
 from components.records import canonical_source
 from components.tables import write_parquet_atomic
 
@@ -222,8 +223,43 @@ def clean_images(table: pa.Table, fractions: dict[str, float], seed: int) -> Cle
         "exact_duplicates_removed": int((~first).sum()),
         "near_duplicates_removed": 0,
         "emptied_by_cleaning": 0,
+        "split_by": "image",
     }
     return CleanResult(table, removed, counts)
+
+
+MIN_BAND = 16
+"""The narrowest band (pixels) band_split cuts for the train or test split."""
+
+
+def band_split(result: CleanResult, fractions: dict[str, float]) -> CleanResult:
+    """Too few photos for a train and a test photo: each photo is cut into disjoint bands along its longer
+    side, one band per split in the split fractions, so no test pixel is ever trained on (the splits still
+    share photos, which `split_by: band` in the data metrics says)."""
+    rows = []
+    named = [name for name in SPLITS if fractions[name] > 0]
+    for row in result.kept.to_pylist():
+        pixels = decode_image(row["image"])
+        axis = 0 if pixels.shape[0] >= pixels.shape[1] else 1
+        length, start = pixels.shape[axis], 0
+        for name in named:
+            end = length if name == named[-1] else start + round(length * fractions[name])
+            band = pixels[start:end] if axis == 0 else pixels[:, start:end]
+            start = end
+            if min(band.shape[:2]) < MIN_BAND:
+                if name == "val":
+                    continue
+                raise DataError(
+                    f"restore: {result.kept.num_rows} photo(s) are too few to keep whole photos apart, and "
+                    f"{row['record_id']} ({pixels.shape[1]}x{pixels.shape[0]}) is too small to cut into a {name} band "
+                    f"of {MIN_BAND} px; add photos (at least 3) or larger ones"
+                )
+            rows.append({**row, "image": encode_png(np.ascontiguousarray(band)), "width": band.shape[1],
+                         "height": band.shape[0], "mode": "L" if band.ndim == 2 else "RGB",
+                         "channels": 1 if band.ndim == 2 else 3, "format": "PNG", "split": name})  # fmt: skip
+    log.warning("restore: %d photo(s), too few for whole-photo splits: each is cut into %s bands", result.kept.num_rows, named)
+    kept = pa.Table.from_pylist(rows, schema=result.kept.schema)
+    return CleanResult(kept, result.removed, {**result.counts, "split_by": "band"})
 
 
 def clean(cfg: CleanConfig, valid_dir: Path, out_dir: Path, validation_report: Path, metrics_path: Path) -> dict[str, Any]:
@@ -244,7 +280,11 @@ def clean(cfg: CleanConfig, valid_dir: Path, out_dir: Path, validation_report: P
             if name == "text"
             else clean_images(table, cfg.restore_splits if name == "restore" else cfg.splits, cfg.seed)
         )
-        assert result.kept.num_rows + result.removed.num_rows == table.num_rows, f"clean lost rows of {name}"
+        if name == "restore" and not {"train", "test"} <= set(result.kept.column("split").to_pylist()):
+            result = band_split(result, cfg.restore_splits)
+        # Rows are records: a photo cut into bands (band_split) is still one record, in several splits.
+        kept_records = len(set(result.kept.column("record_id").to_pylist()))
+        assert kept_records + result.removed.num_rows == table.num_rows, f"clean lost rows of {name}"
         write_parquet_atomic(result.kept, out_dir / f"{name}.parquet")
         write_parquet_atomic(result.removed, out_dir / "removed" / f"{name}.parquet")
         split_sizes = {s: int(pc.sum(pc.equal(result.kept.column("split"), s)).as_py() or 0) for s in SPLITS}
@@ -252,7 +292,7 @@ def clean(cfg: CleanConfig, valid_dir: Path, out_dir: Path, validation_report: P
             "rows_in": validated[name]["rows_in"],
             "rows_valid": validated[name]["rows_valid"],
             "rows_quarantined": validated[name]["rows_quarantined"],
-            "rows_clean": result.kept.num_rows,
+            "rows_clean": kept_records,
             **result.counts,
             "splits": split_sizes,
         }

@@ -4,7 +4,8 @@
         --metrics metrics/restore.json --out data/evaluation/restore
 
 Every test photograph is cropped to a multiple of the scale, degraded exactly as in training (noise from
-a fixed seed), restored, and scored with torchmetrics' PSNR and SSIM (data range 1), on RGB and on the
+a fixed seed, per channel of the dataset's layout: one channel for greyscale photos, so their noise is
+greyscale too), restored, and scored with torchmetrics' PSNR and SSIM (data range 1), on all channels and on the
 luma channel Y (ITU-R BT.601, as super-resolution papers report) with a border of `scale` pixels cropped.
 The classical baseline of the same run (bicubic upscaling; the noisy input) is scored the same way.
 Figures are means over images. Also writes per-image scores and a side-by-side crop (PNG plot).
@@ -58,7 +59,7 @@ CONFIG = EvaluateRestoreConfig
 
 
 def load_images(path: Path) -> tuple[list[torch.Tensor], list[str]]:
-    """The full photographs of a restore split: uint8 (3, H, W) each, with their record ids."""
+    """The full photographs of a restore split: uint8 (C, H, W) each, with their record ids."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -79,11 +80,16 @@ def evaluate_restore(
     model = load_restorer(model_dir).to(device)
     rcfg = model.cfg
     images, ids = load_images(features_dir / f"{cfg.split}.safetensors")
+    if images[0].shape[0] != rcfg.channels:
+        raise DataError(
+            f"{features_dir} holds {images[0].shape[0]}-channel photos but {model_dir} was trained on {rcfg.channels}: "
+            "rerun train_restore on these features (dvc repro)"
+        )
     border = rcfg.scale if rcfg.task == "super_resolution" else 0
     rows: list[dict[str, Any]] = []
     comparison: list[torch.Tensor] = []
     for index, (image, record_id) in enumerate(zip(images, ids, strict=True)):
-        clean = crop_to_scale(image, rcfg.scale)[None].float().div(255.0).to(device)  # (1, 3, H, W)
+        clean = crop_to_scale(image, rcfg.scale)[None].float().div(255.0).to(device)  # (1, C, H, W)
         generator = torch.Generator().manual_seed(cfg.seed + index)
         degraded = degrade(clean, rcfg, generator)
         with torch.inference_mode():
@@ -101,6 +107,8 @@ def evaluate_restore(
         scale=rcfg.scale,
         noise_sigma=rcfg.noise_sigma if rcfg.task == "denoise" else None,
         baseline="bicubic" if rcfg.task == "super_resolution" else "noisy input",
+        # The channel layout trained and scored on: greyscale photos restore (and are noised) as one channel.
+        layout="greyscale" if rcfg.channels == 1 else "rgb",
         images=len(rows),
         split=cfg.split,
         psnr_gain=round(metrics["psnr"] - metrics["psnr_baseline"], 4),

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from components.common import SPLITS, DataError, load_params, require, run_main, write_json
 from components.feature_defs import IMAGE_FEATURE_COLUMNS, REFERENCE_DIR, TEXT_FEATURE_COLUMNS, attribute_column, image_features, text_features, words
-from components.image_io import GREY_MODES, decode_image
+from components.image_io import channel_layout, decode_image, to_layout
 from components.records import SCHEMA_FILE, categorical_keys, infer_schema
 from components.tables import write_parquet_atomic
 from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS, TOKENIZER_FILE, VOCABULARY_FILE
@@ -200,7 +200,7 @@ def resize_stack(images: list[np.ndarray], size: int, channels: int) -> np.ndarr
 def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
     labels = sorted(set(clean.column("label").to_pylist()), key=lambda v: (len(v), v))
     label_index = {name: i for i, name in enumerate(labels)}
-    channels = 1 if set(clean.column("mode").to_pylist()) <= GREY_MODES else 3
+    channels = channel_layout(clean.column("mode").to_pylist())
     out.mkdir(parents=True, exist_ok=True)
     feature_rows = []
     for split in SPLITS:
@@ -232,7 +232,10 @@ def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConf
 
 
 def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.Table:
+    """Every photo of every split and the train patches, in the dataset's channel layout (image_io.channel_layout)."""
     out.mkdir(parents=True, exist_ok=True)
+    channels = channel_layout(clean.column("mode").to_pylist())
+    log.info("restore: %s layout (%d channel%s)", "greyscale" if channels == 1 else "RGB", channels, "s" * (channels > 1))
     feature_rows = []
     for split in SPLITS:
         rows = clean.filter(pc.equal(clean.column("split"), split))
@@ -241,15 +244,11 @@ def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.
         for i, (record_id, data) in enumerate(zip(ids, rows.column("image").to_pylist(), strict=True)):
             pixels = decode_image(data)
             feature_rows.append({"record_id": record_id, "split": split, **image_features(pixels)})
-            if pixels.ndim == 2:
-                pixels = np.repeat(pixels[..., None], 3, axis=2)
-            tensors[f"image_{i}"] = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+            tensors[f"image_{i}"] = to_layout(pixels, channels)
         if split == "train":
-            decoded = [decode_image(b) for b in patches.column("image").to_pylist()]
-            tensors["patches"] = (
-                np.stack([p.transpose(2, 0, 1) for p in decoded]) if decoded else np.zeros((0, 3, 1, 1), dtype=np.uint8)
-            )
-        save_arrays(tensors, out / f"{split}.safetensors", {"record_ids": ids})
+            decoded = [to_layout(decode_image(b), channels) for b in patches.column("image").to_pylist()]
+            tensors["patches"] = np.stack(decoded) if decoded else np.zeros((0, channels, 1, 1), dtype=np.uint8)
+        save_arrays(tensors, out / f"{split}.safetensors", {"record_ids": ids, "channels": channels})
     return feature_table(feature_rows, IMAGE_REFERENCE_COLUMNS)
 
 

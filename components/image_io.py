@@ -13,7 +13,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -97,21 +98,40 @@ GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 """Pillow modes with one colour channel (alpha aside): they decode to greyscale, everything else to RGB."""
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Pixels of an encoded image as uint8 (H, W) for greyscale modes or (H, W, 3) for colour ones.
+def channel_layout(modes: Iterable[str | None]) -> int:
+    """The channels a dataset trains on: 1 when every image is greyscale, else 3 (greyscale ones replicated)."""
+    return 1 if all(mode in GREY_MODES for mode in modes) else 3
+
+
+def to_layout(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 3) pixels as (C, H, W) with C = `channels` (grey replicated, or colour as luma)."""
+    if pixels.ndim == 3 and channels == 1:
+        pixels = np.rint(pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None] if channels == 1 else np.repeat(pixels[..., None], channels, axis=2)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def image_array(image: Any) -> np.ndarray:
+    """A loaded Pillow image as uint8 (H, W) for greyscale modes or (H, W, 3) for colour ones.
 
     Alpha is dropped, palettes expanded, and 16-bit / 32-bit greyscale scaled to 8 bits by its bit depth
     (Pillow's own conversion clips them at 255 instead).
     """
+    if image.mode in ("L", "RGB"):
+        return np.asarray(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        wide = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
+        return np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
+    return np.asarray(image.convert("L" if image.mode in GREY_MODES else "RGB"))
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Pixels of encoded image bytes, as `image_array` gives them."""
     import io
 
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        if image.mode in ("L", "RGB"):
-            return np.asarray(image)
-        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-            wide = np.asarray(image).astype(np.float64)
-            top = 65535.0 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
-            return np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.asarray(image.convert("L" if image.mode in GREY_MODES else "RGB"))
+        return image_array(image)

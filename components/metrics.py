@@ -138,7 +138,10 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights: Path | None, 
 
 
 def luma(images: torch.Tensor) -> torch.Tensor:
-    """ITU-R BT.601 Y of RGB in [0, 1] (the 16-235 studio range, scaled to [0, 1]), (B, 1, H, W)."""
+    """ITU-R BT.601 Y of RGB in [0, 1] (the 16-235 studio range, scaled to [0, 1]), (B, 1, H, W); a greyscale
+    (B, 1, H, W) batch is its own luminance, put on the same studio range."""
+    if images.shape[1] == 1:
+        return (16.0 + images * 219.0) / 255.0
     weights = torch.tensor([65.481, 128.553, 24.966], device=images.device).view(1, 3, 1, 1)
     return (16.0 + (images * weights).sum(dim=1, keepdim=True)) / 255.0
 
@@ -148,7 +151,7 @@ def shave(images: torch.Tensor, border: int) -> torch.Tensor:
 
 
 def restoration_scores(restored: torch.Tensor, clean: torch.Tensor, border: int) -> dict[str, float]:
-    """PSNR / SSIM (torchmetrics, data range 1) of one (1, 3, H, W) pair, RGB and Y with the border shaved."""
+    """PSNR / SSIM (torchmetrics, data range 1) of one (1, C, H, W) pair, all channels and Y with the border shaved."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     restored = restored.clamp(0, 1).float()

@@ -46,7 +46,7 @@ class RestoreConfig:
             task=task,
             scale=scale if task == "super_resolution" else 1,
             noise_sigma=float(require(section, "noise_sigma", (int, float), prefix, low=0, high=255)),
-            channels=3,
+            channels=3,  # the training data's layout replaces it (train_restore): 1 for greyscale photos
             width=require(section, "width", int, prefix, low=4, high=1024),
             blocks=require(section, "blocks", int, prefix, low=0, high=64),
         )
@@ -121,8 +121,8 @@ def load_restorer(folder: Path, key: str = "restore model folder") -> Restorer:
     return model.eval()
 
 
-def load_patches(path: Path, crop_size: int) -> torch.Tensor:
-    """uint8 (N, 3, P, P) training patches written by the features stage, checked against the crop size."""
+def load_patches(path: Path) -> torch.Tensor:
+    """uint8 (N, C, P, P) training patches written by the features stage (C: the dataset's channel layout)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -132,10 +132,5 @@ def load_patches(path: Path, crop_size: int) -> torch.Tensor:
             raise DataError(f"{path} has no 'patches' array")
         patches = fh.get_tensor("patches")
     if len(patches) == 0:
-        raise DataError(f"{path} holds no training patches (augment.restore.patches_per_image is 0?)")
-    if patches.shape[-1] < crop_size or patches.shape[-2] < crop_size:
-        raise ConfigError(
-            f"params key 'train_restore.crop_size' ({crop_size}) is larger than the patches "
-            f"({patches.shape[-2]}x{patches.shape[-1]}, augment.restore.patch_size)"
-        )
+        raise DataError(f"{path} holds no training patches: set augment.restore.patches_per_image above 0")
     return patches

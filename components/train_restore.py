@@ -11,7 +11,8 @@ restored crop to the clean one, through the shared training loop. Saves `model.s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ class TrainRestoreConfig:
 
 
 CONFIG = TrainRestoreConfig
+log = logging.getLogger(__name__)
 
 
 def batch_sampler(patches: torch.Tensor, cfg: TrainRestoreConfig) -> Any:
@@ -54,7 +56,7 @@ def batch_sampler(patches: torch.Tensor, cfg: TrainRestoreConfig) -> Any:
         tops = torch.randint(0, height - size + 1, (batch,), generator=generator).tolist()
         lefts = torch.randint(0, width - size + 1, (batch,), generator=generator).tolist()
         clean = torch.stack([patches[i, :, t : t + size, s : s + size] for i, t, s in zip(indices, tops, lefts, strict=True)])
-        clean = clean.float().div(255.0)  # (B, 3, size, size)
+        clean = clean.float().div(255.0)  # (B, C, size, size)
         return {"degraded": degrade(clean, cfg.model, generator), "clean": clean}
 
     return batch_fn
@@ -64,9 +66,22 @@ def restore_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return F.l1_loss(model(batch["degraded"]), batch["clean"])
 
 
+def fit_to_data(cfg: TrainRestoreConfig, patches: torch.Tensor) -> TrainRestoreConfig:
+    """The config for these patches: the model takes their channel layout, and crops no larger than them."""
+    side = min(patches.shape[-2], patches.shape[-1]) // cfg.model.scale * cfg.model.scale
+    crop = cfg.crop_size
+    if side < crop:
+        if side < 2 * cfg.model.scale:
+            raise ConfigError(f"restore patches are {side} px a side: too small to train on; raise augment.restore.patch_size")
+        log.warning("train_restore.crop_size=%d is larger than the %d px patches: training on %d px crops", crop, side, side)
+        crop = side
+    return replace(cfg, model=replace(cfg.model, channels=int(patches.shape[1])), crop_size=crop)
+
+
 def restore_job(cfg: TrainRestoreConfig, features_dir: Path) -> TrainingJob:
     """The restorer's training job: L1 on degraded random crops of the training patches."""
-    patches = load_patches(features_dir / "train.safetensors", cfg.crop_size)
+    patches = load_patches(features_dir / "train.safetensors")
+    cfg = fit_to_data(cfg, patches)
     model = Restorer(cfg.model)
 
     def save(out_dir: Path, result: TrainResult) -> dict[str, Any]:
@@ -80,7 +95,10 @@ def restore_job(cfg: TrainRestoreConfig, features_dir: Path) -> TrainingJob:
         params={"model": asdict(cfg.model), "crop_size": cfg.crop_size},
         data_files=[features_dir / "train.safetensors"],
         save=save,
-        description=f"restorer ({cfg.model.task}, scale {cfg.model.scale}): {len(patches)} patches {tuple(patches.shape[1:])}",
+        description=(
+            f"restorer ({cfg.model.task}, scale {cfg.model.scale}, {'greyscale' if cfg.model.channels == 1 else 'RGB'}): "
+            f"{len(patches)} patches {tuple(patches.shape[1:])}"
+        ),
         items=lambda batch: len(batch["clean"]),
     )
 

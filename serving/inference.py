@@ -103,7 +103,11 @@ class ImageGenerator:
 
 
 class ImageRestorer:
-    """The restorer of models/restore, on whole uint8 (H, W, 3) images."""
+    """The restorer of models/restore, on whole uint8 (H, W) greyscale or (H, W, 3) colour images.
+
+    The answer has the upload's layout. A greyscale model restores a colour upload channel by channel (its
+    noise model is per channel); a colour model restores a greyscale upload as grey RGB and returns the grey.
+    """
 
     def __init__(self, folder: Path, device: torch.device) -> None:
         from components.restore_model import load_restorer
@@ -115,11 +119,22 @@ class ImageRestorer:
     def task(self) -> str:
         return self.model.cfg.task
 
+    @property
+    def channels(self) -> int:
+        return int(self.model.cfg.channels)
+
     def restore(self, pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float().div(255.0)[None].to(self.device)
+        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        x = torch.from_numpy(np.ascontiguousarray(chw)).float().div(255.0)  # (C, H, W)
+        if self.channels == 1:
+            batch = x[:, None]  # each channel its own greyscale image
+        else:
+            batch = (x if len(x) == 3 else x.expand(3, -1, -1))[None]
         with torch.inference_mode():
-            y = self.model(x).clamp(0, 1)
-        return (y[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            y = self.model(batch.to(self.device)).clamp(0, 1).cpu()
+        y = y[:, 0] if self.channels == 1 else (y[0] if len(x) == 3 else y[0].mean(dim=0, keepdim=True))
+        out = (y * 255).round().to(torch.uint8).numpy()  # (C, H', W')
+        return out[0] if pixels.ndim == 2 else out.transpose(1, 2, 0)
 
 
 def png_bytes(pixels: np.ndarray, metadata: dict[str, str]) -> bytes:
@@ -141,12 +156,15 @@ class UploadError(ValueError):
 
 
 def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS, max_side: int = MAX_UPLOAD_SIDE) -> np.ndarray:
-    """uint8 (H, W, 3) pixels of an uploaded image, refusing corrupt files and decompression bombs.
+    """uint8 (H, W) greyscale or (H, W, 3) colour pixels of an upload (components.image_io.image_array),
+    refusing corrupt files and decompression bombs.
 
     The size comes from the header before any pixel is decoded, so a tiny file claiming a huge image
     costs nothing; Pillow's own bomb check is made an error too.
     """
     from PIL import Image
+
+    from components.image_io import image_array
 
     if not data:
         raise UploadError("image: the upload is empty")
@@ -156,7 +174,7 @@ def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS, max_side: in
             if width * height > max_pixels or max(width, height) > max_side:
                 raise UploadError(f"image: {width}x{height} is over the limit ({max_side} px a side, {max_pixels} pixels)")
             image.load()
-            return np.asarray(image.convert("RGB"))
+            return image_array(image)
     except UploadError:
         raise
     except Image.DecompressionBombError as err:

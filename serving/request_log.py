@@ -5,7 +5,8 @@ and counted, never the request); a background thread writes them as Parquet part
 `requests-<UTC time>-<n>.parquet`, one part per flush (every `flush_rows` rows or `flush_seconds`), keeping
 the newest `max_files` parts. Rows hold features (the same definitions as the `features` stage's drift
 reference, `components.feature_defs`), an output summary, latency and the model tag: never raw prompts,
-raw images or free-text attribute values.
+raw images or free-text attribute values. Which record attributes are logged (`attr_<key>` columns) comes
+from the served model's record schema: its categorical keys (components.records.infer_schema).
 """
 
 from __future__ import annotations
@@ -22,11 +23,7 @@ import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-# Attributes with free text (possibly personal data) are not logged; the categorical ones are.
-UNLOGGED_ATTRIBUTES = frozenset({"name"})
-LOGGED_ATTRIBUTES = ("category", "colour", "material", "price", "audience", "feature", "tone")
-
-LOG_SCHEMA = pa.schema(
+BASE_SCHEMA = pa.schema(
     [
         ("timestamp", pa.timestamp("ms", tz="UTC")),
         ("request_id", pa.string()),
@@ -41,7 +38,6 @@ LOG_SCHEMA = pa.schema(
         ("source_tokens", pa.int64()),
         ("num_attributes", pa.int64()),
         ("oov_share", pa.float64()),
-        *[(f"attr_{key}", pa.string()) for key in LOGGED_ATTRIBUTES],
         ("decoding", pa.string()),
         ("output_chars", pa.int64()),
         # image generation requests
@@ -57,14 +53,24 @@ LOG_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-COLUMNS = tuple(LOG_SCHEMA.names)
+BASE_COLUMNS = tuple(BASE_SCHEMA.names)
+
+
+def log_schema(attributes: tuple[str, ...] = ()) -> pa.Schema:
+    """The log's columns: the base ones, then `attr_<key>` for each logged record attribute."""
+    from components.feature_defs import attribute_column
+
+    return pa.schema([*BASE_SCHEMA, *[pa.field(attribute_column(key), pa.string()) for key in attributes]])
 
 
 class RequestLog:
     def __init__(
-        self, folder: Path, flush_rows: int = 256, flush_seconds: float = 5.0, max_files: int = 1000, max_queue: int = 100_000
-    ) -> None:
+        self, folder: Path, attributes: tuple[str, ...] = (), flush_rows: int = 256, flush_seconds: float = 5.0,
+        max_files: int = 1000, max_queue: int = 100_000,
+    ) -> None:  # fmt: skip
         self.folder = folder
+        self.schema = log_schema(attributes)
+        self.columns = tuple(self.schema.names)
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.max_files = max_files
@@ -76,7 +82,7 @@ class RequestLog:
 
     def log(self, row: dict[str, Any]) -> None:
         """Queue one row (unknown keys are an error in the caller, caught here as a bug, not at write time)."""
-        unknown = set(row) - set(COLUMNS)
+        unknown = set(row) - set(self.columns)
         if unknown:
             raise KeyError(f"request log has no column(s) {sorted(unknown)}")
         row.setdefault("timestamp", datetime.now(UTC))
@@ -116,7 +122,7 @@ class RequestLog:
         from components.tables import write_parquet_atomic
 
         try:
-            table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=LOG_SCHEMA)
+            table = pa.Table.from_pylist([{c: r.get(c) for c in self.columns} for r in rows], schema=self.schema)
             self._parts += 1
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             write_parquet_atomic(table, self.folder / f"requests-{stamp}-{self._parts:06d}.parquet")
@@ -127,14 +133,14 @@ class RequestLog:
             log.exception("could not write %d request log rows", len(rows))
 
 
-def text_log_fields(prompt: str, prompt_tokens: int, vocabulary: frozenset[str] | None = None) -> dict[str, Any]:
-    """The drift features of a text request, minus free-text attribute values."""
+def text_log_fields(
+    prompt: str, prompt_tokens: int, vocabulary: frozenset[str] | None = None, attributes: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The drift features of a text request: the logged (categorical) attributes, no free-text values."""
     from components.feature_defs import text_features
 
-    features = text_features(prompt, prompt_tokens, vocabulary=vocabulary)
-    row = {k: features[k] for k in ("source_chars", "source_tokens", "num_attributes", "oov_share")}
-    row.update({f"attr_{key}": features.get(f"attr_{key}") for key in LOGGED_ATTRIBUTES})
-    return row
+    features = text_features(prompt, prompt_tokens, vocabulary=vocabulary, attributes=attributes)
+    return {k: v for k, v in features.items() if k not in ("reference_chars", "reference_tokens")}
 
 
 def image_log_fields(pixels: Any) -> dict[str, Any]:

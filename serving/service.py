@@ -7,6 +7,11 @@ HTTP API (validation, auth, provenance, request log) and `Models` holds the prom
 `BentoModel` dependencies from the model store) with batchable inference methods; the gateway's concurrent
 requests reach `Models` as batches. Every bad request is a 4xx naming the field.
 
+The text API's `record` is built at start-up from the record schema saved with the served text model
+(`schema.json`, learned by the `features` stage): its fields are the training data's attribute keys, an
+unknown field is a 400 naming it, and a model trained on free prompts offers `prompt` only. A record is
+written as a source in the training data's own syntax (components.records).
+
 Environment: `AIGC_API_KEY` (when set, requests need `Authorization: Bearer <key>`; health endpoints and the
 docs stay open), `AIGC_TEXT_MODEL` / `AIGC_IMAGE_MODEL` / `AIGC_RESTORE_MODEL` (model-store tags, default
 `aigc-<family>:latest`), `AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks),
@@ -27,39 +32,75 @@ from typing import Annotated, Any, Literal
 import bentoml
 from annotated_types import Ge, Le
 from bentoml.exceptions import InvalidArgument
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from components.records import CATEGORICAL, PROMPT, SCHEMA_FILE, categorical_keys, check_schema, literal_keys, serialise
 from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, MAX_RESTORE_PIXELS, ImageRequest, TextRequest
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # uploads over this are refused with 413 before they are read
 MAX_PROMPT_CHARS = 2000
+MAX_FIELD_CHARS = 500
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/", "/static_content")
 BATCHING = os.environ.get("AIGC_BATCHING", "1") != "0"
 TEXT_TAG = os.environ.get("AIGC_TEXT_MODEL", "aigc-text:latest")
 IMAGE_TAG = os.environ.get("AIGC_IMAGE_MODEL", "aigc-image:latest")
 RESTORE_TAG = os.environ.get("AIGC_RESTORE_MODEL", "aigc-restore:latest")
-# The text dataset's attribute order: prompts are serialised the way the model saw its training sources.
-RECORD_FIELDS = ("name", "category", "colour", "material", "price", "audience", "feature", "tone")
 
 
-class ProductRecord(BaseModel):
-    """A structured source record: the fields of the training data (at least one), nothing else."""
+def served_schema(tag: str) -> dict[str, Any]:
+    """The record schema saved with the text model `tag`; a prompt-only schema when the model has none."""
+    try:
+        folder = Path(bentoml.models.get(tag).path)
+    except bentoml.exceptions.NotFound:
+        return {"syntax": PROMPT, "keys": {}}  # the service cannot start without the model anyway
+    path = folder / SCHEMA_FILE
+    if not path.is_file():
+        return {"syntax": PROMPT, "keys": {}}
+    return check_schema(json.loads(path.read_text(encoding="utf-8")), f"{tag} {SCHEMA_FILE}")
+
+
+class RecordBase(BaseModel):
+    """A structured source: the training data's attribute keys (at least one set), nothing else."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, max_length=200)
-    category: str | None = Field(None, max_length=100)
-    colour: str | None = Field(None, max_length=100)
-    material: str | None = Field(None, max_length=100)
-    price: str | None = Field(None, max_length=100)
-    audience: str | None = Field(None, max_length=100)
-    feature: str | None = Field(None, max_length=200)
-    tone: str | None = Field(None, max_length=100)
 
-    def to_prompt(self) -> str:
-        from components.records import serialise
+    def to_prompt(self, schema: dict[str, Any]) -> str:
+        """The record as a source in the training syntax, keys in the training order, whitespace collapsed."""
+        values = self.model_dump(by_alias=True, exclude_none=True)
+        pairs = [(key, " ".join(values[key].split())) for key in schema["keys"] if values.get(key, "").strip()]
+        return serialise(pairs, schema["syntax"], literal_keys(schema)) if pairs else ""
 
-        values = {key: getattr(self, key) for key in RECORD_FIELDS if getattr(self, key)}
-        return serialise({k: " ".join(v.split()) for k, v in values.items()})
+
+def record_model(schema: dict[str, Any]) -> type[RecordBase] | None:
+    """The request model of a schema's records (None for free-prompt data): one optional string per key,
+    under the key's own name (an alias, so keys need not be Python names), described from the schema."""
+    if schema["syntax"] == PROMPT or not schema["keys"]:
+        return None
+    fields: dict[str, Any] = {}
+    for index, (key, entry) in enumerate(schema["keys"].items()):
+        if entry.get("kind") == CATEGORICAL:
+            seen = list(entry.get("values", {}))
+            description = f"categorical: {entry['distinct']} values in training, most often {', '.join(seen[:5])}"
+            examples = seen[:3]
+        else:
+            description, examples = f"free text ({entry.get('distinct', 0)} distinct values in training)", None
+        fields[f"field_{index}"] = (
+            str | None,
+            Field(None, alias=key, max_length=MAX_FIELD_CHARS, description=description, examples=examples),
+        )
+    return create_model("TextRecord", __base__=RecordBase, **fields)
+
+
+TEXT_SCHEMA = served_schema(TEXT_TAG)
+TextRecord = record_model(TEXT_SCHEMA)
+LOGGED_ATTRIBUTES = tuple(categorical_keys(TEXT_SCHEMA))
+Decoding = Literal["greedy", "beam", "nucleus"]
+Temperature = Annotated[float, Ge(0.05), Le(2.0)]
+TopP = Annotated[float, Ge(0.05), Le(1.0)]
+NumBeams = Annotated[int, Ge(1), Le(8)]
+MaxNewTokens = Annotated[int, Ge(1), Le(MAX_NEW_TOKENS)]
+Seed = Annotated[int, Ge(0), Le(2**31 - 1)]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class TextResult(BaseModel):
@@ -207,6 +248,7 @@ class Gateway:
         )
         self.log = RequestLog(
             Path(os.environ.get("AIGC_REQUEST_LOG", "monitoring/logs")),
+            attributes=LOGGED_ATTRIBUTES,
             flush_seconds=float(os.environ.get("AIGC_REQUEST_LOG_FLUSH_SECONDS", "5")),
         )
         self._described: dict[str, Any] | None = None
@@ -244,26 +286,51 @@ class Gateway:
         ctx.response.headers["x-seed"] = str(seed)
         ctx.response.headers["x-request-id"] = request_id
 
-    @bentoml.api
-    async def generate_text(
-        self,
-        ctx: bentoml.Context,
-        record: ProductRecord | None = None,
-        prompt: Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)] = None,
-        decoding: Literal["greedy", "beam", "nucleus"] = "greedy",
-        temperature: Annotated[float, Ge(0.05), Le(2.0)] = 1.0,
-        top_p: Annotated[float, Ge(0.05), Le(1.0)] = 0.9,
-        num_beams: Annotated[int, Ge(1), Le(8)] = 4,
-        max_new_tokens: Annotated[int, Ge(1), Le(MAX_NEW_TOKENS)] = 64,
-        seed: Annotated[int, Ge(0), Le(2**31 - 1)] = 0,
-    ) -> TextResult:
-        """Copy for a product record (`record`) or a raw `prompt` (exactly one of them)."""
+    if TextRecord is not None:
+
+        @bentoml.api
+        async def generate_text(
+            self,
+            ctx: bentoml.Context,
+            record: TextRecord | None = None,  # type: ignore[valid-type]
+            prompt: Prompt | None = None,
+            decoding: Decoding = "greedy",
+            temperature: Temperature = 1.0,
+            top_p: TopP = 0.9,
+            num_beams: NumBeams = 4,
+            max_new_tokens: MaxNewTokens = 64,
+            seed: Seed = 0,
+        ) -> TextResult:
+            """Text for a structured `record` (the training data's fields) or a raw `prompt` (exactly one)."""
+            return await self._generate_text(ctx, record, prompt, decoding, temperature, top_p, num_beams, max_new_tokens, seed)
+
+    else:
+
+        @bentoml.api
+        async def generate_text(
+            self,
+            ctx: bentoml.Context,
+            prompt: Prompt,
+            decoding: Decoding = "greedy",
+            temperature: Temperature = 1.0,
+            top_p: TopP = 0.9,
+            num_beams: NumBeams = 4,
+            max_new_tokens: MaxNewTokens = 64,
+            seed: Seed = 0,
+        ) -> TextResult:
+            """Text for a `prompt` (the model was trained on free prompts, so there is no `record`)."""
+            return await self._generate_text(ctx, None, prompt, decoding, temperature, top_p, num_beams, max_new_tokens, seed)
+
+    async def _generate_text(
+        self, ctx: bentoml.Context, record: RecordBase | None, prompt: str | None, decoding: str, temperature: float,
+        top_p: float, num_beams: int, max_new_tokens: int, seed: int,
+    ) -> TextResult:  # fmt: skip
         from serving.request_log import text_log_fields
 
         start, request_id = time.perf_counter(), uuid.uuid4().hex
         if (record is None) == (prompt is None):
             raise InvalidArgument("record, prompt: give exactly one of them")
-        text = record.to_prompt() if record is not None else " ".join(prompt.split())  # type: ignore[union-attr]
+        text = record.to_prompt(TEXT_SCHEMA) if record is not None else " ".join(prompt.split())  # type: ignore[union-attr]
         if not text:
             raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
         described = (await self._describe())["text"]
@@ -278,7 +345,8 @@ class Gateway:
         self.log.log({
             "request_id": request_id, "endpoint": "generate_text", "status": 200, "model_tag": described["tag"],
             "params_hash": described.get("params_hash"), "seed": seed, "decoding": decoding, "output_chars": len(output),
-            "latency_ms": (time.perf_counter() - start) * 1000, **text_log_fields(text, tokens, self.vocabulary),
+            "latency_ms": (time.perf_counter() - start) * 1000,
+            **text_log_fields(text, tokens, self.vocabulary, LOGGED_ATTRIBUTES),
         })  # fmt: skip
         return TextResult(text=output, model=described["tag"], seed=seed, decoding=decoding)
 
@@ -288,7 +356,7 @@ class Gateway:
         ctx: bentoml.Context,
         label: Annotated[str, Field(min_length=1, max_length=100)],
         n: Annotated[int, Ge(1), Le(MAX_IMAGES)] = 1,
-        seed: Annotated[int, Ge(0), Le(2**31 - 1)] = 0,
+        seed: Seed = 0,
     ) -> ImageResult:
         """`n` images of class `label` (one of the trained labels) as base64 PNGs."""
         start, request_id = time.perf_counter(), uuid.uuid4().hex

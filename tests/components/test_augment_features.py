@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -16,7 +17,7 @@ from tokenizers import Tokenizer
 from components import augment, features
 from components.common import ConfigError
 from components.image_io import decode_image
-from components.records import parse_source
+from components.records import BRACKET, JSON, PIPE, categorical_keys, parse_source, serialise
 from components.text_model import SPECIAL_TOKENS
 from tests.conftest import run_data_stages, section, shrink
 
@@ -50,9 +51,28 @@ def test_text_augmentation_shuffles_attributes_of_train_rows_only(clean_dir: Pat
     for row in extra.to_pylist():
         original = originals[row["augmented_from"]]
         assert row["split"] == "train" and row["reference"] == original["reference"]
-        assert parse_source(row["source"]) == parse_source(original["source"])
+        shuffled, source = parse_source(row["source"]), parse_source(original["source"])
+        assert shuffled is not None and source is not None and sorted(shuffled.pairs) == sorted(source.pairs)
         reordered += row["source"] != original["source"]
     assert reordered > extra.num_rows // 2
+
+
+@pytest.mark.parametrize("syntax", [BRACKET, JSON, PIPE])
+def test_text_augmentation_keeps_each_syntax_and_skips_free_prompts(syntax: str, caplog: pytest.LogCaptureFixture) -> None:
+    pairs = [("name", "Blue, Red [XL]"), ("eat type", "pub"), ("price", "12")]
+    sources = [serialise(pairs, syntax), "write about a pub", serialise(pairs[:1], syntax)]
+    table = pa.table(
+        {"record_id": ["a", "b", "c"], "source": sources, "reference": ["x", "y", "z"], "split": ["train"] * 3}
+    )
+    with caplog.at_level("INFO"):
+        extra = augment.augment_text(table, copies=3, seed=0)
+    assert extra.column("augmented_from").to_pylist() == ["a"] * 3  # no order to shuffle in a prompt or a single pair
+    for source in extra.column("source").to_pylist():
+        record = parse_source(source)
+        assert record is not None and record.syntax == syntax and sorted(record.pairs) == sorted(pairs)
+    assert "1 of 3 train sources are free prompts" in caplog.text
+    empty = augment.augment_text(table, copies=0, seed=0)
+    assert empty.num_rows == 0 and empty.schema.field("augmented_from").type == pa.string()
 
 
 def test_augmentation_is_seeded(clean_dir: Path, real_params: dict[str, Any], tmp_path: Path, augmented: Path) -> None:
@@ -137,8 +157,11 @@ def test_restore_arrays(feature_dir: Path, augmented: Path) -> None:
 
 
 def test_reference_tables_cover_every_clean_row(feature_dir: Path, clean_dir: Path) -> None:
+    schema = json.loads((feature_dir / "text" / "schema.json").read_text())
+    logged = {f"attr_{key}" for key in categorical_keys(schema)}
+    assert "attr_category" in logged and "attr_name" not in logged  # names are free text, categories repeat
     for name, columns in (
-        ("text", {"source_chars", "source_tokens", "num_attributes", "oov_share", "attr_category", "attr_tone"}),
+        ("text", {"source_chars", "source_tokens", "num_attributes", "oov_share", *logged}),
         ("images", {"label", "brightness", "contrast", "sharpness", "width", "height"}),
         ("restore", {"brightness", "contrast", "sharpness", "width", "height"}),
     ):

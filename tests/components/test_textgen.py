@@ -29,8 +29,9 @@ def test_each_record_has_distinct_references_that_name_it() -> None:
     assert len(by_record) == 200
     for index, references in by_record.items():
         assert len(set(references)) == 3, references
-        attributes = parse_source(sources[index])
-        assert attributes is not None
+        record = parse_source(sources[index])
+        assert record is not None
+        attributes = record.as_dict()
         for reference in references:
             assert attributes["name"] in reference
             assert attributes["colour"] in reference
@@ -49,6 +50,7 @@ def test_articles_agree_with_the_colour() -> None:
 
 def test_serialise_and_parse_round_trip_and_free_text_is_not_a_record() -> None:
     attributes = {"name": "Nova Air", "colour": "sage", "tone": "minimal"}
-    assert parse_source(serialise(attributes)) == attributes
+    record = parse_source(serialise(attributes))
+    assert record is not None and record.as_dict() == attributes
     assert parse_source("write an ad for a lamp") is None
     assert parse_source("name: a | name: b") is None  # repeated key

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from serving.inference import TextRequest, UploadError, decode_upload, png_bytes
-from serving.request_log import COLUMNS, RequestLog, text_log_fields
+from serving.request_log import BASE_COLUMNS, RequestLog, log_schema, text_log_fields
 
 
 def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -23,9 +23,12 @@ def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def test_uploads_decode_to_rgb_and_bad_ones_are_refused_with_the_reason() -> None:
+def test_uploads_keep_their_layout_and_bad_ones_are_refused_with_the_reason() -> None:
     grey = decode_upload(encoded(Image.new("L", (7, 5), 128)))
-    assert grey.shape == (5, 7, 3) and grey.dtype == np.uint8
+    assert grey.shape == (5, 7) and grey.dtype == np.uint8
+    assert decode_upload(encoded(Image.new("I;16", (7, 5), 65535))).max() == 255  # 16-bit scaled, not clipped
+    assert decode_upload(encoded(Image.new("RGBA", (7, 5), (1, 2, 3, 0)))).shape == (5, 7, 3)  # alpha dropped
+    assert decode_upload(encoded(Image.new("P", (7, 5)))).shape == (5, 7, 3)
     with pytest.raises(UploadError, match="the upload is empty"):
         decode_upload(b"")
     with pytest.raises(UploadError, match="not a readable image"):
@@ -61,13 +64,13 @@ def wait_for_rows(folder: Path, count: int) -> list[dict[str, object]]:
 
 
 def test_request_log_writes_parts_and_keeps_the_newest(tmp_path: Path) -> None:
-    log = RequestLog(tmp_path, flush_rows=2, flush_seconds=60, max_files=2)
+    log = RequestLog(tmp_path, attributes=("size",), flush_rows=2, flush_seconds=60, max_files=2)
     for i in range(6):
         log.log({"request_id": str(i), "endpoint": "generate_image", "status": 200, "images": 1})
     log.close()
     parts = sorted(tmp_path.glob("requests-*.parquet"))
     assert len(parts) == 2  # three parts written, the oldest pruned
-    assert tuple(pq.read_schema(parts[0]).names) == COLUMNS
+    assert tuple(pq.read_schema(parts[0]).names) == (*BASE_COLUMNS, "attr_size")
     assert [r["request_id"] for r in wait_for_rows(tmp_path, 4)] == ["2", "3", "4", "5"]
 
 
@@ -82,10 +85,15 @@ def test_request_log_never_blocks_and_counts_what_it_drops(tmp_path: Path) -> No
         log.log({"prompt": "raw text must never be logged"})
 
 
-def test_text_log_fields_drop_free_text_attributes() -> None:
-    row = text_log_fields("name: Jane Doe | colour: red | tone: minimal", 9)
-    assert row["attr_colour"] == "red" and row["num_attributes"] == 3 and row["source_tokens"] == 9
+@pytest.mark.parametrize(
+    "source", ["name: Jane Doe | shade: red | mood: calm", "name[Jane Doe], shade[red], mood[calm]",
+               '{"name": "Jane Doe", "shade": "red", "mood": "calm"}'],
+)  # fmt: skip
+def test_text_log_fields_keep_only_the_logged_attributes(source: str) -> None:
+    row = text_log_fields(source, 9, attributes=("shade", "mood", "size"))
+    assert row["attr_shade"] == "red" and row["attr_size"] is None and row["num_attributes"] == 3 and row["source_tokens"] == 9
     assert "Jane Doe" not in map(str, row.values())
+    assert set(row) <= set(log_schema(("shade", "mood", "size")).names)
 
 
 def test_serving_code_imports_no_orchestration_library() -> None:

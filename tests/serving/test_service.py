@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from serving.request_log import COLUMNS
+from components.records import SCHEMA_FILE, categorical_keys
+from serving.request_log import log_schema
 from tests.conftest import REPO_ROOT
 from tests.serving.conftest import Server, receipt, service_env, start_server, stop_server
 
@@ -189,7 +190,7 @@ def test_corrupt_and_oversized_uploads_are_400(server: Server) -> None:
 # --- request log --------------------------------------------------------------------------------------------
 
 
-def test_requests_are_logged_with_the_documented_columns_and_no_raw_text(server: Server) -> None:
+def test_requests_are_logged_with_the_documented_columns_and_no_raw_text(server: Server, tiny_models: Path) -> None:
     post(server, "generate_text", json={"record": RECORD})
     post(server, "generate_image", json={"label": "2"})
     post(server, "restore_image", files={"image": ("p.png", upload(), "image/png")})
@@ -202,7 +203,10 @@ def test_requests_are_logged_with_the_documented_columns_and_no_raw_text(server:
             break
         time.sleep(0.3)
     assert {"generate_text", "generate_image", "restore_image"} <= {r["endpoint"] for r in rows}
-    assert tuple(pq.read_schema(sorted(server.log_dir.glob("requests-*.parquet"))[0]).names) == COLUMNS
+    logged_keys = categorical_keys(json.loads((tiny_models / "text" / SCHEMA_FILE).read_text()))
+    assert "name" not in logged_keys and "colour" in logged_keys  # free text (names) is never logged
+    columns = tuple(pq.read_schema(sorted(server.log_dir.glob("requests-*.parquet"))[0]).names)
+    assert columns == tuple(log_schema(tuple(logged_keys)).names)
     text_row = next(r for r in rows if r["endpoint"] == "generate_text")
     assert text_row["attr_colour"] == "amber" and text_row["num_attributes"] == 4 and text_row["latency_ms"] > 0
     assert 0.0 <= text_row["oov_share"] <= 1.0  # measured against the model folder's vocabulary.json
