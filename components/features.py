@@ -28,7 +28,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.common import SPLITS, DataError, load_params, require, run_main, write_json
-from components.feature_defs import IMAGE_FEATURE_COLUMNS, REFERENCE_DIR, TEXT_FEATURE_COLUMNS, attribute_column, image_features, text_features, words
+from components.feature_defs import (
+    IMAGE_FEATURE_COLUMNS,
+    REFERENCE_DIR,
+    TEXT_FEATURE_COLUMNS,
+    attribute_column,
+    image_features,
+    text_features,
+    words,
+)
 from components.image_io import channel_layout, decode_image, to_layout
 from components.records import SCHEMA_FILE, categorical_keys, infer_schema
 from components.tables import write_parquet_atomic
@@ -57,7 +65,9 @@ class FeaturesConfig:
 
 
 CONFIG = FeaturesConfig
-IMAGE_REFERENCE_COLUMNS = [("record_id", pa.string()), ("split", pa.string())] + [(c, pa.float64()) for c in IMAGE_FEATURE_COLUMNS]
+IMAGE_REFERENCE_COLUMNS = [("record_id", pa.string()), ("split", pa.string())] + [
+    (c, pa.float64()) for c in IMAGE_FEATURE_COLUMNS
+]
 
 
 def save_arrays(arrays: dict[str, np.ndarray], path: Path, meta: dict[str, Any]) -> None:

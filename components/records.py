@@ -244,6 +244,10 @@ def literal_keys(schema: dict[str, Any]) -> frozenset[str]:
 
 def check_schema(schema: Any, where: str) -> dict[str, Any]:
     """A loaded schema, checked enough that its users can index it; ValueError naming `where` otherwise."""
-    if not isinstance(schema, dict) or schema.get("syntax") not in (*SYNTAXES, PROMPT) or not isinstance(schema.get("keys"), dict):
+    if (
+        not isinstance(schema, dict)
+        or schema.get("syntax") not in (*SYNTAXES, PROMPT)
+        or not isinstance(schema.get("keys"), dict)
+    ):
         raise ValueError(f"{where}: not a record schema (needs 'syntax' in {[*SYNTAXES, PROMPT]} and a 'keys' object)")
     return schema

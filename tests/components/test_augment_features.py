@@ -61,9 +61,7 @@ def test_text_augmentation_shuffles_attributes_of_train_rows_only(clean_dir: Pat
 def test_text_augmentation_keeps_each_syntax_and_skips_free_prompts(syntax: str, caplog: pytest.LogCaptureFixture) -> None:
     pairs = [("name", "Blue, Red [XL]"), ("eat type", "pub"), ("price", "12")]
     sources = [serialise(pairs, syntax), "write about a pub", serialise(pairs[:1], syntax)]
-    table = pa.table(
-        {"record_id": ["a", "b", "c"], "source": sources, "reference": ["x", "y", "z"], "split": ["train"] * 3}
-    )
+    table = pa.table({"record_id": ["a", "b", "c"], "source": sources, "reference": ["x", "y", "z"], "split": ["train"] * 3})
     with caplog.at_level("INFO"):
         extra = augment.augment_text(table, copies=3, seed=0)
     assert extra.column("augmented_from").to_pylist() == ["a"] * 3  # no order to shuffle in a prompt or a single pair

@@ -50,7 +50,13 @@ def test_csv_jsonl_and_parquet_folder_with_custom_columns(tiny_params: dict[str,
     table = ingest_text(text_cfg(tiny_params, folder, source_column="prompt", reference_column="copy"), tmp_path / "t.parquet")
 
     rows = table.to_pylist()
-    assert [r["source"] for r in rows] == ["name: A | colour: red", "x", "c", '{"name": "B", "colour": "blue"}', "p"]  # a JSON object stays JSON
+    assert [r["source"] for r in rows] == [
+        "name: A | colour: red",
+        "x",
+        "c",
+        '{"name": "B", "colour": "blue"}',
+        "p",
+    ]  # a JSON object stays JSON
     assert rows[0]["reference"] == "Red A, with a comma" and rows[4]["reference"] == "3"
     assert {r["origin"] for r in rows} == {"a.csv", "c.parquet", "more/b.jsonl"}
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # source untouched

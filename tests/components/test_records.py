@@ -29,7 +29,7 @@ def test_pipe_syntax() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["a, b", "a|b", "a | b", "x: y", "[draft]", "say \"hi\"", "it's", "a [b] c", "50% off, [new] | 2:1 \"x\""],
+    ["a, b", "a|b", "a | b", "x: y", "[draft]", 'say "hi"', "it's", "a [b] c", '50% off, [new] | 2:1 "x"'],
 )
 @pytest.mark.parametrize("syntax", [PIPE, BRACKET, JSON])
 def test_awkward_values_round_trip(syntax: str, value: str) -> None:

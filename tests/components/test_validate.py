@@ -94,7 +94,9 @@ def test_bad_text_row_is_quarantined_with_its_expectation(
 ) -> None:
     raw = text_table([GOOD, row, ('{"name": "Nova Air", "colour": "sage"}', GOOD[1]), ("name[Nova Air]", GOOD[1])])
     rules = validate.TextRules(**{**cfg.text.__dict__, "allowed_attributes": ("name", "colour")})
-    valid, quarantine, report = run("text", raw, validate.text_expectations(rules), tmp_path, validate.text_derived_columns(rules))
+    valid, quarantine, report = run(
+        "text", raw, validate.text_expectations(rules), tmp_path, validate.text_derived_columns(rules)
+    )
     check_accounting(valid, quarantine, report, 4)
     assert quarantine.num_rows == 1
     assert expectation in quarantined_reason(quarantine, "f.csv:2")

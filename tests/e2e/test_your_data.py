@@ -1,0 +1,145 @@
+"""The conformance matrix: the whole `dvc repro` on data of several shapes the tests build themselves.
+
+Each case points `params.yaml` at its own corpus (CSV / JSONL / Parquet; `key: value |`, `key[value]`, JSON
+and free-prompt sources; several references per source), its own image class folders (greyscale 16x16 PNG
+or RGB 48x48 JPEG, classes of uneven size) and its own photographs (one, or several greyscale ones), with
+augmentation on or off, and runs the real pipeline to the packaged Bento. Nothing here uses the demo data.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from components.records import BRACKET, JSON, PIPE, PROMPT, parse_source
+from tests.conftest import STAGES, copy_repo, shrink, venv_env
+from tests.user_data import corpus, write_image_classes, write_photos, write_text
+
+
+@dataclass(frozen=True)
+class Case:
+    syntax: str  # a components.records syntax, or PROMPT
+    text_format: str  # csv | jsonl | parquet
+    images: str  # grey16 | rgb48
+    photos: str  # one | many
+    augment: bool
+
+
+def case_params(params: dict[str, Any], case: Case, data: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    tiny = shrink(params)
+    rows = corpus(case.syntax)
+    text = write_text(rows, case.text_format, data / "text", case.syntax)
+    images, n_images = write_image_classes(case.images, data / "images")
+    photos, n_photos = write_photos(case.photos, data / "photos")
+    tiny["ingest"]["text"].update(path=str(text), source_column="mr", reference_column="ref")
+    tiny["ingest"]["images"]["path"] = str(images)
+    tiny["ingest"]["restore"]["path"] = str(photos)
+    tiny["augment"]["enabled"] = case.augment
+    tiny["evaluate_image"].update(kid_subset_size=4)
+    return tiny, {"text": len(rows), "images": n_images, "restore": n_photos}
+
+
+def run_repro(repo: Path) -> subprocess.CompletedProcess[str]:
+    env = {**venv_env(), "BENTOML_HOME": str(repo / ".bentoml")}
+    return subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+
+
+def openapi_record_fields(repo: Path) -> set[str] | None:
+    """The `record` fields of the packaged service's OpenAPI spec (None when it has no `record`)."""
+    receipt = json.loads((repo / "models" / "bento.json").read_text())
+    code = "import json; from serving.service import Gateway; print(json.dumps(Gateway.openapi_spec.asdict()))"
+    env = {**venv_env(), "BENTOML_HOME": str(repo / ".bentoml"), "AIGC_TEXT_MODEL": receipt["models"]["text"]}
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    spec = json.loads(out.stdout.strip().splitlines()[-1])
+    body = spec["paths"]["/generate_text"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    if "record" not in body["properties"]:
+        return None
+    ref = json.dumps(body["properties"]["record"])
+    (record_name,) = [name for name in spec["components"]["schemas"] if f'"#/components/schemas/{name}"' in ref]
+    return set(spec["components"]["schemas"][record_name]["properties"])
+
+
+def check_case(repo: Path, case: Case, rows_in: dict[str, int]) -> None:
+    result = run_repro(repo)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in result.stdout, stage
+    assert "Traceback" not in result.stdout + result.stderr
+
+    for metrics in ("data", "text", "image", "restore"):
+        assert (repo / "metrics" / f"{metrics}.json").is_file(), metrics
+    data = json.loads((repo / "metrics" / "data.json").read_text())
+    for name, count in rows_in.items():
+        numbers = data[name]
+        assert numbers["rows_in"] == count, name
+        # Every row is accounted for: kept, quarantined or removed (with its reason) by clean.
+        out = numbers["rows_clean"] + numbers["rows_quarantined"] + numbers["duplicates_removed"] + numbers["emptied_by_cleaning"]
+        assert out == count, (name, numbers)
+    assert data["restore"]["split_by"] == ("band" if case.photos == "one" else "image")
+
+    schema = json.loads((repo / "data" / "features" / "text" / "schema.json").read_text())
+    assert schema == json.loads((repo / "models" / "text" / "schema.json").read_text())  # travels with the model
+    assert schema["syntax"] == case.syntax
+    expected_keys = set() if case.syntax == PROMPT else {"venue", "cuisine", "area", "price range", "note"}
+    assert set(schema["keys"]) == expected_keys
+    if expected_keys:
+        kinds = {key: entry["kind"] for key, entry in schema["keys"].items()}
+        assert kinds["venue"] == "free_text" and kinds["cuisine"] == kinds["area"] == "categorical"
+    augmented = pq.read_table(repo / "data" / "augmented" / "text.parquet")
+    assert (augmented.num_rows > 0) == (case.augment and case.syntax != PROMPT)
+    for source in augmented.column("source").to_pylist():
+        record = parse_source(source)
+        assert record is not None and record.syntax == case.syntax
+
+    restore = json.loads((repo / "metrics" / "restore.json").read_text())
+    assert restore["layout"] == ("greyscale" if case.photos == "many" else "rgb")
+    image_meta = json.loads((repo / "data" / "features" / "images" / "meta.json").read_text())
+    assert image_meta["label_names"] == ["eel", "fox", "owl"]
+    assert image_meta["channels"] == (1 if case.images == "grey16" else 3)
+
+    fields = openapi_record_fields(repo)
+    assert fields == (None if case.syntax == PROMPT else expected_keys)
+
+
+CASES = {
+    "pipe-csv-grey16-one-photo-augmented": Case(PIPE, "csv", "grey16", "one", True),
+    "bracket-jsonl-rgb48-grey-photos-plain": Case(BRACKET, "jsonl", "rgb48", "many", False),
+    "json-jsonl-grey16-grey-photos-augmented": Case(JSON, "jsonl", "grey16", "many", True),
+    "prompt-parquet-rgb48-one-photo-augmented": Case(PROMPT, "parquet", "rgb48", "one", True),
+}
+SLOW_CASES = {
+    "bracket-parquet-grey16-one-photo-augmented": Case(BRACKET, "parquet", "grey16", "one", True),
+    "json-csv-rgb48-one-photo-plain": Case(JSON, "csv", "rgb48", "one", False),
+    "pipe-jsonl-rgb48-grey-photos-plain": Case(PIPE, "jsonl", "rgb48", "many", False),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=name) for name, c in CASES.items()]
+    + [pytest.param(c, id=name, marks=pytest.mark.slow) for name, c in SLOW_CASES.items()],
+)
+def test_dvc_repro_runs_end_to_end_on_the_users_data(case: Case, tmp_path: Path, real_params: dict[str, Any]) -> None:
+    params, rows_in = case_params(real_params, case, tmp_path / "data")
+    repo = copy_repo(tmp_path / "repo", params)
+    check_case(repo, case, rows_in)
+
+
+def test_a_bad_source_column_is_one_clear_line(tmp_path: Path, real_params: dict[str, Any]) -> None:
+    params, _ = case_params(real_params, Case(BRACKET, "csv", "grey16", "many", True), tmp_path / "data")
+    params["ingest"]["text"]["source_column"] = "meaning_representation"
+    repo = copy_repo(tmp_path / "repo", params)
+    env = {**venv_env(), "BENTOML_HOME": str(repo / ".bentoml")}
+    run = subprocess.run(["dvc", "repro", "ingest"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    output = run.stdout + run.stderr
+    assert "source column 'meaning_representation'" in output and "the file has columns ['mr', 'ref']" in output
+    assert "Traceback" not in output
