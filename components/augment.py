@@ -3,11 +3,12 @@
 - text: copies of each train row whose source is a record (any syntax of components.records) with its
   attributes in a shuffled order, in the same syntax (same reference), so the model learns that attribute
   order carries no meaning; free prompts get no copies (said once in the log);
-- images: flips, small rotations, crops and colour jitter with torchvision transforms v2;
+- images: flips, small rotations, crops and brightness / contrast jitter with torchvision transforms v2;
 - restore: random patches (with flips / 90-degree turns) of the train photographs.
 
 Writes only the new rows (`<out>/text.parquet`, `<out>/images.parquet`, `<out>/restore_patches.parquet`);
-with `augment.enabled: false` the files exist and are empty, so the DAG shape never changes.
+with `augment.enabled: false` the text and image files exist and are empty, so the DAG shape never changes,
+and the restore patches (the restorer's training crops) are plain random crops, without flips or turns.
 """
 
 from __future__ import annotations
@@ -180,9 +181,10 @@ def augment_images(table: pa.Table, cfg: ImageAugment, seed: int) -> pa.Table:
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int) -> pa.Table:
-    """Random square patches of the train photos, randomly flipped / turned, in the dataset's channel layout
-    (greyscale when every photo is; else RGB). Patches are at most as large as the smallest train photo."""
+def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int, symmetries: bool = True) -> pa.Table:
+    """Random square patches of the train photos (randomly flipped / turned with `symmetries`), in the
+    dataset's channel layout (greyscale when every photo is; else RGB). Patches are at most as large as the
+    smallest train photo."""
     import torch
     from torchvision.transforms import v2
 
@@ -198,13 +200,14 @@ def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int)
             smallest, patch_size, smallest,
         )  # fmt: skip
         patch_size = smallest
-    transform = v2.Compose([v2.RandomCrop(patch_size), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
+    flips = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()] if symmetries else []
+    transform = v2.Compose([v2.RandomCrop(patch_size), *flips])
     out: list[dict[str, Any]] = []
     for row in rows:
         image = torch.from_numpy(to_layout(decode_image(row["image"]), channels))
         for index in range(per_image):
             patch = transform(image)
-            if torch.rand(()) < 0.5:
+            if symmetries and torch.rand(()) < 0.5:
                 patch = patch.transpose(1, 2)  # with the flips: all 8 square symmetries
             out.append(
                 {
@@ -227,7 +230,8 @@ def augment(cfg: AugmentConfig, clean_dir: Path, out_dir: Path) -> dict[str, int
     enabled = cfg.enabled
     text = augment_text(tables["text"], cfg.text_copies if enabled else 0, cfg.seed)
     images = augment_images(tables["images"], cfg.images if enabled else ImageAugment(0, False, 0, (1, 1), 0, 0), cfg.seed)
-    patches = restore_patches(tables["restore"], cfg.patch_size, cfg.patches_per_image if enabled else 0, cfg.seed)
+    # The restorer's training data are patches either way; disabled augmentation only drops their symmetries.
+    patches = restore_patches(tables["restore"], cfg.patch_size, cfg.patches_per_image, cfg.seed, symmetries=enabled)
     write_parquet_atomic(text, out_dir / "text.parquet")
     write_parquet_atomic(images, out_dir / "images.parquet")
     write_parquet_atomic(patches, out_dir / "restore_patches.parquet")

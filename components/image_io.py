@@ -95,7 +95,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-"""Pillow modes with one colour channel (alpha aside): they decode to greyscale, everything else to RGB."""
+"""Pillow modes with one intensity channel (alpha aside): they decode to greyscale, everything else to RGB."""
 
 
 def channel_layout(modes: Iterable[str | None]) -> int:
@@ -104,7 +104,7 @@ def channel_layout(modes: Iterable[str | None]) -> int:
 
 
 def to_layout(pixels: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 (H, W) or (H, W, 3) pixels as (C, H, W) with C = `channels` (grey replicated, or colour as luma)."""
+    """uint8 (H, W) or (H, W, 3) pixels as (C, H, W) with C = `channels` (grey replicated, or RGB as luma)."""
     if pixels.ndim == 3 and channels == 1:
         pixels = np.rint(pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
     if pixels.ndim == 2:
@@ -113,7 +113,7 @@ def to_layout(pixels: np.ndarray, channels: int) -> np.ndarray:
 
 
 def image_array(image: Any) -> np.ndarray:
-    """A loaded Pillow image as uint8 (H, W) for greyscale modes or (H, W, 3) for colour ones.
+    """A loaded Pillow image as uint8 (H, W) for greyscale modes or (H, W, 3) RGB for the others.
 
     Alpha is dropped, palettes expanded, and 16-bit / 32-bit greyscale scaled to 8 bits by its bit depth
     (Pillow's own conversion clips them at 255 instead).

@@ -103,10 +103,10 @@ class ImageGenerator:
 
 
 class ImageRestorer:
-    """The restorer of models/restore, on whole uint8 (H, W) greyscale or (H, W, 3) colour images.
+    """The restorer of models/restore, on whole uint8 (H, W) greyscale or (H, W, 3) RGB images.
 
-    The answer has the upload's layout. A greyscale model restores a colour upload channel by channel (its
-    noise model is per channel); a colour model restores a greyscale upload as grey RGB and returns the grey.
+    The answer has the upload's layout. A greyscale model restores an RGB upload channel by channel (its
+    noise model is per channel); an RGB model restores a greyscale upload as grey RGB and returns the grey.
     """
 
     def __init__(self, folder: Path, device: torch.device) -> None:
@@ -156,7 +156,7 @@ class UploadError(ValueError):
 
 
 def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS, max_side: int = MAX_UPLOAD_SIDE) -> np.ndarray:
-    """uint8 (H, W) greyscale or (H, W, 3) colour pixels of an upload (components.image_io.image_array),
+    """uint8 (H, W) greyscale or (H, W, 3) RGB pixels of an upload (components.image_io.image_array),
     refusing corrupt files and decompression bombs.
 
     The size comes from the header before any pixel is decoded, so a tiny file claiming a huge image

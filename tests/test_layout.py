@@ -8,6 +8,7 @@ rerun too much or too little.
 from __future__ import annotations
 
 import ast
+import re
 from functools import cache
 from pathlib import Path
 
@@ -118,3 +119,20 @@ def test_only_ingest_uses_the_demo_generator() -> None:
         if "components.textgen" in closure(m)
     }
     assert users == {"components.ingest"}
+
+
+def test_no_code_outside_the_demo_generator_names_a_demo_field() -> None:
+    from components.textgen import ATTRIBUTE_ORDER
+
+    # The demo's distinctive keys as words, and any demo key as a drift / log column.
+    distinctive = [key for key in ATTRIBUTE_ORDER if key not in ("name", "category", "price", "feature")]
+    pattern = re.compile(rf"\b({'|'.join(distinctive)})\b|attr_({'|'.join(ATTRIBUTE_ORDER)})\b")
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}"
+        for folder in ("components", "serving", "monitoring", "flows")
+        for path in sorted((REPO_ROOT / folder).rglob("*.py"))
+        if path.name != "textgen.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
