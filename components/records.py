@@ -192,7 +192,9 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
     """The record schema of a set of training sources (each distinct source once).
 
     - `syntax`: the most common syntax (`prompt` when no source is a record);
-    - `keys`: per key, in the order records usually list them: `rows` (records with the key), `distinct`
+    - `order`: the keys in the order records usually list them (mean relative position), which the service
+      writes prompts in (`keys` is an object: JSON writers may sort it);
+    - `keys`: per key: `rows` (records with the key), `distinct`
       values, `kind` (`categorical`: at most `max_categorical_values` distinct values that repeat, on
       average twice or more; else `free_text`), `values` (value counts, categorical keys only: free text
       such as names is not copied out of the data) and, for JSON, `literal` (values are JSON numbers etc.).
@@ -230,12 +232,18 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
         "syntax": syntax,
         "sources": total,
         "syntaxes": {name: syntaxes[name] for name in (*SYNTAXES, PROMPT) if syntaxes[name]},
+        "order": list(keys),
         "keys": keys,
     }
 
 
+def key_order(schema: dict[str, Any]) -> list[str]:
+    """The schema's keys in the order training records list them."""
+    return [key for key in schema.get("order", schema["keys"]) if key in schema["keys"]]
+
+
 def categorical_keys(schema: dict[str, Any]) -> list[str]:
-    return [key for key, entry in schema.get("keys", {}).items() if entry.get("kind") == CATEGORICAL]
+    return [key for key in key_order(schema) if schema["keys"][key].get("kind") == CATEGORICAL]
 
 
 def literal_keys(schema: dict[str, Any]) -> frozenset[str]:

@@ -34,7 +34,16 @@ from annotated_types import Ge, Le
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from components.records import CATEGORICAL, PROMPT, SCHEMA_FILE, categorical_keys, check_schema, literal_keys, serialise
+from components.records import (
+    CATEGORICAL,
+    PROMPT,
+    SCHEMA_FILE,
+    categorical_keys,
+    check_schema,
+    key_order,
+    literal_keys,
+    serialise,
+)
 from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, MAX_RESTORE_PIXELS, ImageRequest, TextRequest
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # uploads over this are refused with 413 before they are read
@@ -67,7 +76,7 @@ class RecordBase(BaseModel):
     def to_prompt(self, schema: dict[str, Any]) -> str:
         """The record as a source in the training syntax, keys in the training order, whitespace collapsed."""
         values = self.model_dump(by_alias=True, exclude_none=True)
-        pairs = [(key, " ".join(values[key].split())) for key in schema["keys"] if values.get(key, "").strip()]
+        pairs = [(key, " ".join(values[key].split())) for key in key_order(schema) if values.get(key, "").strip()]
         return serialise(pairs, schema["syntax"], literal_keys(schema)) if pairs else ""
 
 
@@ -77,7 +86,8 @@ def record_model(schema: dict[str, Any]) -> type[RecordBase] | None:
     if schema["syntax"] == PROMPT or not schema["keys"]:
         return None
     fields: dict[str, Any] = {}
-    for index, (key, entry) in enumerate(schema["keys"].items()):
+    for index, key in enumerate(key_order(schema)):
+        entry = schema["keys"][key]
         if entry.get("kind") == CATEGORICAL:
             seen = list(entry.get("values", {}))
             description = f"categorical: {entry['distinct']} values in training, most often {', '.join(seen[:5])}"

@@ -15,6 +15,7 @@ from components.records import (
     PROMPT,
     canonical_source,
     infer_schema,
+    key_order,
     parse_source,
     serialise,
     syntax_of,
@@ -106,7 +107,8 @@ def test_schema_is_learned_from_the_sources() -> None:
     schema = infer_schema(sources, max_categorical_values=10)
     assert schema["syntax"] == BRACKET
     assert schema["syntaxes"] == {BRACKET: 30, PROMPT: 1}
-    assert list(schema["keys"]) == ["name", "colour", "size"]  # the order records list them in
+    assert schema["order"] == ["name", "colour", "size"]  # the order records list them in
+    assert key_order(json.loads(json.dumps(schema, sort_keys=True))) == ["name", "colour", "size"]  # survives sorting
     assert schema["keys"]["name"] == {"rows": 30, "distinct": 30, "kind": FREE_TEXT}
     assert schema["keys"]["colour"] == {"rows": 30, "distinct": 2, "kind": CATEGORICAL, "values": {"blue": 15, "red": 15}}
     assert schema["keys"]["size"]["kind"] == CATEGORICAL

@@ -83,3 +83,46 @@ def test_a_stricter_test_threshold_flags_fewer_features(tiny_params: dict[str, A
     drifted = {name: sum(f["drifted"] for f in r.features) for name, r in default.items()}
     strict_drifted = {name: sum(f["drifted"] for f in r.features) for name, r in strict.items()}
     assert sum(strict_drifted.values()) < sum(drifted.values())
+
+
+def test_text_drift_tests_the_schemas_categorical_attributes_across_log_schemas(
+    tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from serving.request_log import RequestLog
+
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_features / "reference", reference)
+    rng = np.random.default_rng(0)
+    n = 300
+    pq.write_table(
+        pa.table(
+            {
+                "record_id": [str(i) for i in range(n)],
+                "split": ["train"] * n,
+                "source_chars": rng.integers(40, 80, n),
+                "source_tokens": rng.integers(10, 20, n),
+                "num_attributes": rng.integers(3, 5, n),
+                "oov_share": rng.random(n) * 0.1,
+                "reference_chars": rng.integers(40, 90, n),
+                "reference_tokens": rng.integers(10, 25, n),
+                "attr_cuisine": rng.choice(["Thai", "Italian", "French"], n),
+                "attr_price range": rng.choice(["cheap", "high"], n),
+            }
+        ),
+        reference / "text.parquet",
+    )
+    write_simulated_log(reference, tmp_path / "logs", 400, 1.0, seed=3)
+    # An older part, written by a model whose schema had other categorical keys.
+    old = RequestLog(tmp_path / "logs", attributes=("size",), flush_seconds=0.01)
+    old.log({"request_id": "old", "endpoint": "generate_text", "status": 200, "attr_size": "XL", "source_chars": 10})
+    old.close()
+    _, results = check_drift(config(tiny_params), tmp_path / "logs", reference, tmp_path / "reports")
+    tested = {f["feature"]: f["drifted"] for f in results["text"].features}
+    assert tested["attr_cuisine"] and tested["attr_price range"]  # every shifted row has an unseen value
+    assert "attr_size" not in tested and results["text"].rows == 401
