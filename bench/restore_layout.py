@@ -3,7 +3,7 @@
     python bench/restore_layout.py                 # 600 steps each, sigma 25, the default photos
     python bench/restore_layout.py --steps 1500 --sigma 50
 
-The default photographs are split as `clean` splits them; model `rgb` trains on the colour train photos
+The default photographs are split as `clean` splits them; model `rgb` trains on the RGB train photos
 (what the pipeline did before it learned the data's layout), model `grey` on greyscale versions of the same
 photos. Both are scored on the greyscale test photos with greyscale noise of the same seed: the `rgb` model
 gets the grey image in all three channels and its output's channel mean is scored. Prints one JSON object

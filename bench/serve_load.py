@@ -25,10 +25,26 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-BODIES = {
-    "generate_text": {"record": {"name": "Aurora", "colour": "amber", "tone": "playful"}, "max_new_tokens": 32},
-    "generate_image": {"label": "3", "n": 4},
-}
+ENDPOINTS = ("generate_text", "generate_image")
+BODIES: dict[str, dict[str, Any]] = {}
+
+
+def request_bodies(url: str, label: str | None) -> dict[str, dict[str, Any]]:
+    """A request per endpoint for the served models: a `record` of the schema's first three fields (their
+    most common training value, or a short text) or a `prompt`; a trained label (`label`, or the first)."""
+    spec = httpx.get(f"{url}/docs.json", timeout=30).json()
+    record = spec["components"]["schemas"].get("TextRecord")
+    if record:
+        fields = list(record["properties"].items())[:3]
+        text: dict[str, Any] = {"record": {name: (field.get("examples") or ["a test value"])[0] for name, field in fields}}
+    else:
+        text = {"prompt": "Write one sentence."}
+    if label is None:
+        import bentoml
+
+        folder = Path(bentoml.models.get(os.environ.get("AIGC_IMAGE_MODEL", "aigc-image:latest")).path)
+        label = json.loads((folder / "config.json").read_text(encoding="utf-8"))["label_names"][0]
+    return {"generate_text": {**text, "max_new_tokens": 32}, "generate_image": {"label": label, "n": 4}}
 
 
 async def load(url: str, endpoint: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -99,12 +115,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--endpoint", choices=[*BODIES, "both"], default="both")
+    parser.add_argument("--endpoint", choices=[*ENDPOINTS, "both"], default="both")
     parser.add_argument("--url", default=None, help="measure this running service instead of starting two")
+    parser.add_argument("--label", default=None, help="image label to request (default: the model's first)")
     args = parser.parse_args()
-    endpoints = list(BODIES) if args.endpoint == "both" else [args.endpoint]
+    endpoints = list(ENDPOINTS) if args.endpoint == "both" else [args.endpoint]
     results: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds}
     if args.url:
+        BODIES.update(request_bodies(args.url, args.label))
         for endpoint in endpoints:
             results[endpoint] = asyncio.run(load(args.url, endpoint, args.clients, args.seconds))
         print(json.dumps(results, indent=2))
@@ -112,6 +130,7 @@ def main() -> None:
     for batching in (False, True):
         process, url = serve(batching)
         try:
+            BODIES.update(request_bodies(url, args.label))
             for endpoint in endpoints:
                 asyncio.run(load(url, endpoint, 2, 2))  # warm-up, not reported
                 results.setdefault(endpoint, {})["batched" if batching else "unbatched"] = asyncio.run(

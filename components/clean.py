@@ -36,7 +36,7 @@ from components.common import (
     write_json,
 )
 from components.image_io import decode_image, encode_png
-from components.records import canonical_source
+from components.records import canonical_source, parse_source, serialise
 from components.tables import write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,33 @@ def normalise_text(values: pa.ChunkedArray | pa.Array, mask_pii: bool) -> pa.Arr
     return values
 
 
+def clean_sources(values: pa.ChunkedArray | pa.Array, mask_pii: bool) -> pa.Array:
+    """Each distinct source cleaned once. A record is cleaned value by value and written back in its own
+    syntax (one spelling per syntax: the service writes prompts the same way), so cleaning never breaks its
+    syntax (an `&quot;` inside a JSON string, a tag inside `key[...]`); pairs left empty are dropped. A free
+    prompt is cleaned as a whole."""
+    encoded = dictionary(values)
+    distinct = encoded.dictionary.to_pylist()
+    records = [parse_source(source) for source in distinct]
+    flat = [value for record in records if record is not None for _, value in record.pairs]
+    prompts = [i for i, record in enumerate(records) if record is None]
+
+    def cleaned(texts: list[str]) -> list[str]:
+        return normalise_text(pa.array(texts, pa.string()), mask_pii).to_pylist() if texts else []
+
+    cleaned_values = iter(cleaned(flat))
+    cleaned_prompts = cleaned([distinct[i] for i in prompts])
+    out: list[str | None] = [None] * len(distinct)
+    for i, record in enumerate(records):
+        if record is not None:
+            values = [next(cleaned_values) for _ in record.pairs]
+            pairs = [(key, value) for (key, _), value in zip(record.pairs, values, strict=True) if value]
+            out[i] = serialise(pairs, record.syntax, record.literal_keys) if pairs else ""
+    for i, prompt in zip(prompts, cleaned_prompts, strict=True):
+        out[i] = prompt
+    return pc.take(pa.array(out, pa.string()), encoded.indices)
+
+
 def near_duplicate_key(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """Case-folded text with everything but letters and digits removed: rows equal under it are near duplicates."""
     return pc.replace_substring_regex(pc.utf8_lower(values), r"[^\p{L}\p{N}]+", "")
@@ -158,9 +185,11 @@ def _removed(table: pa.Table, mask: np.ndarray, reason: str) -> pa.Table:
 
 def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
     """Clean, deduplicate and split the validated text rows."""
-    # Arrow kernels release the GIL: the two columns clean in parallel.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        source, reference = pool.map(lambda column: normalise_text(table.column(column), cfg.mask_pii), ["source", "reference"])
+    # Arrow kernels release the GIL: the references clean while the sources do.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        references = pool.submit(normalise_text, table.column("reference"), cfg.mask_pii)
+        source = clean_sources(table.column("source"), cfg.mask_pii)
+        reference = references.result()
     table = table.set_column(table.schema.get_field_index("source"), "source", source)
     table = table.set_column(table.schema.get_field_index("reference"), "reference", reference)
 
@@ -228,36 +257,48 @@ def clean_images(table: pa.Table, fractions: dict[str, float], seed: int) -> Cle
     return CleanResult(table, removed, counts)
 
 
-MIN_BAND = 16
-"""The narrowest band (pixels) band_split cuts for the train or test split."""
+MIN_BAND = 32
+"""The narrowest band (pixels) band_split cuts: room for a scale-4 border and SSIM's 11-pixel window."""
+
+
+def band_sizes(length: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Pixels of each split's band along a side of `length` (>= 2 * MIN_BAND): test and train get at least
+    MIN_BAND; a val band that would be narrower gives its pixels to test."""
+    test = max(round(length * fractions["test"]), MIN_BAND)
+    val = round(length * fractions["val"])
+    if val < MIN_BAND or length - test - val < MIN_BAND:
+        test, val = test + val, 0
+    train = length - test - val
+    if train < MIN_BAND:
+        train, test = MIN_BAND, length - MIN_BAND
+    return {"train": train, "val": val, "test": test}
 
 
 def band_split(result: CleanResult, fractions: dict[str, float]) -> CleanResult:
     """Too few photos for a train and a test photo: each photo is cut into disjoint bands along its longer
-    side, one band per split in the split fractions, so no test pixel is ever trained on (the splits still
-    share photos, which `split_by: band` in the data metrics says)."""
+    side, one band per split (sizes by the split fractions, see band_sizes), so no test pixel is ever
+    trained on (the splits still share photos, which `split_by: band` in the data metrics says)."""
     rows = []
-    named = [name for name in SPLITS if fractions[name] > 0]
     for row in result.kept.to_pylist():
         pixels = decode_image(row["image"])
         axis = 0 if pixels.shape[0] >= pixels.shape[1] else 1
-        length, start = pixels.shape[axis], 0
-        for name in named:
-            end = length if name == named[-1] else start + round(length * fractions[name])
-            band = pixels[start:end] if axis == 0 else pixels[:, start:end]
-            start = end
-            if min(band.shape[:2]) < MIN_BAND:
-                if name == "val":
-                    continue
-                raise DataError(
-                    f"restore: {result.kept.num_rows} photo(s) are too few to keep whole photos apart, and "
-                    f"{row['record_id']} ({pixels.shape[1]}x{pixels.shape[0]}) is too small to cut into a {name} band "
-                    f"of {MIN_BAND} px; add photos (at least 3) or larger ones"
-                )
+        length = pixels.shape[axis]
+        if length < 2 * MIN_BAND:
+            raise DataError(
+                f"restore: {result.kept.num_rows} photo(s) are too few to keep whole photos apart, and {row['record_id']} "
+                f"({pixels.shape[1]}x{pixels.shape[0]}) is under {2 * MIN_BAND} px along its longer side, too small to "
+                "cut into train and test bands; add photos (at least 3) or larger ones"
+            )
+        start = 0
+        for name, size in band_sizes(length, fractions).items():
+            if not size:
+                continue
+            band = pixels[start : start + size] if axis == 0 else pixels[:, start : start + size]
+            start += size
             rows.append({**row, "image": encode_png(np.ascontiguousarray(band)), "width": band.shape[1],
                          "height": band.shape[0], "mode": "L" if band.ndim == 2 else "RGB",
                          "channels": 1 if band.ndim == 2 else 3, "format": "PNG", "split": name})  # fmt: skip
-    log.warning("restore: %d photo(s), too few for whole-photo splits: each is cut into %s bands", result.kept.num_rows, named)
+    log.warning("restore: %d photo(s), too few for whole-photo splits: each is cut into bands", result.kept.num_rows)
     kept = pa.Table.from_pylist(rows, schema=result.kept.schema)
     return CleanResult(kept, result.removed, {**result.counts, "split_by": "band"})
 

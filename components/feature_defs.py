@@ -7,7 +7,7 @@ computes the same ones for live traffic. Keep them cheap and defined here once.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,9 @@ from components.records import parse_source
 REFERENCE_DIR = "reference"
 """Sub-folder of the features stage's output holding the drift reference tables (`<family>.parquet`)."""
 ATTRIBUTE_PREFIX = "attr_"
+OTHER_VALUE = "(other)"
+"""What an attribute column holds for a value training never saw: a name typed into a categorical field is
+never copied into the log, and a new value still shows up as drift."""
 TEXT_FEATURE_COLUMNS = ("source_chars", "source_tokens", "num_attributes", "oov_share", "reference_chars", "reference_tokens")
 WORD = re.compile(r"\w+")
 
@@ -46,11 +49,11 @@ def text_features(
     reference: str | None = None,
     reference_tokens: int | None = None,
     vocabulary: Collection[str] | None = None,
-    attributes: Collection[str] = (),
+    attributes: Mapping[str, Collection[str]] | None = None,
 ) -> dict[str, Any]:
     """Lengths, attribute count and (given the training vocabulary) the out-of-vocabulary share of one text
-    row; one `attr_<key>` column per key in `attributes` (the schema's categorical keys) holds its value,
-    None when the record lacks it."""
+    row; one `attr_<key>` column per key of `attributes` (the schema's categorical keys, with the values
+    training saw) holds its value, OTHER_VALUE for an unseen one, None when the record lacks the key."""
     record = parse_source(source)
     values = record.as_dict() if record is not None else {}
     row: dict[str, Any] = {
@@ -61,7 +64,9 @@ def text_features(
         "reference_chars": len(reference) if reference is not None else None,
         "reference_tokens": reference_tokens,
     }
-    row.update({attribute_column(key): values.get(key) for key in attributes})
+    for key, known in (attributes or {}).items():
+        value = values.get(key)
+        row[attribute_column(key)] = value if value is None or value in known else OTHER_VALUE
     return row
 
 

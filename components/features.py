@@ -38,7 +38,7 @@ from components.feature_defs import (
     words,
 )
 from components.image_io import channel_layout, decode_image, to_layout
-from components.records import SCHEMA_FILE, categorical_keys, infer_schema
+from components.records import SCHEMA_FILE, categorical_values, infer_schema
 from components.tables import write_parquet_atomic
 from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS, TOKENIZER_FILE, VOCABULARY_FILE
 
@@ -50,7 +50,7 @@ class FeaturesConfig:
     vocab_size: int
     min_frequency: int
     image_size: int
-    max_categorical_values: int = 50
+    max_categorical_values: int
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FeaturesConfig:
@@ -128,7 +128,7 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
     # Each distinct train source once: a source's several references must not weigh its values more.
     schema = infer_schema(dict.fromkeys(train.column("source").to_pylist()), cfg.max_categorical_values)
     write_json(schema, out / SCHEMA_FILE)
-    attributes = categorical_keys(schema)
+    attributes = categorical_values(schema)
     log.info(
         "text: %s sources; keys %s", schema["syntax"], {k: e["kind"] for k, e in schema["keys"].items()} or "none (free prompts)"
     )

@@ -29,12 +29,12 @@ SCHEMA_FILE = "schema.json"
 """The record schema learned by the `features` stage; it travels with the text model folder."""
 CATEGORICAL, FREE_TEXT = "categorical", "free_text"
 
-# A key is a short name: letters, digits, `_`, `-`, `.` and inner spaces ("customer rating"), starting with
-# a letter or `_`. Anything looser turns ordinary sentences with a colon into "records".
-KEY = r"[^\W\d][\w.\- ]{0,63}"
+# A key is a short name of at most three words ("customer rating"): letters, digits, `_`, `-` and `.`,
+# starting with a letter or `_`. Anything looser turns ordinary sentences with a colon into "records".
+KEY = r"[^\W\d][\w.\-]*(?: [\w.\-]+){0,2}"
+MAX_KEY_CHARS = 64
 _PIPE_FIELD = re.compile(rf"({KEY}): (.*)", re.DOTALL)
-_PIPE_SPLIT = re.compile(r"(?<!\\) \| ")
-_BRACKET_KEY = re.compile(rf"\s*({KEY}?)\s*\[")
+_BRACKET_KEY = re.compile(rf"\s*({KEY})\s*\[")
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,22 @@ class Record:
         return serialise([self.pairs[i] for i in order], self.syntax, self.literal_keys)
 
 
-def _unique(pairs: list[tuple[str, str]]) -> bool:
-    return len({key for key, _ in pairs}) == len(pairs)
+def _plausible(pairs: list[tuple[str, str]]) -> bool:
+    """Distinct keys of sane length, and not a lone multi-word "key" (`Translate this: ...` is a prompt)."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys) or any(len(key) > MAX_KEY_CHARS for key in keys):
+        return False
+    return len(pairs) > 1 or " " not in keys[0]
 
 
 def _parse_pipe(source: str) -> Record | None:
     pairs = []
-    for part in _PIPE_SPLIT.split(source):
+    for part in source.split(" | "):
         match = _PIPE_FIELD.fullmatch(part.strip())
         if match is None or not match.group(2).strip():
             return None
         pairs.append((match.group(1).strip(), match.group(2).strip().replace("\\|", "|")))
-    return Record(PIPE, tuple(pairs)) if pairs and _unique(pairs) else None
+    return Record(PIPE, tuple(pairs)) if pairs and _plausible(pairs) else None
 
 
 def _parse_bracket(source: str) -> Record | None:
@@ -76,9 +80,9 @@ def _parse_bracket(source: str) -> Record | None:
     i, n = 0, len(source)
     while True:
         match = _BRACKET_KEY.match(source, i)
-        if match is None or not match.group(1).strip():
+        if match is None:
             return None
-        key, i, depth, value = match.group(1).strip(), match.end(), 1, []
+        key, i, depth, value = match.group(1), match.end(), 1, []
         while i < n:
             char = source[i]
             if char == "\\" and i + 1 < n and source[i + 1] in "[]\\":
@@ -97,7 +101,7 @@ def _parse_bracket(source: str) -> Record | None:
         while i < n and source[i].isspace():
             i += 1
         if i == n:
-            return Record(BRACKET, tuple(pairs)) if _unique(pairs) else None
+            return Record(BRACKET, tuple(pairs)) if _plausible(pairs) else None
         if source[i] != ",":
             return None
         i += 1
@@ -112,13 +116,15 @@ def _parse_json(source: str) -> Record | None:
         return None
     pairs, literals = [], set()
     for key, value in data.items():
-        if not key.strip() or len(key) > 64 or not key.isprintable():
+        if not key.strip() or len(key) > MAX_KEY_CHARS or not key.isprintable():
             return None
         if isinstance(value, str):
             pairs.append((key.strip(), value.strip()))
         else:
             pairs.append((key.strip(), json.dumps(value, ensure_ascii=False, separators=(", ", ": "))))
             literals.add(key.strip())
+    if len({key for key, _ in pairs}) != len(pairs):  # keys equal once stripped
+        return None
     return Record(JSON, tuple(pairs), frozenset(literals))
 
 
@@ -191,7 +197,8 @@ def canonical_source(source: str) -> str:
 def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[str, Any]:
     """The record schema of a set of training sources (each distinct source once).
 
-    - `syntax`: the most common syntax (`prompt` when no source is a record);
+    - `syntax`: the most common syntax; `prompt` unless at least half the sources are records (a few
+      prompts that happen to read as `Note: ...` do not make a prompt dataset structured);
     - `order`: the keys in the order records usually list them (mean relative position), which the service
       writes prompts in (`keys` is an object: JSON writers may sort it);
     - `keys`: per key: `rows` (records with the key), `distinct`
@@ -216,7 +223,7 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
             positions[key].append(index / max(1, len(record.pairs) - 1))
             literal[key] += key in record.literal_keys
     structured = sum(n for name, n in syntaxes.items() if name != PROMPT)
-    syntax = max(SYNTAXES, key=lambda name: syntaxes[name]) if structured else PROMPT
+    syntax = max(SYNTAXES, key=lambda name: syntaxes[name]) if structured and 2 * structured >= total else PROMPT
     keys: dict[str, Any] = {}
     for key in sorted(values, key=lambda k: (sum(positions[k]) / len(positions[k]), k)):
         counts = values[key]
@@ -244,6 +251,11 @@ def key_order(schema: dict[str, Any]) -> list[str]:
 
 def categorical_keys(schema: dict[str, Any]) -> list[str]:
     return [key for key in key_order(schema) if schema["keys"][key].get("kind") == CATEGORICAL]
+
+
+def categorical_values(schema: dict[str, Any]) -> dict[str, frozenset[str]]:
+    """Each categorical key with the values training saw (what the log and the drift reference may hold)."""
+    return {key: frozenset(schema["keys"][key].get("values", {})) for key in categorical_keys(schema)}
 
 
 def literal_keys(schema: dict[str, Any]) -> frozenset[str]:

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,13 @@ class RequestLog:
 
 
 def text_log_fields(
-    prompt: str, prompt_tokens: int, vocabulary: frozenset[str] | None = None, attributes: tuple[str, ...] = ()
+    prompt: str,
+    prompt_tokens: int,
+    vocabulary: frozenset[str] | None = None,
+    attributes: Mapping[str, Collection[str]] | None = None,
 ) -> dict[str, Any]:
-    """The drift features of a text request: the logged (categorical) attributes, no free-text values."""
+    """The drift features of a text request: the categorical attributes (values training never saw as
+    `(other)`), no free-text values."""
     from components.feature_defs import text_features
 
     features = text_features(prompt, prompt_tokens, vocabulary=vocabulary, attributes=attributes)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import logging
 import os
 import time
 import uuid
@@ -32,13 +33,13 @@ from typing import Annotated, Any, Literal
 import bentoml
 from annotated_types import Ge, Le
 from bentoml.exceptions import InvalidArgument
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from components.records import (
     CATEGORICAL,
     PROMPT,
     SCHEMA_FILE,
-    categorical_keys,
+    categorical_values,
     check_schema,
     key_order,
     literal_keys,
@@ -46,6 +47,7 @@ from components.records import (
 )
 from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, MAX_RESTORE_PIXELS, ImageRequest, TextRequest
 
+logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # uploads over this are refused with 413 before they are read
 MAX_PROMPT_CHARS = 2000
 MAX_FIELD_CHARS = 500
@@ -64,8 +66,12 @@ def served_schema(tag: str) -> dict[str, Any]:
         return {"syntax": PROMPT, "keys": {}}  # the service cannot start without the model anyway
     path = folder / SCHEMA_FILE
     if not path.is_file():
+        logger.warning("%s has no %s (trained before records had a schema?): the text API takes prompts only", tag, SCHEMA_FILE)
         return {"syntax": PROMPT, "keys": {}}
-    return check_schema(json.loads(path.read_text(encoding="utf-8")), f"{tag} {SCHEMA_FILE}")
+    try:
+        return check_schema(json.loads(path.read_text(encoding="utf-8")), f"{tag} {SCHEMA_FILE}")
+    except ValueError as err:  # JSONDecodeError included
+        raise RuntimeError(f"{path}: unreadable record schema ({err}); rerun `dvc repro` to rebuild the text model") from None
 
 
 class RecordBase(BaseModel):
@@ -75,8 +81,11 @@ class RecordBase(BaseModel):
 
     def to_prompt(self, schema: dict[str, Any]) -> str:
         """The record as a source in the training syntax, keys in the training order, whitespace collapsed."""
-        values = self.model_dump(by_alias=True, exclude_none=True)
-        pairs = [(key, " ".join(values[key].split())) for key in key_order(schema) if values.get(key, "").strip()]
+        values = {
+            key: " ".join(value.split()) if isinstance(value, str) else json.dumps(value)
+            for key, value in self.model_dump(by_alias=True, exclude_none=True).items()
+        }
+        pairs = [(key, values[key]) for key in key_order(schema) if values.get(key)]
         return serialise(pairs, schema["syntax"], literal_keys(schema)) if pairs else ""
 
 
@@ -86,24 +95,27 @@ def record_model(schema: dict[str, Any]) -> type[RecordBase] | None:
     if schema["syntax"] == PROMPT or not schema["keys"]:
         return None
     fields: dict[str, Any] = {}
+    literal = literal_keys(schema)
     for index, key in enumerate(key_order(schema)):
         entry = schema["keys"][key]
         if entry.get("kind") == CATEGORICAL:
-            seen = list(entry.get("values", {}))
-            description = f"categorical: {entry['distinct']} values in training, most often {', '.join(seen[:5])}"
+            counts = entry.get("values", {})
+            seen = sorted(counts, key=lambda value: (-counts[value], value))
+            description = f"categorical: {entry.get('distinct', len(seen))} values in training, most often {', '.join(seen[:5])}"
             examples = seen[:3]
         else:
             description, examples = f"free text ({entry.get('distinct', 0)} distinct values in training)", None
+        text = Annotated[str, StringConstraints(max_length=MAX_FIELD_CHARS)]
         fields[f"field_{index}"] = (
-            str | None,
-            Field(None, alias=key, max_length=MAX_FIELD_CHARS, description=description, examples=examples),
+            (text | int | float | bool | None) if key in literal else (text | None),  # JSON numbers stay numbers
+            Field(None, alias=key, description=description, examples=examples),
         )
     return create_model("TextRecord", __base__=RecordBase, **fields)
 
 
 TEXT_SCHEMA = served_schema(TEXT_TAG)
 TextRecord = record_model(TEXT_SCHEMA)
-LOGGED_ATTRIBUTES = tuple(categorical_keys(TEXT_SCHEMA))
+LOGGED_ATTRIBUTES = categorical_values(TEXT_SCHEMA)
 Decoding = Literal["greedy", "beam", "nucleus"]
 Temperature = Annotated[float, Ge(0.05), Le(2.0)]
 TopP = Annotated[float, Ge(0.05), Le(1.0)]
@@ -258,7 +270,7 @@ class Gateway:
         )
         self.log = RequestLog(
             Path(os.environ.get("AIGC_REQUEST_LOG", "monitoring/logs")),
-            attributes=LOGGED_ATTRIBUTES,
+            attributes=tuple(LOGGED_ATTRIBUTES),
             flush_seconds=float(os.environ.get("AIGC_REQUEST_LOG_FLUSH_SECONDS", "5")),
         )
         self._described: dict[str, Any] | None = None

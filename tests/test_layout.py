@@ -129,7 +129,7 @@ def test_no_code_outside_the_demo_generator_names_a_demo_field() -> None:
     pattern = re.compile(rf"\b({'|'.join(distinctive)})\b|attr_({'|'.join(ATTRIBUTE_ORDER)})\b")
     offenders = [
         f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}"
-        for folder in ("components", "serving", "monitoring", "flows")
+        for folder in ("components", "serving", "monitoring", "flows", "bench")
         for path in sorted((REPO_ROOT / folder).rglob("*.py"))
         if path.name != "textgen.py"
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)

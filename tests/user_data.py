@@ -86,12 +86,23 @@ def write_image_classes(kind: str, root: Path) -> tuple[Path, int]:
     return root, sum(sizes.values())
 
 
+PHOTO_KINDS = ("one", "one-grey", "many", "many-rgb")
+"""one RGB JPEG, one greyscale PNG, six greyscale PNGs, six RGB JPEGs (sizes differ)."""
+
+
 def write_photos(kind: str, root: Path) -> tuple[Path, int]:
+    """A flat photo folder of `kind` (PHOTO_KINDS); returns (root, photo count)."""
     rng = np.random.default_rng(2)
     root.mkdir(parents=True)
     if kind == "one":
         Image.fromarray(smooth_image(rng, 120, 200, 3)).save(root / "only.jpg", quality=95)
         return root, 1
+    if kind == "one-grey":
+        Image.fromarray(smooth_image(rng, 150, 90, 1)).save(root / "only.png")
+        return root, 1
     for i in range(6):
-        Image.fromarray(smooth_image(rng, 80 + 8 * i, 96, 1)).save(root / f"grey-{i}.png")
+        if kind == "many":
+            Image.fromarray(smooth_image(rng, 80 + 8 * i, 96, 1)).save(root / f"grey-{i}.png")
+        else:
+            Image.fromarray(smooth_image(rng, 96, 72 + 8 * i, 3)).save(root / f"rgb-{i}.jpg", quality=95)
     return root, 6

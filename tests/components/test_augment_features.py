@@ -100,14 +100,16 @@ def test_restore_patches_have_the_configured_size(augmented: Path) -> None:
     assert {decode_image(b).shape for b in patches.column("image").to_pylist()} == {(32, 32, 3)}
 
 
-def test_disabled_augmentation_writes_empty_tables(clean_dir: Path, real_params: dict[str, Any], tmp_path: Path) -> None:
+def test_disabled_augmentation_writes_empty_tables_and_plain_patches(
+    clean_dir: Path, real_params: dict[str, Any], tmp_path: Path
+) -> None:
     params = section(shrink(real_params), "augment")
     params["enabled"] = False
     counts = augment.augment(augment.AugmentConfig.from_params(params), clean_dir, tmp_path)
-    assert counts == {"text": 0, "images": 0, "restore_patches": 0}
-    assert all(
-        pq.read_table(tmp_path / name).num_rows == 0 for name in ("text.parquet", "images.parquet", "restore_patches.parquet")
-    )
+    train_photos = pc.sum(pc.equal(pq.read_table(clean_dir / "restore.parquet").column("split"), "train")).as_py()
+    # The restorer's training crops are still cut: without them it has nothing to train on.
+    assert counts == {"text": 0, "images": 0, "restore_patches": train_photos * params["restore"]["patches_per_image"]}
+    assert all(pq.read_table(tmp_path / name).num_rows == 0 for name in ("text.parquet", "images.parquet"))
 
 
 def test_invalid_augment_params_name_the_key(real_params: dict[str, Any]) -> None:

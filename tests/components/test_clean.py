@@ -160,3 +160,24 @@ def test_clean_writes_metrics_that_add_up(tiny_params: dict[str, Any], tmp_path:
         assert m["rows_valid"] == m["rows_clean"] + m["duplicates_removed"] + m["emptied_by_cleaning"]
         assert sum(m["splits"].values()) == m["rows_clean"]
         assert all(v > 0 for v in m["splits"].values())
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ('{"q": "say &quot;hi&quot;",  "n":12}', '{"q": "say \\"hi\\"", "n": 12}'),  # still JSON, one spelling
+        ("a: x &#124; y | b: <i>z</i>", "a: x \\| y | b: z"),  # an entity decoded to ` | ` is escaped in its value
+        ("name[<b>Eagle</b>],food[Thai ]", "name[Eagle], food[Thai]"),
+        ("name[Eagle], note[<br>]", "name[Eagle]"),  # a pair left empty is dropped
+        ("Mail me at jane@example.com", "Mail me at [EMAIL]"),  # a free prompt, cleaned whole
+    ],
+)
+def test_records_are_cleaned_value_by_value_and_keep_their_syntax(raw: str, expected: str) -> None:
+    from components.records import parse_source
+
+    cleaned = clean.clean_sources(pa.array([raw, raw]), mask_pii=True).to_pylist()
+    assert cleaned == [expected, expected]
+    before, after = parse_source(raw), parse_source(expected)
+    assert (before is None) == (after is None)
+    if before is not None and after is not None:
+        assert before.syntax == after.syntax

@@ -69,13 +69,24 @@ def test_a_single_photo_is_cut_into_disjoint_bands_one_per_split() -> None:
     result = clean.band_split(clean.clean_images(table, FRACTIONS, seed=1), FRACTIONS)
     assert result.counts["split_by"] == "band"
     bands = {row["split"]: decode_image(row["image"]) for row in result.kept.to_pylist()}
-    assert set(bands) == {"train", "val", "test"}
+    assert set(bands) == {"train", "test"}  # a 20 px val band would be under MIN_BAND: its pixels are tested
     assert sum(b.shape[1] for b in bands.values()) == 200 and all(b.shape[0] == 120 for b in bands.values())
     whole = decode_image(table.column("image")[0].as_py())
-    assert np.array_equal(np.concatenate([bands["train"], bands["val"], bands["test"]], axis=1), whole)
+    assert np.array_equal(np.concatenate([bands["train"], bands["test"]], axis=1), whole)
     assert set(result.kept.column("record_id").to_pylist()) == {"p0.png"}  # still one record
 
 
-def test_a_photo_too_small_for_bands_is_one_clear_error() -> None:
+@pytest.mark.parametrize(
+    ("length", "sizes"),
+    [(64, {"train": 32, "val": 0, "test": 32}), (100, {"train": 58, "val": 0, "test": 42}),
+     (200, {"train": 140, "val": 0, "test": 60}), (400, {"train": 280, "val": 40, "test": 80})],
+)  # fmt: skip
+def test_bands_are_never_narrower_than_the_minimum(length: int, sizes: dict[str, int]) -> None:
+    assert clean.band_sizes(length, FRACTIONS) == sizes
+
+
+def test_the_smallest_valid_photo_splits_and_a_smaller_one_is_one_clear_error() -> None:
+    result = clean.band_split(clean.clean_images(photos((64, 64)), FRACTIONS, seed=1), FRACTIONS)
+    assert sorted(result.kept.column("split").to_pylist()) == ["test", "train"]
     with pytest.raises(DataError, match=r"too few to keep whole photos apart.*add photos"):
-        clean.band_split(clean.clean_images(photos((40, 30)), FRACTIONS, seed=1), FRACTIONS)
+        clean.band_split(clean.clean_images(photos((60, 30)), FRACTIONS, seed=1), FRACTIONS)

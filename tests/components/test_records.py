@@ -85,12 +85,27 @@ def test_json_object_keeps_literals() -> None:
         '["a JSON list"]',
         "{}",
         "12: 30 | 1: 2",  # keys must start with a letter
+        "Translate the following into French: Hello, world",  # a lone multi-word key is a sentence
+        "Describe the list [1, 2, 3]",
+        "Write four words about this: a lamp | b: c",  # a "key" of more than three words
+        '{" a": 1, "a": 2}',  # keys equal once stripped
     ],
 )
 def test_free_prompts_pass_through(prompt: str) -> None:
     assert parse_source(prompt) is None
     assert syntax_of(prompt) == PROMPT
     assert canonical_source(prompt) == " ".join(prompt.casefold().split())
+
+
+def test_a_value_may_end_in_a_backslash() -> None:
+    record = parse_source("path: C:\\ | drive: c")
+    assert record is not None and record.as_dict() == {"path": "C:\\", "drive": "c"}
+
+
+def test_a_few_record_like_prompts_do_not_make_a_prompt_dataset_structured() -> None:
+    sources = [f"write about lamp {i}" for i in range(99)] + ["Note: buy milk"]
+    assert infer_schema(sources, max_categorical_values=10)["syntax"] == PROMPT
+    assert infer_schema(sources[:2] + ["Note: a", "Note: b"], max_categorical_values=10)["syntax"] == PIPE
 
 
 def test_canonical_source_ignores_order_and_syntax() -> None:

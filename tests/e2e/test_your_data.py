@@ -28,7 +28,7 @@ class Case:
     syntax: str  # a components.records syntax, or PROMPT
     text_format: str  # csv | jsonl | parquet
     images: str  # grey16 | rgb48
-    photos: str  # one | many
+    photos: str  # tests.user_data.PHOTO_KINDS
     augment: bool
 
 
@@ -83,7 +83,7 @@ def check_case(repo: Path, case: Case, rows_in: dict[str, int]) -> None:
         # Every row is accounted for: kept, quarantined or removed (with its reason) by clean.
         out = numbers["rows_clean"] + numbers["rows_quarantined"] + numbers["duplicates_removed"] + numbers["emptied_by_cleaning"]
         assert out == count, (name, numbers)
-    assert data["restore"]["split_by"] == ("band" if case.photos == "one" else "image")
+    assert data["restore"]["split_by"] == ("band" if case.photos.startswith("one") else "image")
 
     schema = json.loads((repo / "data" / "features" / "text" / "schema.json").read_text())
     assert schema == json.loads((repo / "models" / "text" / "schema.json").read_text())  # travels with the model
@@ -100,7 +100,7 @@ def check_case(repo: Path, case: Case, rows_in: dict[str, int]) -> None:
         assert record is not None and record.syntax == case.syntax
 
     restore = json.loads((repo / "metrics" / "restore.json").read_text())
-    assert restore["layout"] == ("greyscale" if case.photos == "many" else "rgb")
+    assert restore["layout"] == ("greyscale" if case.photos in ("many", "one-grey") else "rgb")
     image_meta = json.loads((repo / "data" / "features" / "images" / "meta.json").read_text())
     assert image_meta["label_names"] == ["eel", "fox", "owl"]
     assert image_meta["channels"] == (1 if case.images == "grey16" else 3)
@@ -117,8 +117,8 @@ CASES = {
 }
 SLOW_CASES = {
     "bracket-parquet-grey16-one-photo-augmented": Case(BRACKET, "parquet", "grey16", "one", True),
-    "json-csv-rgb48-one-photo-plain": Case(JSON, "csv", "rgb48", "one", False),
-    "pipe-jsonl-rgb48-grey-photos-plain": Case(PIPE, "jsonl", "rgb48", "many", False),
+    "json-csv-rgb48-one-grey-photo-plain": Case(JSON, "csv", "rgb48", "one-grey", False),
+    "pipe-jsonl-rgb48-rgb-photos-plain": Case(PIPE, "jsonl", "rgb48", "many-rgb", False),
 }
 
 

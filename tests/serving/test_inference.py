@@ -90,8 +90,9 @@ def test_request_log_never_blocks_and_counts_what_it_drops(tmp_path: Path) -> No
                '{"name": "Jane Doe", "shade": "red", "mood": "calm"}'],
 )  # fmt: skip
 def test_text_log_fields_keep_only_the_logged_attributes(source: str) -> None:
-    row = text_log_fields(source, 9, attributes=("shade", "mood", "size"))
+    row = text_log_fields(source, 9, attributes={"shade": {"red", "blue"}, "mood": {"happy"}, "size": {"S"}})
     assert row["attr_shade"] == "red" and row["attr_size"] is None and row["num_attributes"] == 3 and row["source_tokens"] == 9
+    assert row["attr_mood"] == "(other)"  # a value training never saw is not copied into the log
     assert "Jane Doe" not in map(str, row.values())
     assert set(row) <= set(log_schema(("shade", "mood", "size")).names)
 
@@ -101,3 +102,22 @@ def test_serving_code_imports_no_orchestration_library() -> None:
     code = f"import sys, serving.inference, serving.request_log; print([m for m in {watched!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_record_model_follows_the_schema() -> None:
+    import pydantic
+
+    from components.records import JSON, PROMPT, infer_schema, parse_source
+    from serving.service import record_model
+
+    sources = [f'{{"name": "Item {i}", "size": "{"SML"[i % 3]}", "price": {i % 4}.5}}' for i in range(30)]
+    schema = infer_schema(sources, max_categorical_values=10)
+    model = record_model(schema)
+    assert model is not None and schema["syntax"] == JSON
+    record = model.model_validate({"price": 12.5, "name": "  A   lamp ", "size": "M"})
+    prompt = record.to_prompt(schema)
+    assert prompt == '{"name": "A lamp", "size": "M", "price": 12.5}'  # training order and types
+    assert parse_source(prompt) is not None
+    with pytest.raises(pydantic.ValidationError, match="colour"):
+        model.model_validate({"name": "A", "colour": "red"})
+    assert record_model({"syntax": PROMPT, "keys": {}}) is None
