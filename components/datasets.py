@@ -169,10 +169,24 @@ def _csv_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Iterato
         strings_can_be_null=True,
     )
     read = pacsv.ReadOptions(block_size=1 << 22)
-    reader = pacsv.open_csv(
-        path, read_options=read, convert_options=convert, parse_options=pacsv.ParseOptions(newlines_in_values=True)
-    )
-    for record_batch in reader:
+    malformed: list[Any] = []
+
+    def skip_and_keep(row: Any) -> str:
+        malformed.append(row)  # becomes a row with an ingest_error, so validation quarantines it
+        return "skip"
+
+    parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip_and_keep)
+    try:
+        reader = pacsv.open_csv(path, read_options=read, convert_options=convert, parse_options=parse)
+    except pa.ArrowInvalid as err:
+        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+    while True:
+        try:
+            record_batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        except pa.ArrowInvalid as err:
+            raise DataError(f"{path}: not a readable CSV file ({err})") from None
         for start in range(0, record_batch.num_rows, batch_rows):
             part = record_batch.slice(start, batch_rows)
             out: dict[str, list[Any]] = {}
@@ -182,6 +196,21 @@ def _csv_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Iterato
                 errs.append(col_errors)
             out["errors"] = _merge_errors(*errs)
             yield out
+        if malformed:  # the rows this batch's parse skipped, after its good rows
+            yield _malformed_rows(malformed, wanted)
+            malformed.clear()
+
+
+def _malformed_rows(rows: list[Any], wanted: dict[str, str]) -> dict[str, list[Any]]:
+    """Rows the CSV parser could not split into the header's columns, kept whole as the source text."""
+    out: dict[str, list[Any]] = {role: [None] * len(rows) for role in wanted}
+    out["source"] = [row.text for row in rows]
+    out["errors"] = [
+        f"malformed CSV row{f' {row.number}' if row.number else ''}: {row.actual_columns} fields, "
+        f"the header has {row.expected_columns}"
+        for row in rows
+    ]
+    return out
 
 
 def _jsonl_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Iterator[dict[str, list[Any]]]:

@@ -109,7 +109,7 @@ def to_layout(pixels: np.ndarray, channels: int) -> np.ndarray:
         pixels = np.rint(pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[..., None] if channels == 1 else np.repeat(pixels[..., None], channels, axis=2)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    return np.array(pixels.transpose(2, 0, 1), order="C")  # a writable copy: decoded buffers are read-only
 
 
 def image_array(image: Any) -> np.ndarray:

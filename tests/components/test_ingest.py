@@ -119,6 +119,16 @@ def test_invalid_utf8_row_is_kept_with_its_error(tiny_params: dict[str, Any], tm
     assert table.column("reference").to_pylist()[1] == "caf\ufffd au lait"
 
 
+def test_malformed_csv_rows_are_kept_with_their_error(tiny_params: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text('source,reference\ns1,r1\n"s2",r2,extra\ns3\ns4,r4\n', encoding="utf-8")
+    table = ingest_text(text_cfg(tiny_params, tmp_path / "a.csv"), tmp_path / "t.parquet")
+    assert table.num_rows == 4  # nothing lost: two good rows and two malformed ones
+    rows = {r["source"]: r["ingest_error"] for r in table.to_pylist()}
+    assert rows["s1"] is None and rows["s4"] is None
+    assert rows['"s2",r2,extra'] == "malformed CSV row: 3 fields, the header has 2"
+    assert rows["s3"] == "malformed CSV row: 1 fields, the header has 2"
+
+
 def test_malformed_jsonl_line_is_kept_with_its_error(tiny_params: dict[str, Any], tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_bytes(b'{"source": "s", "reference": "r"}\n{not json\n')
     table = ingest_text(text_cfg(tiny_params, tmp_path / "a.jsonl"), tmp_path / "t.parquet")

@@ -133,13 +133,62 @@ def test_dvc_repro_runs_end_to_end_on_the_users_data(case: Case, tmp_path: Path,
     check_case(repo, case, rows_in)
 
 
-def test_a_bad_source_column_is_one_clear_line(tmp_path: Path, real_params: dict[str, Any]) -> None:
-    params, _ = case_params(real_params, Case(BRACKET, "csv", "grey16", "many", True), tmp_path / "data")
+def bad_column(params: dict[str, Any], data: Path) -> None:
     params["ingest"]["text"]["source_column"] = "meaning_representation"
+
+
+def empty_image_folder(params: dict[str, Any], data: Path) -> None:
+    (data / "nothing").mkdir()
+    params["ingest"]["images"]["path"] = str(data / "nothing")
+
+
+def missing_photo_folder(params: dict[str, Any], data: Path) -> None:
+    params["ingest"]["restore"]["path"] = str(data / "no-such-folder")
+
+
+def tiny_single_photo(params: dict[str, Any], data: Path) -> None:
+    params["validate"]["restore"]["min_size"] = 8
+    for photo in (data / "photos").iterdir():
+        photo.unlink()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (90, 120, 150)).save(data / "photos" / "small.png")
+
+
+@pytest.mark.parametrize(
+    ("breakage", "stage", "message"),
+    [
+        (bad_column, "ingest", "source column 'meaning_representation'"),
+        (empty_image_folder, "ingest", "no .png / .jpg / .jpeg images found"),
+        (missing_photo_folder, "ingest", "no-such-folder"),
+        (tiny_single_photo, "clean", "too small to cut into train and test bands"),
+    ],
+    ids=["missing-column", "no-images", "no-photo-folder", "photo-too-small"],
+)
+def test_a_users_mistake_is_one_clear_line_naming_the_stage(
+    breakage: Any, stage: str, message: str, tmp_path: Path, real_params: dict[str, Any]
+) -> None:
+    params, _ = case_params(real_params, Case(BRACKET, "csv", "grey16", "one", True), tmp_path / "data")
+    breakage(params, tmp_path / "data")
     repo = copy_repo(tmp_path / "repo", params)
     env = {**venv_env(), "BENTOML_HOME": str(repo / ".bentoml")}
-    run = subprocess.run(["dvc", "repro", "ingest"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0
+    run = subprocess.run(["dvc", "repro", stage], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     output = run.stdout + run.stderr
-    assert "source column 'meaning_representation'" in output and "the file has columns ['mr', 'ref']" in output
+    assert run.returncode != 0
+    assert message in output and f"failed to reproduce '{stage}'" in output
     assert "Traceback" not in output
+
+
+def test_a_malformed_csv_row_is_quarantined_and_the_rest_runs(tmp_path: Path, real_params: dict[str, Any]) -> None:
+    params, _ = case_params(real_params, Case(BRACKET, "csv", "grey16", "many", True), tmp_path / "data")
+    with (tmp_path / "data" / "text" / "corpus.csv").open("a", encoding="utf-8") as fh:
+        fh.write('"name[Broken]","Too many fields.",extra\n')
+    repo = copy_repo(tmp_path / "repo", params)
+    env = {**venv_env(), "BENTOML_HOME": str(repo / ".bentoml")}
+    run = subprocess.run(["dvc", "repro", "clean"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    quarantined = pq.read_table(repo / "data" / "quarantine" / "text.parquet").to_pylist()
+    assert [r["ingest_error"] for r in quarantined] == ["malformed CSV row: 3 fields, the header has 2"]
+    assert quarantined[0]["source"] == '"name[Broken]","Too many fields.",extra'  # kept whole, not lost
+    data = json.loads((repo / "metrics" / "data.json").read_text())["text"]
+    assert data["rows_in"] == 121 and data["rows_quarantined"] == 1
