@@ -191,7 +191,10 @@ def test_corrupt_and_oversized_uploads_are_400(server: Server) -> None:
 
 
 def test_requests_are_logged_with_the_documented_columns_and_no_raw_text(server: Server, tiny_models: Path) -> None:
-    post(server, "generate_text", json={"record": RECORD})
+    schema = json.loads((tiny_models / "text" / SCHEMA_FILE).read_text())
+    seen_colour = sorted(schema["keys"]["colour"]["values"])[0]
+    sent = post(server, "generate_text", json={"record": {**RECORD, "colour": seen_colour, "tone": "odd"}, "max_new_tokens": 8})
+    assert sent.status_code == 200, sent.text
     post(server, "generate_image", json={"label": "2"})
     post(server, "restore_image", files={"image": ("p.png", upload(), "image/png")})
     deadline = time.monotonic() + 10
@@ -203,12 +206,13 @@ def test_requests_are_logged_with_the_documented_columns_and_no_raw_text(server:
             break
         time.sleep(0.3)
     assert {"generate_text", "generate_image", "restore_image"} <= {r["endpoint"] for r in rows}
-    logged_keys = categorical_keys(json.loads((tiny_models / "text" / SCHEMA_FILE).read_text()))
+    logged_keys = categorical_keys(schema)
     assert "name" not in logged_keys and "colour" in logged_keys  # free text (names) is never logged
     columns = tuple(pq.read_schema(sorted(server.log_dir.glob("requests-*.parquet"))[0]).names)
     assert columns == tuple(log_schema(tuple(logged_keys)).names)
     text_row = next(r for r in rows if r["endpoint"] == "generate_text")
-    assert text_row["attr_colour"] == "amber" and text_row["num_attributes"] == 4 and text_row["latency_ms"] > 0
+    assert text_row["attr_colour"] == seen_colour and text_row["num_attributes"] == 4 and text_row["latency_ms"] > 0
+    assert text_row["attr_tone"] == "(other)"  # a value training never saw is not copied into the log
     assert 0.0 <= text_row["oov_share"] <= 1.0  # measured against the model folder's vocabulary.json
     restore_row = next(r for r in rows if r["endpoint"] == "restore_image")
     assert restore_row["width"] == 40 and restore_row["brightness"] is not None
