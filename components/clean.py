@@ -1,8 +1,19 @@
-"""Stage `clean`: normalise text, mask PII, drop duplicates, split train/val/test by a hash of the source.
+"""Stage `clean`: normalise text, mask PII, drop duplicates, split train/val/test so that nothing leaks.
+
+Text is split one of three ways (`clean.text_split.by`):
+- `source`: by a hash of the whole (canonical) source record;
+- `group`: by a group, so no group has rows in two splits: a record attribute (`text_split.group`, or the
+  records' entity key such as `name`), or the user's group column (`ingest.text.group_column`). Groups that
+  share a source are one group, so no source is in two splits either;
+- `given`: the user's own split (`ingest.text.split_column` or `ingest.text.split_files`), row by row;
+  duplicates are only dropped within a split, and sources found in two splits are counted.
+`auto` (the default) takes the user's split when there is one, else their group column, else the entity
+key of structured sources, else the source hash. Images split by a hash of their pixels.
 
 Every validated row ends in `<out>/<name>.parquet` (with its `split`) or in `<out>/removed/<name>.parquet`
 (with the reason: exact duplicate, near duplicate, empty after cleaning). Also writes `metrics/data.json`,
-merging the validation counts, so one DVC metric shows the whole data half of the DAG.
+merging the validation counts, so one DVC metric shows the whole data half of the DAG, and
+`<out>/split.json`, how the text was split (the evaluation reports it).
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import html
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +38,7 @@ import pyarrow.parquet as pq
 
 from components.common import (
     DATASETS,
+    SPLIT_FILE,
     SPLITS,
     ConfigError,
     DataError,
@@ -36,7 +49,7 @@ from components.common import (
     write_json,
 )
 from components.image_io import decode_image, encode_png
-from components.records import canonical_source, parse_source, serialise
+from components.records import canonical_source, is_entity_key, parse_source, serialise
 from components.tables import write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -49,6 +62,25 @@ HTML_TAG = r"<(?:[A-Za-z/!][^<>]{0,500})>"
 CONTROL = r"[\p{Cc}\p{Cf}]"
 
 
+SPLIT_METHODS = ("auto", "source", "group", "given")
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    by: str = "auto"
+    group: str | None = None  # a record attribute; None: the group column, else the records' entity key
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any], prefix: str) -> TextSplit:
+        by = require(section, "by", str, prefix)
+        if by not in SPLIT_METHODS:
+            raise ConfigError(f"params key '{prefix}.by' must be one of {list(SPLIT_METHODS)}, got {by!r}")
+        group = section.get("group")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise ConfigError(f"params key '{prefix}.group' must be a record attribute name or null, got {group!r}")
+        return cls(by, group)
+
+
 @dataclass(frozen=True)
 class CleanConfig:
     seed: int
@@ -56,6 +88,7 @@ class CleanConfig:
     near_duplicates: bool
     splits: dict[str, float]
     restore_splits: dict[str, float]
+    text_split: TextSplit = TextSplit()
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> CleanConfig:
@@ -65,6 +98,7 @@ class CleanConfig:
             near_duplicates=require(params, "near_duplicates", bool, "clean"),
             splits=_fractions(require(params, "splits", dict, "clean"), "clean.splits"),
             restore_splits=_fractions(require(params, "restore_splits", dict, "clean"), "clean.restore_splits"),
+            text_split=TextSplit.from_params(require(params, "text_split", dict, "clean"), "clean.text_split"),
         )
 
 
@@ -176,6 +210,7 @@ class CleanResult:
     kept: pa.Table
     removed: pa.Table
     counts: dict[str, Any]
+    split: dict[str, Any] | None = None  # how text was split (split.json)
 
 
 def _removed(table: pa.Table, mask: np.ndarray, reason: str) -> pa.Table:
@@ -204,29 +239,131 @@ def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
     canonical = pa.array([canonical_source(s) for s in sources.dictionary.to_pylist()], pa.string())
     table = table.append_column("source_key", pc.take(canonical, sources.indices))
 
-    exact_first = first_occurrence([table.column("source_key"), table.column("reference")])
+    given = _given_splits(table)
+    by = cfg.text_split.by
+    if by == "auto":
+        by = "given" if given is not None else "group"
+    # With the user's split, a row that repeats one of another split stays: their test set is not ours to edit.
+    within = [given] if by == "given" and given is not None else []
+    exact_first = first_occurrence([table.column("source_key"), table.column("reference"), *within])
     removed.append(_removed(table, ~exact_first, "exact duplicate"))
     table = table.filter(pa.array(exact_first))
     near_count = 0
     if cfg.near_duplicates:
         # The source key is already canonical (attributes sorted); only the reference needs the loose key.
-        near_first = first_occurrence([table.column("source_key"), near_duplicate_key(table.column("reference"))])
+        within = [table.column("given_split")] if within else []
+        near_first = first_occurrence([table.column("source_key"), near_duplicate_key(table.column("reference")), *within])
         near_count = int((~near_first).sum())
         removed.append(_removed(table, ~near_first, "near duplicate"))
         table = table.filter(pa.array(near_first))
 
-    keys = dictionary(table.column("source_key"))
-    split_of_key = pa.array(assign_splits(keys.dictionary.to_pylist(), cfg.splits, cfg.seed), pa.string())
-    table = table.append_column("split", pc.take(split_of_key, keys.indices))
+    split, description = split_text(table, cfg, by)
+    table = table.append_column("split", split)
     removed_table = pa.concat_tables(removed, promote_options="default")
     counts = {
         "duplicates_removed": int((~exact_first).sum()) + near_count,
         "exact_duplicates_removed": int((~exact_first).sum()),
         "near_duplicates_removed": near_count,
         "emptied_by_cleaning": int(empty.sum()),
-        "sources": len(keys.dictionary),
+        "sources": len(dictionary(table.column("source_key")).dictionary),
+        "split_by": description["by"],
+        **{f"split_{k}": v for k, v in description.items() if k != "by"},
     }
-    return CleanResult(table, removed_table, counts)
+    return CleanResult(table, removed_table, counts, description)
+
+
+def _given_splits(table: pa.Table) -> pa.Array | None:
+    """The user's split per row (rows without one, such as landed files, train), or None when nobody gave one."""
+    if "given_split" not in table.column_names or table.column("given_split").null_count == table.num_rows:
+        return None
+    return pc.fill_null(table.column("given_split"), "train").combine_chunks()
+
+
+def entity_attribute(sources: list[str]) -> str | None:
+    """The entity key (`records.is_entity_key`) most records have, or None (free prompts, no such key)."""
+    keys: Counter[str] = Counter()
+    for source in sources:
+        record = parse_source(source)
+        keys.update(key for key in (record.keys() if record is not None else ()) if is_entity_key(key))
+    return keys.most_common(1)[0][0] if keys else None
+
+
+def connected_groups(groups: list[str], sources: list[str]) -> list[str]:
+    """Per row, its group merged with every group it shares a source with (union-find): the unit the split
+    hashes, so neither a group nor a source lands in two splits. Named by its smallest member group."""
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for group, source in zip(groups, sources, strict=True):
+        a, b = find("g:" + group), find("s:" + source)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    smallest: dict[str, str] = {}
+    for group in groups:
+        root = find("g:" + group)
+        smallest[root] = min(smallest.get(root, group), group)
+    return [smallest[find("g:" + group)] for group in groups]
+
+
+def split_text(table: pa.Table, cfg: CleanConfig, by: str) -> tuple[pa.Array, dict[str, Any]]:
+    """The split of every row, and how it was made (see the module docstring)."""
+    keys = dictionary(table.column("source_key"))
+    distinct_sources = keys.dictionary.to_pylist()
+    if by == "given":
+        given = _given_splits(table)
+        if given is None:
+            raise ConfigError(
+                "clean: params key 'clean.text_split.by' is 'given' but the data has no split: set "
+                "'ingest.text.split_column' or 'ingest.text.split_files'"
+            )
+        shared = (
+            table.select(["source_key"])
+            .append_column("split", given)
+            .group_by("source_key")
+            .aggregate([("split", "count_distinct")])
+        )
+        in_two = int(pc.sum(pc.greater(shared.column("split_count_distinct"), 1)).as_py() or 0)
+        if in_two:
+            log.warning("text: %d sources occur in more than one of the given splits: those scores include seen sources", in_two)
+        return given, {"by": "given", "sources_in_two_splits": in_two}
+    if by == "group":
+        has_column = "group" in table.column_names and table.column("group").null_count < table.num_rows
+        attribute = cfg.text_split.group
+        if attribute is None and not has_column:
+            attribute = entity_attribute(distinct_sources)
+        if attribute is not None:
+            values = [parse_source(s) for s in distinct_sources]
+            group_of_source = [(r.as_dict().get(attribute) if r is not None else None) for r in values]
+            found = sum(g is not None for g in group_of_source)
+            if cfg.text_split.group is not None and not found:
+                raise ConfigError(f"clean: params key 'clean.text_split.group' names '{attribute}', which no source record has")
+            groups = pc.take(pa.array(group_of_source, pa.string()), keys.indices)
+            label = attribute
+        elif has_column:
+            groups, label = table.column("group").combine_chunks(), "column"
+        else:
+            if cfg.text_split.by == "group":
+                raise ConfigError(
+                    "clean: params key 'clean.text_split.by' is 'group' but there is no group: set 'clean.text_split.group' "
+                    "to a record attribute or 'ingest.text.group_column' to a column"
+                )
+            by = "source"
+        if by == "group":
+            # A row without a group value is a group of its own source.
+            group_values = [
+                f"={g}" if g is not None else f"#{s}"
+                for g, s in zip(groups.to_pylist(), table.column("source_key").to_pylist(), strict=True)
+            ]
+            units = connected_groups(group_values, table.column("source_key").to_pylist())
+            split = pa.array(assign_splits(units, cfg.splits, cfg.seed), pa.string())
+            return split, {"by": "group", "group": label, "groups": len(set(units))}
+    split_of_key = pa.array(assign_splits(distinct_sources, cfg.splits, cfg.seed), pa.string())
+    return pc.take(split_of_key, keys.indices), {"by": "source"}
 
 
 def pixel_digest(data: bytes) -> str:
@@ -328,6 +465,8 @@ def clean(cfg: CleanConfig, valid_dir: Path, out_dir: Path, validation_report: P
         assert kept_records + result.removed.num_rows == table.num_rows, f"clean lost rows of {name}"
         write_parquet_atomic(result.kept, out_dir / f"{name}.parquet")
         write_parquet_atomic(result.removed, out_dir / "removed" / f"{name}.parquet")
+        if result.split is not None:
+            write_json(result.split, out_dir / SPLIT_FILE)
         split_sizes = {s: int(pc.sum(pc.equal(result.kept.column("split"), s)).as_py() or 0) for s in SPLITS}
         metrics[name] = {
             "rows_in": validated[name]["rows_in"],

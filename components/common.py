@@ -30,6 +30,15 @@ DATASETS = ("text", "images", "restore")
 """The three embedded datasets: data-to-text copy, labelled images to generate, photos to restore."""
 
 SPLITS = ("train", "val", "test")
+SPLIT_NAMES = {
+    **{name: name for name in SPLITS},
+    **dict.fromkeys(("training",), "train"),
+    **dict.fromkeys(("valid", "validation", "dev", "development"), "val"),
+    **dict.fromkeys(("testing",), "test"),
+}
+"""Split names a user's split column or split files may use (case-insensitive), and the split each means."""
+SPLIT_FILE = "split.json"
+"""How the clean stage split the text (`by`, `group`, counts): in the clean and text features folders."""
 
 
 class ConfigError(ValueError):

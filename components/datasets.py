@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from components.common import DataError, resolve_inside
+from components.common import SPLIT_NAMES, DataError, resolve_inside
 from components.image_io import encode_png
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ TEXT_SCHEMA = pa.schema(
         ("reference", pa.string()),
         ("origin", pa.string()),
         ("ingest_error", pa.string()),
+        ("group", pa.string()),  # the user's group column (ingest.text.group_column), else null
+        ("given_split", pa.string()),  # train / val / test from the user's split column or split files, else null
     ]
 )
 
@@ -114,35 +116,60 @@ def _require_columns(available: list[str], wanted: dict[str, str], path: Path) -
         raise DataError(f"{path}: missing {', '.join(missing)}; the file has columns {available}")
 
 
-def _text_batch(records: dict[str, list[Any]], ids: list[str], origin: str, errors: list[str | None]) -> pa.RecordBatch:
+def given_splits(values: list[Any], column: str) -> tuple[list[str | None], list[str | None]]:
+    """A split column's values as train / val / test (SPLIT_NAMES, any case), and per row the error of a
+    value that names no split."""
+    splits: list[str | None] = []
+    errors: list[str | None] = []
+    for value in values:
+        name = SPLIT_NAMES.get(str(value).strip().casefold()) if value is not None else None
+        splits.append(name)
+        errors.append(
+            None
+            if name is not None
+            else f"split column '{column}' has {'no value' if value is None else repr(value)}; use train, val or test"
+        )
+    return splits, errors
+
+
+def _text_batch(
+    records: dict[str, list[Any]], ids: list[str], origin: str, errors: list[str | None], given_split: str | None = None
+) -> pa.RecordBatch:
+    n = len(ids)
     return pa.RecordBatch.from_pydict(
         {
             "record_id": ids,
             "source": records["source"],
             "reference": records["reference"],
-            "origin": [origin] * len(ids),
+            "origin": [origin] * n,
             "ingest_error": errors,
+            "group": records.get("group", [None] * n),
+            "given_split": records.get("split", [given_split] * n),
         },
         schema=TEXT_SCHEMA,
     )
 
 
-def read_text_file(path: Path, root: Path, columns: dict[str, str | None], batch_rows: int) -> Iterator[pa.RecordBatch]:
+def read_text_file(
+    path: Path, root: Path, columns: dict[str, str | None], batch_rows: int, given_split: str | None = None
+) -> Iterator[pa.RecordBatch]:
     """Stream one CSV / JSONL / Parquet file as raw text rows.
 
     Args:
         path: the file.
         root: the configured input folder; ids and origins are relative to it.
-        columns: `source`, `reference` and optionally `id` -> the user's column names.
+        columns: `source`, `reference` and optionally `id`, `group` and `split` -> the user's column names.
         batch_rows: rows per yielded batch.
+        given_split: the split every row of the file belongs to (a split file), if any.
     """
     kind = TEXT_SUFFIXES[path.suffix.lower()]
     relative = path.relative_to(root).as_posix() if path != root else path.name
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     wanted = {"source": columns["source"], "reference": columns["reference"]}
-    if columns.get("id"):
-        wanted["id"] = columns["id"]
+    for role in ("id", "group", "split"):
+        if columns.get(role):
+            wanted[role] = columns[role]
     reader = {"csv": _csv_batches, "jsonl": _jsonl_batches, "parquet": _parquet_batches}[kind]
     row = 0
     for batch in reader(path, wanted, batch_rows):
@@ -151,7 +178,12 @@ def read_text_file(path: Path, root: Path, columns: dict[str, str | None], batch
             ids = [f"{relative}#{v}" if v is not None else f"{relative}:{row + i + 1}" for i, v in enumerate(batch["id"])]
         else:
             ids = [f"{relative}:{row + i + 1}" for i in range(n)]
-        yield _text_batch(batch, ids, relative, batch["errors"])
+        errors = batch["errors"]
+        if "split" in wanted:
+            batch["split"], split_errors = given_splits(batch["split"], wanted["split"])
+            # A malformed row's split is unknown too; its own error says more.
+            errors = [e or s for e, s in zip(errors, split_errors, strict=True)]
+        yield _text_batch(batch, ids, relative, errors, given_split)
         row += n
     if row == 0:
         raise DataError(f"{path}: the file has a header but no rows")
@@ -272,8 +304,10 @@ def _parquet_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Ite
         yield out
 
 
-def read_text_folder(root: Path, columns: dict[str, str | None], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Every CSV / JSONL / Parquet file under root, as raw text rows."""
+def read_text_folder(
+    root: Path, columns: dict[str, str | None], batch_rows: int, given_split: str | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Every CSV / JSONL / Parquet file under root, as raw text rows (all of split `given_split`, if given)."""
     files = list_files(root, TEXT_SUFFIXES)
     if not files:
         raise DataError(f"{root}: no .csv, .jsonl or .parquet files found")
@@ -286,9 +320,10 @@ def read_text_folder(root: Path, columns: dict[str, str | None], batch_rows: int
                 [f"{relative}:0"],
                 relative,
                 [f"path escapes the data folder {base}: {path} -> {path.resolve()}"],
+                given_split,
             )
             continue
-        yield from read_text_file(path, base, columns, batch_rows)
+        yield from read_text_file(path, base, columns, batch_rows, given_split)
 
 
 def generated_text(num_records: int, refs_per_record: int, seed: int) -> Iterator[pa.RecordBatch]:

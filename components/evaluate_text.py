@@ -1,30 +1,47 @@
 """Stage `evaluate_text`: decode the test split and score it against every reference of each source.
 
 Generation-based (never teacher-forced) BLEU and chrF with sacrebleu, multi-reference, with the signature
-recorded; perplexity of the references; and, in the same run, a nearest-neighbour retrieval baseline that
-answers each test source with a reference of the most similar training source.
+recorded; the slot metrics of components.slots (value coverage, slot error rate, hallucinated names);
+perplexity of the references; and, in the same run, the same scores for a retrieval baseline: each test
+source answered with a reference of the most similar training source, the test source's values substituted
+for the retrieved source's (components.delex.substitute), so the model is compared with a baseline that
+copies values too. The metrics name the split they were measured on (`split`, from the clean stage).
 
-Writes `metrics/text.json`, `<out>/outputs.parquet` (one row per test source) and `<out>/samples.csv` (a
-DVC plot: sentence BLEU per sample, hover for the texts).
+Writes `metrics/text.json`, `<out>/outputs.parquet` (one row per test source, with each source value's
+status for the model and the baseline) and `<out>/samples.csv` (a DVC plot: sentence BLEU per sample,
+hover for the texts).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from components.common import ConfigError, DataError, load_params, require, run_main, write_json
+from components.common import SPLIT_FILE, ConfigError, DataError, load_params, require, run_main, write_json
+from components.delex import Delexicaliser, substitute
 from components.metrics import corpus_scores, sentence_bleu
 from components.records import parse_source
 from components.runtime import cpu_threads_from_params, device_from_params, evaluation_device
-from components.text_model import DECODING, Examples, decoding_options, generate_texts, load_text_model, make_batch, read_texts
+from components.slots import SLOT_METRICS, SlotCheck, SlotLexicon, check_output, key_coverage, slot_scores
+from components.text_model import (
+    DECODING,
+    Examples,
+    SourceGroup,
+    decoding_options,
+    generate_texts,
+    group_by_source,
+    load_text_model,
+    make_batch,
+    read_texts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +59,7 @@ class EvaluateTextConfig:
     device: str
     seed: int
     cpu_threads: int | None = None
+    synonyms: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateTextConfig:
@@ -65,30 +83,25 @@ class EvaluateTextConfig:
             device=device,
             seed=require(params["base"], "seed", int, "base"),
             cpu_threads=cpu_threads_from_params(params["base"]),
+            synonyms=synonyms_from_params(params.get("synonyms"), f"{p}.synonyms"),
         )
 
 
 CONFIG = EvaluateTextConfig
 
 
-@dataclass(frozen=True)
-class SourceGroup:
-    """One test source with all its references (the multi-reference unit of BLEU)."""
-
-    source_key: str
-    source: str
-    references: list[str]
-
-
-def group_by_source(rows: list[dict[str, str]], limit: int | None = None) -> list[SourceGroup]:
-    """Rows -> one group per distinct source, in first-seen order; `limit` keeps the first N groups."""
-    refs: dict[str, list[str]] = defaultdict(list)
-    first: dict[str, str] = {}
-    for row in rows:
-        first.setdefault(row["source_key"], row["source"])
-        refs[row["source_key"]].append(row["reference"])
-    groups = [SourceGroup(key, first[key], refs[key]) for key in first]
-    return groups[:limit] if limit else groups
+def synonyms_from_params(value: Any, key: str) -> dict[str, dict[str, list[str]]]:
+    """`{record key: {value: [other wordings]}}`, or null for none."""
+    if value is None:
+        return {}
+    ok = isinstance(value, dict) and all(
+        isinstance(by_value, dict)
+        and all(isinstance(words, list) and all(isinstance(w, str) and w for w in words) for words in by_value.values())
+        for by_value in value.values()
+    )
+    if not ok:
+        raise ConfigError(f"params key '{key}' must map a record key to {{value: [other wordings]}}, got {value!r}")
+    return {str(k): {str(v): list(words) for v, words in by_value.items()} for k, by_value in value.items()}
 
 
 def source_features(source: str) -> set[str]:
@@ -100,7 +113,8 @@ def source_features(source: str) -> set[str]:
 
 
 def retrieval_baseline(train_rows: list[dict[str, str]], sources: list[str]) -> list[str]:
-    """For each source, the first reference of the training source sharing the most features (ties: first)."""
+    """For each source, the first reference of the training source sharing the most features (ties: first),
+    with the source's values put in place of the retrieved source's."""
     train_groups = group_by_source(train_rows)
     index: dict[str, list[int]] = defaultdict(list)
     for i, group in enumerate(train_groups):
@@ -112,23 +126,30 @@ def retrieval_baseline(train_rows: list[dict[str, str]], sources: list[str]) -> 
         for feature in source_features(source):
             overlap.update(index.get(feature, ()))
         best = min(overlap, key=lambda i: (-overlap[i], i)) if overlap else 0
-        answers.append(train_groups[best].references[0])
+        answers.append(substitute(train_groups[best].references[0], train_groups[best].source, source))
     return answers
 
 
-def generate(model: Any, tokenizer: Any, sources: list[str], cfg: EvaluateTextConfig, device: torch.device) -> list[str]:
+def generate(
+    model: Any, tokenizer: Any, delexicaliser: Delexicaliser | None, sources: list[str], cfg: EvaluateTextConfig,
+    device: torch.device,
+) -> list[str]:  # fmt: skip
     """The test split's outputs under the configured decoding, seeded."""
     options = decoding_options(cfg.decoding, cfg.num_beams, cfg.top_p, cfg.temperature, cfg.max_new_tokens)
     torch.manual_seed(cfg.seed)
-    return generate_texts(model, tokenizer, sources, options, cfg.batch_size, device, cfg.max_new_tokens, show_progress=True)
+    return generate_texts(
+        model, tokenizer, sources, options, cfg.batch_size, device, cfg.max_new_tokens, show_progress=True,
+        delexicaliser=delexicaliser,
+    )  # fmt: skip
 
 
 def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_size: int, device: torch.device) -> float:
-    """exp(mean negative log-likelihood per target token) of the references given their sources."""
+    """exp(mean negative log-likelihood per target token) of the references given their sources, as the
+    model reads and writes them (`model_source`, `model_reference`: placeholders where it copies)."""
     from torchmetrics.text import Perplexity
 
     max_length = model.config.max_position_embeddings
-    examples = Examples.from_texts([r["source"] for r in rows], [r["reference"] for r in rows], tokenizer, max_length)
+    examples = Examples.from_texts([r["model_source"] for r in rows], [r["model_reference"] for r in rows], tokenizer, max_length)
     metric = Perplexity(ignore_index=-100).to(device)
     model.eval()
     with torch.inference_mode():
@@ -145,42 +166,70 @@ def evaluate_text(
 ) -> dict[str, Any]:
     """Score the model on the test split, next to the retrieval baseline; write metrics and outputs."""
     device = evaluation_device(cfg.device, cfg.cpu_threads)
-    model, tokenizer = load_text_model(model_dir, "evaluate_text model folder", device)
+    model, tokenizer, delexicaliser = load_text_model(model_dir, "evaluate_text model folder", device)
     test_rows = read_texts(features_dir / "test.parquet")
     if not test_rows:
         raise DataError(f"{features_dir / 'test.parquet'} has no rows")
+    train_rows = read_texts(features_dir / "train.parquet")
     groups = group_by_source(test_rows, cfg.max_sources)
     kept = {g.source_key for g in groups}
+    sources = [g.source for g in groups]
     references = [g.references for g in groups]
 
-    hypotheses = generate(model, tokenizer, [g.source for g in groups], cfg, device)
-    baseline = retrieval_baseline(read_texts(features_dir / "train.parquet"), [g.source for g in groups])
+    hypotheses = generate(model, tokenizer, delexicaliser, sources, cfg, device)
+    baseline = retrieval_baseline(train_rows, sources)
+    lexicon = SlotLexicon.from_sources([r["source"] for r in train_rows + test_rows], cfg.synonyms)
+    model_checks = [check_output(s, h, lexicon) for s, h in zip(sources, hypotheses, strict=True)]
+    baseline_checks = [check_output(s, b, lexicon) for s, b in zip(sources, baseline, strict=True)]
+    model_slots = slot_scores(model_checks, bool(lexicon.entity_keys))
+    baseline_slots = slot_scores(baseline_checks, bool(lexicon.entity_keys))
     model_scores = corpus_scores(hypotheses, references)
     baseline_scores = corpus_scores(baseline, references)
     ppl = perplexity(model, tokenizer, [r for r in test_rows if r["source_key"] in kept], cfg.batch_size, device)
     metrics = {
         **model_scores,
+        **{key: model_slots[key] for key in SLOT_METRICS},
         "perplexity": round(ppl, 3),
         "bleu_retrieval_baseline": baseline_scores["bleu"],
         "chrf_retrieval_baseline": baseline_scores["chrf"],
+        **{f"{key}_retrieval_baseline": baseline_slots[key] for key in SLOT_METRICS},
+        "value_coverage_by_key": key_coverage(model_checks),
+        "source_values": model_slots["values"],
+        "entity_keys": list(lexicon.entity_keys),
+        "copied_keys": dict(delexicaliser.keys) if delexicaliser else {},
+        "split": read_split(features_dir),
         "test_sources": len(groups),
         "references_per_source": round(sum(map(len, references)) / len(references), 2),
         "decoding": cfg.decoding,
     }
     write_json(metrics, metrics_path)
-    write_outputs(groups, hypotheses, baseline, out_dir, cfg.samples)
+    write_outputs(groups, hypotheses, baseline, model_checks, baseline_checks, out_dir, cfg.samples)
     log.info(
-        "BLEU %.2f (retrieval baseline %.2f), chrF %.2f, perplexity %.2f on %d test sources",
+        "BLEU %.2f (retrieval baseline %.2f), chrF %.2f, value coverage %s (baseline %s), hallucinated names %s, "
+        "perplexity %.2f on %d test sources (split: %s)",
         metrics["bleu"],
         metrics["bleu_retrieval_baseline"],
         metrics["chrf"],
+        metrics["value_coverage"],
+        metrics["value_coverage_retrieval_baseline"],
+        metrics["hallucinated_names"],
         metrics["perplexity"],
         len(groups),
+        metrics["split"].get("by"),
     )
     return metrics
 
 
-def write_outputs(groups: list[SourceGroup], hypotheses: list[str], baseline: list[str], out_dir: Path, samples: int) -> None:
+def read_split(features_dir: Path) -> dict[str, Any]:
+    """How the clean stage split the data (`split.json` of the features folder)."""
+    path = features_dir / SPLIT_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"by": "unknown"}
+
+
+def write_outputs(
+    groups: list[SourceGroup], hypotheses: list[str], baseline: list[str], model_checks: list[SlotCheck],
+    baseline_checks: list[SlotCheck], out_dir: Path, samples: int,
+) -> None:  # fmt: skip
     import pyarrow as pa
 
     from components.tables import write_parquet_atomic
@@ -192,10 +241,21 @@ def write_outputs(groups: list[SourceGroup], hypotheses: list[str], baseline: li
             "retrieval": b,
             "references": g.references,
             "sentence_bleu": sentence_bleu(h, g.references),
+            "values": m.values,
+            "hallucinated_names": m.hallucinated,
+            "retrieval_values": r.values,
+            "retrieval_hallucinated_names": r.hallucinated,
         }
-        for g, h, b in zip(groups, hypotheses, baseline, strict=True)
+        for g, h, b, m, r in zip(groups, hypotheses, baseline, model_checks, baseline_checks, strict=True)
     ]
-    write_parquet_atomic(pa.Table.from_pylist(rows), out_dir / "outputs.parquet")
+    value = pa.list_(pa.struct([("key", pa.string()), ("value", pa.string()), ("status", pa.string())]))
+    schema = pa.schema(
+        [("source", pa.string()), ("hypothesis", pa.string()), ("retrieval", pa.string()),
+         ("references", pa.list_(pa.string())), ("sentence_bleu", pa.float64()), ("values", value),
+         ("hallucinated_names", pa.list_(pa.string())), ("retrieval_values", value),
+         ("retrieval_hallucinated_names", pa.list_(pa.string()))]
+    )  # fmt: skip
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), out_dir / "outputs.parquet")
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "samples.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["sample", "sentence_bleu", "source", "hypothesis", "reference"])

@@ -2,9 +2,11 @@
 
 - text: a byte-level BPE tokenizer trained with HF `tokenizers` on the train split (clean + augmented),
   saved as `<out>/text/tokenizer.json`; each split tokenized to ragged int32 arrays in safetensors
-  (`source_ids`/`source_offsets`, `target_ids`/`target_offsets`) beside a Parquet of its rows; and the
-  record schema learned from the train sources, `<out>/text/schema.json` (components.records.infer_schema:
-  syntax, keys with value counts, categorical or free text), which travels with the model;
+  (`source_ids`/`source_offsets`, `target_ids`/`target_offsets`) beside a Parquet of its rows (with the
+  `model_source` / `model_reference` the arrays hold); the record schema learned from the train sources,
+  `<out>/text/schema.json` (components.records.infer_schema: syntax, keys with value counts, categorical
+  or free text, entity keys); and, with `delexicalise`, the keys whose values the model copies through
+  placeholders, `<out>/text/copying.json` (components.delex). Both travel with the model;
 - images: `<out>/images/<split>.safetensors` with `images` uint8 (N, C, S, S), `labels` int64 and
   `augmented` uint8 (1 for rows made by the augment stage); the
   label names are in the file's `meta` metadata entry (JSON) and in `images/meta.json`;
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from components.common import SPLITS, DataError, load_params, require, run_main, write_json
+from components.common import SPLIT_FILE, SPLITS, DataError, load_params, require, run_main, write_json
+from components.delex import COPYING_FILE, Delexicaliser, choose_keys
 from components.feature_defs import (
     IMAGE_FEATURE_COLUMNS,
     REFERENCE_DIR,
@@ -38,7 +42,7 @@ from components.feature_defs import (
     words,
 )
 from components.image_io import channel_layout, decode_image, to_layout
-from components.records import SCHEMA_FILE, categorical_values, infer_schema
+from components.records import PROMPT, SCHEMA_FILE, categorical_keys, categorical_values, infer_schema
 from components.tables import write_parquet_atomic
 from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS, TOKENIZER_FILE, VOCABULARY_FILE
 
@@ -51,6 +55,8 @@ class FeaturesConfig:
     min_frequency: int
     image_size: int
     max_categorical_values: int
+    delexicalise: bool = True
+    delexicalise_min_share: float = 0.5
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FeaturesConfig:
@@ -61,7 +67,9 @@ class FeaturesConfig:
         min_frequency = require(text, "min_frequency", int, "features.text", low=1)
         size = require(images, "image_size", int, "features.images", low=4, high=1024)
         categorical = require(text, "max_categorical_values", int, "features.text", low=1)
-        return cls(vocab, min_frequency, size, categorical)
+        delexicalise = require(text, "delexicalise", bool, "features.text")
+        min_share = float(require(text, "delexicalise_min_share", (int, float), "features.text", low=0.01, high=1.0))
+        return cls(vocab, min_frequency, size, categorical, delexicalise, min_share)
 
 
 CONFIG = FeaturesConfig
@@ -81,9 +89,10 @@ def save_arrays(arrays: dict[str, np.ndarray], path: Path, meta: dict[str, Any])
     save_file(arrays, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int) -> Any:
-    """Byte-level BPE (GPT-2 style): every string is encodable, nothing maps to an unknown token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, placeholders: list[str] = ()) -> Any:
+    """Byte-level BPE (GPT-2 style): every string is encodable, nothing maps to an unknown token. The
+    delexicaliser's placeholders are added tokens: never split, and decoded as written."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -96,6 +105,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int) -> An
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tokenizer.add_tokens([AddedToken(token, normalized=False) for token in placeholders])
     return tokenizer
 
 
@@ -109,11 +119,27 @@ def ragged(encodings: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
-    """Train the tokenizer, write the token arrays per split; return the per-record feature table."""
+    """Learn the schema and the delexicaliser, train the tokenizer, write the token arrays per split; return
+    the per-record feature table."""
     train = clean.filter(pc.equal(clean.column("split"), "train"))
-    corpus = train.column("source").to_pylist() + augmented.column("source").to_pylist() + train.column("reference").to_pylist()
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency)
     out.mkdir(parents=True, exist_ok=True)
+    # Each distinct train source once: a source's several references must not weigh its values more.
+    schema = infer_schema(dict.fromkeys(train.column("source").to_pylist()), cfg.max_categorical_values)
+    write_json(schema, out / SCHEMA_FILE)
+    attributes = categorical_values(schema)
+    log.info(
+        "text: %s sources; keys %s", schema["syntax"], {k: e["kind"] for k, e in schema["keys"].items()} or "none (free prompts)"
+    )
+    delexicaliser = text_delexicaliser(train, schema, cfg, out)
+    model_source = delexicaliser.model_source if delexicaliser else (lambda source: source)
+    model_reference = delexicaliser.delexicalise if delexicaliser else (lambda source, reference: reference)
+
+    corpus = [model_source(s) for s in train.column("source").to_pylist() + augmented.column("source").to_pylist()]
+    corpus += [
+        model_reference(s, r)
+        for s, r in zip(train.column("source").to_pylist(), train.column("reference").to_pylist(), strict=True)
+    ]
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency, delexicaliser.placeholders() if delexicaliser else [])
     tokenizer.save(str(out / TOKENIZER_FILE))
     # The words of the training sources: the out-of-vocabulary share of a prompt (a drift feature) is
     # measured against them, here for the reference and in the service for live requests.
@@ -123,14 +149,6 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
     write_json(
         {"special_tokens": {"pad": PAD, "sep": SEP, "eos": EOS}, "vocab_size": tokenizer.get_vocab_size()},
         out / "tokenizer_config.json",
-    )
-
-    # Each distinct train source once: a source's several references must not weigh its values more.
-    schema = infer_schema(dict.fromkeys(train.column("source").to_pylist()), cfg.max_categorical_values)
-    write_json(schema, out / SCHEMA_FILE)
-    attributes = categorical_values(schema)
-    log.info(
-        "text: %s sources; keys %s", schema["syntax"], {k: e["kind"] for k, e in schema["keys"].items()} or "none (free prompts)"
     )
 
     keep = ["record_id", "source", "reference", "source_key", "split"]
@@ -149,8 +167,12 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
             rows = rows.append_column("augmented", pa.array([False] * rows.num_rows, pa.bool_()))
         sources = rows.column("source").to_pylist()
         references = rows.column("reference").to_pylist()
-        source_ids = [e.ids for e in tokenizer.encode_batch(sources)]
-        target_ids = [e.ids for e in tokenizer.encode_batch(references)]
+        model_sources = [model_source(s) for s in sources]
+        model_references = [model_reference(s, r) for s, r in zip(sources, references, strict=True)]
+        rows = rows.append_column("model_source", pa.array(model_sources, pa.string()))
+        rows = rows.append_column("model_reference", pa.array(model_references, pa.string()))
+        source_ids = [e.ids for e in tokenizer.encode_batch(model_sources)]
+        target_ids = [e.ids for e in tokenizer.encode_batch(model_references)]
         s_ids, s_off = ragged(source_ids)
         t_ids, t_off = ragged(target_ids)
         save_arrays(
@@ -183,6 +205,22 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
         + [(c, pa.float64() if c == "oov_share" else pa.int64()) for c in TEXT_FEATURE_COLUMNS]
         + [(attribute_column(k), pa.string()) for k in attributes],
     )
+
+
+def text_delexicaliser(train: pa.Table, schema: dict[str, Any], cfg: FeaturesConfig, out: Path) -> Delexicaliser | None:
+    """The keys the model copies (components.delex), saved as `copying.json`; None when switched off or
+    when no key's values appear verbatim in the references."""
+    (out / COPYING_FILE).unlink(missing_ok=True)
+    if not cfg.delexicalise or schema["syntax"] == PROMPT:
+        log.info("text: no delexicalisation (%s)", "switched off" if not cfg.delexicalise else "free prompts")
+        return None
+    rows = zip(train.column("source").to_pylist(), train.column("reference").to_pylist(), strict=True)
+    delexicaliser, shares = choose_keys(rows, cfg.delexicalise_min_share, categorical_keys(schema))
+    log.info("text: copied keys %s (verbatim share per key %s)", dict(delexicaliser.keys) or "none", shares)
+    if not delexicaliser.keys:
+        return None
+    delexicaliser.save(out)
+    return delexicaliser
 
 
 def feature_table(rows: list[dict[str, Any]], columns: list[tuple[str, pa.DataType]]) -> pa.Table:
@@ -283,6 +321,9 @@ def features(cfg: FeaturesConfig, clean_dir: Path, augmented_dir: Path, out_dir:
     }
     for name, table in references.items():
         write_parquet_atomic(table, out_dir / REFERENCE_DIR / f"{name}.parquet")
+    # How the text was split travels to the evaluation, which reports it beside its scores.
+    if (clean_dir / SPLIT_FILE).is_file():
+        shutil.copy2(clean_dir / SPLIT_FILE, out_dir / "text" / SPLIT_FILE)
     return {name: table.num_rows for name, table in references.items()}
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from components import datasets
 from components.common import (
+    SPLIT_NAMES,
     ConfigError,
     DataError,
     load_params,
@@ -38,6 +39,9 @@ class TextSource:
     source_column: str
     reference_column: str
     id_column: str | None
+    group_column: str | None = None  # carried into the `group` column: clean's text_split can group by it
+    split_column: str | None = None  # train / val / test per row: clean's text_split `given` keeps them
+    split_files: dict[str, Path] | None = None  # split -> file or folder, instead of `path`
 
 
 @dataclass(frozen=True)
@@ -57,19 +61,31 @@ class IngestConfig:
         text = require(params, "text", dict, "ingest")
         num_records = require(text, "num_records", int, "ingest.text", low=1)
         refs = require(text, "refs_per_record", int, "ingest.text", low=1, high=20)
-        id_column = text.get("id_column")
-        if id_column is not None and not isinstance(id_column, str):
-            raise ConfigError(f"params key 'ingest.text.id_column' must be a column name or null, got {id_column!r}")
+        optional_columns = {}
+        for key in ("id_column", "group_column", "split_column"):
+            value = text.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"params key 'ingest.text.{key}' must be a column name or null, got {value!r}")
+            optional_columns[key] = value
+        split_files = _split_files(text.get("split_files"))
+        path = _optional_path(text.get("path"), "ingest.text.path")
+        if split_files is not None and path is not None:
+            raise ConfigError("params keys 'ingest.text.path' and 'ingest.text.split_files' are both set: keep one")
+        if split_files is not None and optional_columns["split_column"]:
+            raise ConfigError("params keys 'ingest.text.split_files' and 'ingest.text.split_column' are both set: keep one")
         return cls(
             seed=seed,
             batch_rows=batch_rows,
             text=TextSource(
-                path=_optional_path(text.get("path"), "ingest.text.path"),
+                path=path,
                 num_records=num_records,
                 refs_per_record=refs,
                 source_column=require(text, "source_column", str, "ingest.text"),
                 reference_column=require(text, "reference_column", str, "ingest.text"),
-                id_column=id_column,
+                id_column=optional_columns["id_column"],
+                group_column=optional_columns["group_column"],
+                split_column=optional_columns["split_column"],
+                split_files=split_files,
             ),
             images_path=_optional_path(require(params, "images", dict, "ingest").get("path"), "ingest.images.path"),
             restore_path=_optional_path(require(params, "restore", dict, "ingest").get("path"), "ingest.restore.path"),
@@ -89,6 +105,26 @@ def _optional_path(value: Any, key: str) -> Path | None:
     if not path.exists():
         raise ConfigError(f"params key '{key}': {path} does not exist")
     return path
+
+
+def _split_files(value: Any) -> dict[str, Path] | None:
+    """`ingest.text.split_files`: {train: path, val: path, test: path} (val optional; any SPLIT_NAMES name)."""
+    if value is None:
+        return None
+    key = "ingest.text.split_files"
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"params key '{key}' must map train / val / test to a file or folder, or be null, got {value!r}")
+    files: dict[str, Path] = {}
+    for name, path in value.items():
+        split = SPLIT_NAMES.get(str(name).strip().casefold())
+        if split is None or split in files:
+            raise ConfigError(f"params key '{key}': {name!r} is not a split name (or repeats one); use train, val and test")
+        if path is None:
+            raise ConfigError(f"params key '{key}.{name}' must be a file or folder path")
+        files[split] = _optional_path(path, f"{key}.{name}") or Path(path)
+    if not {"train", "test"} <= set(files):
+        raise ConfigError(f"params key '{key}' needs at least a train and a test entry, got {list(value)}")
+    return files
 
 
 def landing_folder(cfg: IngestConfig, name: str) -> Path | None:
@@ -111,13 +147,30 @@ def with_landing(primary: Iterator[pa.RecordBatch], landed: Iterator[pa.RecordBa
 
 def text_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
     """The configured text input (the user's files, or the embedded generator), then landed files."""
-    columns = {"source": cfg.text.source_column, "reference": cfg.text.reference_column, "id": cfg.text.id_column}
-    if cfg.text.path is None:
+    columns = {
+        "source": cfg.text.source_column,
+        "reference": cfg.text.reference_column,
+        "id": cfg.text.id_column,
+        "group": cfg.text.group_column,
+        "split": cfg.text.split_column,
+    }
+    if cfg.text.split_files is not None:
+        primary = split_file_batches(cfg.text.split_files, columns, cfg.batch_rows)
+    elif cfg.text.path is None:
         primary = datasets.generated_text(cfg.text.num_records, cfg.text.refs_per_record, cfg.seed)
     else:
         primary = datasets.read_text_folder(cfg.text.path, columns, cfg.batch_rows)
     landed = landing_folder(cfg, "text")
     return with_landing(primary, datasets.read_text_folder(landed, columns, cfg.batch_rows) if landed else None)
+
+
+def split_file_batches(files: dict[str, Path], columns: dict[str, str | None], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Each split's file(s), every row marked with its split; ids are prefixed with the split, so two files
+    of the same name in different folders never share one."""
+    for split, path in files.items():
+        for batch in datasets.read_text_folder(path, columns, batch_rows, given_split=split):
+            ids = pa.array([f"{split}/{i}" for i in batch.column("record_id").to_pylist()], pa.string())
+            yield batch.set_column(batch.schema.get_field_index("record_id"), "record_id", ids)
 
 
 def image_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:

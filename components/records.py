@@ -35,6 +35,8 @@ KEY = r"[^\W\d][\w.\-]*(?: [\w.\-]+){0,2}"
 MAX_KEY_CHARS = 64
 _PIPE_FIELD = re.compile(rf"({KEY}): (.*)", re.DOTALL)
 _BRACKET_KEY = re.compile(rf"\s*({KEY})\s*\[")
+_ENTITY_WORD = re.compile(r"(?:^|[\s_.\-])(?:name|entity|subject)$", re.IGNORECASE)
+_ENTITY_CAMEL = re.compile(r"[a-z](?:Name|Entity|Subject)$")
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,12 @@ def parse_source(source: str) -> Record | None:
     return _parse_pipe(text)
 
 
+def is_entity_key(key: str) -> bool:
+    """Whether a key names the record's entity: `name`, `entity` or `subject`, alone or as the last word
+    (`venue_name`, `productName`, `brand name`)."""
+    return bool(_ENTITY_WORD.search(key) or _ENTITY_CAMEL.search(key))
+
+
 def syntax_of(source: str) -> str:
     record = parse_source(source)
     return record.syntax if record is not None else PROMPT
@@ -203,7 +211,7 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
       writes prompts in (`keys` is an object: JSON writers may sort it);
     - `keys`: per key: `rows` (records with the key), `distinct`
       values, `kind` (`categorical`: at most `max_categorical_values` distinct values that repeat, on
-      average twice or more; else `free_text`), `values` (value counts, categorical keys only: free text
+      average twice or more, never an entity key; else `free_text`), `values` (value counts, categorical keys only: free text
       such as names is not copied out of the data) and, for JSON, `literal` (values are JSON numbers etc.).
     """
     syntaxes: Counter[str] = Counter()
@@ -228,7 +236,8 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
     for key in sorted(values, key=lambda k: (sum(positions[k]) / len(positions[k]), k)):
         counts = values[key]
         rows, distinct = sum(counts.values()), len(counts)
-        categorical = distinct <= max_categorical_values and rows >= 2 * distinct
+        # An entity's name is never a category, however few entities training has: held-out ones are new.
+        categorical = distinct <= max_categorical_values and rows >= 2 * distinct and not is_entity_key(key)
         entry: dict[str, Any] = {"rows": rows, "distinct": distinct, "kind": CATEGORICAL if categorical else FREE_TEXT}
         if categorical:
             entry["values"] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -241,6 +250,7 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
         "syntaxes": {name: syntaxes[name] for name in (*SYNTAXES, PROMPT) if syntaxes[name]},
         "order": list(keys),
         "keys": keys,
+        "entity_keys": [key for key in keys if is_entity_key(key)],
     }
 
 
@@ -256,6 +266,11 @@ def categorical_keys(schema: dict[str, Any]) -> list[str]:
 def categorical_values(schema: dict[str, Any]) -> dict[str, frozenset[str]]:
     """Each categorical key with the values training saw (what the log and the drift reference may hold)."""
     return {key: frozenset(schema["keys"][key].get("values", {})) for key in categorical_keys(schema)}
+
+
+def entity_keys(schema: dict[str, Any]) -> list[str]:
+    """The schema's keys that name the record's entity (`is_entity_key`)."""
+    return [key for key in key_order(schema) if is_entity_key(key)]
 
 
 def literal_keys(schema: dict[str, Any]) -> frozenset[str]:

@@ -9,6 +9,7 @@ evaluation and serving share one definition of each.
 from __future__ import annotations
 
 import shutil
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from components.common import ConfigError, DataError, progress, require
+from components.delex import COPYING_FILE, Delexicaliser
 from components.model_io import check_safetensors_folder
 from components.records import SCHEMA_FILE
 
@@ -94,32 +96,42 @@ def ensure_special_tokens(tokenizer: Any, model: Any) -> None:
     model.config.eos_token_id = tokenizer.eos_token_id
 
 
-def load_text_model(folder: Path, key: str, device: torch.device | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) of a trained model folder (`models/text`), safetensors only."""
+def load_text_model(folder: Path, key: str, device: torch.device | None = None) -> tuple[Any, Any, Delexicaliser | None]:
+    """(model in eval mode, tokenizer, delexicaliser or None) of a trained model folder (`models/text`),
+    safetensors only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_safetensors_folder(folder, key)
     model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
-    return (model.to(device) if device is not None else model).eval(), AutoTokenizer.from_pretrained(folder)
+    try:
+        delexicaliser = Delexicaliser.load(folder)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    return (model.to(device) if device is not None else model).eval(), AutoTokenizer.from_pretrained(folder), delexicaliser
 
 
 def save_text_model(model: Any, tokenizer: Any, folder: Path, features_dir: Path) -> None:
-    """A save_pretrained folder (safetensors, config, tokenizer) with the training vocabulary and the record
-    schema beside it: the service builds its request model and drift log from them."""
+    """A save_pretrained folder (safetensors, config, tokenizer) with the training vocabulary, the record
+    schema and the delexicaliser beside it: the service builds its request model and drift log from the
+    first two, and evaluation and the service fill the model's placeholders with the third."""
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    for name in (VOCABULARY_FILE, SCHEMA_FILE):
+    (folder / COPYING_FILE).unlink(missing_ok=True)
+    for name in (VOCABULARY_FILE, SCHEMA_FILE, COPYING_FILE):
         if (features_dir / name).is_file():
             shutil.copy2(features_dir / name, folder / name)
 
 
-def load_pretrained(path: Path, key: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from a save_pretrained folder, safetensors only; our tokens added if missing."""
+def load_pretrained(path: Path, key: str, placeholders: list[str] | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a save_pretrained folder, safetensors only; our tokens (and the
+    delexicaliser's placeholders, as whole tokens) added if missing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_safetensors_folder(path, f"params key '{key}'")
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if placeholders:
+        tokenizer.add_tokens(placeholders)
     ensure_special_tokens(tokenizer, model)
     return model, tokenizer
 
@@ -180,12 +192,37 @@ def read_ragged(path: Path) -> tuple[list[list[int]], list[list[int]]]:
 
 
 def read_texts(path: Path) -> list[dict[str, str]]:
-    """Rows of a features split as dicts (record_id, source, reference, source_key)."""
+    """Rows of a features split as dicts (record_id, source, reference, source_key, and model_source /
+    model_reference: what the model reads and writes, placeholders and all)."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
         raise DataError(f"missing {path}: run the features stage first")
-    return pq.read_table(path, columns=["record_id", "source", "reference", "source_key"]).to_pylist()
+    columns = ["record_id", "source", "reference", "source_key", "model_source", "model_reference"]
+    available = pq.read_schema(path).names
+    if not set(columns) <= set(available):
+        raise DataError(f"{path} lacks columns {sorted(set(columns) - set(available))}: rerun the features stage")
+    return pq.read_table(path, columns=columns).to_pylist()
+
+
+@dataclass(frozen=True)
+class SourceGroup:
+    """One test source with all its references (the multi-reference unit of BLEU)."""
+
+    source_key: str
+    source: str
+    references: list[str]
+
+
+def group_by_source(rows: list[dict[str, str]], limit: int | None = None) -> list[SourceGroup]:
+    """Rows -> one group per distinct source, in first-seen order; `limit` keeps the first N groups."""
+    refs: dict[str, list[str]] = defaultdict(list)
+    first: dict[str, str] = {}
+    for row in rows:
+        first.setdefault(row["source_key"], row["source"])
+        refs[row["source_key"]].append(row["reference"])
+    groups = [SourceGroup(key, first[key], refs[key]) for key in first]
+    return groups[:limit] if limit else groups
 
 
 def load_examples(features_dir: Path, split: str, tokenizer: Any, ours: bool, max_length: int) -> Examples:
@@ -194,7 +231,9 @@ def load_examples(features_dir: Path, split: str, tokenizer: Any, ours: bool, ma
         examples = Examples.from_token_ids(*read_ragged(features_dir / f"{split}.safetensors"), tokenizer, max_length)
     else:
         rows = read_texts(features_dir / f"{split}.parquet")
-        examples = Examples.from_texts([r["source"] for r in rows], [r["reference"] for r in rows], tokenizer, max_length)
+        examples = Examples.from_texts(
+            [r["model_source"] for r in rows], [r["model_reference"] for r in rows], tokenizer, max_length
+        )
     if not len(examples):
         raise DataError(f"no {split} examples in {features_dir}")
     return examples
@@ -233,16 +272,19 @@ def decoding_options(decoding: str, num_beams: int, top_p: float, temperature: f
 
 def generate_texts(
     model: Any, tokenizer: Any, sources: list[str], options: dict[str, Any], batch_size: int, device: torch.device,
-    max_new_tokens: int, show_progress: bool = False,
+    max_new_tokens: int, show_progress: bool = False, delexicaliser: Delexicaliser | None = None,
 ) -> list[str]:  # fmt: skip
-    """Batched decoding of `source SEP`; left padding so every prompt ends where generation starts."""
+    """Batched decoding of `source SEP`; left padding so every prompt ends where generation starts. With a
+    delexicaliser, the model reads each source with its hidden values as placeholders, and the placeholders
+    it writes are filled with the source's values."""
     max_length = model.config.max_position_embeddings
     options = {**options, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    model_sources = [delexicaliser.model_source(s) for s in sources] if delexicaliser else sources
     outputs: list[str] = []
     model.eval()
     starts = range(0, len(sources), batch_size)
     for start in progress(starts, desc="generate", unit="batch") if show_progress else starts:
-        prompts = [prompt_ids(s, tokenizer, max_length, max_new_tokens) for s in sources[start : start + batch_size]]
+        prompts = [prompt_ids(s, tokenizer, max_length, max_new_tokens) for s in model_sources[start : start + batch_size]]
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
         attention = torch.zeros_like(input_ids)
@@ -252,4 +294,7 @@ def generate_texts(
         with torch.inference_mode():
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **options)
         outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
-    return [text.strip() for text in outputs]
+    texts = [text.strip() for text in outputs]
+    if delexicaliser is None:
+        return texts
+    return [delexicaliser.relexicalise(source, text) for source, text in zip(sources, texts, strict=True)]

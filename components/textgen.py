@@ -4,6 +4,11 @@ A record is a handful of attributes (name, category, colour, material, price ban
 its references are written from phrase banks with a different opening, clause order, optional attributes
 and word choice each time, so multi-reference BLEU rewards getting the attributes right, not copying one
 template. Everything is a function of (seed, index): the same seed gives the same data on every machine.
+
+Product names are invented words ("Kraivo Pro"), one brand word per product, and each product has about
+RECORDS_PER_NAME records. The clean stage's default split groups records by `name`, so the validation and
+test products, and their brand words, never occur in training: the default data measures whether the model
+copies values it has never seen, as real held-out data does.
 """
 
 from __future__ import annotations
@@ -18,48 +23,11 @@ from components.records import serialise
 ATTRIBUTE_ORDER = ("name", "category", "colour", "material", "price", "audience", "feature", "tone")
 """The canonical order of a serialised record; augmentation shuffles it."""
 
-BRANDS = (
-    "Aurora",
-    "Nimbus",
-    "Fjord",
-    "Cobalt",
-    "Juniper",
-    "Sierra",
-    "Pixel",
-    "Harbor",
-    "Ember",
-    "Willow",
-    "Atlas",
-    "Quartz",
-    "Maple",
-    "Orbit",
-    "Solstice",
-    "Tundra",
-    "Lumen",
-    "Cascade",
-    "Drift",
-    "Meridian",
-    "Nova",
-    "Pebble",
-    "Summit",
-    "Zephyr",
-    "Alder",
-    "Basalt",
-    "Canyon",
-    "Delta",
-    "Echo",
-    "Falcon",
-    "Glacier",
-    "Haven",
-    "Indigo",
-    "Kestrel",
-    "Lagoon",
-    "Mosaic",
-    "Nomad",
-    "Oasis",
-    "Prism",
-    "Ridge",
-)
+ONSETS = ("b", "c", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "pl", "st", "tr")
+VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "io")
+ENDINGS = ("", "n", "r", "x", "s", "l", "th", "m", "ck")
+RECORDS_PER_NAME = 4
+"""On average; a product has several records (other colours, materials, tones), as entities do in real corpora."""
 LINES = (
     "Air",
     "Pro",
@@ -276,13 +244,27 @@ class ProductRecord:
         return {key: value for key, value in values.items() if value is not None}
 
 
-def sample_record(rng: np.random.Generator) -> ProductRecord:
-    """Draw one record; each optional attribute is absent with probability 0.2."""
+def product_names(count: int, seed: int) -> list[str]:
+    """`count` distinct product names, each with its own invented brand word (two syllables and an ending)."""
+    syllables = [onset + vowel for onset in ONSETS for vowel in VOWELS]
+    space = len(syllables) ** 2 * len(ENDINGS)
+    picks = np.random.default_rng([seed, 7]).choice(space, size=min(count, space), replace=False)
+    names = []
+    for pick in picks.tolist():
+        first, rest = divmod(pick, len(syllables) * len(ENDINGS))
+        second, ending = divmod(rest, len(ENDINGS))
+        brand = (syllables[first] + syllables[second] + ENDINGS[ending]).capitalize()
+        names.append(f"{brand} {LINES[pick % len(LINES)]}")
+    return names
+
+
+def sample_record(rng: np.random.Generator, names: list[str]) -> ProductRecord:
+    """Draw one record of one of the products; each optional attribute is absent with probability 0.2."""
     category = str(rng.choice(list(CATEGORIES)))
     _, materials, features = CATEGORIES[category]
     present = rng.random(len(OPTIONAL)) >= 0.2
     return ProductRecord(
-        name=f"{rng.choice(BRANDS)} {rng.choice(LINES)}",
+        name=names[int(rng.integers(len(names)))],
         category=category,
         colour=str(rng.choice(COLOURS)),
         material=str(rng.choice(materials)) if present[0] else None,
@@ -329,11 +311,12 @@ def generate(
     Each chunk has its own generator seeded from (seed, chunk number), so the rows do not depend on the
     chunk being consumed lazily or on how many chunks are read.
     """
+    names = product_names(max(1, num_records // RECORDS_PER_NAME), seed)
     for chunk_start in range(0, num_records, chunk_records):
         rng = np.random.default_rng([seed, chunk_start // chunk_records])
         rows: list[tuple[int, str, str]] = []
         for index in range(chunk_start, min(num_records, chunk_start + chunk_records)):
-            record = sample_record(rng)
+            record = sample_record(rng, names)
             source = serialise(record.attributes())
             references: set[str] = set()
             for _ in range(refs_per_record * 4):

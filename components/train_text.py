@@ -4,11 +4,15 @@
     torchrun --nproc-per-node 8 -m components.train_text ...        # DDP, same command otherwise
 
 Writes a save_pretrained folder (safetensors + config + tokenizer) and `training.json` (the params and the
-data hash that produced it). Needs only torch, transformers, tokenizers, safetensors, numpy and yaml.
+data hash that produced it). Every `validate_every` steps the model writes the first `validate_sources`
+validation sources (greedy, placeholders filled as in evaluation) and is scored on them (BLEU, chrF and the
+slot metrics); the weights of the best step by `select_by` are the ones saved, and `training.json` says
+which step that was. Needs only torch, transformers, tokenizers, safetensors, sacrebleu, numpy and yaml.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,18 +21,31 @@ import torch
 
 from components import training
 from components.common import ConfigError, require
+from components.delex import COPYING_FILE, Delexicaliser
+from components.metrics import corpus_scores
+from components.slots import SlotLexicon, check_output, slot_scores
 from components.text_model import (
     TOKENIZER_FILE,
     Examples,
     TextModelConfig,
     build_model,
+    decoding_options,
+    generate_texts,
+    group_by_source,
     load_examples,
     load_pretrained,
     make_batch,
+    read_texts,
     save_text_model,
     tokenizer_from_file,
 )
-from components.training import TrainConfig, TrainingJob, TrainResult
+from components.training import TrainConfig, TrainingJob, TrainResult, Validation
+
+log = logging.getLogger(__name__)
+
+
+SELECTION = {"bleu": "max", "chrf": "max", "value_coverage": "max", "slot_error_rate": "min"}
+"""The validation scores a text model can be selected by, and which way is better."""
 
 
 @dataclass(frozen=True)
@@ -36,16 +53,23 @@ class TrainTextConfig:
     init_from: Path | None
     model: TextModelConfig
     train: TrainConfig
+    validate_sources: int = 200
+    select_by: str = "bleu"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainTextConfig:
         init_from = params.get("init_from")
         if init_from is not None and (not isinstance(init_from, str) or not init_from):
             raise ConfigError(f"params key 'train_text.init_from' must be a folder path or null, got {init_from!r}")
+        select_by = require(params, "select_by", str, "train_text")
+        if select_by not in SELECTION:
+            raise ConfigError(f"params key 'train_text.select_by' must be one of {list(SELECTION)}, got {select_by!r}")
         return cls(
             init_from=Path(init_from) if init_from else None,
             model=TextModelConfig.from_params(require(params, "model", dict, "train_text"), "train_text.model"),
             train=TrainConfig.from_params(params, "train_text"),
+            validate_sources=require(params, "validate_sources", int, "train_text", low=1),
+            select_by=select_by,
         )
 
 
@@ -66,10 +90,37 @@ def text_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss
 
 
+def text_validation(
+    cfg: TrainTextConfig, features_dir: Path, tokenizer: Any, delexicaliser: Delexicaliser | None
+) -> Validation | None:
+    """Model selection on generated validation text; None when the validation split is empty."""
+    rows = read_texts(features_dir / "val.parquet")
+    groups = group_by_source(rows, cfg.validate_sources)
+    if not groups:
+        log.warning("train_text: no validation rows, so no model selection: the last step's weights are saved")
+        return None
+    sources, references = [g.source for g in groups], [g.references for g in groups]
+    lexicon = SlotLexicon.from_sources([r["source"] for r in read_texts(features_dir / "train.parquet") + rows])
+    new_tokens = cfg.model.max_length // 2  # half the context for the source, half for the text
+
+    def run(model: Any) -> dict[str, float]:
+        device = next(model.parameters()).device
+        options = decoding_options("greedy", 1, 1.0, 1.0, new_tokens)
+        outputs = generate_texts(model, tokenizer, sources, options, 64, device, new_tokens, delexicaliser=delexicaliser)
+        scores = corpus_scores(outputs, references)
+        slots = slot_scores([check_output(s, o, lexicon) for s, o in zip(sources, outputs, strict=True)], False)
+        found = {"bleu": scores["bleu"], "chrf": scores["chrf"]}
+        return found | {k: slots[k] for k in ("value_coverage", "slot_error_rate") if slots[k] is not None}
+
+    return Validation(run, cfg.select_by, SELECTION[cfg.select_by])
+
+
 def text_job(cfg: TrainTextConfig, features_dir: Path) -> TrainingJob:
     """The text family's training job: our BPE model from scratch, or a pretrained one fine-tuned."""
+    delexicaliser = Delexicaliser.load(features_dir)
     if cfg.init_from is not None:
-        model, tokenizer = load_pretrained(cfg.init_from, "train_text.init_from")
+        placeholders = delexicaliser.placeholders() if delexicaliser else None
+        model, tokenizer = load_pretrained(cfg.init_from, "train_text.init_from", placeholders)
     else:
         tokenizer = tokenizer_from_file(features_dir / TOKENIZER_FILE)
         model = build_model(cfg.model, tokenizer)
@@ -80,16 +131,21 @@ def text_job(cfg: TrainTextConfig, features_dir: Path) -> TrainingJob:
         save_text_model(training.unwrap(model), tokenizer, out_dir, features_dir)
         return training.parameter_count(model)
 
-    inputs = [features_dir / TOKENIZER_FILE, features_dir / "train.safetensors", features_dir / "train.parquet"]
+    inputs = [features_dir / name for name in (TOKENIZER_FILE, "train.safetensors", "train.parquet", "val.parquet", COPYING_FILE)]
     return TrainingJob(
         model=model,
         batches=batch_sampler(examples, cfg.train.batch_size, tokenizer.pad_token_id, cfg.train.seed),
         loss=text_loss,
-        params={"init_from": str(cfg.init_from) if cfg.init_from else None, "model": asdict(cfg.model)},
+        params={
+            "init_from": str(cfg.init_from) if cfg.init_from else None,
+            "model": asdict(cfg.model),
+            **({"validate_sources": cfg.validate_sources, "select_by": cfg.select_by} if cfg.train.validate_every else {}),
+        },
         data_files=[p for p in inputs if p.is_file()],
         save=save,
         description=f"text model: {len(examples)} training sequences",
         items=lambda batch: int(batch["attention_mask"].sum()),
+        validation=text_validation(cfg, features_dir, tokenizer, delexicaliser) if cfg.train.validate_every else None,
     )
 
 

@@ -84,6 +84,7 @@ class TrainConfig:
     log_every: int
     seed: int
     cpu_threads: int | None = None
+    validate_every: int = 0  # steps between validations of a family that has them (0: none; the last step's model is kept)
 
     @classmethod
     def from_params(cls, section: dict[str, Any], prefix: str, seed: int | None = None) -> TrainConfig:
@@ -112,6 +113,7 @@ class TrainConfig:
             log_every=require(section, "log_every", int, prefix, low=1),
             seed=require(base, "seed", int, "base") if seed is None else seed,
             cpu_threads=cpu_threads_from_params(base),
+            validate_every=require(section, "validate_every", int, prefix, low=0) if "validate_every" in section else 0,
         )
         choices = {"device": DEVICES, "precision": PRECISIONS, "resume": ("auto", "never")}
         for key, allowed in choices.items():
@@ -124,6 +126,8 @@ class TrainConfig:
         relevant = {
             k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "keep_checkpoints", "resume", "log_every")
         }
+        if not self.validate_every:  # families without validation keep the fingerprints (and checkpoints) they had
+            relevant.pop("validate_every")
         payload = json.dumps([relevant, *extra], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -224,6 +228,32 @@ class MetricLogger:
 # --- the loop -----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Validation:
+    """Model selection on generated output: `run(model)` scores the model (it generates from held-out
+    sources), and the best score of `metric` (`mode` max or min) so far decides which weights are saved."""
+
+    run: Callable[[nn.Module], dict[str, float]]
+    metric: str
+    mode: str = "max"
+
+    def better(self, value: float, best: float | None) -> bool:
+        return best is None or (value > best if self.mode == "max" else value < best)
+
+
+@dataclass
+class Selection:
+    """The best validated step: its score, every metric, and its weights (on CPU)."""
+
+    step: int
+    value: float
+    metrics: dict[str, float]
+    state: dict[str, torch.Tensor]
+
+    def record(self, metric: str) -> dict[str, Any]:
+        return {"step": self.step, "metric": metric, "value": self.value, "metrics": self.metrics}
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -231,6 +261,7 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, summed loss of every phase)
     phase_losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)  # training.json, once run_training has saved the model
+    best: Selection | None = None  # the validated model kept, when the family validates
 
     @property
     def final_loss(self) -> float:
@@ -262,6 +293,7 @@ def fit(
     stop_after: int | None = None,
     items_per_batch: Callable[[Batch], int] | None = None,
     after_step: Callable[[nn.Module, int], None] | None = None,
+    validation: Validation | None = None,
 ) -> TrainResult:
     """Train `model` for `cfg.max_steps` optimizer steps, resuming from `checkpoint_dir` when allowed.
 
@@ -279,6 +311,8 @@ def fit(
         items_per_batch: counts tokens / images in a batch for the throughput shown on the progress bar.
         after_step: (unwrapped model, steps done) after every optimizer step, on every rank: EMA updates
             (state kept in the model, so checkpoints hold it) and side outputs such as sample grids.
+        validation: scored every `cfg.validate_every` steps and at the last one, on rank 0 (curves `val/*`);
+            the best step's weights are kept (in checkpoints too) and returned as `result.best`.
     """
     checkpoint_dir = run_folder(checkpoint_dir, fingerprint, model)
     fingerprint = checkpoint_dir.name
@@ -291,6 +325,7 @@ def fit(
     start_step, resumed_from = 0, None
     resumed_losses: dict[str, float] = {}
     curves: list[tuple[int, dict[str, float]]] = []
+    best: Selection | None = None
     if cfg.resume == "auto":
         found = newest_good_checkpoint(checkpoint_dir, fingerprint)
         if found is not None:
@@ -305,6 +340,8 @@ def fit(
             start_step = resumed_from = int(state["step"])
             resumed_losses = {name: float(value) for name, value in state.get("losses", {}).items()}
             curves = list(state.get("curves", []))
+            if state.get("best"):
+                best = Selection(**state["best"])
             log.info("resuming from %s (step %d of %d)", path, start_step, cfg.max_steps)
     train_model: nn.Module = model
     if runtime.distributed:
@@ -385,6 +422,10 @@ def fit(
             log.debug("step %d: %s", done, shown)
             window_losses = dict.fromkeys(names, 0.0)
             window_items, window_start = 0, time.perf_counter()
+        validate_now = cfg.validate_every and (done % cfg.validate_every == 0 or done == cfg.max_steps)
+        if validation is not None and validate_now and runtime.is_main:
+            best = validate_step(validation, unwrap(model), done, best, logger)
+            train_model.train()
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or done == stop_after:
             rngs = gather_rng_states(runtime)
             if runtime.is_main:
@@ -398,6 +439,7 @@ def fit(
                         "fingerprint": fingerprint,
                         "losses": step_losses,
                         "curves": logger.history,
+                        "best": asdict(best) if best is not None else None,
                     },
                     checkpoint_path(checkpoint_dir, done),
                 )
@@ -405,7 +447,28 @@ def fit(
         if stop_after is not None and done >= stop_after:
             break
     logger.close()
+    result.best = best
     return result
+
+
+def validate_step(
+    validation: Validation, model: nn.Module, step: int, best: Selection | None, logger: MetricLogger
+) -> Selection | None:
+    """Score the model; keep its weights when it is the best so far. The RNG is left as it was, so training
+    goes on exactly as without validation (and a resumed run matches an uninterrupted one)."""
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        metrics = {k: float(v) for k, v in validation.run(model).items()}
+    model.train(was_training)
+    if validation.metric not in metrics:
+        raise ValueError(f"validation returned {sorted(metrics)}, not the selection metric {validation.metric!r}")
+    logger.log(step, {f"val/{k}": v for k, v in metrics.items()})
+    value = metrics[validation.metric]
+    log.info("step %d: validation %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    if not math.isfinite(value) or not validation.better(value, best.value if best else None):
+        return best
+    return Selection(step, value, metrics, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
 
 
 # --- one runner for every training stage ----------------------------------------------------------------
@@ -428,6 +491,8 @@ class TrainingJob:
         after_step: (unwrapped model, steps done) after every optimizer step (e.g. an EMA update).
         samples: (unwrapped model) -> uint8 images (N, C, H, W) from fixed seeds: a grid of them is drawn
             every `sample_every` steps and at the end, `sample_columns` a row.
+        validation: model selection on generated output (every `validate_every` steps); the best step's
+            weights are the ones saved, and `training.json` says which step that was.
     """
 
     model: nn.Module
@@ -442,6 +507,7 @@ class TrainingJob:
     samples: Callable[[nn.Module], torch.Tensor] | None = None
     sample_every: int = 0
     sample_columns: int = 8
+    validation: Validation | None = None
 
 
 def run_training(
@@ -488,6 +554,7 @@ def run_training(
         result = fit(
             job.model, job.batches, job.loss, cfg, runtime, checkpoint_dir, fingerprint,
             metrics_dir=metrics_dir, stop_after=stop_after, items_per_batch=job.items, after_step=after_step,
+            validation=job.validation if cfg.validate_every else None,
         )  # fmt: skip
         log.info(
             "trained to step %d in %.1f s%s",
@@ -502,8 +569,18 @@ def run_training(
                 shutil.rmtree(samples_dir, ignore_errors=True)
                 if grids.is_dir():  # none without torchvision (a bare GPU box)
                     shutil.copytree(grids, samples_dir)
+            selected = {}
+            if result.best is not None and job.validation is not None:
+                unwrap(job.model).load_state_dict(result.best.state)
+                selected = {"selected": result.best.record(job.validation.metric)}
+                log.info(
+                    "saving the weights of step %d (best validation %s %.4f)",
+                    result.best.step,
+                    job.validation.metric,
+                    result.best.value,
+                )
             extra = job.save(out_dir, result)
-            result.record = training_record({**job.params, "train": asdict(cfg)}, hashed, result) | extra
+            result.record = training_record({**job.params, "train": asdict(cfg)}, hashed, result) | selected | extra
             write_json(result.record, out_dir / "training.json")
         return result
     finally:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from components.common import (
     DATASETS,
+    SPLITS,
     ConfigError,
     DataError,
     load_params,
@@ -157,6 +158,7 @@ def text_expectations(rules: TextRules) -> list[Any]:
         ),
         e.ExpectColumnValuesToNotMatchRegex(column="reference", regex=r"^\s*$"),
         e.ExpectColumnValuesToNotMatchRegex(column="source", regex=r"^\s*$"),
+        e.ExpectColumnValuesToBeInSet(column="given_split", value_set=list(SPLITS)),  # null: no split given
     ]
     if rules.allowed_attributes is not None:
         expectations.append(e.ExpectColumnValuesToBeNull(column=ATTRIBUTE_CHECK_COLUMN))

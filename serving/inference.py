@@ -46,7 +46,7 @@ class TextGenerator:
     def __init__(self, folder: Path, device: torch.device) -> None:
         from components.text_model import load_text_model
 
-        self.model, self.tokenizer = load_text_model(folder, "text model", device)
+        self.model, self.tokenizer, self.delexicaliser = load_text_model(folder, "text model", device)
         self.device = device
         self.max_length = int(self.model.config.max_position_embeddings)
 
@@ -63,7 +63,10 @@ class TextGenerator:
             options = decoding_options(first.decoding, first.num_beams, first.top_p, first.temperature, first.max_new_tokens)
             torch.manual_seed(first.seed)  # sampling only; greedy and beam search ignore it
             prompts = [requests[i].prompt for i in indices]
-            texts = generate_texts(self.model, self.tokenizer, prompts, options, len(prompts), self.device, first.max_new_tokens)
+            texts = generate_texts(
+                self.model, self.tokenizer, prompts, options, len(prompts), self.device, first.max_new_tokens,
+                delexicaliser=self.delexicaliser,
+            )  # fmt: skip
             for i, text in zip(indices, texts, strict=True):
                 outputs[i] = text
         return [text or "" for text in outputs]

@@ -56,7 +56,9 @@ def shrink(params: dict[str, Any]) -> dict[str, Any]:
     tiny["features"]["text"]["vocab_size"] = 300
     tiny["features"]["images"]["image_size"] = 16
     tiny["train_text"]["model"] = {"n_layer": 1, "n_head": 2, "n_embd": 16, "max_length": 96, "dropout": 0.1}
-    tiny["train_text"].update(max_steps=12, batch_size=4, warmup_steps=2, checkpoint_every=4, log_every=4, lr=3e-3)
+    tiny["train_text"].update(
+        max_steps=12, batch_size=4, warmup_steps=2, checkpoint_every=4, log_every=4, lr=3e-3, validate_every=6, validate_sources=4
+    )
     tiny["evaluate_text"].update(max_new_tokens=12, batch_size=8, max_sources=6, samples=3)
     tiny["train_feature_net"]["model"] = {"width": 4, "feature_dim": 8, "dropout": 0.0}
     tiny["train_feature_net"].update(max_steps=20, batch_size=32, warmup_steps=2, checkpoint_every=10, log_every=10)

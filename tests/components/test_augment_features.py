@@ -18,6 +18,7 @@ from components import augment, features
 from components.common import ConfigError
 from components.image_io import decode_image
 from components.records import BRACKET, JSON, PIPE, categorical_keys, parse_source, serialise
+from components.delex import Delexicaliser
 from components.text_model import SPECIAL_TOKENS
 from tests.conftest import run_data_stages, section, shrink
 
@@ -121,6 +122,8 @@ def test_invalid_augment_params_name_the_key(real_params: dict[str, Any]) -> Non
 
 def test_tokenizer_round_trips_and_arrays_match_rows(feature_dir: Path) -> None:
     tokenizer = Tokenizer.from_file(str(feature_dir / "text" / "tokenizer.json"))
+    delexicaliser = Delexicaliser.load(feature_dir / "text")
+    assert delexicaliser is not None and delexicaliser.keys["name"] == "hidden"
     for special in SPECIAL_TOKENS:
         assert tokenizer.token_to_id(special) is not None
     for split in ("train", "val", "test"):
@@ -128,10 +131,16 @@ def test_tokenizer_round_trips_and_arrays_match_rows(feature_dir: Path) -> None:
         arrays = load_file(str(feature_dir / "text" / f"{split}.safetensors"))
         assert len(arrays["source_offsets"]) == len(arrays["target_offsets"]) == rows.num_rows + 1
         for i in (0, rows.num_rows - 1):
+            source, reference = rows.column("source")[i].as_py(), rows.column("reference")[i].as_py()
             ids = arrays["target_ids"][arrays["target_offsets"][i] : arrays["target_offsets"][i + 1]].tolist()
-            assert tokenizer.decode(ids) == rows.column("reference")[i].as_py()
+            # The model learns the reference with placeholders where it copies; filled in, it is the reference.
+            assert tokenizer.decode(ids) == rows.column("model_reference")[i].as_py()
+            assert "<|name|>" in tokenizer.decode(ids)
+            assert delexicaliser.relexicalise(source, tokenizer.decode(ids)) == reference
             ids = arrays["source_ids"][arrays["source_offsets"][i] : arrays["source_offsets"][i + 1]].tolist()
-            assert tokenizer.decode(ids) == rows.column("source")[i].as_py()
+            assert tokenizer.decode(ids) == rows.column("model_source")[i].as_py() == delexicaliser.model_source(source)
+    for token in delexicaliser.placeholders():  # whole tokens, never split
+        assert tokenizer.token_to_id(token) in tokenizer.encode(f"the {token}.").ids
 
 
 def test_image_tensors_and_labels(feature_dir: Path, clean_dir: Path, augmented: Path) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ import pytest
 from components import clean
 from components.common import ConfigError, assign_splits
 from components.datasets import TEXT_SCHEMA
+from components.records import parse_source
 from tests.conftest import run_data_stages, section
 
 
@@ -52,7 +55,9 @@ def test_pii_masking(raw: str, expected: str) -> None:
     assert normalised(raw, mask_pii=False) == raw
 
 
-def table(rows: list[tuple[str, str]]) -> pa.Table:
+def table(
+    rows: list[tuple[str, str]], groups: list[str | None] | None = None, splits: list[str | None] | None = None
+) -> pa.Table:
     n = len(rows)
     return pa.table(
         {
@@ -61,6 +66,8 @@ def table(rows: list[tuple[str, str]]) -> pa.Table:
             "reference": [r[1] for r in rows],
             "origin": ["t"] * n,
             "ingest_error": [None] * n,
+            "group": groups or [None] * n,
+            "given_split": splits or [None] * n,
         },
         schema=TEXT_SCHEMA,
     )
@@ -181,3 +188,82 @@ def test_records_are_cleaned_value_by_value_and_keep_their_syntax(raw: str, expe
     assert (before is None) == (after is None)
     if before is not None and after is not None:
         assert before.syntax == after.syntax
+
+
+# --- how text is split --------------------------------------------------------------------------------
+
+
+def entity_rows(entities: int = 60, per_entity: int = 4) -> list[tuple[str, str]]:
+    """Records of `entities` venues, each several times with other attributes (as real corpora have them)."""
+    foods = ["Italian", "French", "Thai", "Indian", "Greek"]
+    rows = []
+    for e in range(entities):
+        for k in range(per_entity):
+            food, area = foods[(e + k) % len(foods)], ["riverside", "city centre"][k % 2]
+            source = f"name[Venue {e}], food[{food}], area[{area}]"
+            rows.append((source, f"Venue {e} serves {food} food in the {area}."))
+    return rows
+
+
+def splits_of(kept: pa.Table, key: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for value, split in zip(kept.column(key).to_pylist(), kept.column("split").to_pylist(), strict=True):
+        out.setdefault(value, set()).add(split)
+    return out
+
+
+def test_auto_split_groups_records_by_their_entity_key(cfg: clean.CleanConfig) -> None:
+    rows = entity_rows()
+    result = clean.clean_text(table(rows), cfg)
+    names = [parse_source(s).as_dict()["name"] for s in result.kept.column("source").to_pylist()]
+    kept = result.kept.append_column("entity", pa.array(names))
+    assert all(len(s) == 1 for s in splits_of(kept, "entity").values()), "an entity is in two splits"
+    assert set(kept.column("split").to_pylist()) == {"train", "val", "test"}
+    assert result.split == {"by": "group", "group": "name", "groups": 60}
+    assert result.counts["split_by"] == "group" and result.counts["split_group"] == "name"
+    # The source hash, asked for, spreads the same venue over the splits (the leak the group split prevents).
+    by_source = clean.clean_text(table(rows), replace(cfg, text_split=clean.TextSplit("source")))
+    names = [parse_source(s).as_dict()["name"] for s in by_source.kept.column("source").to_pylist()]
+    leaked = splits_of(by_source.kept.append_column("entity", pa.array(names)), "entity")
+    assert any(len(s) > 1 for s in leaked.values()) and by_source.split == {"by": "source"}
+
+
+def test_group_column_split_merges_groups_that_share_a_source(cfg: clean.CleanConfig) -> None:
+    rows = [(f"topic: t{i % 40}", f"Text {i}.") for i in range(200)]
+    groups = [f"author{i % 25}" for i in range(200)]
+    result = clean.clean_text(table(rows, groups=groups), cfg)
+    kept = result.kept
+    assert result.split["by"] == "group" and result.split["group"] == "column"
+    assert all(len(s) == 1 for s in splits_of(kept, "group").values())
+    assert all(len(s) == 1 for s in splits_of(kept, "source_key").values())
+    # 40 topics x 25 authors, each topic written by several authors: everything is connected into fewer units.
+    assert result.split["groups"] < 25
+
+
+def test_group_split_by_a_named_attribute_and_its_errors(cfg: clean.CleanConfig) -> None:
+    rows = entity_rows()
+    by_food = clean.clean_text(table(rows), replace(cfg, text_split=clean.TextSplit("group", "food")))
+    assert by_food.split["group"] == "food"
+    foods = [parse_source(s).as_dict()["food"] for s in by_food.kept.column("source").to_pylist()]
+    assert all(len(s) == 1 for s in splits_of(by_food.kept.append_column("food", pa.array(foods)), "food").values())
+    with pytest.raises(ConfigError, match="'clean.text_split.group' names 'colour'"):
+        clean.clean_text(table(rows), replace(cfg, text_split=clean.TextSplit("group", "colour")))
+    prompts = [(f"Write about item {i}", f"Item {i} is good.") for i in range(20)]
+    with pytest.raises(ConfigError, match="'clean.text_split.by' is 'group' but there is no group"):
+        clean.clean_text(table(prompts), replace(cfg, text_split=clean.TextSplit("group")))
+    assert clean.clean_text(table(prompts), cfg).split == {"by": "source"}  # auto: nothing to group by
+
+
+def test_given_split_keeps_rows_where_the_user_put_them(cfg: clean.CleanConfig) -> None:
+    rows = entity_rows(entities=10, per_entity=2)
+    splits = ["test" if i % 5 == 0 else "val" if i % 5 == 1 else "train" for i in range(len(rows))]
+    rows.append(rows[0])  # the same row in train as in test: the user's test set keeps it
+    splits.append("train")
+    rows.append(rows[2])  # a duplicate inside one split is still dropped
+    splits.append(splits[2])
+    result = clean.clean_text(table(rows, splits=splits), cfg)
+    kept = dict(zip(result.kept.column("record_id").to_pylist(), result.kept.column("split").to_pylist(), strict=True))
+    assert kept == {f"r{i}": split for i, split in enumerate(splits) if i != len(rows) - 1}
+    assert result.split == {"by": "given", "sources_in_two_splits": 1}
+    with pytest.raises(ConfigError, match="'clean.text_split.by' is 'given' but the data has no split"):
+        clean.clean_text(table(rows), replace(cfg, text_split=clean.TextSplit("given")))
