@@ -16,9 +16,9 @@ from tokenizers import Tokenizer
 
 from components import augment, features
 from components.common import ConfigError
+from components.delex import Delexicaliser
 from components.image_io import decode_image
 from components.records import BRACKET, JSON, PIPE, categorical_keys, parse_source, serialise
-from components.delex import Delexicaliser
 from components.text_model import SPECIAL_TOKENS
 from tests.conftest import run_data_stages, section, shrink
 

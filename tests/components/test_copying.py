@@ -119,7 +119,7 @@ def venue_table(venues: int = 240, per_venue: int = 2) -> pa.Table:
     """Records of invented venues, `per_venue` each with other attributes, and two templated references."""
     rng = np.random.default_rng(3)
     rows = []
-    for v in range(venues):
+    for _ in range(venues):
         a, b, c = (SYLLABLES[int(i)] for i in rng.integers(len(SYLLABLES), size=3))
         name = f"{a}{b}{c}".capitalize()
         for _ in range(per_venue):

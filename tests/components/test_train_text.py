@@ -92,6 +92,22 @@ def test_corrupt_newest_checkpoint_falls_back_and_keeps_the_file(
     assert (run_dir / "step-00000008.ckpt.corrupt").stat().st_size == 100  # kept, not deleted
 
 
+def test_the_best_validated_step_is_saved(tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path) -> None:
+    cfg = config(tiny_params, max_steps=12, validate_every=4, select_by="slot_error_rate")
+    result = train_text.train_text(cfg, tiny_features / "text", tmp_path / "model", tmp_path / "ckpt", tmp_path / "curves")
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    selected = record["selected"]
+    assert selected["metric"] == "slot_error_rate" and selected["step"] in (4, 8, 12)
+    assert set(selected["metrics"]) == {"bleu", "chrf", "value_coverage", "slot_error_rate"}
+    assert result.best is not None and selected["value"] == result.best.value
+    # The saved weights are the selected step's, not necessarily the last step's.
+    saved = weights(tmp_path / "model")
+    assert all(torch.equal(saved[k], result.best.state[k]) for k in saved if k in result.best.state)
+    # Validations are curves beside the loss (dvclive, or JSON lines without it).
+    logged = "".join(p.read_text() for p in (tmp_path / "curves").rglob("*") if p.is_file() and p.suffix in (".tsv", ".jsonl"))
+    assert "slot_error_rate" in logged
+
+
 def test_checkpoints_of_another_config_are_not_resumed(tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path) -> None:
     features = tiny_features / "text"
     train_text.train_text(config(tiny_params), features, tmp_path / "a", tmp_path / "ckpt", stop_after=8)
@@ -178,7 +194,9 @@ def test_retrieval_baseline_picks_the_most_similar_source() -> None:
         {"source_key": "1", "source": "name: A | colour: red | tone: minimal", "reference": "Red A."},
         {"source_key": "2", "source": "name: B | colour: blue | tone: playful", "reference": "Blue B!"},
     ]
-    assert evaluate_text.retrieval_baseline(train, ["name: C | colour: blue | tone: playful"]) == ["Blue B!"]
+    # The retrieved text is moved to the test source: its values replace the retrieved source's.
+    assert evaluate_text.retrieval_baseline(train, ["name: C | colour: blue | tone: playful"]) == ["Blue C!"]
+    assert evaluate_text.retrieval_baseline(train, ["name: D | colour: red"]) == ["Red D."]
 
 
 @pytest.mark.slow
@@ -199,9 +217,13 @@ def test_perplexity_is_exp_of_the_target_token_loss(tiny_params: dict[str, Any],
 
     tiny_pretrained(tmp_path / "model", tiny_features / "text")
     model, tokenizer = load_pretrained(tmp_path / "model", "test")
-    rows = [{"source": "name: A | colour: red", "reference": "A red thing."}, {"source": "name: B", "reference": "B, long."}]
+    rows = [
+        {"model_source": "name: A | colour: red", "model_reference": "A red thing."},
+        {"model_source": "name: B", "model_reference": "B, long."},
+    ]
     pairs = [
-        example_ids(tokenizer(r["source"])["input_ids"], tokenizer(r["reference"])["input_ids"], tokenizer, 64) for r in rows
+        example_ids(tokenizer(r["model_source"])["input_ids"], tokenizer(r["model_reference"])["input_ids"], tokenizer, 64)
+        for r in rows
     ]
     batch = make_batch(Examples([p[0] for p in pairs], [p[1] for p in pairs]), [0, 1], tokenizer.pad_token_id)
     with torch.no_grad():
