@@ -66,7 +66,20 @@ def main(argv: list[str] | None = None) -> None:
                     "schema_syntax": schema["syntax"],
                     "schema_keys": {key: entry["kind"] for key, entry in schema["keys"].items()},
                     "data": json.loads((repo / "metrics" / "data.json").read_text(encoding="utf-8"))["text"],
-                    "text_metrics": {k: text_metrics.get(k) for k in ("bleu", "chrf", "perplexity", "bleu_retrieval_baseline")},
+                    "text_metrics": {
+                        k: text_metrics.get(k)
+                        for k in (
+                            "bleu",
+                            "chrf",
+                            "value_coverage",
+                            "slot_error_rate",
+                            "hallucinated_names",
+                            "perplexity",
+                            "bleu_retrieval_baseline",
+                            "value_coverage_retrieval_baseline",
+                            "split",
+                        )
+                    },
                 },
                 indent=2,
             )

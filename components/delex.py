@@ -152,6 +152,13 @@ def choose_keys(
     return Delexicaliser(keys), shares
 
 
+def values_said(source: str, text: str) -> int:
+    """How many of the source's values the text says verbatim (whole words, any case)."""
+    record = parse_source(source)
+    patterns = (value_pattern([value]) for _, value in (record.pairs if record is not None else ()))
+    return sum(1 for pattern in patterns if pattern is not None and pattern.search(text))
+
+
 def substitute(text: str, from_source: str, to_source: str) -> str:
     """A text written for `from_source`, rewritten for `to_source`: each value of the first that the text
     says verbatim becomes the second's value of the same key (kept where the second lacks the key)."""

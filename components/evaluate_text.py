@@ -30,7 +30,7 @@ from components.delex import Delexicaliser, substitute
 from components.metrics import corpus_scores, sentence_bleu
 from components.records import parse_source
 from components.runtime import cpu_threads_from_params, device_from_params, evaluation_device
-from components.slots import SLOT_METRICS, SlotCheck, SlotLexicon, check_output, key_coverage, slot_scores
+from components.slots import SLOT_METRICS, SlotCheck, SlotLexicon, check_output, key_coverage, slot_scores, unmeasured
 from components.text_model import (
     DECODING,
     Examples,
@@ -60,6 +60,7 @@ class EvaluateTextConfig:
     seed: int
     cpu_threads: int | None = None
     synonyms: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    require_values: bool = True
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> EvaluateTextConfig:
@@ -84,6 +85,7 @@ class EvaluateTextConfig:
             seed=require(params["base"], "seed", int, "base"),
             cpu_threads=cpu_threads_from_params(params["base"]),
             synonyms=synonyms_from_params(params.get("synonyms"), f"{p}.synonyms"),
+            require_values=require(params, "require_values", bool, p),
         )
 
 
@@ -139,7 +141,7 @@ def generate(
     torch.manual_seed(cfg.seed)
     return generate_texts(
         model, tokenizer, sources, options, cfg.batch_size, device, cfg.max_new_tokens, show_progress=True,
-        delexicaliser=delexicaliser,
+        delexicaliser=delexicaliser, require_values=cfg.require_values,
     )  # fmt: skip
 
 
@@ -178,7 +180,9 @@ def evaluate_text(
 
     hypotheses = generate(model, tokenizer, delexicaliser, sources, cfg, device)
     baseline = retrieval_baseline(train_rows, sources)
-    lexicon = SlotLexicon.from_sources([r["source"] for r in train_rows + test_rows], cfg.synonyms)
+    lexicon = SlotLexicon.from_training(
+        ((r["source"], r["reference"]) for r in train_rows), [r["source"] for r in test_rows], cfg.synonyms
+    )
     model_checks = [check_output(s, h, lexicon) for s, h in zip(sources, hypotheses, strict=True)]
     baseline_checks = [check_output(s, b, lexicon) for s, b in zip(sources, baseline, strict=True)]
     model_slots = slot_scores(model_checks, bool(lexicon.entity_keys))
@@ -195,6 +199,7 @@ def evaluate_text(
         **{f"{key}_retrieval_baseline": baseline_slots[key] for key in SLOT_METRICS},
         "value_coverage_by_key": key_coverage(model_checks),
         "source_values": model_slots["values"],
+        "unmeasured_values": unmeasured(lexicon),
         "entity_keys": list(lexicon.entity_keys),
         "copied_keys": dict(delexicaliser.keys) if delexicaliser else {},
         "split": read_split(features_dir),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 HEADLINE: dict[str, tuple[str, ...]] = {
-    "text": ("bleu", "chrf", "perplexity", "bleu_retrieval_baseline"),
+    "text": ("bleu", "chrf", "value_coverage", "slot_error_rate", "hallucinated_names", "perplexity", "bleu_retrieval_baseline"),
     "image": ("fid_domain", "fid_domain_floor", "kid_domain", "generated_class_accuracy", "feature_net_accuracy"),
     "restore": ("psnr", "psnr_baseline", "ssim", "ssim_baseline", "psnr_y", "task"),
 }

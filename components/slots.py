@@ -13,6 +13,10 @@ separators removed (`1,000` = `1000`). A key can have synonyms (`{key: {value: [
 - `hallucinated_names`: the share of outputs that name an entity (a value of an entity key,
   `records.is_entity_key`, anywhere in the data) that their source does not give.
 
+Only values that can be said are counted. A (key, value) pair that the training references say in under
+half the rows that have it (a style attribute such as `tone: playful`, a value always paraphrased, such as
+`price: budget` written "easy on the wallet") is not measured, unless synonyms make it sayable; the
+evaluation reports how many values of each key were left out. A value training never saw is measured.
 Free prompts have no values; they count in `hallucinated_names` only. Only the standard library.
 """
 
@@ -22,7 +26,7 @@ import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -71,11 +75,30 @@ def ngrams(words: Words, longest: int) -> set[Words]:
 @dataclass(frozen=True)
 class SlotLexicon:
     """What the matcher knows about the data: every value each key takes (for `wrong` values and named
-    entities), the keys that name entities, and the synonyms."""
+    entities), the keys that name entities, the synonyms, and the pairs not measured."""
 
     known: Mapping[str, frozenset[Words]]
     entity_keys: tuple[str, ...]
     synonyms: Mapping[str, Mapping[str, tuple[Words, ...]]] = field(default_factory=dict)
+    unsaid: frozenset[tuple[str, str]] = frozenset()  # pairs the training references rarely say: not measured
+
+    @classmethod
+    def from_training(
+        cls, rows: Iterable[tuple[str, str]], other_sources: Iterable[str] = (),
+        synonyms: Mapping[str, Mapping[str, Sequence[str]]] | None = None, min_share: float = 0.5,
+    ) -> SlotLexicon:  # fmt: skip
+        """The lexicon of training (source, reference) rows plus other sources (test, validation), with the
+        pairs the references say in under `min_share` of their rows marked unsaid."""
+        rows = list(rows)
+        lexicon = cls.from_sources([s for s, _ in rows] + list(other_sources), synonyms)
+        said: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for source, reference in rows:
+            for value in check_output(source, reference, lexicon).values:
+                counts = said[(value["key"], value["value"])]
+                counts[0] += value["status"] == REALISED
+                counts[1] += 1
+        unsaid = frozenset(pair for pair, (realised, total) in said.items() if realised < min_share * total)
+        return replace(lexicon, unsaid=unsaid)
 
     @classmethod
     def from_sources(
@@ -140,7 +163,7 @@ def check_output(source: str, output: str, lexicon: SlotLexicon) -> SlotCheck:
     statuses = []
     for (key, value), own in zip(pairs, given, strict=True):
         forms = lexicon.realisations(key, value)
-        if not forms:
+        if not forms or (key, value) in lexicon.unsaid:
             continue
         if any(form in grams if len(form) <= lexicon.longest else contains(words, form) for form in forms):
             status = REALISED
@@ -169,6 +192,14 @@ def slot_scores(checks: Sequence[SlotCheck], has_entities: bool) -> dict[str, An
         "missing_values": missing,
         "wrong_values": wrong,
     }
+
+
+def unmeasured(lexicon: SlotLexicon) -> dict[str, int]:
+    """Per key, how many of its values are not measured (the references rarely say them)."""
+    counts: dict[str, int] = defaultdict(int)
+    for key, _ in lexicon.unsaid:
+        counts[key] += 1
+    return dict(sorted(counts.items()))
 
 
 def key_coverage(checks: Sequence[SlotCheck]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from components.common import ConfigError, DataError, progress, require
-from components.delex import COPYING_FILE, Delexicaliser
+from components.delex import COPYING_FILE, Delexicaliser, values_said
 from components.model_io import check_safetensors_folder
 from components.records import SCHEMA_FILE
 
@@ -262,7 +262,8 @@ def decoding_options(decoding: str, num_beams: int, top_p: float, temperature: f
         raise ValueError(f"decoding must be one of {list(DECODING)}, got {decoding!r}")
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if decoding == "beam":
-        options.update(num_beams=num_beams, do_sample=False, early_stopping=True)
+        # Every beam comes back: generate_texts keeps the one that says the most source values.
+        options.update(num_beams=num_beams, num_return_sequences=num_beams, do_sample=False, early_stopping=True)
     elif decoding == "nucleus":
         options.update(do_sample=True, top_p=top_p, temperature=temperature)
     else:
@@ -270,13 +271,52 @@ def decoding_options(decoding: str, num_beams: int, top_p: float, temperature: f
     return options
 
 
+PLACEHOLDER_BONUS = 6.0
+"""Log-odds added to a copied value's placeholder while the text being generated still lacks it: enough to
+open the clause that says it where the model already considers one (a much larger bonus pushes
+placeholders into the middle of other clauses; measured on the default data, see the README)."""
+
+
+class RequirePlaceholders:
+    """A `generate` logits processor for a delexicalising model: while a sequence lacks a placeholder its
+    source needs (a copied key the source gives), that placeholder gets `bonus` log-odds and, with
+    `block_end` (beam search), the sequence may not end. Greedy and beam search otherwise leave out an
+    attribute whose clause has many openings, each less likely than ending the text: the most likely text
+    is a shorter one. A single greedy path barred from ending rambles instead, so greedy gets the bonus only.
+    """
+
+    def __init__(self, required: list[list[int]], prompt_width: int, eos_token_id: int, bonus: float, block_end: bool) -> None:
+        self.required = required  # per source; beams of source i are rows i * beams ... (i + 1) * beams - 1
+        self.prompt_width = prompt_width
+        self.eos_token_id = eos_token_id
+        self.bonus = bonus
+        self.block_end = block_end
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        beams = input_ids.shape[0] // len(self.required)
+        written = input_ids[:, self.prompt_width :]
+        for row in range(input_ids.shape[0]):
+            missing = [token for token in self.required[row // beams] if not bool((written[row] == token).any())]
+            if missing:
+                scores[row, missing] += self.bonus
+                if self.block_end:
+                    scores[row, self.eos_token_id] = float("-inf")
+        return scores
+
+
 def generate_texts(
     model: Any, tokenizer: Any, sources: list[str], options: dict[str, Any], batch_size: int, device: torch.device,
     max_new_tokens: int, show_progress: bool = False, delexicaliser: Delexicaliser | None = None,
+    require_values: bool = True,
 ) -> list[str]:  # fmt: skip
     """Batched decoding of `source SEP`; left padding so every prompt ends where generation starts. With a
     delexicaliser, the model reads each source with its hidden values as placeholders, and the placeholders
-    it writes are filled with the source's values."""
+    it writes are filled with the source's values. Beam search (the decoding evaluation and the service
+    default to) returns every beam, and the text kept is the one that says the most of the source's values
+    (the beam score breaks ties). With `require_values`, a missing copied value's placeholder is favoured
+    and no beam may end before it has written each one (RequirePlaceholders)."""
+    from transformers import LogitsProcessorList
+
     max_length = model.config.max_position_embeddings
     options = {**options, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     model_sources = [delexicaliser.model_source(s) for s in sources] if delexicaliser else sources
@@ -291,10 +331,22 @@ def generate_texts(
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
+        batch_options = dict(options)
+        beams = options.get("num_beams", 1)
+        if delexicaliser is not None and require_values:
+            chunk = sources[start : start + batch_size]
+            required = [[tokenizer.convert_tokens_to_ids(p) for p in delexicaliser.slots(s)] for s in chunk]
+            batch_options["logits_processor"] = LogitsProcessorList(
+                [RequirePlaceholders(required, width, tokenizer.eos_token_id, PLACEHOLDER_BONUS, block_end=beams > 1)]
+            )
         with torch.inference_mode():
-            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **options)
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **batch_options)
         outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+    per_source = options.get("num_return_sequences", 1)
     texts = [text.strip() for text in outputs]
-    if delexicaliser is None:
+    if delexicaliser is not None:
+        texts = [delexicaliser.relexicalise(sources[i // per_source], text) for i, text in enumerate(texts)]
+    if per_source == 1:
         return texts
-    return [delexicaliser.relexicalise(source, text) for source, text in zip(sources, texts, strict=True)]
+    candidates = [texts[i : i + per_source] for i in range(0, len(texts), per_source)]
+    return [max(found, key=lambda text: values_said(source, text)) for source, found in zip(sources, candidates, strict=True)]

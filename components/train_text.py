@@ -100,7 +100,8 @@ def text_validation(
         log.warning("train_text: no validation rows, so no model selection: the last step's weights are saved")
         return None
     sources, references = [g.source for g in groups], [g.references for g in groups]
-    lexicon = SlotLexicon.from_sources([r["source"] for r in read_texts(features_dir / "train.parquet") + rows])
+    train_rows = read_texts(features_dir / "train.parquet")
+    lexicon = SlotLexicon.from_training(((r["source"], r["reference"]) for r in train_rows), [r["source"] for r in rows])
     new_tokens = cfg.model.max_length // 2  # half the context for the source, half for the text
 
     def run(model: Any) -> dict[str, float]:

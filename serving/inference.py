@@ -27,7 +27,7 @@ MAX_RESTORE_PIXELS = 2048 * 2048
 @dataclass(frozen=True)
 class TextRequest:
     prompt: str
-    decoding: str = "greedy"  # greedy | beam | nucleus
+    decoding: str = "beam"  # greedy | beam | nucleus; beam is what evaluate_text measures
     temperature: float = 1.0
     top_p: float = 0.9
     num_beams: int = 4

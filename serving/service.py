@@ -316,7 +316,7 @@ class Gateway:
             ctx: bentoml.Context,
             record: TextRecord | None = None,  # type: ignore[valid-type]
             prompt: Prompt | None = None,
-            decoding: Decoding = "greedy",
+            decoding: Decoding = "beam",  # what evaluate_text measures
             temperature: Temperature = 1.0,
             top_p: TopP = 0.9,
             num_beams: NumBeams = 4,
@@ -333,7 +333,7 @@ class Gateway:
             self,
             ctx: bentoml.Context,
             prompt: Prompt,
-            decoding: Decoding = "greedy",
+            decoding: Decoding = "beam",  # what evaluate_text measures
             temperature: Temperature = 1.0,
             top_p: TopP = 0.9,
             num_beams: NumBeams = 4,

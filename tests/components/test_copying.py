@@ -168,3 +168,32 @@ def test_a_delexicalised_model_copies_names_it_never_saw(tiny_params: dict[str, 
     assert copying["value_coverage_by_key"]["name"] >= 0.9, copying
     assert guessing["value_coverage_by_key"]["name"] <= copying["value_coverage_by_key"]["name"] - 0.3, guessing
     assert copying["hallucinated_names"] <= 0.02, copying
+
+
+def test_a_missing_placeholder_is_favoured_and_ends_are_barred_until_it_is_written() -> None:
+    import torch
+
+    from components.text_model import RequirePlaceholders
+
+    # Two sources, two beams each; prompt of width 2; token 9 = end, 5 and 6 = placeholders.
+    processor = RequirePlaceholders([[5, 6], []], prompt_width=2, eos_token_id=9, bonus=2.0, block_end=True)
+    input_ids = torch.tensor([[1, 2, 5, 3], [1, 2, 5, 6], [1, 2, 3, 3], [1, 2, 4, 4]])
+    scores = processor(input_ids, torch.zeros(4, 10))
+    assert scores[0, 6] == 2.0 and scores[0, 5] == 0.0 and scores[0, 9] == float("-inf")  # 6 still missing
+    assert torch.equal(scores[1], torch.zeros(10))  # both written: left alone
+    assert torch.equal(scores[2:], torch.zeros(2, 10))  # the second source needs nothing
+    # A placeholder in the prompt (a hidden source value) does not count as written.
+    greedy = RequirePlaceholders([[5]], prompt_width=2, eos_token_id=9, bonus=2.0, block_end=False)
+    scores = greedy(torch.tensor([[5, 2, 3]]), torch.zeros(1, 10))
+    assert scores[0, 5] == 2.0 and scores[0, 9] == 0.0
+
+
+def test_values_the_references_never_say_are_not_measured_unless_synonyms_say_them() -> None:
+    rows = [(f"name: N{i} | tone: playful | price: budget", f"N{i} is fun and easy on the wallet.") for i in range(6)]
+    lexicon = SlotLexicon.from_training(rows, ["name: M | tone: minimal | price: budget"])
+    assert lexicon.unsaid == {("tone", "playful"), ("price", "budget")}
+    check = check_output("name: M | tone: minimal | price: budget", "M is nice.", lexicon)
+    # `tone: minimal` never occurred in training: measured (and missing); `price: budget` is not measured.
+    assert [(v["key"], v["status"]) for v in check.values] == [("name", REALISED), ("tone", MISSING)]
+    said = SlotLexicon.from_training(rows, synonyms={"price": {"budget": ["easy on the wallet"]}})
+    assert said.unsaid == {("tone", "playful")}

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -208,6 +209,11 @@ def test_evaluate_writes_metrics_and_outputs(tiny_params: dict[str, Any], tiny_f
     )
     assert {"bleu", "chrf", "perplexity", "bleu_retrieval_baseline", "sacrebleu_signature"} <= set(metrics)
     assert metrics["test_sources"] == 6 and metrics["perplexity"] > 1
+    assert 0 <= metrics["value_coverage"] <= 1 and 0 <= metrics["slot_error_rate"] <= 1
+    assert metrics["value_coverage_retrieval_baseline"] is not None and metrics["split"]["by"] in ("group", "unknown")
+    outputs = pq.read_table(tmp_path / "eval" / "outputs.parquet").to_pylist()
+    assert {v["status"] for row in outputs for v in row["values"]} <= {"realised", "missing", "wrong"}
+    assert all(len(row["values"]) == len(row["retrieval_values"]) > 0 for row in outputs)
     assert (tmp_path / "eval" / "outputs.parquet").is_file()
     assert len((tmp_path / "eval" / "samples.csv").read_text().splitlines()) == 1 + 3
 

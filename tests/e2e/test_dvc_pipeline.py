@@ -55,6 +55,10 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) ->
     assert metrics["text"]["rows_in"] == 160 and metrics["images"]["rows_in"] == 1797
     text = json.loads((tiny_repo / "metrics" / "text.json").read_text())
     assert {"bleu", "chrf", "perplexity", "bleu_retrieval_baseline", "sacrebleu_signature"} <= set(text)
+    assert {"value_coverage", "slot_error_rate", "hallucinated_names", "value_coverage_retrieval_baseline"} <= set(text)
+    # The default data is split by product name: the metrics say so, and test products are new.
+    assert text["split"]["by"] == "group" and text["split"]["group"] == "name" and text["entity_keys"] == ["name"]
+    assert metrics["text"]["split_by"] == "group" and text["copied_keys"]["name"] == "hidden"
     image = json.loads((tiny_repo / "metrics" / "image.json").read_text())
     assert {"fid_domain", "kid_domain", "fid_domain_floor", "feature_net_accuracy"} <= set(image)
     restore = json.loads((tiny_repo / "metrics" / "restore.json").read_text())
