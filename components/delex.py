@@ -71,6 +71,8 @@ def relexicalise_text(text: str, slots: Mapping[str, str], fallback: Mapping[str
             value = value[:1].upper() + value[1:]
         return value
 
+    # A model that writes a placeholder right after a full stop ("fun.<|venue|>") still means a new sentence.
+    text = re.sub(r"(?<=[.!?])(?=<\|[^|<>]+\|>)", " ", text)
     filled = _PLACEHOLDER.sub(fill, text)
     return re.sub(r"\s*" + _DROPPED, "", filled).strip() if _DROPPED in filled else filled
 

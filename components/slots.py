@@ -14,7 +14,7 @@ separators removed (`1,000` = `1000`). A key can have synonyms (`{key: {value: [
   `records.is_entity_key`, anywhere in the data) that their source does not give.
 
 Only values that can be said are counted. A (key, value) pair that the training references say in under
-half the rows that have it (a style attribute such as `tone: playful`, a value always paraphrased, such as
+half the rows that have it (a style attribute such as `mood: playful`, a value always paraphrased, such as
 `price: budget` written "easy on the wallet") is not measured, unless synonyms make it sayable; the
 evaluation reports how many values of each key were left out. A value training never saw is measured.
 Free prompts have no values; they count in `hallucinated_names` only. Only the standard library.

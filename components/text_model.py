@@ -8,6 +8,7 @@ evaluation and serving share one definition of each.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
@@ -272,9 +273,20 @@ def decoding_options(decoding: str, num_beams: int, top_p: float, temperature: f
 
 
 PLACEHOLDER_BONUS = 6.0
-"""Log-odds added to a copied value's placeholder while the text being generated still lacks it: enough to
-open the clause that says it where the model already considers one (a much larger bonus pushes
-placeholders into the middle of other clauses; measured on the default data, see the README)."""
+"""Log-odds added to a missing copied value's placeholder where the model starts a placeholder (after the
+space token that precedes one): it then writes the value still missing rather than another."""
+
+
+@functools.lru_cache(maxsize=8)
+def boundary_tokens(tokenizer: Any) -> frozenset[int]:
+    """Tokens after which a placeholder may start a clause: those ending a sentence (`.`, `!`, `?`) and
+    bare spaces (the space before a placeholder is a token of its own)."""
+    boundary = set()
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if text and (not text.strip() or text.rstrip()[-1:] in ".!?"):
+            boundary.add(token_id)
+    return frozenset(boundary)
 
 
 class RequirePlaceholders:
@@ -285,22 +297,28 @@ class RequirePlaceholders:
     is a shorter one. A single greedy path barred from ending rambles instead, so greedy gets the bonus only.
     """
 
-    def __init__(self, required: list[list[int]], prompt_width: int, eos_token_id: int, bonus: float, block_end: bool) -> None:
+    def __init__(
+        self, required: list[list[int]], prompt_width: int, eos_token_id: int, bonus: float, block_end: bool,
+        after_tokens: frozenset[int] | None = None,
+    ) -> None:  # fmt: skip
         self.required = required  # per source; beams of source i are rows i * beams ... (i + 1) * beams - 1
         self.prompt_width = prompt_width
         self.eos_token_id = eos_token_id
         self.bonus = bonus
         self.block_end = block_end
+        self.after_tokens = after_tokens  # the bonus applies only right after one of them (None: anywhere)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         beams = input_ids.shape[0] // len(self.required)
         written = input_ids[:, self.prompt_width :]
         for row in range(input_ids.shape[0]):
             missing = [token for token in self.required[row // beams] if not bool((written[row] == token).any())]
-            if missing:
+            if not missing:
+                continue
+            if self.after_tokens is None or (written.shape[1] and int(written[row, -1]) in self.after_tokens):
                 scores[row, missing] += self.bonus
-                if self.block_end:
-                    scores[row, self.eos_token_id] = float("-inf")
+            if self.block_end:
+                scores[row, self.eos_token_id] = float("-inf")
         return scores
 
 
@@ -337,7 +355,11 @@ def generate_texts(
             chunk = sources[start : start + batch_size]
             required = [[tokenizer.convert_tokens_to_ids(p) for p in delexicaliser.slots(s)] for s in chunk]
             batch_options["logits_processor"] = LogitsProcessorList(
-                [RequirePlaceholders(required, width, tokenizer.eos_token_id, PLACEHOLDER_BONUS, block_end=beams > 1)]
+                [
+                    RequirePlaceholders(
+                        required, width, tokenizer.eos_token_id, PLACEHOLDER_BONUS, beams > 1, boundary_tokens(tokenizer)
+                    )
+                ]
             )
         with torch.inference_mode():
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **batch_options)
