@@ -310,15 +310,29 @@ class RequirePlaceholders:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         beams = input_ids.shape[0] // len(self.required)
-        written = input_ids[:, self.prompt_width :]
-        for row in range(input_ids.shape[0]):
-            missing = [token for token in self.required[row // beams] if not bool((written[row] == token).any())]
-            if not missing:
-                continue
-            if self.after_tokens is None or (written.shape[1] and int(written[row, -1]) in self.after_tokens):
-                scores[row, missing] += self.bonus
-            if self.block_end:
-                scores[row, self.eos_token_id] = float("-inf")
+        width = max((len(r) for r in self.required), default=0)
+        if not width:
+            return scores
+        required = torch.full((len(self.required), width), -1, dtype=torch.long)
+        for i, tokens in enumerate(self.required):
+            required[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        required = required.repeat_interleave(beams, dim=0).to(input_ids.device)  # (rows, K), -1 = none
+        written = input_ids[:, self.prompt_width :]  # (rows, T)
+        present = (written.unsqueeze(-1) == required.unsqueeze(1)).any(dim=1)  # (rows, K)
+        missing = (required >= 0) & ~present
+        rows = missing.any(dim=1)
+        if not bool(rows.any()):
+            return scores
+        boost = rows.clone()
+        if self.after_tokens is not None:
+            last = written[:, -1] if written.shape[1] else torch.full_like(rows, -1, dtype=torch.long)
+            after = torch.tensor(sorted(self.after_tokens), dtype=torch.long, device=input_ids.device)
+            boost &= torch.isin(last, after)
+        row_index, slot = missing.nonzero(as_tuple=True)
+        keep = boost[row_index]
+        scores[row_index[keep], required[row_index[keep], slot[keep]]] += self.bonus
+        if self.block_end:
+            scores[rows, self.eos_token_id] = float("-inf")
         return scores
 
 

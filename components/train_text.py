@@ -5,9 +5,10 @@
 
 Writes a save_pretrained folder (safetensors + config + tokenizer) and `training.json` (the params and the
 data hash that produced it). Every `validate_every` steps the model writes the first `validate_sources`
-validation sources (greedy, placeholders filled as in evaluation) and is scored on them (BLEU, chrF and the
-slot metrics); the weights of the best step by `select_by` are the ones saved, and `training.json` says
-which step that was. Needs only torch, transformers, tokenizers, safetensors, sacrebleu, numpy and yaml.
+validation sources, decoded as evaluation and the service decode (`validate_beams` beams; 1: greedy), and
+is scored on them (BLEU, chrF and the slot metrics); the weights of the best step by `select_by` are the
+ones saved, and `training.json` says which step that was. Needs only torch, transformers, tokenizers,
+safetensors, sacrebleu, numpy and yaml.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class TrainTextConfig:
     train: TrainConfig
     validate_sources: int = 200
     select_by: str = "bleu"
+    validate_beams: int = 4
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainTextConfig:
@@ -70,6 +72,7 @@ class TrainTextConfig:
             train=TrainConfig.from_params(params, "train_text"),
             validate_sources=require(params, "validate_sources", int, "train_text", low=1),
             select_by=select_by,
+            validate_beams=require(params, "validate_beams", int, "train_text", low=1, high=16),
         )
 
 
@@ -106,7 +109,8 @@ def text_validation(
 
     def run(model: Any) -> dict[str, float]:
         device = next(model.parameters()).device
-        options = decoding_options("greedy", 1, 1.0, 1.0, new_tokens)
+        decoding = "beam" if cfg.validate_beams > 1 else "greedy"
+        options = decoding_options(decoding, cfg.validate_beams, 1.0, 1.0, new_tokens)
         outputs = generate_texts(model, tokenizer, sources, options, 64, device, new_tokens, delexicaliser=delexicaliser)
         scores = corpus_scores(outputs, references)
         slots = slot_scores([check_output(s, o, lexicon) for s, o in zip(sources, outputs, strict=True)], False)
@@ -140,7 +144,11 @@ def text_job(cfg: TrainTextConfig, features_dir: Path) -> TrainingJob:
         params={
             "init_from": str(cfg.init_from) if cfg.init_from else None,
             "model": asdict(cfg.model),
-            **({"validate_sources": cfg.validate_sources, "select_by": cfg.select_by} if cfg.train.validate_every else {}),
+            **(
+                {"validate_sources": cfg.validate_sources, "select_by": cfg.select_by, "validate_beams": cfg.validate_beams}
+                if cfg.train.validate_every
+                else {}
+            ),
         },
         data_files=[p for p in inputs if p.is_file()],
         save=save,

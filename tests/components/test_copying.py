@@ -197,3 +197,15 @@ def test_values_the_references_never_say_are_not_measured_unless_synonyms_say_th
     assert [(v["key"], v["status"]) for v in check.values] == [("name", REALISED), ("tone", MISSING)]
     said = SlotLexicon.from_training(rows, synonyms={"price": {"budget": ["easy on the wallet"]}})
     assert said.unsaid == {("tone", "playful")}
+
+
+def test_the_placeholder_bonus_waits_for_a_clause_boundary() -> None:
+    import torch
+
+    from components.text_model import RequirePlaceholders
+
+    processor = RequirePlaceholders([[5]], prompt_width=1, eos_token_id=9, bonus=2.0, block_end=True, after_tokens=frozenset({3}))
+    mid_sentence = processor(torch.tensor([[1, 4]]), torch.zeros(1, 10))
+    assert mid_sentence[0, 5] == 0.0 and mid_sentence[0, 9] == float("-inf")  # no bonus, but no end either
+    after_full_stop = processor(torch.tensor([[1, 4, 3]]), torch.zeros(1, 10))
+    assert after_full_stop[0, 5] == 2.0

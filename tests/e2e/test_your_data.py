@@ -8,6 +8,7 @@ augmentation on or off, and runs the real pipeline to the packaged Bento. Nothin
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -192,3 +193,53 @@ def test_a_malformed_csv_row_is_quarantined_and_the_rest_runs(tmp_path: Path, re
     assert quarantined[0]["source"] == '"name[Broken]","Too many fields.",extra'  # kept whole, not lost
     data = json.loads((repo / "metrics" / "data.json").read_text())["text"]
     assert data["rows_in"] == 121 and data["rows_quarantined"] == 1
+
+
+def test_the_users_split_files_and_split_column_are_kept_row_by_row(tmp_path: Path, real_params: dict[str, Any]) -> None:
+    params, _ = case_params(real_params, Case(BRACKET, "csv", "grey16", "many", True), tmp_path / "data")
+    rows = corpus(BRACKET, records=60)
+    files = {}
+    for split, part in (("train", rows[:80]), ("dev", rows[80:100]), ("test", rows[100:])):
+        files[split] = str(write_text(part, "csv", tmp_path / "data" / split, BRACKET) / "corpus.csv")
+    params["ingest"]["text"].update(path=None, split_files=files)
+    repo = copy_repo(tmp_path / "repo", params)
+    env = {**venv_env(), "BENTOML_HOME": str(repo / ".bentoml")}
+    run = subprocess.run(["dvc", "repro", "clean"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    kept = pq.read_table(repo / "data" / "clean" / "text.parquet").to_pylist()
+    assert len(kept) == len(rows)
+    assert all(row["split"] == row["record_id"].split("/")[0] for row in kept)  # the dev file's: "val/corpus.csv:3"
+    data = json.loads((repo / "metrics" / "data.json").read_text())["text"]
+    assert data["split_by"] == "given" and data["splits"] == {"train": 80, "val": 20, "test": 20}
+
+    # The same rows in one file with a split column; a row naming no split is quarantined with the reason.
+    column_rows = [(s, r, ["train", "validation", "Test"][i % 3]) for i, (s, r) in enumerate(rows)]
+    column_rows[5] = (column_rows[5][0], column_rows[5][1], "holdout")
+    folder = tmp_path / "data" / "with_column"
+    folder.mkdir()
+    with (folder / "corpus.csv").open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([("mr", "ref", "part"), *column_rows])
+    params["ingest"]["text"].update(path=str(folder), split_files=None, split_column="part")
+    repo = copy_repo(tmp_path / "repo2", params)
+    run = subprocess.run(["dvc", "repro", "clean"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    quarantined = pq.read_table(repo / "data" / "quarantine" / "text.parquet").to_pylist()
+    assert [q["ingest_error"] for q in quarantined] == ["split column 'part' has 'holdout'; use train, val or test"]
+    kept = pq.read_table(repo / "data" / "clean" / "text.parquet").to_pylist()
+    wanted = {"train": "train", "validation": "val", "Test": "test"}
+    lines = {f"corpus.csv:{i + 1}": wanted.get(split) for i, (_, _, split) in enumerate(column_rows)}
+    assert all(row["split"] == lines[row["record_id"]] for row in kept) and len(kept) == len(rows) - 1
+
+
+def test_split_params_that_contradict_each_other_are_one_clear_line(tmp_path: Path, real_params: dict[str, Any]) -> None:
+    params, _ = case_params(real_params, Case(BRACKET, "csv", "grey16", "one", True), tmp_path / "data")
+    params["ingest"]["text"]["split_files"] = {
+        "train": params["ingest"]["text"]["path"],
+        "test": params["ingest"]["text"]["path"],
+    }
+    repo = copy_repo(tmp_path / "repo", params)
+    env = {**venv_env(), "BENTOML_HOME": str(repo / ".bentoml")}
+    run = subprocess.run(["dvc", "repro", "ingest"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0 and "Traceback" not in output
+    assert "'ingest.text.path' and 'ingest.text.split_files' are both set: keep one" in output
