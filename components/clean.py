@@ -6,7 +6,8 @@ Text is split one of three ways (`clean.text_split.by`):
   records' entity key such as `name`), or the user's group column (`ingest.text.group_column`). Groups that
   share a source are one group, so no source is in two splits either;
 - `given`: the user's own split (`ingest.text.split_column` or `ingest.text.split_files`), row by row;
-  duplicates are only dropped within a split, and sources found in two splits are counted.
+  duplicates are only dropped within a split, and a train row whose source is in the given val or test
+  split is set aside (with its reason), so the user's held-out rows stay and are never trained on.
 `auto` (the default) takes the user's split when there is one, else their group column, else the entity
 key of structured sources, else the source hash. Images split by a hash of their pixels.
 
@@ -251,7 +252,7 @@ def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
     near_count = 0
     if cfg.near_duplicates:
         # The source key is already canonical (attributes sorted); only the reference needs the loose key.
-        within = [table.column("given_split")] if within else []
+        within = [_given_splits(table)] if within else []
         near_first = first_occurrence([table.column("source_key"), near_duplicate_key(table.column("reference")), *within])
         near_count = int((~near_first).sum())
         removed.append(_removed(table, ~near_first, "near duplicate"))
@@ -259,9 +260,20 @@ def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
 
     split, description = split_text(table, cfg, by)
     table = table.append_column("split", split)
+    seen_in_training = 0
+    if description["by"] == "given":
+        # The user's val and test rows stay; a train row whose source they hold would be scored as unseen.
+        held_out = pc.is_in(table.column("split"), pa.array(["val", "test"]))
+        held_keys = pc.unique(table.column("source_key").filter(held_out))
+        leak = pc.and_(pc.equal(table.column("split"), "train"), pc.is_in(table.column("source_key"), held_keys))
+        leak_mask = leak.to_numpy(zero_copy_only=False)
+        seen_in_training = int(leak_mask.sum())
+        removed.append(_removed(table.drop_columns(["split"]), leak_mask, "train row of a source in the given val or test split"))
+        table = table.filter(pa.array(~leak_mask))
+        description["train_rows_dropped"] = seen_in_training
     removed_table = pa.concat_tables(removed, promote_options="default")
     counts = {
-        "duplicates_removed": int((~exact_first).sum()) + near_count,
+        "duplicates_removed": int((~exact_first).sum()) + near_count + seen_in_training,
         "exact_duplicates_removed": int((~exact_first).sum()),
         "near_duplicates_removed": near_count,
         "emptied_by_cleaning": int(empty.sum()),
@@ -354,12 +366,17 @@ def split_text(table: pa.Table, cfg: CleanConfig, by: str) -> tuple[pa.Array, di
                 )
             by = "source"
         if by == "group":
-            # A row without a group value is a group of its own source.
-            group_values = [
+            # A row without a group value is a group of its own source. Group values that differ only in case
+            # or spacing ("The Eagle", "the  eagle") are one group.
+            spelled = [
                 f"={g}" if g is not None else f"#{s}"
                 for g, s in zip(groups.to_pylist(), table.column("source_key").to_pylist(), strict=True)
             ]
-            units = connected_groups(group_values, table.column("source_key").to_pylist())
+            group_values = [f"={' '.join(g[1:].casefold().split())}" if g[0] == "=" else g for g in spelled]
+            spelling: dict[str, str] = {}  # a unit is hashed by its first spelling in sort order
+            for value, original in zip(group_values, spelled, strict=True):
+                spelling[value] = min(spelling.get(value, original), original)
+            units = [spelling[u] for u in connected_groups(group_values, table.column("source_key").to_pylist())]
             split = pa.array(assign_splits(units, cfg.splits, cfg.seed), pa.string())
             return split, {"by": "group", "group": label, "groups": len(set(units))}
     split_of_key = pa.array(assign_splits(distinct_sources, cfg.splits, cfg.seed), pa.string())

@@ -93,6 +93,14 @@ class Delexicaliser:
         pairs = record.pairs if record is not None else ()
         return {placeholder(key): value for key, value in pairs if key in self.keys and value.strip()}
 
+    def required(self, source: str) -> list[str]:
+        """The placeholders a text for this source should write: one per distinct value (two keys with the
+        same value share the first one's placeholder, as `delexicalise` writes it)."""
+        first: dict[str, str] = {}
+        for token, value in self.slots(source).items():
+            first.setdefault(value.casefold(), token)
+        return list(first.values())
+
     def model_source(self, source: str) -> str:
         """The source as the model reads it: hidden keys' values are their placeholders."""
         record = parse_source(source)
@@ -165,8 +173,13 @@ def substitute(text: str, from_source: str, to_source: str) -> str:
     """A text written for `from_source`, rewritten for `to_source`: each value of the first that the text
     says verbatim becomes the second's value of the same key (kept where the second lacks the key)."""
     every_key = Delexicaliser(dict.fromkeys(_keys(from_source) | _keys(to_source), HIDDEN))
-    original = every_key.slots(from_source)
+    # A yes / no or a bare number is too common a word to be the value wherever it appears ("no kids").
+    original = {t: v for t, v in every_key.slots(from_source).items() if not _too_common(v)}
     return relexicalise_text(delexicalise_text(text, original), every_key.slots(to_source), fallback=original)
+
+
+def _too_common(value: str) -> bool:
+    return value.strip().casefold() in ("yes", "no", "true", "false") or value.strip().replace(".", "", 1).isdigit()
 
 
 def _keys(source: str) -> set[str]:

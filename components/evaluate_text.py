@@ -103,7 +103,9 @@ def synonyms_from_params(value: Any, key: str) -> dict[str, dict[str, list[str]]
     )
     if not ok:
         raise ConfigError(f"params key '{key}' must map a record key to {{value: [other wordings]}}, got {value!r}")
-    return {str(k): {str(v): list(words) for v, words in by_value.items()} for k, by_value in value.items()}
+    # YAML reads an unquoted yes / no as a boolean: it is the value "yes" / "no" here.
+    spelled = lambda v: ("yes" if v else "no") if isinstance(v, bool) else str(v)  # noqa: E731
+    return {str(k): {spelled(v): list(words) for v, words in by_value.items()} for k, by_value in value.items()}
 
 
 def source_features(source: str) -> set[str]:

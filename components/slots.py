@@ -1,11 +1,12 @@
 """Slot metrics for data-to-text: does the output say the values its source gives, and only those?
 
 For every (key, value) pair of a record source, the output either realises the value, names another value
-of the same key instead (`wrong`), or leaves it out (`missing`). Matching is on normalised words: case-folded,
-NFKC, punctuation dropped (`mid-range` = `mid range`), number words as digits (`three` = `3`) and thousands
-separators removed (`1,000` = `1000`). A key can have synonyms (`{key: {value: [other wordings]}}`, from
-`evaluate_text.synonyms`), and a yes/no value counts as realised when the output names its key
-(`familyFriendly: yes` -> "family friendly"), which is as far as a word match can go.
+of the same key instead (`wrong`), or leaves it out (`missing`). Matching is on normalised words:
+case-folded, NFKC, punctuation dropped (`mid-range` = `mid range`), a value's numbers up to twenty in either
+spelling (`3` = `three`) and thousands separators removed (`1,000` = `1000`). A key can have synonyms
+(`{key: {value: [other wordings]}}`, from `evaluate_text.synonyms`), and a yes/no value is said when the
+output names its key with the right polarity (`familyFriendly: yes` -> "family friendly", `no` -> "not
+family friendly"; the other way round is a wrong value).
 
 - `value_coverage`: realised values / source values;
 - `slot_error_rate`: (missing + wrong) values / source values, the slot error rate of the data-to-text
@@ -51,10 +52,32 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 Words = tuple[str, ...]
 
 
+DIGIT_WORDS = {digit: word for word, digit in NUMBER_WORDS.items()}
+NEGATIONS = frozenset({"not", "no", "non", "never", "without", "t"})  # "isn't" splits into "isn", "t"
+POSITIVE, NEGATIVE = frozenset({"yes", "true"}), frozenset({"no", "false"})
+
+
 def normalise(text: str) -> Words:
-    """The words a match compares: case-folded, punctuation dropped, numbers as digits."""
-    text = _THOUSANDS.sub("", unicodedata.normalize("NFKC", text)).casefold()
-    return tuple(NUMBER_WORDS.get(word, word) for word in _WORD.findall(text))
+    """The words a match compares: case-folded, punctuation dropped, thousands separators removed."""
+    return tuple(_WORD.findall(_THOUSANDS.sub("", unicodedata.normalize("NFKC", text)).casefold()))
+
+
+def number_variant(words: Words) -> Words | None:
+    """The same words with each number up to twenty in its other spelling (3 <-> three), if any changed.
+    Only a value's own numbers are respelled: "one" in an output is a number only where a value says so."""
+    swapped = tuple(NUMBER_WORDS.get(w) or DIGIT_WORDS.get(w) or w for w in words)
+    return swapped if swapped != words else None
+
+
+def polarity_said(words: Words, key: Words) -> bool | None:
+    """For a yes/no value: None when the output never names the key; else whether it names it without a
+    negation in the three words before ("family friendly" -> True, "not family friendly" -> False)."""
+    found = None
+    for i in range(len(words) - len(key) + 1):
+        if words[i : i + len(key)] == key:
+            negated = bool(NEGATIONS & set(words[max(0, i - 3) : i]))
+            found = found or not negated
+    return found
 
 
 def key_words(key: str) -> Words:
@@ -81,6 +104,7 @@ class SlotLexicon:
     entity_keys: tuple[str, ...]
     synonyms: Mapping[str, Mapping[str, tuple[Words, ...]]] = field(default_factory=dict)
     unsaid: frozenset[tuple[str, str]] = frozenset()  # pairs the training references rarely say: not measured
+    seen_pairs: Mapping[str, frozenset[str]] = field(default_factory=dict)  # training values of each key
 
     @classmethod
     def from_training(
@@ -98,7 +122,10 @@ class SlotLexicon:
                 counts[0] += value["status"] == REALISED
                 counts[1] += 1
         unsaid = frozenset(pair for pair, (realised, total) in said.items() if realised < min_share * total)
-        return replace(lexicon, unsaid=unsaid)
+        seen: dict[str, set[str]] = defaultdict(set)
+        for key, value in said:
+            seen[key].add(value)
+        return replace(lexicon, unsaid=unsaid, seen_pairs={k: frozenset(v) for k, v in seen.items()})
 
     @classmethod
     def from_sources(
@@ -111,7 +138,10 @@ class SlotLexicon:
                 if words := normalise(value):
                     known[key].add(words)
         normalised_synonyms = {
-            key: {value: tuple(normalise(w) for w in wordings if normalise(w)) for value, wordings in by_value.items()}
+            key: {
+                " ".join(normalise(value)): tuple(normalise(w) for w in wordings if normalise(w))
+                for value, wordings in by_value.items()
+            }
             for key, by_value in (synonyms or {}).items()
         }
         return cls(
@@ -121,11 +151,21 @@ class SlotLexicon:
         )
 
     def realisations(self, key: str, value: str) -> list[Words]:
-        """Every wording that realises `key: value`."""
-        forms = [normalise(value), *self.synonyms.get(key, {}).get(value, ())]
-        if value.strip().casefold() in BOOLEAN_VALUES:
-            forms.append(key_words(key))
+        """Every wording that realises `key: value` (a yes/no value's key words are checked apart, with
+        their polarity: `check_output`)."""
+        own = normalise(value)
+        forms = [own, number_variant(own), *self.synonyms.get(key, {}).get(" ".join(own), ())]
         return [form for form in forms if form]
+
+    @cached_property
+    def unsaid_keys(self) -> frozenset[str]:
+        """Keys none of whose seen values the references say (style attributes): an unseen value of one is
+        not measured either."""
+        said_keys = {key for key, values in self.seen_pairs.items() if any((key, v) not in self.unsaid for v in values)}
+        return frozenset(key for key in self.seen_pairs if key not in said_keys)
+
+    def seen(self, key: str, value: str) -> bool:
+        return value in self.seen_pairs.get(key, ())
 
     @cached_property
     def names(self) -> frozenset[Words]:
@@ -163,10 +203,14 @@ def check_output(source: str, output: str, lexicon: SlotLexicon) -> SlotCheck:
     statuses = []
     for (key, value), own in zip(pairs, given, strict=True):
         forms = lexicon.realisations(key, value)
-        if not forms or (key, value) in lexicon.unsaid:
+        if not forms or (key, value) in lexicon.unsaid or (key in lexicon.unsaid_keys and not lexicon.seen(key, value)):
             continue
+        polarity = value.strip().casefold()
+        said = polarity_said(words, key_words(key)) if polarity in BOOLEAN_VALUES else None
         if any(form in grams if len(form) <= lexicon.longest else contains(words, form) for form in forms):
             status = REALISED
+        elif said is not None:
+            status = REALISED if said == (polarity in POSITIVE) else WRONG
         else:
             others = grams & lexicon.known.get(key, frozenset())
             status = WRONG if any(not overlaps(other, own) for other in others) else MISSING

@@ -324,7 +324,7 @@ class RequirePlaceholders:
         if not bool(rows.any()):
             return scores
         boost = rows.clone()
-        if self.after_tokens is not None:
+        if self.after_tokens is not None and written.shape[1]:  # the first token opens a clause too
             last = written[:, -1] if written.shape[1] else torch.full_like(rows, -1, dtype=torch.long)
             after = torch.tensor(sorted(self.after_tokens), dtype=torch.long, device=input_ids.device)
             boost &= torch.isin(last, after)
@@ -367,7 +367,7 @@ def generate_texts(
         beams = options.get("num_beams", 1)
         if delexicaliser is not None and require_values:
             chunk = sources[start : start + batch_size]
-            required = [[tokenizer.convert_tokens_to_ids(p) for p in delexicaliser.slots(s)] for s in chunk]
+            required = [[tokenizer.convert_tokens_to_ids(p) for p in delexicaliser.required(s)] for s in chunk]
             batch_options["logits_processor"] = LogitsProcessorList(
                 [
                     RequirePlaceholders(

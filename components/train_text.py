@@ -5,10 +5,10 @@
 
 Writes a save_pretrained folder (safetensors + config + tokenizer) and `training.json` (the params and the
 data hash that produced it). Every `validate_every` steps the model writes the first `validate_sources`
-validation sources, decoded as evaluation and the service decode (`validate_beams` beams; 1: greedy), and
-is scored on them (BLEU, chrF and the slot metrics); the weights of the best step by `select_by` are the
-ones saved, and `training.json` says which step that was. Needs only torch, transformers, tokenizers,
-safetensors, sacrebleu, numpy and yaml.
+validation sources, decoded as the service decodes (`validate_beams` beams, 1: greedy; copied values
+required), and is scored on them (BLEU, chrF and the slot metrics); the weights of the best step by
+`select_by` are the ones saved, and `training.json` says which step that was. Needs only torch,
+transformers, tokenizers, safetensors, sacrebleu, numpy and yaml.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def text_validation(
         scores = corpus_scores(outputs, references)
         slots = slot_scores([check_output(s, o, lexicon) for s, o in zip(sources, outputs, strict=True)], False)
         found = {"bleu": scores["bleu"], "chrf": scores["chrf"]}
-        return found | {k: slots[k] for k in ("value_coverage", "slot_error_rate") if slots[k] is not None}
+        # No measurable value (free prompts): NaN, which never wins the selection, instead of a missing key.
+        return found | {k: float("nan") if slots[k] is None else slots[k] for k in ("value_coverage", "slot_error_rate")}
 
     return Validation(run, cfg.select_by, SELECTION[cfg.select_by])
 

@@ -229,11 +229,12 @@ def test_auto_split_groups_records_by_their_entity_key(cfg: clean.CleanConfig) -
 
 def test_group_column_split_merges_groups_that_share_a_source(cfg: clean.CleanConfig) -> None:
     rows = [(f"topic: t{i % 40}", f"Text {i}.") for i in range(200)]
-    groups = [f"author{i % 25}" for i in range(200)]
+    groups = [f"author{i % 25}" if i % 2 else f" Author{i % 25} " for i in range(200)]  # case and spaces differ
     result = clean.clean_text(table(rows, groups=groups), cfg)
     kept = result.kept
     assert result.split["by"] == "group" and result.split["group"] == "column"
-    assert all(len(s) == 1 for s in splits_of(kept, "group").values())
+    folded = kept.append_column("folded", pa.array([g.strip().casefold() for g in kept.column("group").to_pylist()]))
+    assert all(len(s) == 1 for s in splits_of(folded, "folded").values())
     assert all(len(s) == 1 for s in splits_of(kept, "source_key").values())
     # 40 topics x 25 authors, each topic written by several authors: everything is connected into fewer units.
     assert result.split["groups"] < 25
@@ -256,13 +257,16 @@ def test_group_split_by_a_named_attribute_and_its_errors(cfg: clean.CleanConfig)
 def test_given_split_keeps_rows_where_the_user_put_them(cfg: clean.CleanConfig) -> None:
     rows = entity_rows(entities=10, per_entity=2)
     splits = ["test" if i % 5 == 0 else "val" if i % 5 == 1 else "train" for i in range(len(rows))]
-    rows.append(rows[0])  # the same row in train as in test: the user's test set keeps it
+    rows.append(rows[0])  # the same row in train as in test: the user's test set keeps it, train does not
     splits.append("train")
     rows.append(rows[2])  # a duplicate inside one split is still dropped
     splits.append(splits[2])
     result = clean.clean_text(table(rows, splits=splits), cfg)
     kept = dict(zip(result.kept.column("record_id").to_pylist(), result.kept.column("split").to_pylist(), strict=True))
-    assert kept == {f"r{i}": split for i, split in enumerate(splits) if i != len(rows) - 1}
-    assert result.split == {"by": "given", "sources_in_two_splits": 1}
+    # The test row stays in test; its copy in train is set aside (never trained on), as is the in-split duplicate.
+    assert kept == {f"r{i}": split for i, split in enumerate(splits) if i < len(rows) - 2}
+    assert result.split == {"by": "given", "sources_in_two_splits": 1, "train_rows_dropped": 1}
+    reasons = result.removed.column("removed_because").to_pylist()
+    assert sorted(reasons) == ["exact duplicate", "train row of a source in the given val or test split"]
     with pytest.raises(ConfigError, match="'clean.text_split.by' is 'given' but the data has no split"):
         clean.clean_text(table(rows), replace(cfg, text_split=clean.TextSplit("given")))

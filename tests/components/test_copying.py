@@ -59,7 +59,21 @@ def test_numbers_yes_no_values_and_synonyms() -> None:
     assert statuses(source, "Hall: 3 stars, 1200 seats, kids welcome.", lexicon)["familyFriendly"] == MISSING
     with_synonyms = SlotLexicon.from_sources([source], {"familyFriendly": {"yes": ["kids welcome"]}})
     assert statuses(source, "Hall: 3 stars, 1200 seats, kids welcome.", with_synonyms)["familyFriendly"] == REALISED
-    assert normalise("Mid-Range, THREE") == ("mid", "range", "3")
+    assert normalise("Mid-Range, 1,000") == ("mid", "range", "1000")
+    # Polarity: "not family friendly" says `no` and contradicts `yes`; a stray "one" is no rating.
+    no_kids = "rating: 1 | familyFriendly: no | name: Bar"
+    both = SlotLexicon.from_sources([source, no_kids])
+    assert statuses(no_kids, "Bar isn't family friendly, rated one.", both) == dict.fromkeys(
+        ["rating", "familyFriendly", "name"], REALISED
+    )
+    assert statuses(source, "Hall is a nice one, not family friendly.", both)["familyFriendly"] == WRONG
+    assert statuses(source, "Hall is a nice one, not family friendly.", both)["rating"] == MISSING
+    # Synonyms written as YAML reads them (an unquoted yes is True) still apply.
+    from components.evaluate_text import synonyms_from_params
+
+    assert synonyms_from_params({"familyFriendly": {True: ["kids welcome"]}}, "k") == {
+        "familyFriendly": {"yes": ["kids welcome"]}
+    }
 
 
 def test_no_entity_key_means_no_hallucination_figure_and_prompts_have_no_values() -> None:
@@ -106,6 +120,11 @@ def test_keys_are_copied_when_references_repeat_their_values() -> None:
 def test_retrieval_answers_are_moved_to_the_test_source() -> None:
     text = substitute("The Eagle is an Italian place by the riverside.", EAGLE, "name[Zizzi], food[Thai]")
     assert text == "Zizzi is an Thai place by the riverside."  # area kept: the test source has none
+    # Yes / no and bare numbers are too common to swap wherever they appear.
+    moved = substitute(
+        "No kids, 5 tables at The Eagle.", "name: The Eagle | kids: no | tables: 5", "name: Zizzi | kids: yes | tables: 1"
+    )
+    assert moved == "No kids, 5 tables at Zizzi."
 
 
 # --- a model that copies ------------------------------------------------------------------------------
@@ -193,8 +212,13 @@ def test_values_the_references_never_say_are_not_measured_unless_synonyms_say_th
     lexicon = SlotLexicon.from_training(rows, ["name: M | tone: minimal | price: budget"])
     assert lexicon.unsaid == {("tone", "playful"), ("price", "budget")}
     check = check_output("name: M | tone: minimal | price: budget", "M is nice.", lexicon)
-    # `tone: minimal` never occurred in training: measured (and missing); `price: budget` is not measured.
-    assert [(v["key"], v["status"]) for v in check.values] == [("name", REALISED), ("tone", MISSING)]
+    # `price: budget` is not measured; nor is `tone: minimal`, unseen, since no tone is ever said.
+    assert [(v["key"], v["status"]) for v in check.values] == [("name", REALISED)]
+    assert lexicon.unsaid_keys == {"tone", "price"}
+    # A key some of whose values are said measures its unseen values.
+    mixed = SlotLexicon.from_training([*rows, ("name: K | price: cheap", "K is cheap.")] * 2)
+    assert "price" not in mixed.unsaid_keys
+    assert [v["key"] for v in check_output("name: M | price: dear", "M.", mixed).values] == ["name", "price"]
     said = SlotLexicon.from_training(rows, synonyms={"price": {"budget": ["easy on the wallet"]}})
     assert said.unsaid == {("tone", "playful")}
 
@@ -209,3 +233,4 @@ def test_the_placeholder_bonus_waits_for_a_clause_boundary() -> None:
     assert mid_sentence[0, 5] == 0.0 and mid_sentence[0, 9] == float("-inf")  # no bonus, but no end either
     after_full_stop = processor(torch.tensor([[1, 4, 3]]), torch.zeros(1, 10))
     assert after_full_stop[0, 5] == 2.0
+    assert processor(torch.tensor([[1]]), torch.zeros(1, 10))[0, 5] == 2.0  # the text's first token opens a clause
