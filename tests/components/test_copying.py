@@ -233,4 +233,4 @@ def test_the_placeholder_bonus_waits_for_a_clause_boundary() -> None:
     assert mid_sentence[0, 5] == 0.0 and mid_sentence[0, 9] == float("-inf")  # no bonus, but no end either
     after_full_stop = processor(torch.tensor([[1, 4, 3]]), torch.zeros(1, 10))
     assert after_full_stop[0, 5] == 2.0
-    assert processor(torch.tensor([[1]]), torch.zeros(1, 10))[0, 5] == 2.0  # the text's first token opens a clause
+    assert processor(torch.tensor([[1]]), torch.zeros(1, 10))[0, 5] == 0.0  # the first token is the model's own
