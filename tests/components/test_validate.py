@@ -37,8 +37,9 @@ def run(
 
 
 def text_table(
-    rows: list[tuple[str | None, str | None]], errors: list[str | None] | None = None, ids: list[str] | None = None
-) -> pa.Table:
+    rows: list[tuple[str | None, str | None]], errors: list[str | None] | None = None, ids: list[str] | None = None,
+    splits: list[str | None] | None = None,
+) -> pa.Table:  # fmt: skip
     n = len(rows)
     return pa.table(
         {
@@ -47,6 +48,8 @@ def text_table(
             "reference": [r[1] for r in rows],
             "origin": ["f.csv"] * n,
             "ingest_error": errors or [None] * n,
+            "group": [None] * n,
+            "given_split": splits or [None] * n,
         },
         schema=datasets.TEXT_SCHEMA,
     )
@@ -250,3 +253,12 @@ def test_invalid_validate_params_name_the_key(
     target[path[-1]] = value
     with pytest.raises(ConfigError, match=message):
         validate.ValidateConfig.from_params(params)
+
+
+def test_a_split_that_names_no_split_is_quarantined(cfg: validate.ValidateConfig, tmp_path: Path) -> None:
+    # Ingest turns a user's split value into train / val / test; anything else reaching validate is refused.
+    raw = text_table([GOOD, GOOD, GOOD], ids=["a", "b", "c"], splits=["train", "holdout", None])
+    valid, quarantine, report = run("text", raw, validate.text_expectations(cfg.text), tmp_path)
+    check_accounting(valid, quarantine, report, 3)
+    assert quarantined_reason(quarantine, "b") == "expect_column_values_to_be_in_set(given_split)"
+    assert valid.column("record_id").to_pylist() == ["a", "c"]
