@@ -228,7 +228,13 @@ def test_the_users_split_files_and_split_column_are_kept_row_by_row(tmp_path: Pa
     kept = pq.read_table(repo / "data" / "clean" / "text.parquet").to_pylist()
     wanted = {"train": "train", "validation": "val", "Test": "test"}
     lines = {f"corpus.csv:{i + 1}": wanted.get(split) for i, (_, _, split) in enumerate(column_rows)}
-    assert all(row["split"] == lines[row["record_id"]] for row in kept) and len(kept) == len(rows) - 1
+    assert all(row["split"] == lines[row["record_id"]] for row in kept)
+    # A train row whose source the user put in val or test is set aside, so held-out sources stay unseen.
+    held_out = {source for source, _, split in column_rows if wanted.get(split) in ("val", "test")}
+    trained_copies = [i for i, (source, _, split) in enumerate(column_rows) if split == "train" and source in held_out]
+    assert trained_copies and len(kept) == len(rows) - 1 - len(trained_copies)
+    removed = pq.read_table(repo / "data" / "clean" / "removed" / "text.parquet").to_pylist()
+    assert {r["record_id"] for r in removed} == {f"corpus.csv:{i + 1}" for i in trained_copies}
 
 
 def test_split_params_that_contradict_each_other_are_one_clear_line(tmp_path: Path, real_params: dict[str, Any]) -> None:
