@@ -261,9 +261,12 @@ class Gateway:
     def __init__(self) -> None:
         from transformers import AutoTokenizer
 
+        from components.delex import Delexicaliser
         from serving.request_log import RequestLog
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.text_model.path)
+        # Lengths are of what the model reads: a copied name is one placeholder token, however long it is.
+        self.delexicaliser = Delexicaliser.load(Path(self.text_model.path))
         vocabulary_path = Path(self.text_model.path) / "vocabulary.json"
         self.vocabulary = (
             frozenset(json.loads(vocabulary_path.read_text(encoding="utf-8"))["words"]) if vocabulary_path.is_file() else None
@@ -356,7 +359,8 @@ class Gateway:
         if not text:
             raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
         described = (await self._describe())["text"]
-        tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        model_text = self.delexicaliser.model_source(text) if self.delexicaliser is not None else text
+        tokens = len(self.tokenizer(model_text, add_special_tokens=False)["input_ids"])
         room = described["max_length"] - max_new_tokens - 1
         if tokens > room:
             field = "record" if record is not None else "prompt"
