@@ -9,6 +9,11 @@ features, train_text, evaluate_text) under a temporary folder, once per (split, 
 one JSON object: per run BLEU, chrF, value_coverage, slot_error_rate, hallucinated_names, the same for the
 retrieval baseline, the coverage of the entity key, the selected training step and the wall time. With
 `source` in --splits, the gap between the two splits' scores is what a leaking split hides.
+
+`generator_ceiling` scores the demo generator itself on the same test sources and references: one copy
+as it writes its references, one that says every value, and the consensus (minimum Bayes risk by BLEU)
+of --ceiling-samples copies that say every value. No model of this data can expect to beat them by much:
+the references are random draws of wording and clause order, so they bound what BLEU can reward.
 """
 
 from __future__ import annotations
@@ -67,6 +72,31 @@ def run_once(params: dict[str, Any], raw: Any, split: str, delexicalise: bool, w
     }
 
 
+def generator_ceiling(features_dir: Path, seed: int, samples: int) -> dict[str, dict[str, float]]:
+    """BLEU and chrF of copy the demo generator writes for the test sources, scored as evaluate_text scores."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from components import textgen
+    from components.metrics import corpus_scores, sentence_bleu
+    from components.text_model import group_by_source
+
+    groups = group_by_source(pq.read_table(features_dir / "test.parquet").to_pylist())
+    rng = np.random.default_rng([seed, 99])
+    written: dict[str, list[str]] = {"as_references": [], "every_value": [], "every_value_consensus": []}
+    for group in groups:
+        record = textgen.record_of(group.source)
+        assert record is not None, f"not a demo record: {group.source!r}"
+        written["as_references"].append(textgen.write_copy(record, rng))
+        copies = [textgen.write_copy(record, rng, leave_out=0.0) for _ in range(samples)]
+        written["every_value"].append(copies[0])
+        agreement = [sentence_bleu(copy, copies[:i] + copies[i + 1 :]) for i, copy in enumerate(copies)]
+        written["every_value_consensus"].append(copies[int(np.argmax(agreement))])
+    references = [group.references for group in groups]
+    scores = {name: corpus_scores(texts, references) for name, texts in written.items()}
+    return {name: {"bleu": score["bleu"], "chrf": score["chrf"]} for name, score in scores.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     import pyarrow as pa
     import yaml
@@ -77,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--splits", nargs="+", choices=["group", "source"], default=["group"])
     parser.add_argument("--records", type=int, default=None, help="demo records (default: params.yaml's)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: params.yaml's)")
+    parser.add_argument("--ceiling-samples", type=int, default=16, help="generator copies per source for the consensus")
     parser.add_argument("--keep", type=Path, default=None, help="run here and keep it (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -91,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     for split in args.splits:
         for delexicalise in (True, False):
             runs.append(run_once(params, raw, split, delexicalise, work / f"{split}-{'copy' if delexicalise else 'nocopy'}"))
-    print(json.dumps({"records": records, "steps": params["train_text"]["max_steps"], "runs": runs}, indent=2))
+    first = work / f"{args.splits[0]}-copy" / "features"
+    ceiling = generator_ceiling(first, params["base"]["seed"], args.ceiling_samples)
+    summary = {"records": records, "steps": params["train_text"]["max_steps"], "runs": runs}
+    print(json.dumps({**summary, "generator_ceiling": {"split": args.splits[0], **ceiling}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from components.records import serialise
+from components.records import parse_source, serialise
 
 ATTRIBUTE_ORDER = ("name", "category", "colour", "material", "price", "audience", "feature", "tone")
 """The canonical order of a serialised record; augmentation shuffles it."""
@@ -275,25 +275,30 @@ def sample_record(rng: np.random.Generator, names: list[str]) -> ProductRecord:
     )
 
 
-def write_copy(record: ProductRecord, rng: np.random.Generator) -> str:
+LEAVE_OUT = 0.15
+"""How often a copywriter leaves out an optional attribute that the record has."""
+
+
+def write_copy(record: ProductRecord, rng: np.random.Generator, leave_out: float = LEAVE_OUT) -> str:
     """One piece of copy: a tone-specific opening, then the other attributes in a random order and wording.
 
-    Each optional attribute that is present is still left out now and then (p=0.15), as real copywriters do.
+    Each optional attribute that is present is still left out now and then (p=`leave_out`), as real
+    copywriters do.
     """
     item = CATEGORIES[record.category][0]
     article = "an" if record.colour[0] in "aeiou" else "a"
     fields = {"name": record.name, "colour": record.colour, "item": item, "a_colour": f"{article} {record.colour}"}
     sentences = [str(rng.choice(INTROS[record.tone])).format(**fields)]
     clauses: list[str] = [str(rng.choice(PRICE_CLAUSES[record.price]))]
-    if record.material and rng.random() >= 0.15:
+    if record.material and rng.random() >= leave_out:
         clauses.append(str(rng.choice(MATERIAL_CLAUSES)).format(material=record.material))
-    if record.audience and rng.random() >= 0.15:
+    if record.audience and rng.random() >= leave_out:
         clauses.append(
             str(rng.choice(AUDIENCE_CLAUSES)).format(
                 audience=record.audience, Audience=record.audience[:1].upper() + record.audience[1:]
             )
         )
-    if record.feature and rng.random() >= 0.15:
+    if record.feature and rng.random() >= leave_out:
         clauses.append(str(rng.choice(FEATURE_CLAUSES)).format(feature=record.feature))
     order = rng.permutation(len(clauses))
     sentences.extend(clauses[i] for i in order)
@@ -301,6 +306,18 @@ def write_copy(record: ProductRecord, rng: np.random.Generator) -> str:
     if outro:
         sentences.append(outro)
     return " ".join(sentences)
+
+
+def record_of(source: str) -> ProductRecord | None:
+    """The demo record a serialised source describes (any syntax, any key order); None if it is not one."""
+    parsed = parse_source(source)
+    if parsed is None:
+        return None
+    values = parsed.as_dict()
+    required = set(ATTRIBUTE_ORDER) - set(OPTIONAL)
+    if not required <= values.keys() or not values.keys() <= set(ATTRIBUTE_ORDER) or values["category"] not in CATEGORIES:
+        return None
+    return ProductRecord(**{key: values.get(key) for key in ATTRIBUTE_ORDER})
 
 
 def generate(

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
+
 from components import textgen
-from components.records import parse_source, serialise
+from components.records import BRACKET, JSON, PIPE, parse_source, serialise
 
 
 def rows(num_records: int, refs: int, seed: int) -> list[tuple[int, str, str]]:
@@ -54,3 +56,33 @@ def test_serialise_and_parse_round_trip_and_free_text_is_not_a_record() -> None:
     assert record is not None and record.as_dict() == attributes
     assert parse_source("write an ad for a lamp") is None
     assert parse_source("name: a | name: b") is None  # repeated key
+
+
+def test_record_of_reads_back_any_syntax_and_only_demo_records() -> None:
+    names = textgen.product_names(5, seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        record = textgen.sample_record(rng, names)
+        attributes = record.attributes()
+        shuffled = dict(reversed(list(attributes.items())))
+        for syntax in (PIPE, BRACKET, JSON):
+            assert textgen.record_of(serialise(shuffled, syntax)) == record
+    assert textgen.record_of("write an ad for a lamp") is None
+    assert textgen.record_of(serialise({"name": "Nova Air", "colour": "sage"})) is None  # not every required key
+    full = textgen.sample_record(rng, names).attributes()
+    assert textgen.record_of(serialise({**full, "weight": "2 kg"})) is None  # a key the generator never writes
+    assert textgen.record_of(serialise({**full, "category": "spaceship"})) is None
+
+
+def test_a_copy_that_leaves_nothing_out_says_every_value() -> None:
+    rng = np.random.default_rng(1)
+    names = textgen.product_names(20, seed=1)
+    left_out = 0
+    for _ in range(200):
+        record = textgen.sample_record(rng, names)
+        optional = [v for k, v in record.attributes().items() if k in textgen.OPTIONAL]
+        complete = textgen.write_copy(record, rng, leave_out=0.0).lower()
+        assert all(value.lower() in complete for value in optional), (record, complete)
+        usual = textgen.write_copy(record, rng).lower()
+        left_out += sum(value.lower() not in usual for value in optional)
+    assert left_out > 0  # the default copywriter does leave values out
