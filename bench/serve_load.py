@@ -1,12 +1,12 @@
 """Load test of the service: N concurrent clients for T seconds, adaptive batching on vs off, in one run.
 
-    dvc repro package && python bench/serve_load.py                  # starts both servers itself
+    dvc repro package && python -m monitoring.promote && python bench/serve_load.py   # starts both servers itself
     python bench/serve_load.py --clients 32 --seconds 20 --endpoint generate_text
     python bench/serve_load.py --url http://localhost:3000           # only measure a running service
 
 Each client (httpx, async) sends requests back to back. Prints JSON: requests/s, p50/p95/p99 latency (ms),
-errors, per configuration, and the throughput ratio batched / unbatched. The servers use the models of the
-current BentoML store ($BENTOML_HOME), as `bentoml serve` does.
+errors, per configuration, and the throughput ratio batched / unbatched. The servers serve the promoted
+models (params.yaml's `promotion.record`) from the BentoML store ($BENTOML_HOME), as `bentoml serve` does.
 """
 
 from __future__ import annotations
@@ -42,7 +42,13 @@ def request_bodies(url: str, label: str | None) -> dict[str, dict[str, Any]]:
     if label is None:
         import bentoml
 
-        folder = Path(bentoml.models.get(os.environ.get("AIGC_IMAGE_MODEL", "aigc-image:latest")).path)
+        sys.path.insert(0, str(ROOT))
+        from monitoring.promote import record_path
+        from serving.promoted import FAMILIES, RECORD_ENV, served_tags
+
+        record = Path(os.environ.get(RECORD_ENV) or record_path(ROOT))
+        tag = os.environ.get("AIGC_IMAGE_MODEL") or served_tags(record, FAMILIES)["image"]
+        folder = Path(bentoml.models.get(tag).path)
         label = json.loads((folder / "config.json").read_text(encoding="utf-8"))["label_names"][0]
     return {"generate_text": {**text, "max_new_tokens": 32}, "generate_image": {"label": label, "n": 4}}
 
@@ -105,7 +111,7 @@ def serve(batching: bool) -> tuple[subprocess.Popen[bytes], str]:
         except httpx.HTTPError:
             pass
         if process.poll() is not None:
-            sys.exit("bentoml serve exited: run `dvc repro package` first (the models must be in the store)")
+            sys.exit("bentoml serve exited: run `dvc repro package` and `python -m monitoring.promote` first")
         time.sleep(0.5)
     process.kill()
     sys.exit("bentoml serve did not become ready")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,9 @@ class IngestConfig:
     text: TextSource
     images_path: Path | None
     restore_path: Path | None
-    landing: Path | None = None  # new data dropped here (text/, images/<label>/, restore/) is added to each input
+    # Snapshots of the landing folder (monitoring/landing.py): each one's text/, images/<label>/, restore/ is
+    # added to the input. The landing folder itself is never read: what is not versioned is not reproducible.
+    landed: Path | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> IngestConfig:
@@ -89,7 +91,7 @@ class IngestConfig:
             ),
             images_path=_optional_path(require(params, "images", dict, "ingest").get("path"), "ingest.images.path"),
             restore_path=_optional_path(require(params, "restore", dict, "ingest").get("path"), "ingest.restore.path"),
-            landing=_optional_path(params.get("landing"), "ingest.landing"),
+            landed=_optional_path(params.get("landed"), "ingest.landed"),
         )
 
 
@@ -127,22 +129,24 @@ def _split_files(value: Any) -> dict[str, Path] | None:
     return files
 
 
-def landing_folder(cfg: IngestConfig, name: str) -> Path | None:
-    """The landing sub-folder of a dataset when it holds any file, else None."""
-    if cfg.landing is None:
-        return None
-    folder = cfg.landing / name
-    return folder if folder.is_dir() and any(p.is_file() for p in folder.rglob("*")) else None
+def landed_folders(cfg: IngestConfig, name: str) -> list[tuple[str, Path]]:
+    """(snapshot, folder) of each landed snapshot holding files of dataset `name`, in snapshot-name order."""
+    if cfg.landed is None:
+        return []
+    folders = [(snapshot.name, snapshot / name) for snapshot in sorted(cfg.landed.iterdir()) if snapshot.is_dir()]
+    return [(snapshot, folder) for snapshot, folder in folders if folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))]
 
 
-def with_landing(primary: Iterator[pa.RecordBatch], landed: Iterator[pa.RecordBatch] | None) -> Iterator[pa.RecordBatch]:
-    """The primary input, then the landed files; landed ids are prefixed so they never collide with it."""
+def with_landed(
+    primary: Iterator[pa.RecordBatch], cfg: IngestConfig, name: str, read: Callable[[Path], Iterator[pa.RecordBatch]]
+) -> Iterator[pa.RecordBatch]:
+    """The primary input, then every snapshot's files; their ids are prefixed with `landed/<snapshot>/`, so
+    they never collide with the input's or with each other's."""
     yield from primary
-    if landed is None:
-        return
-    for batch in landed:
-        ids = pa.array([f"landing/{i}" for i in batch.column("record_id").to_pylist()], pa.string())
-        yield batch.set_column(batch.schema.get_field_index("record_id"), "record_id", ids)
+    for snapshot, folder in landed_folders(cfg, name):
+        for batch in read(folder):
+            ids = pa.array([f"landed/{snapshot}/{i}" for i in batch.column("record_id").to_pylist()], pa.string())
+            yield batch.set_column(batch.schema.get_field_index("record_id"), "record_id", ids)
 
 
 def text_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
@@ -160,8 +164,7 @@ def text_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
         primary = datasets.generated_text(cfg.text.num_records, cfg.text.refs_per_record, cfg.seed)
     else:
         primary = datasets.read_text_folder(cfg.text.path, columns, cfg.batch_rows)
-    landed = landing_folder(cfg, "text")
-    return with_landing(primary, datasets.read_text_folder(landed, columns, cfg.batch_rows) if landed else None)
+    return with_landed(primary, cfg, "text", lambda folder: datasets.read_text_folder(folder, columns, cfg.batch_rows))
 
 
 def split_file_batches(files: dict[str, Path], columns: dict[str, str | None], batch_rows: int) -> Iterator[pa.RecordBatch]:
@@ -178,8 +181,9 @@ def image_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
         primary = datasets.builtin_digits(cfg.batch_rows)
     else:
         primary = datasets.image_folder(cfg.images_path, labelled=True, batch_rows=cfg.batch_rows)
-    landed = landing_folder(cfg, "images")
-    return with_landing(primary, datasets.image_folder(landed, labelled=True, batch_rows=cfg.batch_rows) if landed else None)
+    return with_landed(
+        primary, cfg, "images", lambda folder: datasets.image_folder(folder, labelled=True, batch_rows=cfg.batch_rows)
+    )
 
 
 def restore_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
@@ -187,8 +191,9 @@ def restore_batches(cfg: IngestConfig) -> Iterator[pa.RecordBatch]:
         primary = datasets.builtin_photos(cfg.batch_rows)
     else:
         primary = datasets.image_folder(cfg.restore_path, labelled=False, batch_rows=cfg.batch_rows)
-    landed = landing_folder(cfg, "restore")
-    return with_landing(primary, datasets.image_folder(landed, labelled=False, batch_rows=cfg.batch_rows) if landed else None)
+    return with_landed(
+        primary, cfg, "restore", lambda folder: datasets.image_folder(folder, labelled=False, batch_rows=cfg.batch_rows)
+    )
 
 
 def ingest_dataset(batches: Iterator[pa.RecordBatch], schema: pa.Schema, out: Path, name: str) -> dict[str, int]:

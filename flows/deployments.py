@@ -5,7 +5,8 @@
 `flow.serve`-style serving (`prefect.serve`): no work pool needed; runs go to the embedded default API or to a
 Prefect server when PREFECT_API_URL is set. Three deployments:
 
-- `retrain/scheduled-retrain` on `schedule.retrain_cron`: a retrain experiment with the champion / challenger gate;
+- `retrain/scheduled-retrain` on `schedule.retrain_cron`: the retrain flow with trigger `schedule`, so it
+  takes the same gate (lock, cooldown) as drift-triggered and manual retrains;
 - `drift-check/drift-check` on `schedule.drift_cron`: the drift check, which starts retrains through
 - `retrain/retrain` (no schedule): the target of `run_deployment` when drift is found.
 
@@ -31,7 +32,7 @@ def build_deployments(repo_root: Path, params_path: Path | None = None) -> list[
     drift_cron = require(schedule, "drift_cron", str, "schedule")
     root = str(repo_root.resolve())
     return [
-        retrain.to_deployment(name="scheduled-retrain", cron=retrain_cron, parameters={"repo_root": root}),
+        retrain.to_deployment(name="scheduled-retrain", cron=retrain_cron, parameters={"repo_root": root, "trigger": "schedule"}),
         drift_check.to_deployment(name="drift-check", cron=drift_cron, parameters={"repo_root": root, "via_deployment": True}),
         retrain.to_deployment(name="retrain", parameters={"repo_root": root}),
     ]

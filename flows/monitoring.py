@@ -1,23 +1,29 @@
-"""Drift check and drift-triggered retraining.
+"""Drift check, and the one retrain flow every trigger goes through.
 
     python -m flows.monitoring                         # check the last window; retrain on drift
     python -m flows.monitoring --no-retrain            # only the check and its report
+    python -m flows.monitoring --retrain               # retrain now (manual trigger), through the same gate
+
+`retrain` is the only way to retrain, whoever asks: the weekly schedule (flows/deployments.py), a drift
+check, or a person. It first claims the retrain gate (monitoring/retrain_gate.py: lock, cooldown, state
+record), so two requests never run at once and a refused one says who holds the lock. Then it snapshots the
+landing folder into a DVC-tracked data version (monitoring/landing.py), runs the whole pipeline as a DVC
+experiment (`dvc exp run --temp -n <name>`), aside from the workspace, and compares the challenger with the
+champion on the same test data (monitoring/promotion.py: BLEU, FID, PSNR with paired-bootstrap intervals).
+Only when no family is worse beyond its tolerance is it promoted: `dvc exp apply`, the `package` stage,
+then the promotion record (serving/promoted.py) names its models. A rejected challenger changes nothing the
+service reads: packaging inside the experiment only adds content-addressed entries to the model store.
+`monitoring/promotion/history.json` lists every decision; `dvc exp apply <name>` reproduces any retrain.
 
 `drift_check` runs `monitoring.drift` over the request log and publishes the decision as a markdown
-artifact. On drift it asks the retrain gate (`monitoring/retrain_gate.py`: cooldown + lock) and, when
-allowed, starts `retrain`: through `run_deployment("retrain/retrain")` when deployments are being served
-(`--via-deployment`), as a direct subflow otherwise. `retrain` is a DVC experiment (`dvc exp run --temp -n
-<name>`) of the whole pipeline on the current data, named after the drift report that triggered it; the
-gate's `state.json` maps each experiment to its report, so any retrain can be reproduced with
-`dvc exp apply <name>`. The challenger is then compared with the champion (the workspace's models) on the
-same test data (`monitoring/promotion.py`: BLEU, FID, PSNR with paired-bootstrap intervals) and promoted
-(`dvc exp apply`, then the `package` stage rebuilds the model store entries and the Bento) only when no
-family is worse beyond its tolerance; `monitoring/promotion/history.json` lists every decision.
+artifact; on drift it calls `retrain` (as a subflow, or through `run_deployment("retrain/retrain")` when
+deployments are served: `--via-deployment`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +58,8 @@ def run_drift_check(repo_root: str, log_dir: str | None = None, reports_dir: str
     logs = root / log_dir if log_dir else monitoring_path(repo_root, "log_dir")
     reports = root / reports_dir if reports_dir else monitoring_path(repo_root, "reports_dir")
     report_dir, results = check_drift(cfg, logs, monitoring_path(repo_root, "reference"), reports)
-    return {"report": str(report_dir), "results": {name: r.as_dict() for name, r in results.items()}}
+    service = json.loads((report_dir / "decision.json").read_text(encoding="utf-8"))["service"]
+    return {"report": str(report_dir), "results": {name: r.as_dict() for name, r in results.items()}, "service": service}
 
 
 def dvc(repo_root: str, *args: str) -> None:
@@ -69,6 +76,24 @@ def dvc(repo_root: str, *args: str) -> None:
         raise RuntimeError(f"dvc {' '.join(args)} failed with exit {run.returncode}")
 
 
+def retrain_gate(repo_root: str) -> Any:
+    from components.common import load_params
+    from monitoring.retrain_gate import RetrainGate
+
+    cooldown = float(load_params("monitor", Path(repo_root) / "params.yaml")["cooldown_hours"])
+    return RetrainGate(monitoring_path(repo_root, "retrain_dir"), timedelta(hours=cooldown))
+
+
+@task(task_run_name="snapshot-landing")
+def snapshot_landing(repo_root: str) -> str | None:
+    """New files of the landing folder become a DVC-tracked snapshot the experiment reads and records."""
+    from monitoring.landing import snapshot
+
+    taken = snapshot(Path(repo_root))
+    get_run_logger().info("landing: %s", f"snapshot {taken.name} ({taken.files} new files)" if taken else "nothing new")
+    return taken.name if taken else None
+
+
 @task(task_run_name="dvc-exp-run-{experiment}")
 def dvc_experiment(repo_root: str, experiment: str) -> str:
     """`dvc exp run --temp -n <experiment>`: the whole pipeline as a named experiment, run aside so the
@@ -77,47 +102,95 @@ def dvc_experiment(repo_root: str, experiment: str) -> str:
     return experiment
 
 
+def workspace_is_champion(root: Path, record: Path) -> str | None:
+    """None when the workspace's package receipt is the promoted champion (or nothing is promoted yet), else
+    why the comparison would be against the wrong models."""
+    from monitoring.promote import receipt_path
+    from serving.promoted import current
+
+    champion = current(record)
+    receipt = receipt_path(root)
+    if champion is None:
+        return None
+    workspace = json.loads(receipt.read_text(encoding="utf-8"))["models"] if receipt.is_file() else {}
+    if workspace == champion["models"]:
+        return None
+    return (
+        f"the workspace's models ({receipt}) are not the served champion ({record}): bring the workspace to the "
+        "champion (the experiment that promoted it: `dvc exp apply <name>`) before retraining"
+    )
+
+
 @task(task_run_name="champion-challenger-{experiment}")
 def champion_challenger(repo_root: str, experiment: str) -> dict[str, Any]:
-    """Compare the experiment (challenger) with the workspace (champion); record the decision."""
+    """Compare the experiment (challenger) with the workspace (the champion); record the decision."""
     from components.common import load_params
     from monitoring.promotion import PromotionConfig, compare_revisions, record
 
     root = Path(repo_root)
     cfg = PromotionConfig.from_params(load_params("promotion", root / "params.yaml"))
     comparisons = compare_revisions(root, experiment, cfg)
-    promoted = all(c.promote for c in comparisons)
     for comparison in comparisons:
         get_run_logger().info("%s: %s", comparison.family, comparison.reason)
-    return record(root / cfg.history, comparisons, experiment, promoted)
+    refused = workspace_is_champion(root, root / cfg.record)
+    if refused:
+        get_run_logger().warning("not promoted: %s", refused)
+    promoted = all(c.promote for c in comparisons) and refused is None
+    return record(root / cfg.history, comparisons, experiment, promoted, refused)
 
 
 @task(task_run_name="promote-{experiment}")
-def promote(repo_root: str, experiment: str) -> None:
-    """The challenger becomes the workspace's models, and `package` puts them in the model store and Bento."""
+def promote(repo_root: str, experiment: str, why: str) -> dict[str, Any]:
+    """The challenger becomes the workspace's models, `package` puts them in the model store and a Bento,
+    and the promotion record names them: from the next start, the service serves them."""
+    from components.common import load_params
+    from monitoring.promote import promote_receipt, receipt_path
+    from monitoring.promotion import PromotionConfig
+
+    root = Path(repo_root)
     dvc(repo_root, "exp", "apply", experiment)
     dvc(repo_root, "repro", "package")
+    cfg = PromotionConfig.from_params(load_params("promotion", root / "params.yaml"))
+    return promote_receipt(receipt_path(root), root / cfg.record, "retrain flow", why, experiment)
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(repo_root: str = ".", experiment: str | None = None, report: str | None = None) -> dict[str, Any]:
-    """Reproduce the pipeline as a DVC experiment (named after its trigger when there is one), then
-    promote it only if the champion / challenger gate says it is not worse beyond the tolerances."""
+def retrain(
+    repo_root: str = ".", experiment: str | None = None, trigger: str = "manual", ignore_cooldown: bool = False
+) -> dict[str, Any]:
+    """The one retrain, whoever asks (`trigger`: schedule, manual, or the drift report): claim the gate, snapshot
+    the landing folder, reproduce the pipeline as a DVC experiment, and promote it only if the champion /
+    challenger gate says it is not worse beyond the tolerances."""
+    logger = get_run_logger()
     name = experiment or f"retrain-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
-    get_run_logger().info("retraining as experiment %s%s", name, f" (drift report {report})" if report else "")
-    dvc_experiment(repo_root, name)
-    decision = champion_challenger(repo_root, name)
-    if decision["promoted"]:
-        promote(repo_root, name)
-    reasons = "\n".join(f"- {c['reason']}" for c in decision["comparisons"])
+    with retrain_gate(repo_root).claim(trigger, name, ignore_cooldown=ignore_cooldown) as gate:
+        logger.info(gate.reason)
+        if not gate.start:
+            create_markdown_artifact(f"## Retrain {name}: not started\n\n{gate.reason}\n", key="promotion",
+                                     description="Champion / challenger")  # fmt: skip
+            return {"experiment": name, "started": False, "reason": gate.reason, "promoted": False, "comparisons": []}
+        snapshot = snapshot_landing(repo_root)
+        dvc_experiment(repo_root, name)
+        decision = champion_challenger(repo_root, name)
+        reasons = "\n".join(f"- {c['reason']}" for c in decision["comparisons"])
+        if decision["promoted"]:
+            promote(repo_root, name, f"retrain {name} ({trigger}) not worse than the champion:\n{reasons}")
     verdict = "promoted" if decision["promoted"] else "not promoted: the champion stays"
+    if decision["refused"]:
+        verdict += f"; {decision['refused']}"
     create_markdown_artifact(f"## Retrain {name}: {verdict}\n\n{reasons}\n", key="promotion", description="Champion / challenger")
-    return decision
+    return {**decision, "started": True, "reason": gate.reason, "landing_snapshot": snapshot}
 
 
 def summary_markdown(check: dict[str, Any], action: str) -> str:
     lines = ["## Drift check", "", f"Report: `{check['report']}`", "", "| family | decision | why |", "|---|---|---|"]
     lines += [f"| {name} | {r['decision']} | {r['reason']} |" for name, r in check["results"].items()]
+    lines += ["", "| endpoint | requests | 4xx | 5xx | error rate | p50 ms | p95 ms |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| {name} | {h['requests']} | {h['client_errors']} | {h['server_errors']} | {h['error_rate']:.1%} | "
+        f"{h['latency_ms_p50']} | {h['latency_ms_p95']} |"
+        for name, h in check.get("service", {}).items()
+    ]
     return "\n".join([*lines, "", f"**Action:** {action}", ""])
 
 
@@ -131,9 +204,6 @@ def drift_check(
 ) -> dict[str, Any]:
     """Check the last window for drift; on drift, start one retrain unless the gate refuses. The request log
     and reports folders default to params.yaml's `monitor.log_dir` / `monitor.reports_dir`."""
-    from components.common import load_params
-    from monitoring.retrain_gate import RetrainGate
-
     logger = get_run_logger()
     root = Path(repo_root)
     check = run_drift_check(repo_root, log_dir, reports_dir)
@@ -141,21 +211,21 @@ def drift_check(
     action = "none: no drift" if not drifted else "none: retraining disabled"
     outcome: dict[str, Any] = {**check, "drifted": drifted, "retrain": None}
     if drifted and retrain_on_drift:
-        cooldown = float(load_params("monitor", root / "params.yaml")["cooldown_hours"])
-        gate = RetrainGate(monitoring_path(repo_root, "retrain_dir"), timedelta(hours=cooldown))
         experiment = f"retrain-{Path(check['report']).name.lower()}"
-        with gate.claim(check["report"], experiment) as decision:
-            action = decision.reason
-            logger.info(decision.reason)
-            if decision.start:
-                if via_deployment:
-                    from prefect.deployments import run_deployment
+        if via_deployment:
+            from prefect.deployments import run_deployment
 
-                    params = {"repo_root": str(root.resolve()), "experiment": experiment, "report": check["report"]}
-                    run_deployment("retrain/retrain", parameters=params)
-                else:
-                    retrain(repo_root, experiment, check["report"])
-                outcome["retrain"] = experiment
+            params = {"repo_root": str(root.resolve()), "experiment": experiment, "trigger": check["report"]}
+            run_deployment("retrain/retrain", parameters=params)
+            # The deployment's run answered through the gate's request log, whatever its result storage.
+            answers = [r for r in retrain_gate(repo_root).requests() if r["experiment"] == experiment]
+            last = answers[-1] if answers else {"started": False, "reason": "the retrain deployment did not run"}
+            started, action = last["started"], last["reason"]
+        else:
+            result = retrain(repo_root, experiment, trigger=check["report"])
+            started, action = result["started"], result["reason"]
+        logger.info(action)
+        outcome["retrain"] = experiment if started else None
     create_markdown_artifact(summary_markdown(check, action), key="drift-check", description="Drift decision and action")
     outcome["action"] = action
     return outcome
@@ -169,8 +239,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", default=None, help="request log folder (default: params monitor.log_dir)")
     parser.add_argument("--reports", default=None, help="reports folder (default: params monitor.reports_dir)")
     parser.add_argument("--no-retrain", action="store_true", help="only check and report")
+    parser.add_argument("--retrain", action="store_true", help="skip the check: retrain now, through the gate")
+    parser.add_argument("--ignore-cooldown", action="store_true", help="with --retrain: skip the cooldown (never the lock)")
     parser.add_argument("--via-deployment", action="store_true", help="start the retrain through its served deployment")
     args = parser.parse_args(argv)
+    if args.retrain:
+        done = retrain(args.repo, trigger="manual", ignore_cooldown=args.ignore_cooldown)
+        verdict = ("promoted" if done["promoted"] else "not promoted") if done["started"] else done["reason"]
+        print(f"{done['experiment']}: {verdict}")
+        raise SystemExit(0 if done["started"] else 1)
     result = drift_check(args.repo, args.log, args.reports, not args.no_retrain, args.via_deployment)
     print(f"{result['report']}: drift in {result['drifted'] or 'no family'}; {result['action']}")
 

@@ -7,7 +7,9 @@ compared with the `features` stage's reference table on the same feature definit
 (`components/feature_defs.py`), with Evidently's DataDriftPreset: a per-feature test (K-S or Z-test p-value,
 or Wasserstein / Jensen-Shannon distance on large samples, as Evidently picks), and dataset drift when the
 share of drifted features reaches `monitor.drift_share`. Each family's decision is `drift`, `no drift` or
-`skipped` (fewer than `monitor.min_rows` requests in the window, with the reason). Reports go to
+`skipped` (fewer than `monitor.min_rows` requests in the window, with the reason). Only answered requests
+(status 200) count as data; beside drift, `decision.json` reports the service's health per endpoint over the
+same window: requests, 4xx and 5xx counts and rate, errors by class, and latency percentiles. Reports go to
 `<out>/<UTC timestamp>/`: `<family>.html` and `<family>.json` (Evidently's own) and `decision.json`.
 
 Large windows are sampled (`monitor.max_rows` per side, seeded): the tests' power is already near 1 at that
@@ -79,8 +81,9 @@ class DriftResult:
         return asdict(self)
 
 
-def read_window(log_dir: Path, endpoint: str, since: datetime) -> Any:
-    """Rows of one endpoint logged since `since` (a pandas DataFrame; empty when there is no log yet)."""
+def read_window(log_dir: Path, endpoint: str | None, since: datetime, answered_only: bool = True) -> Any:
+    """Rows logged since `since` (a pandas DataFrame; empty when there is no log yet): of one endpoint (None:
+    all), answered ones (status 200) only unless `answered_only` is off."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.dataset as ds
@@ -92,8 +95,36 @@ def read_window(log_dir: Path, endpoint: str, since: datetime) -> Any:
     # Parts written by different models can log different attributes: read them under their union.
     schema = pa.unify_schemas([pq.read_schema(p) for p in parts])
     dataset = ds.dataset([str(p) for p in parts], format="parquet", schema=schema)
-    condition = (ds.field("endpoint") == endpoint) & (ds.field("status") == 200) & (ds.field("timestamp") >= since)
+    condition = ds.field("timestamp") >= since
+    if endpoint is not None:
+        condition &= ds.field("endpoint") == endpoint
+    if answered_only:
+        condition &= ds.field("status") == 200
     return dataset.to_table(filter=condition).to_pandas()
+
+
+def service_health(log_dir: Path, since: datetime) -> dict[str, dict[str, Any]]:
+    """Per endpoint over the window: requests, client (4xx) and server (5xx) errors, their rate, the errors
+    by class, and latency percentiles (ms) of all requests and the p95 of the answered ones."""
+    frame = read_window(log_dir, None, since, answered_only=False)
+    health: dict[str, dict[str, Any]] = {}
+    if frame.empty:
+        return health
+    for endpoint, rows in frame.groupby("endpoint"):
+        failed = rows[rows["status"] >= 400]
+        answered = rows[rows["status"] < 400]["latency_ms"].dropna()
+        latency = rows["latency_ms"].dropna()
+        health[str(endpoint)] = {
+            "requests": int(len(rows)),
+            "client_errors": int(((rows["status"] >= 400) & (rows["status"] < 500)).sum()),
+            "server_errors": int((rows["status"] >= 500).sum()),
+            "error_rate": round(len(failed) / len(rows), 4),
+            "errors_by_class": {str(k): int(v) for k, v in failed["error"].fillna("unknown").value_counts().items()},
+            "latency_ms_p50": round(float(latency.quantile(0.5)), 1) if len(latency) else None,
+            "latency_ms_p95": round(float(latency.quantile(0.95)), 1) if len(latency) else None,
+            "answered_latency_ms_p95": round(float(answered.quantile(0.95)), 1) if len(answered) else None,
+        }
+    return health
 
 
 def prepare(frame: Any, numerical: tuple[str, ...], categorical: tuple[str, ...], max_rows: int, seed: int) -> Any:
@@ -175,6 +206,7 @@ def check_drift(
         "window": {"from": since.isoformat(), "to": now.isoformat()},
         "drift": any(r.decision == "drift" for r in results.values()),
         "families": {name: r.as_dict() for name, r in results.items()},
+        "service": service_health(log_dir, since),
     }
     write_json(summary, report_dir / "decision.json")
     return report_dir, results

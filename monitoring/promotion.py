@@ -115,14 +115,18 @@ def compare_image(champion_fake: Any, challenger_fake: Any, real: Any, tolerance
     return comparison
 
 
-def record(history_path: Path, comparisons: list[Comparison], experiment: str, promoted: bool) -> dict[str, Any]:
-    """Append one decision (all families) to the promotion history and return it."""
+def record(
+    history_path: Path, comparisons: list[Comparison], experiment: str, promoted: bool, refused: str | None = None
+) -> dict[str, Any]:
+    """Append one decision (all families) to the promotion history and return it; `refused` says why a
+    challenger the comparisons would let through is still not promoted."""
     history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []
     entry = {
         "at": datetime.now(UTC).isoformat(),
         "experiment": experiment,
         "promoted": promoted,
         "comparisons": [asdict(c) for c in comparisons],
+        "refused": refused,
     }
     write_json([*history, entry], history_path)
     return entry
@@ -136,6 +140,7 @@ class PromotionConfig:
     bootstrap_samples: int
     seed: int
     history: Path  # relative to the repo root
+    record: Path  # what the service serves (serving/promoted.py), relative to the repo root
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PromotionConfig:
@@ -149,6 +154,7 @@ class PromotionConfig:
             bootstrap_samples=require(params, "bootstrap_samples", int, p, low=10),
             seed=require(params["base"], "seed", int, "base"),
             history=Path(require(params, "history", str, p)),
+            record=Path(require(params, "record", str, p)),
         )
 
 

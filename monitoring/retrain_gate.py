@@ -1,9 +1,13 @@
-"""Who may start a drift-triggered retrain, and when: a cooldown and a lock, on plain files.
+"""The one gate every retrain goes through, whoever asks: a lock, a cooldown and a state record, on plain files.
 
-A storm of drifted windows must cause one retrain, and two triggers must never retrain at once. The gate
-keeps `state.json` (the last triggered retrain: time, drift report, experiment name) and holds an exclusive
-`flock` on `retrain.lock` for as long as a retrain runs; the lock dies with its process, so a crashed
-retrain never blocks the next one. Only the standard library is used.
+The weekly schedule, a drift trigger and a manual `python -m flows.monitoring --retrain` all call the same
+`retrain` flow, which claims this gate first. A second request while a retrain runs is refused with the
+holder named (not queued: the running retrain already uses the newest data it could see), and a request
+within `cooldown` of the last started retrain is refused too (a manual request may skip the cooldown,
+never the lock). The gate holds an exclusive `flock` on `retrain.lock` for as long as the retrain runs; the
+lock dies with its process, so a crashed retrain never blocks the next one. `state.json` keeps the last
+started retrain (time, trigger, experiment) and their history; `requests.jsonl` gets one line per request,
+started or refused, with the answer. Only the standard library is used.
 """
 
 from __future__ import annotations
@@ -39,11 +43,29 @@ class RetrainGate:
             return {}
         return json.loads(self.state_path.read_text(encoding="utf-8"))
 
-    @contextlib.contextmanager
-    def claim(self, report: str, experiment: str, now: datetime | None = None) -> Iterator[GateDecision]:
-        """Yield whether this trigger may retrain; when it may, the lock is held until the block exits.
+    def _answer(self, trigger: str, experiment: str, now: datetime, decision: GateDecision) -> GateDecision:
+        """Append the request and its answer to requests.jsonl (O_APPEND: whole lines, even when refused
+        requesters write beside the holder) and return the decision."""
+        line = json.dumps({"at": now.isoformat(), "trigger": trigger, "experiment": experiment,
+                           "started": decision.start, "reason": decision.reason})  # fmt: skip
+        with (self.folder / "requests.jsonl").open("a", encoding="utf-8") as requests:
+            requests.write(line + "\n")
+        return decision
 
-        Refused: while another retrain holds the lock, or within `cooldown` of the last triggered retrain.
+    def requests(self) -> list[dict[str, Any]]:
+        path = self.folder / "requests.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    @contextlib.contextmanager
+    def claim(
+        self, trigger: str, experiment: str, now: datetime | None = None, ignore_cooldown: bool = False
+    ) -> Iterator[GateDecision]:
+        """Yield whether this request may retrain; when it may, the lock is held until the block exits.
+
+        Refused: while another retrain holds the lock, or within `cooldown` of the last started retrain
+        (unless `ignore_cooldown`). `trigger` says who asked: `schedule`, `manual`, or a drift report.
         """
         now = now or datetime.now(UTC)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -53,25 +75,25 @@ class RetrainGate:
             except BlockingIOError:
                 lock.seek(0)
                 holder = lock.read().strip() or "another process"
-                yield GateDecision(False, f"refused: a retrain is already running ({holder})")
+                refused = GateDecision(False, f"refused: a retrain is already running ({holder})")
+                yield self._answer(trigger, experiment, now, refused)
                 return
             try:
                 last = self.state().get("last_triggered")
-                if last is not None:
+                if last is not None and not ignore_cooldown:
                     last_time = datetime.fromisoformat(last["at"])
                     if now - last_time < self.cooldown:
                         until = (last_time + self.cooldown).isoformat()
-                        yield GateDecision(
-                            False, f"cooldown: retrain {last['experiment']} started at {last['at']}; next allowed after {until}"
-                        )
+                        reason = f"cooldown: retrain {last['experiment']} started at {last['at']}; next allowed after {until}"
+                        yield self._answer(trigger, experiment, now, GateDecision(False, reason))
                         return
                 lock.seek(0)
                 lock.truncate()
-                lock.write(f"pid {os.getpid()}, experiment {experiment}, since {now.isoformat()}")
+                lock.write(f"pid {os.getpid()}, experiment {experiment}, trigger {trigger}, since {now.isoformat()}")
                 lock.flush()
                 history = self.state().get("history", [])
-                entry = {"at": now.isoformat(), "report": report, "experiment": experiment}
+                entry = {"at": now.isoformat(), "trigger": trigger, "experiment": experiment}
                 write_json({"last_triggered": entry, "history": [*history, entry]}, self.state_path)
-                yield GateDecision(True, f"retrain {experiment} triggered by {report}")
+                yield self._answer(trigger, experiment, now, GateDecision(True, f"retrain {experiment} started ({trigger})"))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,4 +1,4 @@
-"""Stage `package`: the promoted models into BentoML's model store, then a Bento from `bentofile.yaml`.
+"""Stage `package`: the pipeline's models into BentoML's model store, then a Bento from `bentofile.yaml`.
 
     python -m serving.package models/text models/image models/restore --out models/bento.json
 
@@ -6,9 +6,14 @@ Each model folder is imported as `aigc-<family>:<hash of its files>` with labels
 hash of the params and of the data that produced it, and the git revision. A folder whose content is
 already in the store is not imported again, so a rerun adds nothing. Then the Bento is built from
 `serving/bentofile.yaml` (offline: no package locking, nothing downloaded) as
-`aigc-pipeline:<hash of the model tags and the shipped code>`, and the receipt lists the tags. Tags are
-content hashes, not BentoML's time-based ids, so the receipt that DVC tracks is the same on every machine
-that packages the same models and code. The store is BentoML's (`$BENTOML_HOME`, default `~/bentoml`).
+`aigc-pipeline:<hash of the model tags and the shipped code>`, pinned to these models by Bento arguments,
+and the receipt lists the tags. Tags are content hashes, not BentoML's time-based ids, so the receipt that
+DVC tracks is the same on every machine that packages the same models and code. The store is BentoML's
+(`$BENTOML_HOME`, default `~/bentoml`).
+
+Packaging serves nothing: the service serves the promotion record's champion (serving/promoted.py), so a
+retrain experiment can package its challenger without touching what is served. `python -m monitoring.promote`
+makes a receipt the champion.
 """
 
 from __future__ import annotations
@@ -24,10 +29,9 @@ from typing import Any
 from components.common import ConfigError, DataError, run_main, write_json
 from components.metrics import HEADLINE, evaluation_stage
 from components.pipeline import stage
+from serving.promoted import FAMILIES
 
 log = logging.getLogger(__name__)
-
-FAMILIES = ("text", "image", "restore")  # the command's positional model folders, in this order
 
 
 def content_hash(folder: Path) -> str:
@@ -117,9 +121,11 @@ def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) ->
         bento = bentoml.get(f"{bento_name(bentofile)}:{version}")
         log.info("the Bento is already in the store as %s", bento.tag)
     except bentoml.exceptions.NotFound:
+        # Pinned by Bento arguments: the Bento serves these models wherever it runs, whatever else the store holds.
         bento = bentoml.bentos.build_bentofile(
-            str(bentofile), build_ctx=str(root), version=version, labels={"git_revision": git_revision(root)}
-        )
+            str(bentofile), build_ctx=str(root), version=version, labels={"git_revision": git_revision(root)},
+            args={f"{family}_model": tag for family, tag in tags.items()},
+        )  # fmt: skip
     receipt = {"models": tags, "bento": str(bento.tag)}
     write_json(receipt, out)
     log.info("built %s with %s", bento.tag, ", ".join(tags.values()))

@@ -12,10 +12,16 @@ The text API's `record` is built at start-up from the record schema saved with t
 unknown field is a 400 naming it, and a model trained on free prompts offers `prompt` only. A record is
 written as a source in the training data's own syntax (components.records).
 
+Which models: exactly the promoted ones (serving/promoted.py), never `aigc-*:latest`. A Bento built by the
+`package` stage is pinned to the models it was built with (Bento arguments `text_model`, `image_model`,
+`restore_model`, also `bentoml serve … --arg text_model=<tag>`); `bentoml serve serving.service:Gateway`
+from the repository serves the current champion of the promotion record (`AIGC_PROMOTED`, default
+params.yaml's `promotion.record`). `AIGC_TEXT_MODEL` / `AIGC_IMAGE_MODEL` / `AIGC_RESTORE_MODEL` override
+one family's tag. With none of these the service refuses to start and says how to promote.
+
 Environment: `AIGC_API_KEY` (when set, requests need `Authorization: Bearer <key>`; health endpoints and the
-docs stay open), `AIGC_TEXT_MODEL` / `AIGC_IMAGE_MODEL` / `AIGC_RESTORE_MODEL` (model-store tags, default
-`aigc-<family>:latest`), `AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks),
-`AIGC_REQUEST_LOG` (request log folder, default `monitoring/logs`) and `AIGC_REQUEST_LOG_FLUSH_SECONDS` (5).
+docs stay open), `AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks), `AIGC_REQUEST_LOG` (request
+log folder, default `monitoring/logs`) and `AIGC_REQUEST_LOG_FLUSH_SECONDS` (5).
 """
 
 from __future__ import annotations
@@ -53,9 +59,28 @@ MAX_PROMPT_CHARS = 2000
 MAX_FIELD_CHARS = 500
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/", "/static_content")
 BATCHING = os.environ.get("AIGC_BATCHING", "1") != "0"
-TEXT_TAG = os.environ.get("AIGC_TEXT_MODEL", "aigc-text:latest")
-IMAGE_TAG = os.environ.get("AIGC_IMAGE_MODEL", "aigc-image:latest")
-RESTORE_TAG = os.environ.get("AIGC_RESTORE_MODEL", "aigc-restore:latest")
+
+
+def served_models() -> dict[str, str]:
+    """Each family's model-store tag: the Bento's arguments, else AIGC_<FAMILY>_MODEL, else the champion of
+    the promotion record. Never `:latest`: what an experiment packaged is not served until it is promoted."""
+    from components.common import ConfigError, load_params
+    from serving.promoted import FAMILIES, RECORD_ENV, PromotionError, served_tags
+
+    arguments = bentoml.use_arguments()
+    pinned = {f: getattr(arguments, f"{f}_model", None) or os.environ.get(f"AIGC_{f.upper()}_MODEL") for f in FAMILIES}
+    if all(pinned.values()):
+        return pinned  # type: ignore[return-value]
+    try:
+        record = os.environ.get(RECORD_ENV) or load_params("promotion")["record"]
+        promoted = served_tags(Path(record), FAMILIES)
+    except (ConfigError, PromotionError, KeyError) as err:
+        raise SystemExit(f"aigc service: {err}") from None  # one line, not a traceback, and no start
+    return {family: pinned[family] or promoted[family] for family in FAMILIES}
+
+
+SERVED = served_models()
+TEXT_TAG, IMAGE_TAG, RESTORE_TAG = SERVED["text"], SERVED["image"], SERVED["restore"]
 
 
 def served_schema(tag: str) -> dict[str, Any]:
@@ -207,8 +232,37 @@ class Models:
         return base64.b64encode(png_bytes(restored, meta)).decode()
 
 
+_REQUEST_LOG: Any = None
+
+
+def request_log() -> Any:
+    """The process's one request log, shared by the gateway's endpoints and the middleware in front of it."""
+    global _REQUEST_LOG
+    if _REQUEST_LOG is None:
+        from serving.request_log import RequestLog
+
+        _REQUEST_LOG = RequestLog(
+            Path(os.environ.get("AIGC_REQUEST_LOG", "monitoring/logs")),
+            attributes=tuple(LOGGED_ATTRIBUTES),
+            flush_seconds=float(os.environ.get("AIGC_REQUEST_LOG_FLUSH_SECONDS", "5")),
+        )
+    return _REQUEST_LOG
+
+
+ERROR_KEY = "aigc.error"  # set in the ASGI scope by an endpoint that failed: the error's class, for the log
+STATUS_ERRORS = {400: "InvalidArgument", 401: "Unauthorized", 404: "NotFound", 413: "PayloadTooLarge",
+                 422: "ValidationError", 503: "ServiceUnavailable"}  # fmt: skip
+
+
+def failed(ctx: bentoml.Context, err: BaseException) -> None:
+    """Name the error of a failing request for the request log (the middleware writes its row)."""
+    ctx.request.scope[ERROR_KEY] = type(err).__name__
+
+
 class GuardMiddleware:
-    """ASGI middleware in front of the gateway: optional bearer-token auth and a request body cap."""
+    """ASGI middleware in front of the gateway: optional bearer-token auth, a request body cap, and a request
+    log row for every API request that ends in a 4xx or 5xx (answered ones are logged by their endpoint,
+    with their features), so failures are visible to monitoring, whatever raised them."""
 
     def __init__(self, app: Any, max_body: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -219,9 +273,33 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
-        if self.api_key and not (path in OPEN_PATHS or path.startswith("/static_content")):
+        if path in OPEN_PATHS or path.startswith("/static_content"):
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_logged(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        crashed: str | None = None
+        try:
+            await self._guarded(scope, receive, send_logged)
+        except BaseException as err:  # logged as the 500 the client sees, then raised to the server as before
+            crashed = type(err).__name__
+            raise
+        finally:
+            if status >= 400:
+                error = scope.get(ERROR_KEY) or crashed or STATUS_ERRORS.get(status, f"HTTP{status}")
+                request_log().log({"request_id": uuid.uuid4().hex, "endpoint": path.strip("/") or "/", "status": status,
+                                   "latency_ms": (time.perf_counter() - start) * 1000, "error": error})  # fmt: skip
+
+    async def _guarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key:
             supplied = headers.get("authorization", "")
             expected = f"Bearer {self.api_key}"
             if not hmac.compare_digest(supplied.encode(), expected.encode()):
@@ -262,7 +340,6 @@ class Gateway:
         from transformers import AutoTokenizer
 
         from components.delex import Delexicaliser
-        from serving.request_log import RequestLog
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.text_model.path)
         # Lengths are of what the model reads: a copied name is one placeholder token, however long it is.
@@ -271,11 +348,7 @@ class Gateway:
         self.vocabulary = (
             frozenset(json.loads(vocabulary_path.read_text(encoding="utf-8"))["words"]) if vocabulary_path.is_file() else None
         )
-        self.log = RequestLog(
-            Path(os.environ.get("AIGC_REQUEST_LOG", "monitoring/logs")),
-            attributes=tuple(LOGGED_ATTRIBUTES),
-            flush_seconds=float(os.environ.get("AIGC_REQUEST_LOG_FLUSH_SECONDS", "5")),
-        )
+        self.log = request_log()
         self._described: dict[str, Any] | None = None
 
     async def _call(self, api: str, *args: Any) -> Any:
@@ -350,31 +423,35 @@ class Gateway:
         self, ctx: bentoml.Context, record: RecordBase | None, prompt: str | None, decoding: str, temperature: float,
         top_p: float, num_beams: int, max_new_tokens: int, seed: int,
     ) -> TextResult:  # fmt: skip
-        from serving.request_log import text_log_fields
+        try:
+            from serving.request_log import text_log_fields
 
-        start, request_id = time.perf_counter(), uuid.uuid4().hex
-        if (record is None) == (prompt is None):
-            raise InvalidArgument("record, prompt: give exactly one of them")
-        text = record.to_prompt(TEXT_SCHEMA) if record is not None else " ".join(prompt.split())  # type: ignore[union-attr]
-        if not text:
-            raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
-        described = (await self._describe())["text"]
-        model_text = self.delexicaliser.model_source(text) if self.delexicaliser is not None else text
-        tokens = len(self.tokenizer(model_text, add_special_tokens=False)["input_ids"])
-        room = described["max_length"] - max_new_tokens - 1
-        if tokens > room:
-            field = "record" if record is not None else "prompt"
-            raise InvalidArgument(f"{field}: {tokens} tokens; at most {room} fit with max_new_tokens={max_new_tokens}")
-        request = TextRequest(text, decoding, temperature, top_p, num_beams, max_new_tokens, seed)
-        (output,) = await self._call("generate_text_batch", [request.__dict__])
-        self._provenance(ctx, described, seed, request_id)
-        self.log.log({
-            "request_id": request_id, "endpoint": "generate_text", "status": 200, "model_tag": described["tag"],
-            "params_hash": described.get("params_hash"), "seed": seed, "decoding": decoding, "output_chars": len(output),
-            "latency_ms": (time.perf_counter() - start) * 1000,
-            **text_log_fields(text, tokens, self.vocabulary, LOGGED_ATTRIBUTES),
-        })  # fmt: skip
-        return TextResult(text=output, model=described["tag"], seed=seed, decoding=decoding)
+            start, request_id = time.perf_counter(), uuid.uuid4().hex
+            if (record is None) == (prompt is None):
+                raise InvalidArgument("record, prompt: give exactly one of them")
+            text = record.to_prompt(TEXT_SCHEMA) if record is not None else " ".join(prompt.split())  # type: ignore[union-attr]
+            if not text:
+                raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
+            described = (await self._describe())["text"]
+            model_text = self.delexicaliser.model_source(text) if self.delexicaliser is not None else text
+            tokens = len(self.tokenizer(model_text, add_special_tokens=False)["input_ids"])
+            room = described["max_length"] - max_new_tokens - 1
+            if tokens > room:
+                field = "record" if record is not None else "prompt"
+                raise InvalidArgument(f"{field}: {tokens} tokens; at most {room} fit with max_new_tokens={max_new_tokens}")
+            request = TextRequest(text, decoding, temperature, top_p, num_beams, max_new_tokens, seed)
+            (output,) = await self._call("generate_text_batch", [request.__dict__])
+            self._provenance(ctx, described, seed, request_id)
+            self.log.log({
+                "request_id": request_id, "endpoint": "generate_text", "status": 200, "model_tag": described["tag"],
+                "params_hash": described.get("params_hash"), "seed": seed, "decoding": decoding, "output_chars": len(output),
+                "latency_ms": (time.perf_counter() - start) * 1000,
+                **text_log_fields(text, tokens, self.vocabulary, LOGGED_ATTRIBUTES),
+            })  # fmt: skip
+            return TextResult(text=output, model=described["tag"], seed=seed, decoding=decoding)
+        except Exception as err:
+            failed(ctx, err)
+            raise
 
     @bentoml.api
     async def generate_image(
@@ -385,20 +462,24 @@ class Gateway:
         seed: Seed = 0,
     ) -> ImageResult:
         """`n` images of class `label` (one of the trained labels) as base64 PNGs."""
-        start, request_id = time.perf_counter(), uuid.uuid4().hex
-        described = (await self._describe())["image"]
-        names = described["label_names"]
-        if label not in names:
-            raise InvalidArgument(f"label: {label!r} is not one of the trained labels {names}")
-        request = ImageRequest(names.index(label), n, seed)
-        (images,) = await self._call("generate_image_batch", [request.__dict__])
-        self._provenance(ctx, described, seed, request_id)
-        self.log.log({
-            "request_id": request_id, "endpoint": "generate_image", "status": 200, "model_tag": described["tag"],
-            "params_hash": described.get("params_hash"), "seed": seed, "label": label, "images": n,
-            "latency_ms": (time.perf_counter() - start) * 1000,
-        })  # fmt: skip
-        return ImageResult(label=label, seed=seed, model=described["tag"], images=images)
+        try:
+            start, request_id = time.perf_counter(), uuid.uuid4().hex
+            described = (await self._describe())["image"]
+            names = described["label_names"]
+            if label not in names:
+                raise InvalidArgument(f"label: {label!r} is not one of the trained labels {names}")
+            request = ImageRequest(names.index(label), n, seed)
+            (images,) = await self._call("generate_image_batch", [request.__dict__])
+            self._provenance(ctx, described, seed, request_id)
+            self.log.log({
+                "request_id": request_id, "endpoint": "generate_image", "status": 200, "model_tag": described["tag"],
+                "params_hash": described.get("params_hash"), "seed": seed, "label": label, "images": n,
+                "latency_ms": (time.perf_counter() - start) * 1000,
+            })  # fmt: skip
+            return ImageResult(label=label, seed=seed, model=described["tag"], images=images)
+        except Exception as err:
+            failed(ctx, err)
+            raise
 
     @bentoml.api
     async def restore_image(
@@ -406,28 +487,32 @@ class Gateway:
     ) -> Annotated[Path, bentoml.validators.ContentType("image/png")]:
         """The restored upload (multipart field `image`: PNG or JPEG, ≤ 8 MB) as a PNG. `task`, when given,
         must be the served restorer's (a model does one task; the wrong one is refused, not run)."""
-        from serving.inference import UploadError, decode_upload
-        from serving.request_log import image_log_fields
-
-        start, request_id = time.perf_counter(), uuid.uuid4().hex
-        data = image.read_bytes()
         try:
-            pixels = decode_upload(data, max_pixels=MAX_RESTORE_PIXELS)
-        except UploadError as err:
-            raise InvalidArgument(str(err)) from err
-        described = (await self._describe())["restore"]
-        if task is not None and task != described["task"]:
-            raise InvalidArgument(f"task: the served restorer does {described['task']!r}, not {task!r}")
-        restored = base64.b64decode(await self._call("restore", base64.b64encode(data).decode(), 0))
-        out = Path(ctx.temp_dir) / f"restored-{request_id}.png"
-        out.write_bytes(restored)
-        self._provenance(ctx, described, 0, request_id)
-        self.log.log({
-            "request_id": request_id, "endpoint": "restore_image", "status": 200, "model_tag": described["tag"],
-            "params_hash": described.get("params_hash"), "seed": 0, "task": described["task"],
-            "latency_ms": (time.perf_counter() - start) * 1000, **image_log_fields(pixels),
-        })  # fmt: skip
-        return out
+            from serving.inference import UploadError, decode_upload
+            from serving.request_log import image_log_fields
+
+            start, request_id = time.perf_counter(), uuid.uuid4().hex
+            data = image.read_bytes()
+            try:
+                pixels = decode_upload(data, max_pixels=MAX_RESTORE_PIXELS)
+            except UploadError as err:
+                raise InvalidArgument(str(err)) from err
+            described = (await self._describe())["restore"]
+            if task is not None and task != described["task"]:
+                raise InvalidArgument(f"task: the served restorer does {described['task']!r}, not {task!r}")
+            restored = base64.b64decode(await self._call("restore", base64.b64encode(data).decode(), 0))
+            out = Path(ctx.temp_dir) / f"restored-{request_id}.png"
+            out.write_bytes(restored)
+            self._provenance(ctx, described, 0, request_id)
+            self.log.log({
+                "request_id": request_id, "endpoint": "restore_image", "status": 200, "model_tag": described["tag"],
+                "params_hash": described.get("params_hash"), "seed": 0, "task": described["task"],
+                "latency_ms": (time.perf_counter() - start) * 1000, **image_log_fields(pixels),
+            })  # fmt: skip
+            return out
+        except Exception as err:
+            failed(ctx, err)
+            raise
 
 
 Gateway.add_asgi_middleware(GuardMiddleware)

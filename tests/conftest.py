@@ -41,7 +41,8 @@ REPO_FILES = [
     ".dvc/config",
     ".dvcignore",
     "data/.gitignore",
-    "data/landing",
+    "data/landing/README.md",
+    "data/landed/README.md",
 ]
 
 

@@ -203,31 +203,35 @@ def test_missing_section_names_it(tmp_path: Path) -> None:
         load_params("ingest", path)
 
 
-def test_files_dropped_in_the_landing_folder_are_added_to_the_inputs(tiny_params: dict[str, Any], tmp_path: Path) -> None:
+def test_landed_snapshots_are_read_and_the_landing_folder_is_not(tiny_params: dict[str, Any], tmp_path: Path) -> None:
     from PIL import Image
 
-    landing = tmp_path / "landing"
-    (landing / "text").mkdir(parents=True)
-    (landing / "text" / "new.csv").write_text("source,reference\nname: Nova | colour: teal,Nova in teal.\n", encoding="utf-8")
-    (landing / "images" / "7").mkdir(parents=True)
-    Image.new("L", (8, 8), 200).save(landing / "images" / "7" / "seven.png")
+    landed = tmp_path / "landed"
+    (landed / "b2" / "text").mkdir(parents=True)
+    (landed / "b2" / "text" / "c1.csv").write_text("source,reference\nname: Nova | colour: teal,Nova in teal.\n")
+    (landed / "a1" / "images" / "7").mkdir(parents=True)
+    Image.new("L", (8, 8), 200).save(landed / "a1" / "images" / "7" / "d4.png")
+    (landed / "a1" / "manifest.json").write_text("{}", encoding="utf-8")
+    landing = tmp_path / "landing" / "text"  # not snapshotted: never read
+    landing.mkdir(parents=True)
+    (landing / "new.csv").write_text("source,reference\nname: Vega,Vega.\n", encoding="utf-8")
     params = section(tiny_params, "ingest")
-    params["landing"] = str(landing)
+    params.update(landed=str(landed), landing=str(tmp_path / "landing"))
     cfg = ingest.IngestConfig.from_params(params)
     counts = ingest.ingest(cfg, tmp_path / "raw")
     assert counts["text"]["rows"] == 80 * 2 + 1 and counts["images"]["rows"] == 1797 + 1
     text = pq.read_table(tmp_path / "raw" / "text.parquet").to_pylist()
-    landed = [r for r in text if r["record_id"].startswith("landing/")]
-    assert [(r["source"], r["reference"]) for r in landed] == [("name: Nova | colour: teal", "Nova in teal.")]
-    images = pq.read_table(tmp_path / "raw" / "images.parquet").to_pylist()
-    assert [(r["record_id"], r["label"]) for r in images if r["record_id"].startswith("landing/")] == [
-        ("landing/7/seven.png", "7")
+    from_snapshots = [r for r in text if r["record_id"].startswith("landed/")]
+    assert [(r["record_id"].split("/")[1], r["source"], r["reference"]) for r in from_snapshots] == [
+        ("b2", "name: Nova | colour: teal", "Nova in teal.")
     ]
+    images = pq.read_table(tmp_path / "raw" / "images.parquet").to_pylist()
+    assert [(r["record_id"], r["label"]) for r in images if r["record_id"].startswith("landed/")] == [("landed/a1/7/d4.png", "7")]
     assert counts["restore"]["rows"] == 10  # nothing landed for restore: the inputs alone
 
 
-def test_a_missing_landing_folder_is_a_config_error(tiny_params: dict[str, Any], tmp_path: Path) -> None:
+def test_a_missing_landed_folder_is_a_config_error(tiny_params: dict[str, Any], tmp_path: Path) -> None:
     params = section(tiny_params, "ingest")
-    params["landing"] = str(tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match="'ingest.landing'"):
+    params["landed"] = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="'ingest.landed'"):
         ingest.IngestConfig.from_params(params)

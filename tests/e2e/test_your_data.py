@@ -56,7 +56,8 @@ def openapi_record_fields(repo: Path) -> set[str] | None:
     """The `record` fields of the packaged service's OpenAPI spec (None when it has no `record`)."""
     receipt = json.loads((repo / "models" / "bento.json").read_text())
     code = "import json; from serving.service import Gateway; print(json.dumps(Gateway.openapi_spec.asdict()))"
-    env = {**venv_env(), "BENTOML_HOME": str(repo / ".bentoml"), "AIGC_TEXT_MODEL": receipt["models"]["text"]}
+    served = {f"AIGC_{family.upper()}_MODEL": tag for family, tag in receipt["models"].items()}
+    env = {**venv_env(), "BENTOML_HOME": str(repo / ".bentoml"), **served}
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     spec = json.loads(out.stdout.strip().splitlines()[-1])

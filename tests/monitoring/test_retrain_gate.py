@@ -24,7 +24,7 @@ def test_a_storm_of_triggers_within_the_cooldown_starts_one_retrain(tmp_path: Pa
     with gate.claim("report-late", "exp-late", now=T0 + timedelta(hours=25)) as decision:
         assert decision.start
     history = gate.state()["history"]
-    assert [h["experiment"] for h in history] == ["exp-0", "exp-late"] and history[0]["report"] == "report-0"
+    assert [h["experiment"] for h in history] == ["exp-0", "exp-late"] and history[0]["trigger"] == "report-0"
 
 
 def test_two_concurrent_triggers_start_one_retrain_and_refuse_the_other(tmp_path: Path) -> None:

@@ -63,12 +63,22 @@ def bento_home(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     command = [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in ("text", "image", "restore"))]
     run = subprocess.run([*command, "--out", str(home / "receipt.json")], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+    promote(home)
     return home
+
+
+def promote(home: Path) -> None:
+    """Make the store's packaged receipt the served champion (home/promoted.json, the services' AIGC_PROMOTED)."""
+    command = [sys.executable, "-m", "monitoring.promote", "--receipt", str(home / "receipt.json"), "--why", "tests",
+               "--record", str(home / "promoted.json")]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO_ROOT, env=service_env(home), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def service_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "AIGC_API_KEY"}
     env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env.update(AIGC_PROMOTED=str(home / "promoted.json"))  # what the service serves: the record, never :latest
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env

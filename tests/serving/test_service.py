@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -52,7 +53,8 @@ def error_text(response: httpx.Response) -> str:
 def test_package_imports_labelled_models_and_builds_a_bento(bento_home: Path, tiny_models: Path) -> None:
     tags = receipt(bento_home)
     assert set(tags["models"]) == {"text", "image", "restore"} and tags["bento"].startswith("aigc-pipeline:")
-    import_check = "import bentoml, json; m = bentoml.models.get('aigc-restore:latest'); print(json.dumps(m.info.labels))"
+    restore = tags["models"]["restore"]
+    import_check = f"import bentoml, json; m = bentoml.models.get({restore!r}); print(json.dumps(m.info.labels))"
     labels = json.loads(
         subprocess.run(
             [sys.executable, "-c", import_check], env=service_env(bento_home), capture_output=True, text=True, check=True
@@ -223,6 +225,63 @@ def test_requests_are_logged_with_the_documented_columns_and_no_raw_text(server:
     assert restore_row["width"] == 40 and restore_row["brightness"] is not None
     logged = json.dumps([r for p in server.log_dir.glob("requests-*.parquet") for r in pq.read_table(p).to_pylist()], default=str)
     assert "Aurora" not in logged and "odd" not in logged  # names and unseen values are never logged
+
+
+def test_failed_requests_are_logged_with_their_status_and_error_class(server: Server) -> None:
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    assert post(server, "generate_image", json={"label": "no such label"}).status_code == 400
+    too_big = httpx.post(
+        f"{server.url}/generate_image", content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"}, timeout=60
+    )
+    assert too_big.status_code == 413
+    expected = {("generate_image", 400, "InvalidArgument"), ("generate_image", 413, "PayloadTooLarge")}
+    deadline, logged = time.monotonic() + 10, set()
+    while time.monotonic() < deadline and not expected <= logged:
+        rows = [r for p in server.log_dir.glob("requests-*.parquet") for r in pq.read_table(p).to_pylist()]
+        logged = {(r["endpoint"], r["status"], r["error"]) for r in rows if r["timestamp"] >= since and r["status"] >= 400}
+        time.sleep(0.3)
+    assert expected <= logged
+
+
+def test_a_request_that_crashes_is_logged_as_a_5xx_with_its_error_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import asyncio
+
+    for family in ("TEXT", "IMAGE", "RESTORE"):  # importing the service resolves its models: name some
+        monkeypatch.setenv(f"AIGC_{family}_MODEL", f"aigc-{family.lower()}:not-in-this-store")
+    monkeypatch.setenv("AIGC_REQUEST_LOG", str(tmp_path / "log"))
+    from serving import service
+
+    monkeypatch.setattr(service, "_REQUEST_LOG", None)
+
+    async def endpoint_that_fails(scope: dict[str, object], receive: object, send: object) -> None:
+        scope[service.ERROR_KEY] = "ZeroDivisionError"  # what `failed(ctx, err)` records before BentoML answers 500
+        await send({"type": "http.response.start", "status": 500, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
+
+    async def endpoint_that_dies(scope: dict[str, object], receive: object, send: object) -> None:
+        raise RuntimeError("the worker died before answering")
+
+    async def call(app: object, path: str) -> None:
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"{}"}
+
+        await service.GuardMiddleware(app)({"type": "http", "path": path, "headers": []}, receive, send)
+
+    asyncio.run(call(endpoint_that_fails, "/generate_text"))
+    with pytest.raises(RuntimeError):
+        asyncio.run(call(endpoint_that_dies, "/restore_image"))
+    service.request_log().close()
+    rows = [r for p in (tmp_path / "log").glob("requests-*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert {(r["endpoint"], r["status"], r["error"]) for r in rows} == {
+        ("generate_text", 500, "ZeroDivisionError"),
+        ("restore_image", 500, "RuntimeError"),
+    }
+    assert all(r["latency_ms"] >= 0 and r["request_id"] for r in rows)
 
 
 # --- auth -----------------------------------------------------------------------------------------------------

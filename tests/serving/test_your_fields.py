@@ -16,7 +16,7 @@ import pytest
 
 from components.records import BRACKET
 from tests.conftest import REPO_ROOT, run_data_stages, section, shrink
-from tests.serving.conftest import Server, service_env, start_server, stop_server
+from tests.serving.conftest import Server, promote, service_env, start_server, stop_server
 from tests.user_data import corpus, write_text
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,7 @@ def bracket_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory, 
     command = [sys.executable, "-m", "serving.package", *folders, "--out", str(home / "receipt.json")]
     run = subprocess.run(command, cwd=REPO_ROOT, env=service_env(home), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+    promote(home)
     server = start_server(home, root / "log")
     yield server
     stop_server(server)

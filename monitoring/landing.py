@@ -1,0 +1,116 @@
+"""New data, landed reproducibly: files dropped into the landing folder become a DVC-tracked snapshot.
+
+    python -m monitoring.landing          # snapshot the landing folder now (every retrain does it first)
+
+`ingest` never reads the landing folder (`ingest.landing`) itself: files there are untracked, a DVC
+experiment run aside (`--temp`) would not see them, and nothing could reproduce a retrain once they move.
+A snapshot copies every landed file whose content no earlier snapshot holds into
+`<ingest.landed>/<snapshot>/`, keeping its dataset sub-folder (`text/`, `images/<label>/`, `restore/`) and
+naming it by its content hash, with `manifest.json` mapping the original names. The snapshot folder is
+named by the hash of what it holds, `dvc add`-ed (its `.dvc` file is staged in git, so experiments carry
+it), and read by `ingest` with every earlier snapshot. The landing folder can be emptied once a snapshot is
+taken; `dvc exp apply <retrain>` then `dvc repro` still rebuild the retrain's data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.common import DATASETS, ConfigError, load_params, require, write_json
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    name: str
+    path: Path
+    files: int
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:24]
+
+
+def landed_digests(landed: Path) -> set[str]:
+    """Content hashes of every file already in a snapshot (their names)."""
+    return {path.stem for name in DATASETS for path in landed.glob(f"*/{name}/**/*") if path.is_file()}
+
+
+def new_files(landing: Path, landed: Path) -> list[tuple[Path, Path, str]]:
+    """(original, stored relative path, digest) of each landing file no snapshot holds, one per content."""
+    known = landed_digests(landed) if landed.is_dir() else set()
+    found: dict[str, tuple[Path, Path, str]] = {}
+    for name in DATASETS:
+        for path in sorted((landing / name).rglob("*")) if (landing / name).is_dir() else []:
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            digest = file_digest(path)
+            if digest in known or digest in found:
+                continue
+            relative = path.relative_to(landing)
+            found[digest] = (path, relative.parent / f"{digest}{path.suffix.lower()}", digest)
+    return list(found.values())
+
+
+def track(root: Path, folder: Path) -> None:
+    """`dvc add` the snapshot (cached, content-addressed), then stage its .dvc file and .gitignore in git, so
+    that an experiment run aside from the workspace carries the snapshot."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        repo.add(str(folder.resolve()))
+    pointers = [str(folder.with_suffix(".dvc").relative_to(root)), str((folder.parent / ".gitignore").relative_to(root))]
+    staged = subprocess.run(["git", "add", "--", *pointers], cwd=root, capture_output=True, text=True)
+    if staged.returncode != 0:
+        raise RuntimeError(f"git add {' '.join(pointers)} failed: {staged.stderr.strip()}")
+
+
+def snapshot(root: Path) -> Snapshot | None:
+    """Snapshot the new files of params.yaml's `ingest.landing` into `ingest.landed`; None when nothing is new."""
+    params = load_params("ingest", root / "params.yaml")
+    landing = root / require(params, "landing", str, "ingest")
+    landed = root / require(params, "landed", str, "ingest")
+    files = new_files(landing, landed)
+    if not files:
+        return None
+    name = hashlib.sha256("\n".join(sorted(stored.as_posix() for _, stored, _ in files)).encode()).hexdigest()[:16]
+    target = landed / name
+    for original, stored, _ in files:
+        (target / stored).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(original, target / stored)
+    write_json({stored.as_posix(): original.relative_to(landing).as_posix() for original, stored, _ in files}, target / MANIFEST)
+    track(root, target)
+    log.info("landing: %d new files snapshotted as %s", len(files), target)
+    return Snapshot(name, target, len(files))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m monitoring.landing", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repo", type=Path, default=Path("."), help="repository root (params.yaml, dvc.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        taken = snapshot(args.repo.resolve())
+    except (ConfigError, RuntimeError) as err:
+        print(f"monitoring.landing: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"snapshot {taken.name}: {taken.files} new files in {taken.path}" if taken else "landing: nothing new to snapshot")
+
+
+if __name__ == "__main__":
+    main()

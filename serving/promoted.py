@@ -1,0 +1,107 @@
+"""What the service serves: the promotion record, one small JSON file naming the champion and its history.
+
+Promotion is a pointer, never a side effect. The `package` stage, in the workspace or inside a retrain
+experiment, only adds content-addressed entries to the model store and builds a Bento pinned to them; no
+entry is ever resolved as `:latest`. The service serves the model tags of the record's current champion,
+and only `python -m monitoring.promote` (a person, or the retrain flow once the gate has said yes) writes
+the record. Every change is an event (promote or rollback) with who, when and why; the champion is the top
+of the stack the events build (a promotion pushes, a rollback pops), so `--rollback` always returns to the
+champion before the current one.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from components.common import ConfigError, write_json
+
+RECORD_ENV = "AIGC_PROMOTED"
+"""The service's way to be told which record to read (default: params.yaml's `promotion.record`)."""
+PROMOTE, ROLLBACK = "promote", "rollback"
+FAMILIES = ("text", "image", "restore")
+"""The served model families (the `package` stage's model folders, in its command's order)."""
+
+
+class PromotionError(ValueError):
+    """The record cannot be read or the asked change cannot be made; the message says what to do."""
+
+
+def read_events(record: Path) -> list[dict[str, Any]]:
+    """The record's events, oldest first; none when the file does not exist yet."""
+    if not record.is_file():
+        return []
+    try:
+        events = json.loads(record.read_text(encoding="utf-8"))["events"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise PromotionError(f"{record}: not a promotion record ({err}); restore it from git or its backup") from None
+    if not isinstance(events, list) or not all(isinstance(e, dict) and e.get("action") in (PROMOTE, ROLLBACK) for e in events):
+        raise PromotionError(f"{record}: its events are not promote / rollback entries; restore it from git or its backup")
+    return events
+
+
+def champions(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stack of champions the events leave, the current one last."""
+    stack: list[dict[str, Any]] = []
+    for event in events:
+        if event["action"] == PROMOTE:
+            stack.append(event)
+        elif stack:
+            stack.pop()
+    return stack
+
+
+def current(record: Path) -> dict[str, Any] | None:
+    """The current champion's promote event (model tags, Bento, experiment, who, when, why), or None."""
+    stack = champions(read_events(record))
+    return stack[-1] if stack else None
+
+
+def _write(record: Path, events: list[dict[str, Any]]) -> dict[str, Any]:
+    stack = champions(events)
+    write_json({"current": stack[-1] if stack else None, "events": events}, record)
+    return events[-1]
+
+
+def promote(
+    record: Path, models: dict[str, str], bento: str | None, by: str, why: str, experiment: str | None = None
+) -> dict[str, Any]:
+    """Make `models` (family -> model-store tag) the champion; returns the event."""
+    if not models:
+        raise PromotionError("promote: no model tags given")
+    event = {
+        "action": PROMOTE, "at": datetime.now(UTC).isoformat(), "by": by, "why": why,
+        "models": dict(models), "bento": bento, "experiment": experiment,
+    }  # fmt: skip
+    return _write(record, [*read_events(record), event])
+
+
+def rollback(record: Path, by: str, why: str) -> dict[str, Any]:
+    """Return to the champion before the current one; returns the event, which names the restored models."""
+    events = read_events(record)
+    stack = champions(events)
+    if len(stack) < 2:
+        raise PromotionError(f"{record}: no earlier champion to roll back to ({len(stack)} promoted so far)")
+    back_to = stack[-2]
+    event = {
+        "action": ROLLBACK, "at": datetime.now(UTC).isoformat(), "by": by, "why": why,
+        "models": back_to["models"], "bento": back_to["bento"], "experiment": back_to.get("experiment"),
+        "replaced": stack[-1]["models"],
+    }  # fmt: skip
+    return _write(record, [*events, event])
+
+
+def served_tags(record: Path, families: tuple[str, ...]) -> dict[str, str]:
+    """The champion's tag of every family, or a one-line error saying how to promote one."""
+    champion = current(record)
+    if champion is None:
+        raise ConfigError(
+            f"{record}: no model has been promoted; run `python -m monitoring.promote` to serve the models "
+            "the workspace packaged (models/bento.json), or set the AIGC_<FAMILY>_MODEL tags"
+        )
+    missing = [family for family in families if family not in champion["models"]]
+    if missing:
+        raise ConfigError(f"{record}: the champion has no {', '.join(missing)} model; promote a complete package receipt")
+    return {family: champion["models"][family] for family in families}

@@ -1,0 +1,76 @@
+"""The promotion record: promote pushes a champion, rollback returns to the one before, every change kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving.promoted import PromotionError, current, promote, read_events, rollback, served_tags
+from tests.conftest import REPO_ROOT
+
+FAMILIES = ("text", "image", "restore")
+
+
+def tags(version: str) -> dict[str, str]:
+    return {family: f"aigc-{family}:{version}" for family in FAMILIES}
+
+
+def test_rollback_returns_to_the_previous_champion_and_history_keeps_who_when_why(tmp_path: Path) -> None:
+    record = tmp_path / "promoted.json"
+    assert current(record) is None
+    with pytest.raises(PromotionError, match="no earlier champion"):
+        rollback(record, "ana", "nothing to roll back")
+    promote(record, tags("v1"), "aigc-pipeline:b1", "ana", "first models")
+    promote(record, tags("v2"), "aigc-pipeline:b2", "retrain flow", "not worse", experiment="retrain-x")
+    promote(record, tags("v3"), "aigc-pipeline:b3", "retrain flow", "not worse", experiment="retrain-y")
+    assert served_tags(record, FAMILIES) == tags("v3")
+    back = rollback(record, "ben", "names wrong in v3")
+    assert back["models"] == tags("v2") and back["replaced"] == tags("v3") and back["experiment"] == "retrain-x"
+    assert served_tags(record, FAMILIES) == tags("v2")
+    rollback(record, "ben", "v2 too")
+    assert served_tags(record, FAMILIES) == tags("v1")
+    with pytest.raises(PromotionError, match="no earlier champion"):
+        rollback(record, "ben", "past the first")
+    events = read_events(record)
+    rollbacks = [(e["action"], e["by"], e["why"]) for e in events][-2:]
+    assert rollbacks == [("rollback", "ben", "names wrong in v3"), ("rollback", "ben", "v2 too")]
+    assert all(e["at"] for e in events)
+    on_disk = json.loads(record.read_text())
+    assert on_disk["current"]["models"] == tags("v1")  # readable without replaying
+
+
+def test_a_broken_record_is_one_clear_error_not_a_served_guess(tmp_path: Path) -> None:
+    from components.common import ConfigError
+
+    record = tmp_path / "promoted.json"
+    with pytest.raises(ConfigError, match="python -m monitoring.promote"):
+        served_tags(record, FAMILIES)
+    record.write_text("{not json")
+    with pytest.raises(PromotionError, match="not a promotion record"):
+        current(record)
+    record.write_text(json.dumps({"events": [{"action": "delete"}]}))
+    with pytest.raises(PromotionError, match="promote / rollback"):
+        current(record)
+    promote(tmp_path / "partial.json", {"text": "aigc-text:v1"}, None, "ana", "text only")
+    with pytest.raises(ConfigError, match="no image, restore model"):
+        served_tags(tmp_path / "partial.json", FAMILIES)
+
+
+def test_the_cli_refuses_what_it_cannot_do_in_one_line(tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "monitoring.promote", "--record", str(tmp_path / "promoted.json"), *args]
+        return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+
+    no_why = cli("--rollback")
+    assert no_why.returncode == 2 and no_why.stderr.strip().count("\n") == 0 and "--why" in no_why.stderr
+    missing = cli("--receipt", str(tmp_path / "nowhere.json"))
+    assert missing.returncode == 2 and "dvc repro package" in missing.stderr and "Traceback" not in missing.stderr
+    receipt = tmp_path / "receipt.json"
+    receipt.write_text(json.dumps({"models": tags("never-imported"), "bento": "aigc-pipeline:x"}))
+    absent = cli("--receipt", str(receipt))
+    assert absent.returncode == 2 and "is not in this model store" in absent.stderr
+    assert cli("--show").stdout.strip().endswith("nothing promoted yet")
