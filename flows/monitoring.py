@@ -87,8 +87,9 @@ def retrain_gate(repo_root: str) -> Any:
 @task(task_run_name="snapshot-landing")
 def snapshot_landing(repo_root: str) -> str | None:
     """New files of the landing folder become a DVC-tracked snapshot the experiment reads and records."""
-    from monitoring.landing import snapshot
+    from monitoring.landing import feedback_to_landing, snapshot
 
+    feedback_to_landing(Path(repo_root))  # users' edited texts become training references
     taken = snapshot(Path(repo_root))
     get_run_logger().info("landing: %s", f"snapshot {taken.name} ({taken.files} new files)" if taken else "nothing new")
     return taken.name if taken else None
@@ -141,17 +142,33 @@ def champion_challenger(repo_root: str, experiment: str) -> dict[str, Any]:
 
 @task(task_run_name="promote-{experiment}")
 def promote(repo_root: str, experiment: str, why: str) -> dict[str, Any]:
-    """The challenger becomes the workspace's models, `package` puts them in the model store and a Bento,
-    and the promotion record names them: from the next start, the service serves them."""
+    """The challenger becomes the workspace's models (`dvc exp apply`, `dvc repro package`) and the promotion
+    record names them, or, with `promotion.require_online`, it goes on an online A/B test first (params `ab`)
+    and `python -m monitoring.ab --decide` promotes it when users prefer it. Either way the service changes
+    at its next start."""
     from components.common import load_params
-    from monitoring.promote import promote_receipt, receipt_path
+    from monitoring.promote import apply_experiment, promote_receipt, receipt_path
     from monitoring.promotion import PromotionConfig
+    from serving.promoted import challenge
 
     root = Path(repo_root)
-    dvc(repo_root, "exp", "apply", experiment)
-    dvc(repo_root, "repro", "package")
     cfg = PromotionConfig.from_params(load_params("promotion", root / "params.yaml"))
+    if cfg.require_online:
+        ab = load_params("ab", root / "params.yaml")
+        content = experiment_receipt(root, experiment)
+        return challenge(root / cfg.record, content["models"], content["bento"], float(ab["share"]), str(ab["mode"]),
+                         "retrain flow", f"offline gate passed; online A/B before serving: {why}", experiment)  # fmt: skip
+    for line in apply_experiment(root, experiment):
+        get_run_logger().info(line)
     return promote_receipt(receipt_path(root), root / cfg.record, "retrain flow", why, experiment)
+
+
+def experiment_receipt(root: Path, experiment: str) -> dict[str, Any]:
+    """The package receipt an experiment wrote (its models are already in the store: it packaged them)."""
+    from monitoring.promote import receipt_path
+    from monitoring.promotion import read_artifact
+
+    return json.loads(read_artifact(root, receipt_path(root).relative_to(root).as_posix(), experiment))
 
 
 @flow(name="retrain", log_prints=True)
@@ -173,13 +190,17 @@ def retrain(
         dvc_experiment(repo_root, name)
         decision = champion_challenger(repo_root, name)
         reasons = "\n".join(f"- {c['reason']}" for c in decision["comparisons"])
+        event = None
         if decision["promoted"]:
-            promote(repo_root, name, f"retrain {name} ({trigger}) not worse than the champion:\n{reasons}")
+            event = promote(repo_root, name, f"retrain {name} ({trigger}) not worse than the champion:\n{reasons}")
+    online = event is not None and event["action"] == "challenge"
     verdict = "promoted" if decision["promoted"] else "not promoted: the champion stays"
+    if online:
+        verdict = "passed offline; now on an online A/B test (python -m monitoring.ab)"
     if decision["refused"]:
         verdict += f"; {decision['refused']}"
     create_markdown_artifact(f"## Retrain {name}: {verdict}\n\n{reasons}\n", key="promotion", description="Champion / challenger")
-    return {**decision, "started": True, "reason": gate.reason, "landing_snapshot": snapshot}
+    return {**decision, "started": True, "reason": gate.reason, "landing_snapshot": snapshot, "online_ab": online}
 
 
 def summary_markdown(check: dict[str, Any], action: str) -> str:

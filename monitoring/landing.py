@@ -1,6 +1,6 @@
 """New data, landed reproducibly: files dropped into the landing folder become a DVC-tracked snapshot.
 
-    python -m monitoring.landing          # snapshot the landing folder now (every retrain does it first)
+    python -m monitoring.landing          # land feedback edits, snapshot the landing folder (every retrain does it first)
 
 `ingest` never reads the landing folder (`ingest.landing`) itself: files there are untracked, a DVC
 experiment run aside (`--temp`) would not see them, and nothing could reproduce a retrain once they move.
@@ -10,6 +10,10 @@ naming it by its content hash, with `manifest.json` mapping the original names. 
 named by the hash of what it holds, `dvc add`-ed (its `.dvc` file is staged in git, so experiments carry
 it), and read by `ingest` with every earlier snapshot. The landing folder can be emptied once a snapshot is
 taken; `dvc exp apply <retrain>` then `dvc repro` still rebuild the retrain's data.
+
+Users' corrections land the same way: before each snapshot, every `POST /feedback` part with edited texts
+(`feedback-*.parquet` beside the request log) becomes `<landing>/text/feedback-<part>.csv`, the source and
+the edited text under the configured `ingest.text` column names, so the next retrain trains on them.
 """
 
 from __future__ import annotations
@@ -78,6 +82,37 @@ def track(root: Path, folder: Path) -> None:
         raise RuntimeError(f"git add {' '.join(pointers)} failed: {staged.stderr.strip()}")
 
 
+def feedback_to_landing(root: Path) -> list[Path]:
+    """One landing CSV per feedback part that holds edited texts with their source; returns the new files.
+
+    Parts are never rewritten, so a part's file is the same bytes every time and a snapshot takes it once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    ingest = load_params("ingest", root / "params.yaml")
+    columns = require(ingest, "text", dict, "ingest")
+    log_dir = root / require(load_params("monitor", root / "params.yaml"), "log_dir", str, "monitor")
+    landing = root / require(ingest, "landing", str, "ingest") / "text"
+    written = []
+    for part in sorted(log_dir.glob("feedback-*.parquet")) if log_dir.is_dir() else []:
+        target = landing / f"{part.stem}.csv"
+        if target.exists():
+            continue
+        rows = pq.read_table(part, columns=["source", "edited_text"])
+        rows = rows.filter(pc.and_(pc.is_valid(rows["source"]), pc.is_valid(rows["edited_text"])))
+        if rows.num_rows == 0:
+            continue
+        names = [require(columns, "source_column", str, "ingest.text"), require(columns, "reference_column", str, "ingest.text")]
+        landing.mkdir(parents=True, exist_ok=True)
+        pacsv.write_csv(pa.table([rows["source"], rows["edited_text"]], names=names), target)
+        written.append(target)
+    if written:
+        log.info("feedback: %d files of edited texts landed in %s", len(written), landing)
+    return written
+
+
 def snapshot(root: Path) -> Snapshot | None:
     """Snapshot the new files of params.yaml's `ingest.landing` into `ingest.landed`; None when nothing is new."""
     params = load_params("ingest", root / "params.yaml")
@@ -105,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        feedback_to_landing(args.repo.resolve())
         taken = snapshot(args.repo.resolve())
     except (ConfigError, RuntimeError) as err:
         print(f"monitoring.landing: {err}", file=sys.stderr)

@@ -4,6 +4,8 @@
     python -m monitoring.promote --receipt r.json --why "checked by hand"
     python -m monitoring.promote --rollback --why "names wrong in today's copy"
     python -m monitoring.promote --show                           # the champion and the history
+    python -m monitoring.promote --challenger --receipt r.json --share 0.1   # online A/B test (or --shadow)
+    python -m monitoring.promote --end-ab --why "enough"          # stop it
 
 The record (params.yaml's `promotion.record`) is the only thing the service reads to choose its models
 (serving/promoted.py); every change is appended with who (`--by`, default the login name), when and why.
@@ -18,12 +20,13 @@ import getpass
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from components.common import ConfigError, load_params, require
-from serving.promoted import FAMILIES, PromotionError, champions, read_events, rollback
+from serving.promoted import FAMILIES, SHADOW, PromotionError, challenge, champions, end_ab, read_events, rollback
 from serving.promoted import promote as record_promotion
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,22 @@ def read_receipt(receipt: Path) -> dict[str, Any]:
     return {"models": {family: str(models[family]) for family in FAMILIES}, "bento": bento}
 
 
+def apply_experiment(root: Path, experiment: str) -> list[str]:
+    """`dvc exp apply <experiment>` then `dvc repro package`: the workspace's models and receipt become the
+    experiment's (the champion / challenger gate compares against the workspace). Returns DVC's output."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # stages run this venv's python
+    dvc = str(Path(sys.executable).parent / "dvc")
+    lines: list[str] = []
+    for args in (["exp", "apply", experiment], ["repro", "package"]):
+        run = subprocess.run([dvc, *args], cwd=root, env=env, capture_output=True, text=True)
+        lines += (run.stdout + run.stderr).splitlines()[-40:]
+        if run.returncode != 0:
+            tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise PromotionError(f"dvc {' '.join(args)} failed (exit {run.returncode}): {tail[0]}")
+    return lines
+
+
 def promote_receipt(receipt: Path, record: Path, by: str, why: str, experiment: str | None = None) -> dict[str, Any]:
     """The receipt's models become the champion; returns the recorded event."""
     content = read_receipt(receipt)
@@ -100,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--rollback", action="store_true", help="return to the champion before the current one")
     action.add_argument("--show", action="store_true", help="print the champion and the history")
+    action.add_argument("--challenger", action="store_true", help="start an online A/B test of the receipt's models")
+    action.add_argument("--end-ab", action="store_true", help="stop the running A/B test")
+    parser.add_argument(
+        "--share", type=float, default=None, help="with --challenger: its share of traffic (default params ab.share)"
+    )
+    parser.add_argument("--shadow", action="store_true", help="with --challenger: run it beside the champion, unseen")
     parser.add_argument("--why", default=None, help="the reason, kept in the history (required for --rollback)")
     parser.add_argument("--by", default=None, help="who (default: the login name)")
     parser.add_argument("--experiment", default=None, help="the experiment the receipt came from, if any")
@@ -111,6 +136,19 @@ def main(argv: list[str] | None = None) -> None:
             print(show(record))
             return
         by = args.by or who()
+        if args.end_ab:
+            end_ab(record, by, args.why or "ended by hand")
+            print("A/B test ended; restart the service to serve the champion alone")
+            return
+        if args.challenger:
+            ab = load_params("ab", args.repo / "params.yaml")
+            content = read_receipt(args.repo / (args.receipt or receipt_path(args.repo)))
+            mode = SHADOW if args.shadow else require(ab, "mode", str, "ab")
+            share = args.share if args.share is not None else float(require(ab, "share", (int, float), "ab", low=0, high=1))
+            why = args.why or "A/B test started by hand"
+            challenge(record, content["models"], content["bento"], share, mode, by, why, args.experiment)
+            print(f"A/B test: {', '.join(content['models'].values())} ({mode}, share {share}); restart the service to start it")
+            return
         if args.rollback:
             if not args.why:
                 raise PromotionError("--rollback: say why with --why, it is kept in the history")

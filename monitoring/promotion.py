@@ -141,6 +141,7 @@ class PromotionConfig:
     seed: int
     history: Path  # relative to the repo root
     record: Path  # what the service serves (serving/promoted.py), relative to the repo root
+    require_online: bool = False  # a passing challenger goes on an online A/B test instead of being promoted
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PromotionConfig:
@@ -155,6 +156,7 @@ class PromotionConfig:
             seed=require(params["base"], "seed", int, "base"),
             history=Path(require(params, "history", str, p)),
             record=Path(require(params, "record", str, p)),
+            require_online=require(params, "require_online", bool, p),
         )
 
 

@@ -7,6 +7,10 @@ and only `python -m monitoring.promote` (a person, or the retrain flow once the 
 the record. Every change is an event (promote or rollback) with who, when and why; the champion is the top
 of the stack the events build (a promotion pushes, a rollback pops), so `--rollback` always returns to the
 champion before the current one.
+
+An online A/B test is an event too: `challenge` names one challenger and the share of traffic it gets
+(`split`), or `shadow` mode (it runs beside the champion and is logged, never returned). It lasts until
+`end_ab`, a promotion or a rollback.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from components.common import ConfigError, write_json
 
 RECORD_ENV = "AIGC_PROMOTED"
 """The service's way to be told which record to read (default: params.yaml's `promotion.record`)."""
-PROMOTE, ROLLBACK = "promote", "rollback"
+PROMOTE, ROLLBACK, CHALLENGE, END_AB = "promote", "rollback", "challenge", "end_ab"
+SPLIT, SHADOW = "split", "shadow"
 FAMILIES = ("text", "image", "restore")
 """The served model families (the `package` stage's model folders, in its command's order)."""
 
@@ -37,8 +42,9 @@ def read_events(record: Path) -> list[dict[str, Any]]:
         events = json.loads(record.read_text(encoding="utf-8"))["events"]
     except (ValueError, KeyError, TypeError) as err:
         raise PromotionError(f"{record}: not a promotion record ({err}); restore it from git or its backup") from None
-    if not isinstance(events, list) or not all(isinstance(e, dict) and e.get("action") in (PROMOTE, ROLLBACK) for e in events):
-        raise PromotionError(f"{record}: its events are not promote / rollback entries; restore it from git or its backup")
+    actions = (PROMOTE, ROLLBACK, CHALLENGE, END_AB)
+    if not isinstance(events, list) or not all(isinstance(e, dict) and e.get("action") in actions for e in events):
+        raise PromotionError(f"{record}: its events are not promote / rollback / A/B entries; restore it from git or its backup")
     return events
 
 
@@ -48,9 +54,23 @@ def champions(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for event in events:
         if event["action"] == PROMOTE:
             stack.append(event)
-        elif stack:
+        elif event["action"] == ROLLBACK and stack:
             stack.pop()
     return stack
+
+
+def running_ab(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The challenge event of the A/B test running now, or None: a challenge lasts until `end_ab`, a
+    promotion or a rollback."""
+    running = None
+    for event in events:
+        running = event if event["action"] == CHALLENGE else None
+    return running
+
+
+def challenger(record: Path) -> dict[str, Any] | None:
+    """The running A/B test (challenger models, share, mode, who, when, why), or None."""
+    return running_ab(read_events(record))
 
 
 def current(record: Path) -> dict[str, Any] | None:
@@ -61,8 +81,34 @@ def current(record: Path) -> dict[str, Any] | None:
 
 def _write(record: Path, events: list[dict[str, Any]]) -> dict[str, Any]:
     stack = champions(events)
-    write_json({"current": stack[-1] if stack else None, "events": events}, record)
+    write_json({"current": stack[-1] if stack else None, "ab": running_ab(events), "events": events}, record)
     return events[-1]
+
+
+def challenge(
+    record: Path, models: dict[str, str], bento: str | None, share: float, mode: str, by: str, why: str,
+    experiment: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Start an A/B test of `models` against the champion (replacing a running one); returns the event."""
+    if current(record) is None:
+        raise PromotionError(f"{record}: promote a champion before testing a challenger against it")
+    if mode not in (SPLIT, SHADOW) or not 0 <= share <= 1:
+        raise PromotionError(f"A/B: mode must be {SPLIT} or {SHADOW} and share in [0, 1], got {mode} {share}")
+    event = {
+        "action": CHALLENGE, "at": datetime.now(UTC).isoformat(), "by": by, "why": why, "models": dict(models),
+        "bento": bento, "experiment": experiment, "share": float(share), "mode": mode,
+    }  # fmt: skip
+    return _write(record, [*read_events(record), event])
+
+
+def end_ab(record: Path, by: str, why: str) -> dict[str, Any]:
+    """Stop the running A/B test; the champion alone is served again from the next start."""
+    events = read_events(record)
+    running = running_ab(events)
+    if running is None:
+        raise PromotionError(f"{record}: no A/B test is running")
+    event = {"action": END_AB, "at": datetime.now(UTC).isoformat(), "by": by, "why": why, "models": running["models"]}
+    return _write(record, [*events, event])
 
 
 def promote(

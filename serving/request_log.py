@@ -32,6 +32,7 @@ BASE_SCHEMA = pa.schema(
         ("status", pa.int32()),
         ("latency_ms", pa.float64()),
         ("model_tag", pa.string()),
+        ("variant", pa.string()),  # champion, challenger (an A/B split) or shadow (run beside, never returned)
         ("params_hash", pa.string()),
         ("seed", pa.int64()),
         # text requests
@@ -55,6 +56,23 @@ BASE_SCHEMA = pa.schema(
     ]
 )
 BASE_COLUMNS = tuple(BASE_SCHEMA.names)
+FEEDBACK_SCHEMA = pa.schema(
+    [
+        ("timestamp", pa.timestamp("ms", tz="UTC")),
+        ("request_id", pa.string()),
+        ("endpoint", pa.string()),
+        ("variant", pa.string()),
+        ("model_tag", pa.string()),
+        ("rating", pa.int32()),  # 1-5
+        ("click", pa.bool_()),
+        ("accept", pa.bool_()),
+        # A user's corrected text and the source it was written for: the only raw text kept, because the
+        # user handed it back to become a training reference (monitoring/landing.py turns it into one).
+        ("edited_text", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+"""Rows of `POST /feedback`, written beside the request log by the same writer (files `feedback-*.parquet`)."""
 
 
 def log_schema(attributes: tuple[str, ...] = ()) -> pa.Schema:
@@ -67,10 +85,11 @@ def log_schema(attributes: tuple[str, ...] = ()) -> pa.Schema:
 class RequestLog:
     def __init__(
         self, folder: Path, attributes: tuple[str, ...] = (), flush_rows: int = 256, flush_seconds: float = 5.0,
-        max_files: int = 1000, max_queue: int = 100_000,
+        max_files: int = 1000, max_queue: int = 100_000, schema: pa.Schema | None = None, prefix: str = "requests",
     ) -> None:  # fmt: skip
         self.folder = folder
-        self.schema = log_schema(attributes)
+        self.prefix = prefix
+        self.schema = schema if schema is not None else log_schema(attributes)
         self.columns = tuple(self.schema.names)
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
@@ -126,8 +145,8 @@ class RequestLog:
             table = pa.Table.from_pylist([{c: r.get(c) for c in self.columns} for r in rows], schema=self.schema)
             self._parts += 1
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-            write_parquet_atomic(table, self.folder / f"requests-{stamp}-{self._parts:06d}.parquet")
-            parts = sorted(self.folder.glob("requests-*.parquet"))
+            write_parquet_atomic(table, self.folder / f"{self.prefix}-{stamp}-{self._parts:06d}.parquet")
+            parts = sorted(self.folder.glob(f"{self.prefix}-*.parquet"))
             for old in parts[: max(0, len(parts) - self.max_files)]:
                 old.unlink(missing_ok=True)
         except Exception:  # the log must never take the service down

@@ -19,6 +19,13 @@ from the repository serves the current champion of the promotion record (`AIGC_P
 params.yaml's `promotion.record`). `AIGC_TEXT_MODEL` / `AIGC_IMAGE_MODEL` / `AIGC_RESTORE_MODEL` override
 one family's tag. With none of these the service refuses to start and says how to promote.
 
+Online A/B: while the promotion record runs an A/B test, `Models` also loads the challenger. In `split` mode
+a share of clients (sticky by the `x-client-key` header, else by the request's seed) get the challenger's
+answer; in `shadow` mode the challenger answers every request in the background and only the request log
+sees it. Every response says its variant (`x-variant`), and so does the request log. `POST /feedback`
+takes a request id and a rating, click, accept / reject or an edited text, stored beside the request log
+(monitoring/ab.py reports per variant; edited texts become training references, monitoring/landing.py).
+
 Environment: `AIGC_API_KEY` (when set, requests need `Authorization: Bearer <key>`; health endpoints and the
 docs stay open), `AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks), `AIGC_REQUEST_LOG` (request
 log folder, default `monitoring/logs`) and `AIGC_REQUEST_LOG_FLUSH_SECONDS` (5).
@@ -33,6 +40,7 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -52,6 +60,7 @@ from components.records import (
     serialise,
 )
 from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, MAX_RESTORE_PIXELS, ImageRequest, TextRequest
+from serving.promoted import SHADOW, SPLIT
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # uploads over this are refused with 413 before they are read
@@ -61,26 +70,30 @@ OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/", "/
 BATCHING = os.environ.get("AIGC_BATCHING", "1") != "0"
 
 
-def served_models() -> dict[str, str]:
-    """Each family's model-store tag: the Bento's arguments, else AIGC_<FAMILY>_MODEL, else the champion of
-    the promotion record. Never `:latest`: what an experiment packaged is not served until it is promoted."""
+def served_models() -> tuple[dict[str, str], dict[str, Any] | None]:
+    """Each family's model-store tag, and the A/B test to run (or None): the Bento's arguments, else
+    AIGC_<FAMILY>_MODEL, else the champion (and the running A/B test) of the promotion record. Never `:latest`:
+    what an experiment packaged is not served until it is promoted or put on test."""
     from components.common import ConfigError, load_params
-    from serving.promoted import FAMILIES, RECORD_ENV, PromotionError, served_tags
+    from serving.promoted import FAMILIES, RECORD_ENV, PromotionError, challenger, served_tags
 
     arguments = bentoml.use_arguments()
     pinned = {f: getattr(arguments, f"{f}_model", None) or os.environ.get(f"AIGC_{f.upper()}_MODEL") for f in FAMILIES}
     if all(pinned.values()):
-        return pinned  # type: ignore[return-value]
+        return pinned, None  # type: ignore[return-value]
     try:
-        record = os.environ.get(RECORD_ENV) or load_params("promotion")["record"]
-        promoted = served_tags(Path(record), FAMILIES)
+        record = Path(os.environ.get(RECORD_ENV) or load_params("promotion")["record"])
+        promoted, ab = served_tags(record, FAMILIES), challenger(record)
     except (ConfigError, PromotionError, KeyError) as err:
         raise SystemExit(f"aigc service: {err}") from None  # one line, not a traceback, and no start
-    return {family: pinned[family] or promoted[family] for family in FAMILIES}
+    if ab is not None and any(pinned.values()):
+        ab = None  # a family pinned by hand is not A/B tested
+    return {family: pinned[family] or promoted[family] for family in FAMILIES}, ab
 
 
-SERVED = served_models()
+SERVED, AB = served_models()
 TEXT_TAG, IMAGE_TAG, RESTORE_TAG = SERVED["text"], SERVED["image"], SERVED["restore"]
+CHAMPION, CHALLENGER, SHADOW_VARIANT = "champion", "challenger", "shadow"
 
 
 def served_schema(tag: str) -> dict[str, Any]:
@@ -157,6 +170,12 @@ class TextResult(BaseModel):
     decoding: str
 
 
+class FeedbackResult(BaseModel):
+    request_id: str
+    variant: str
+    stored: bool
+
+
 class ImageResult(BaseModel):
     label: str
     seed: int
@@ -174,46 +193,81 @@ def _labels(model: Any) -> dict[str, str]:
     return {k: str(v) for k, v in (model.info.labels or {}).items()}
 
 
+class ModelSet:
+    """One variant's three models, loaded (the champion's, or the A/B challenger's)."""
+
+    def __init__(self, text: Any, image: Any, restore: Any) -> None:
+        from serving.inference import ImageGenerator, ImageRestorer, TextGenerator
+
+        device = _device()
+        self.models = {"text": text, "image": image, "restore": restore}
+        self.text = TextGenerator(Path(text.path), device)
+        self.image = ImageGenerator(Path(image.path), device)
+        self.restorer = ImageRestorer(Path(restore.path), device)
+
+    def describe(self) -> dict[str, Any]:
+        text, image, restore = self.models["text"], self.models["image"], self.models["restore"]
+        return {
+            "text": {"tag": str(text.tag), **_labels(text), "max_length": self.text.max_length},
+            "image": {"tag": str(image.tag), **_labels(image), "label_names": self.image.label_names},
+            "restore": {"tag": str(restore.tag), **_labels(restore), "task": self.restorer.task},
+        }
+
+
+def per_variant(requests: list[dict[str, Any]], run: Any) -> list[Any]:
+    """A batch that mixes variants, run as one sub-batch per variant, answered in the batch's order."""
+    answers: list[Any] = [None] * len(requests)
+    for variant in sorted({r["variant"] for r in requests}):
+        indices = [i for i, r in enumerate(requests) if r["variant"] == variant]
+        group = [{k: v for k, v in requests[i].items() if k != "variant"} for i in indices]
+        for index, answer in zip(indices, run(variant, group), strict=True):
+            answers[index] = answer
+    return answers
+
+
 @bentoml.service(name="aigc-models", traffic={"timeout": 120})
 class Models:
     text_model = bentoml.models.BentoModel(TEXT_TAG)
     image_model = bentoml.models.BentoModel(IMAGE_TAG)
     restore_model = bentoml.models.BentoModel(RESTORE_TAG)
+    if AB is not None:  # the A/B challenger travels with the service only while a test runs
+        challenger_text = bentoml.models.BentoModel(AB["models"]["text"])
+        challenger_image = bentoml.models.BentoModel(AB["models"]["image"])
+        challenger_restore = bentoml.models.BentoModel(AB["models"]["restore"])
 
     def __init__(self) -> None:
-        from serving.inference import ImageGenerator, ImageRestorer, TextGenerator
-
-        device = _device()
-        self.text = TextGenerator(Path(self.text_model.path), device)
-        self.image = ImageGenerator(Path(self.image_model.path), device)
-        self.restorer = ImageRestorer(Path(self.restore_model.path), device)
+        self.variants = {CHAMPION: ModelSet(self.text_model, self.image_model, self.restore_model)}
+        if AB is not None:
+            self.variants[CHALLENGER] = ModelSet(self.challenger_text, self.challenger_image, self.challenger_restore)
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
-        """Model tags, provenance labels and what the gateway validates against."""
-        return {
-            "text": {"tag": str(self.text_model.tag), **_labels(self.text_model), "max_length": self.text.max_length},
-            "image": {"tag": str(self.image_model.tag), **_labels(self.image_model), "label_names": self.image.label_names},
-            "restore": {"tag": str(self.restore_model.tag), **_labels(self.restore_model), "task": self.restorer.task},
-        }
+        """Per variant: model tags, provenance labels and what the gateway validates against."""
+        return {variant: models.describe() for variant, models in self.variants.items()}
 
     # max_latency_ms bounds how long a request may wait for its batch; the dispatcher answers 503 when it
     # expects to miss it, so it is set well above a CPU batch's time (~1 s for 32 texts).
     @bentoml.api(batchable=BATCHING, max_batch_size=32, max_latency_ms=30_000)
     def generate_text_batch(self, requests: list[dict[str, Any]]) -> list[str]:
-        return self.text.generate([TextRequest(**r) for r in requests])
+        """Each request names its variant (champion, or the A/B challenger)."""
+        return per_variant(requests, lambda v, group: self.variants[v].text.generate([TextRequest(**r) for r in group]))
 
     @bentoml.api(batchable=BATCHING, max_batch_size=64, max_latency_ms=30_000)
     def generate_image_batch(self, requests: list[dict[str, Any]]) -> list[list[str]]:
         """Per request, its images as base64 PNGs carrying model tag, seed, label and params hash."""
+        return per_variant(requests, self._images)
+
+    def _images(self, variant: str, requests: list[dict[str, Any]]) -> list[list[str]]:
         from serving.inference import png_bytes
 
-        results = self.image.generate([ImageRequest(**r) for r in requests])
-        meta = {"model": str(self.image_model.tag), "params_hash": _labels(self.image_model).get("params_hash", "")}
+        models = self.variants[variant]
+        results = models.image.generate([ImageRequest(**r) for r in requests])
+        image = models.models["image"]
+        meta = {"model": str(image.tag), "params_hash": _labels(image).get("params_hash", "")}
         return [
             [
                 base64.b64encode(
-                    png_bytes(px, {**meta, "seed": str(r["seed"]), "label": self.image.label_names[r["label"]]})
+                    png_bytes(px, {**meta, "seed": str(r["seed"]), "label": models.image.label_names[r["label"]]})
                 ).decode()
                 for px in images
             ]
@@ -221,14 +275,16 @@ class Models:
         ]
 
     @bentoml.api
-    def restore(self, image_b64: str, seed: int) -> str:
+    def restore(self, image_b64: str, seed: int, variant: str = CHAMPION) -> str:
         """The restored image of a validated upload, as a base64 PNG with provenance."""
         from serving.inference import decode_upload, png_bytes
 
+        models = self.variants[variant]
         pixels = decode_upload(base64.b64decode(image_b64))
-        restored = self.restorer.restore(pixels)
-        meta = {"model": str(self.restore_model.tag), "params_hash": _labels(self.restore_model).get("params_hash", ""),
-                "seed": str(seed), "task": self.restorer.task}  # fmt: skip
+        restored = models.restorer.restore(pixels)
+        restore = models.models["restore"]
+        meta = {"model": str(restore.tag), "params_hash": _labels(restore).get("params_hash", ""),
+                "seed": str(seed), "task": models.restorer.task}  # fmt: skip
         return base64.b64encode(png_bytes(restored, meta)).decode()
 
 
@@ -247,6 +303,23 @@ def request_log() -> Any:
             flush_seconds=float(os.environ.get("AIGC_REQUEST_LOG_FLUSH_SECONDS", "5")),
         )
     return _REQUEST_LOG
+
+
+_FEEDBACK_LOG: Any = None
+MAX_REMEMBERED = 100_000  # answered requests /feedback can name without reading the log back
+MAX_EDITED_CHARS = 4000
+ENDPOINT_FAMILY = {"generate_text": "text", "generate_image": "image", "restore_image": "restore"}
+
+
+def feedback_log() -> Any:
+    """`POST /feedback` rows, beside the request log (`feedback-*.parquet` in the same folder)."""
+    global _FEEDBACK_LOG
+    if _FEEDBACK_LOG is None:
+        from serving.request_log import FEEDBACK_SCHEMA, RequestLog
+
+        log = request_log()
+        _FEEDBACK_LOG = RequestLog(log.folder, schema=FEEDBACK_SCHEMA, prefix="feedback", flush_seconds=log.flush_seconds)
+    return _FEEDBACK_LOG
 
 
 ERROR_KEY = "aigc.error"  # set in the ASGI scope by an endpoint that failed: the error's class, for the log
@@ -349,6 +422,12 @@ class Gateway:
             frozenset(json.loads(vocabulary_path.read_text(encoding="utf-8"))["words"]) if vocabulary_path.is_file() else None
         )
         self.log = request_log()
+        self.feedback_log = feedback_log()
+        self.ab = AB
+        # Recent answered requests, for /feedback: endpoint, variant, model tag, and (text) the source, which
+        # is kept in memory only, and stored only when the user sends back an edited text for it.
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._shadows: set[Any] = set()
         self._described: dict[str, Any] | None = None
 
     async def _call(self, api: str, *args: Any) -> Any:
@@ -377,7 +456,44 @@ class Gateway:
             self._described = await self._call("describe")
         return self._described
 
-    def _provenance(self, ctx: bentoml.Context, family: dict[str, Any], seed: int, request_id: str) -> None:
+    def _variant(self, ctx: bentoml.Context, seed: int) -> str:
+        """Which variant answers: the champion, unless an A/B split sends this client's share to the challenger.
+        Sticky: the same `x-client-key` header (else the same seed) always gets the same variant in one test."""
+        from components.common import stable_hash, unit_interval
+
+        if self.ab is None or self.ab["mode"] != SPLIT:
+            return CHAMPION
+        key = ctx.request.headers.get("x-client-key") or f"seed:{seed}"
+        return CHALLENGER if unit_interval(key, stable_hash(self.ab["at"])) < self.ab["share"] else CHAMPION
+
+    def _remember(self, request_id: str, endpoint: str, variant: str, tag: str, source: str | None = None) -> None:
+        self.recent[request_id] = {"endpoint": endpoint, "variant": variant, "model_tag": tag, "source": source}
+        while len(self.recent) > MAX_REMEMBERED:
+            self.recent.popitem(last=False)
+
+    def _shadow(self, endpoint: str, api: str, payload: Any, request_id: str) -> None:
+        """In shadow mode, the challenger answers the same request in the background; only the log sees it."""
+        import asyncio
+
+        if self.ab is None or self.ab["mode"] != SHADOW:
+            return
+
+        async def run() -> None:
+            start, status, error = time.perf_counter(), 200, None
+            try:
+                await self._call(api, *payload)
+            except Exception as err:  # the shadow never touches the client's answer
+                status, error = 500, type(err).__name__
+            self.log.log({"request_id": f"{request_id}-shadow", "endpoint": endpoint, "status": status, "error": error,
+                          "variant": SHADOW_VARIANT, "model_tag": self.ab["models"][ENDPOINT_FAMILY[endpoint]],
+                          "latency_ms": (time.perf_counter() - start) * 1000})  # fmt: skip
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    def _provenance(self, ctx: bentoml.Context, family: dict[str, Any], seed: int, request_id: str, variant: str) -> None:
+        ctx.response.headers["x-variant"] = variant
         ctx.response.headers["x-model-tag"] = family["tag"]
         ctx.response.headers["x-params-hash"] = family.get("params_hash", "")
         ctx.response.headers["x-data-hash"] = family.get("data_hash", "")
@@ -432,18 +548,22 @@ class Gateway:
             text = record.to_prompt(TEXT_SCHEMA) if record is not None else " ".join(prompt.split())  # type: ignore[union-attr]
             if not text:
                 raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
-            described = (await self._describe())["text"]
+            variant = self._variant(ctx, seed)
+            described = (await self._describe())[variant]["text"]
             model_text = self.delexicaliser.model_source(text) if self.delexicaliser is not None else text
             tokens = len(self.tokenizer(model_text, add_special_tokens=False)["input_ids"])
             room = described["max_length"] - max_new_tokens - 1
             if tokens > room:
                 field = "record" if record is not None else "prompt"
                 raise InvalidArgument(f"{field}: {tokens} tokens; at most {room} fit with max_new_tokens={max_new_tokens}")
-            request = TextRequest(text, decoding, temperature, top_p, num_beams, max_new_tokens, seed)
-            (output,) = await self._call("generate_text_batch", [request.__dict__])
-            self._provenance(ctx, described, seed, request_id)
+            request = TextRequest(text, decoding, temperature, top_p, num_beams, max_new_tokens, seed).__dict__
+            (output,) = await self._call("generate_text_batch", [{**request, "variant": variant}])
+            self._shadow("generate_text", "generate_text_batch", [[{**request, "variant": CHALLENGER}]], request_id)
+            self._provenance(ctx, described, seed, request_id, variant)
+            self._remember(request_id, "generate_text", variant, described["tag"], source=text)
             self.log.log({
-                "request_id": request_id, "endpoint": "generate_text", "status": 200, "model_tag": described["tag"],
+                "request_id": request_id, "endpoint": "generate_text", "status": 200, "variant": variant,
+                "model_tag": described["tag"],
                 "params_hash": described.get("params_hash"), "seed": seed, "decoding": decoding, "output_chars": len(output),
                 "latency_ms": (time.perf_counter() - start) * 1000,
                 **text_log_fields(text, tokens, self.vocabulary, LOGGED_ATTRIBUTES),
@@ -464,15 +584,19 @@ class Gateway:
         """`n` images of class `label` (one of the trained labels) as base64 PNGs."""
         try:
             start, request_id = time.perf_counter(), uuid.uuid4().hex
-            described = (await self._describe())["image"]
+            variant = self._variant(ctx, seed)
+            described = (await self._describe())[variant]["image"]
             names = described["label_names"]
             if label not in names:
                 raise InvalidArgument(f"label: {label!r} is not one of the trained labels {names}")
-            request = ImageRequest(names.index(label), n, seed)
-            (images,) = await self._call("generate_image_batch", [request.__dict__])
-            self._provenance(ctx, described, seed, request_id)
+            request = ImageRequest(names.index(label), n, seed).__dict__
+            (images,) = await self._call("generate_image_batch", [{**request, "variant": variant}])
+            self._shadow("generate_image", "generate_image_batch", [[{**request, "variant": CHALLENGER}]], request_id)
+            self._provenance(ctx, described, seed, request_id, variant)
+            self._remember(request_id, "generate_image", variant, described["tag"])
             self.log.log({
-                "request_id": request_id, "endpoint": "generate_image", "status": 200, "model_tag": described["tag"],
+                "request_id": request_id, "endpoint": "generate_image", "status": 200, "variant": variant,
+                "model_tag": described["tag"],
                 "params_hash": described.get("params_hash"), "seed": seed, "label": label, "images": n,
                 "latency_ms": (time.perf_counter() - start) * 1000,
             })  # fmt: skip
@@ -497,15 +621,20 @@ class Gateway:
                 pixels = decode_upload(data, max_pixels=MAX_RESTORE_PIXELS)
             except UploadError as err:
                 raise InvalidArgument(str(err)) from err
-            described = (await self._describe())["restore"]
+            variant = self._variant(ctx, 0)
+            described = (await self._describe())[variant]["restore"]
             if task is not None and task != described["task"]:
                 raise InvalidArgument(f"task: the served restorer does {described['task']!r}, not {task!r}")
-            restored = base64.b64decode(await self._call("restore", base64.b64encode(data).decode(), 0))
+            encoded = base64.b64encode(data).decode()
+            restored = base64.b64decode(await self._call("restore", encoded, 0, variant))
+            self._shadow("restore_image", "restore", [encoded, 0, CHALLENGER], request_id)
             out = Path(ctx.temp_dir) / f"restored-{request_id}.png"
             out.write_bytes(restored)
-            self._provenance(ctx, described, 0, request_id)
+            self._provenance(ctx, described, 0, request_id, variant)
+            self._remember(request_id, "restore_image", variant, described["tag"])
             self.log.log({
-                "request_id": request_id, "endpoint": "restore_image", "status": 200, "model_tag": described["tag"],
+                "request_id": request_id, "endpoint": "restore_image", "status": 200, "variant": variant,
+                "model_tag": described["tag"],
                 "params_hash": described.get("params_hash"), "seed": 0, "task": described["task"],
                 "latency_ms": (time.perf_counter() - start) * 1000, **image_log_fields(pixels),
             })  # fmt: skip
@@ -513,6 +642,53 @@ class Gateway:
         except Exception as err:
             failed(ctx, err)
             raise
+
+    @bentoml.api
+    async def feedback(
+        self,
+        ctx: bentoml.Context,
+        request_id: Annotated[str, Field(min_length=1, max_length=64)],
+        rating: Annotated[int, Ge(1), Le(5)] | None = None,
+        click: bool | None = None,
+        accept: bool | None = None,
+        edited_text: Annotated[str, Field(max_length=MAX_EDITED_CHARS)] | None = None,
+    ) -> FeedbackResult:
+        """What a user did with an answer (its `x-request-id`): a `rating` 1-5, a `click`, `accept` (true) or
+        reject (false), or the text as they `edited` it (which becomes a training reference at the next
+        retrain). An unknown request id is a 400."""
+        try:
+            if rating is None and click is None and accept is None and edited_text is None:
+                raise InvalidArgument("rating, click, accept, edited_text: give at least one")
+            answered = self.recent.get(request_id) or self._logged(request_id)
+            if answered is None:
+                raise InvalidArgument(f"request_id: {request_id!r} is not a request this service answered")
+            edited = " ".join(edited_text.split()) if edited_text is not None else None
+            if edited is not None and answered["endpoint"] != "generate_text":
+                raise InvalidArgument("edited_text: only a generate_text answer can be edited")
+            self.feedback_log.log({
+                "request_id": request_id, "endpoint": answered["endpoint"], "variant": answered["variant"],
+                "model_tag": answered["model_tag"], "rating": rating, "click": click, "accept": accept,
+                "edited_text": edited or None, "source": answered.get("source") if edited else None,
+            })  # fmt: skip
+            return FeedbackResult(request_id=request_id, variant=answered["variant"], stored=True)
+        except Exception as err:
+            failed(ctx, err)
+            raise
+
+    def _logged(self, request_id: str) -> dict[str, Any] | None:
+        """An answered request older than the in-memory window (or from before a restart), from the log."""
+        import pyarrow as pa
+        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
+
+        parts = sorted(str(p) for p in self.log.folder.glob("requests-*.parquet"))
+        if not parts:
+            return None
+        schema = pa.unify_schemas([pq.read_schema(part) for part in parts])  # older parts may lack a column
+        condition = (ds.field("request_id") == request_id) & (ds.field("status") == 200)
+        dataset = ds.dataset(parts, format="parquet", schema=schema)
+        rows = dataset.to_table(filter=condition, columns=["endpoint", "variant", "model_tag"])
+        return {**rows.to_pylist()[0], "source": None} if rows.num_rows else None
 
 
 Gateway.add_asgi_middleware(GuardMiddleware)
