@@ -74,3 +74,46 @@ def test_the_cli_refuses_what_it_cannot_do_in_one_line(tmp_path: Path) -> None:
     absent = cli("--receipt", str(receipt))
     assert absent.returncode == 2 and "is not in this model store" in absent.stderr
     assert cli("--show").stdout.strip().endswith("nothing promoted yet")
+
+
+def test_an_ab_test_runs_until_ended_promoted_or_rolled_back(tmp_path: Path) -> None:
+    from serving.promoted import challenge, challenger, end_ab
+
+    record = tmp_path / "promoted.json"
+    with pytest.raises(PromotionError, match="promote a champion"):
+        challenge(record, tags("c1"), None, 0.1, "split", "ana", "too early")
+    promote(record, tags("v1"), None, "ana", "first")
+    with pytest.raises(PromotionError, match="share in"):
+        challenge(record, tags("c1"), None, 1.5, "split", "ana", "too much")
+    challenge(record, tags("c1"), None, 0.1, "split", "ana", "try c1")
+    assert challenger(record)["models"] == tags("c1") and served_tags(record, FAMILIES) == tags("v1")
+    end_ab(record, "ana", "enough")
+    assert challenger(record) is None
+    with pytest.raises(PromotionError, match="no A/B test"):
+        end_ab(record, "ana", "again")
+    challenge(record, tags("c2"), None, 0.0, "shadow", "ana", "shadow c2")
+    promote(record, tags("c2"), None, "ana", "users preferred c2")  # promotion ends the test
+    assert challenger(record) is None and json.loads(record.read_text())["ab"] is None
+    rollback(record, "ana", "back")  # A/B events never count as champions
+    assert served_tags(record, FAMILIES) == tags("v1")
+
+
+def test_the_online_decision_promotes_a_better_challenger_and_ends_a_worse_ones_test(tmp_path: Path) -> None:
+    from monitoring.ab import BETTER, UNKNOWN, WORSE, act
+    from serving.promoted import challenge, challenger
+
+    record = tmp_path / "promoted.json"
+    promote(record, tags("v1"), None, "ana", "first")
+
+    def report(decision: str) -> dict[str, object]:
+        comparison = {"decision": decision, "reason": "challenger − champion +0.1 (95% CI +0.05 … +0.15)"}
+        return {"comparison": comparison, "metric": "click", "challenger": tags("c1"), "experiment": None}
+
+    challenge(record, tags("c1"), None, 0.5, "split", "ana", "try c1")
+    assert act(tmp_path, record, report(UNKNOWN), "ana").startswith("nothing to do")
+    assert challenger(record) is not None
+    act(tmp_path, record, report(WORSE), "ana")
+    assert challenger(record) is None and served_tags(record, FAMILIES) == tags("v1")
+    challenge(record, tags("c1"), None, 0.5, "split", "ana", "try c1 again")
+    act(tmp_path, record, report(BETTER), "ana")
+    assert served_tags(record, FAMILIES) == tags("c1") and current(record)["why"].startswith("online A/B")
