@@ -27,7 +27,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +77,9 @@ def dvc(repo_root: str, *args: str) -> None:
 
 
 def retrain_gate(repo_root: str) -> Any:
-    from components.common import load_params
     from monitoring.retrain_gate import RetrainGate
 
-    cooldown = float(load_params("monitor", Path(repo_root) / "params.yaml")["cooldown_hours"])
-    return RetrainGate(monitoring_path(repo_root, "retrain_dir"), timedelta(hours=cooldown))
+    return RetrainGate.from_params(Path(repo_root))
 
 
 @task(task_run_name="snapshot-landing")
@@ -103,50 +101,52 @@ def dvc_experiment(repo_root: str, experiment: str) -> str:
     return experiment
 
 
-def workspace_is_champion(root: Path, record: Path) -> str | None:
-    """None when the workspace's package receipt is the promoted champion (or nothing is promoted yet), else
-    why the comparison would be against the wrong models."""
+def champion_revision(root: Path, record: Path) -> tuple[str | None, str | None]:
+    """(the revision holding the champion's evaluations, why no comparison can be made): the workspace (None)
+    when its package receipt is the promoted champion or nothing is promoted yet; else the experiment that
+    promoted the champion (after a rollback, say); else a refusal, since comparing against other models
+    would promote on a wrong yardstick."""
     from monitoring.promote import receipt_path
     from serving.promoted import current
 
     champion = current(record)
     receipt = receipt_path(root)
-    if champion is None:
-        return None
     workspace = json.loads(receipt.read_text(encoding="utf-8"))["models"] if receipt.is_file() else {}
-    if workspace == champion["models"]:
-        return None
-    return (
-        f"the workspace's models ({receipt}) are not the served champion ({record}): bring the workspace to the "
-        "champion (the experiment that promoted it: `dvc exp apply <name>`) before retraining"
+    if champion is None or workspace == champion["models"]:
+        return None, None
+    if champion.get("experiment"):
+        return champion["experiment"], None
+    return None, (
+        f"the workspace's models ({receipt}) are not the served champion ({record}), which no experiment "
+        "recorded: bring the workspace to the champion's revision (`git checkout` + `dvc checkout`) first"
     )
 
 
 @task(task_run_name="champion-challenger-{experiment}")
-def champion_challenger(repo_root: str, experiment: str) -> dict[str, Any]:
-    """Compare the experiment (challenger) with the workspace (the champion); record the decision."""
+def champion_challenger(repo_root: str, experiment: str, champion_rev: str | None = None) -> dict[str, Any]:
+    """Compare the experiment (challenger) with the champion (the workspace, or the experiment that promoted
+    it); record the decision and its outcome."""
     from components.common import load_params
     from monitoring.promotion import PromotionConfig, compare_revisions, record
 
     root = Path(repo_root)
     cfg = PromotionConfig.from_params(load_params("promotion", root / "params.yaml"))
-    comparisons = compare_revisions(root, experiment, cfg)
+    comparisons = compare_revisions(root, experiment, cfg, champion_rev)
     for comparison in comparisons:
         get_run_logger().info("%s: %s", comparison.family, comparison.reason)
-    refused = workspace_is_champion(root, root / cfg.record)
-    if refused:
-        get_run_logger().warning("not promoted: %s", refused)
-    promoted = all(c.promote for c in comparisons) and refused is None
-    return record(root / cfg.history, comparisons, experiment, promoted, refused)
+    passed = all(c.promote for c in comparisons)
+    outcome = "rejected" if not passed else "online A/B test" if cfg.require_online else "promoted"
+    return {**record(root / cfg.history, comparisons, experiment, outcome == "promoted", outcome=outcome), "passed": passed}
 
 
 @task(task_run_name="promote-{experiment}")
 def promote(repo_root: str, experiment: str, why: str) -> dict[str, Any]:
-    """The challenger becomes the workspace's models (`dvc exp apply`, `dvc repro package`) and the promotion
-    record names them, or, with `promotion.require_online`, it goes on an online A/B test first (params `ab`)
-    and `python -m monitoring.ab --decide` promotes it when users prefer it. Either way the service changes
-    at its next start."""
+    """The challenger becomes the workspace's models (`dvc exp apply`) and the promotion record names the
+    receipt its experiment packaged, or, with `promotion.require_online`, it goes on an online A/B test first
+    (params `ab`) and `python -m monitoring.ab --decide` promotes it when users prefer it. Either way the
+    service changes at its next start."""
     from components.common import load_params
+    from monitoring.ab import ABConfig
     from monitoring.promote import apply_experiment, promote_receipt, receipt_path
     from monitoring.promotion import PromotionConfig
     from serving.promoted import challenge
@@ -154,11 +154,11 @@ def promote(repo_root: str, experiment: str, why: str) -> dict[str, Any]:
     root = Path(repo_root)
     cfg = PromotionConfig.from_params(load_params("promotion", root / "params.yaml"))
     if cfg.require_online:
-        ab = load_params("ab", root / "params.yaml")
+        ab = ABConfig.from_params(load_params("ab", root / "params.yaml"))
         content = experiment_receipt(root, experiment)
-        return challenge(root / cfg.record, content["models"], content["bento"], float(ab["share"]), str(ab["mode"]),
+        return challenge(root / cfg.record, content["models"], content["bento"], ab.share, ab.mode,
                          "retrain flow", f"offline gate passed; online A/B before serving: {why}", experiment)  # fmt: skip
-    for line in apply_experiment(root, experiment):
+    for line in apply_experiment(root, experiment, experiment_receipt(root, experiment)):
         get_run_logger().info(line)
     return promote_receipt(receipt_path(root), root / cfg.record, "retrain flow", why, experiment)
 
@@ -178,29 +178,31 @@ def retrain(
     """The one retrain, whoever asks (`trigger`: schedule, manual, or the drift report): claim the gate, snapshot
     the landing folder, reproduce the pipeline as a DVC experiment, and promote it only if the champion /
     challenger gate says it is not worse beyond the tolerances."""
+    from components.common import load_params
+    from monitoring.promotion import PromotionConfig
+
     logger = get_run_logger()
     name = experiment or f"retrain-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
-    with retrain_gate(repo_root).claim(trigger, name, ignore_cooldown=ignore_cooldown) as gate:
-        logger.info(gate.reason)
-        if not gate.start:
-            create_markdown_artifact(f"## Retrain {name}: not started\n\n{gate.reason}\n", key="promotion",
+    gate = retrain_gate(repo_root)
+    record = Path(repo_root) / PromotionConfig.from_params(load_params("promotion", Path(repo_root) / "params.yaml")).record
+    champion_rev, impossible = champion_revision(Path(repo_root), record)
+    with gate.claim(trigger, name, ignore_cooldown=ignore_cooldown, refuse=impossible) as answer:
+        logger.info(answer.reason)
+        if not answer.start:
+            create_markdown_artifact(f"## Retrain {name}: not started\n\n{answer.reason}\n", key="promotion",
                                      description="Champion / challenger")  # fmt: skip
-            return {"experiment": name, "started": False, "reason": gate.reason, "promoted": False, "comparisons": []}
+            return {"experiment": name, "started": False, "reason": answer.reason, "promoted": False, "comparisons": []}
         snapshot = snapshot_landing(repo_root)
         dvc_experiment(repo_root, name)
-        decision = champion_challenger(repo_root, name)
+        decision = champion_challenger(repo_root, name, champion_rev)
         reasons = "\n".join(f"- {c['reason']}" for c in decision["comparisons"])
-        event = None
-        if decision["promoted"]:
-            event = promote(repo_root, name, f"retrain {name} ({trigger}) not worse than the champion:\n{reasons}")
-    online = event is not None and event["action"] == "challenge"
-    verdict = "promoted" if decision["promoted"] else "not promoted: the champion stays"
-    if online:
-        verdict = "passed offline; now on an online A/B test (python -m monitoring.ab)"
-    if decision["refused"]:
-        verdict += f"; {decision['refused']}"
+        if decision["passed"]:
+            promote(repo_root, name, f"retrain {name} ({trigger}) not worse than the champion:\n{reasons}")
+    verdicts = {"promoted": "promoted", "rejected": "not promoted: the champion stays",
+                "online A/B test": "passed offline; now on an online A/B test (python -m monitoring.ab)"}  # fmt: skip
+    verdict = verdicts[decision["outcome"]]
     create_markdown_artifact(f"## Retrain {name}: {verdict}\n\n{reasons}\n", key="promotion", description="Champion / challenger")
-    return {**decision, "started": True, "reason": gate.reason, "landing_snapshot": snapshot, "online_ab": online}
+    return {**decision, "started": True, "reason": answer.reason, "landing_snapshot": snapshot}
 
 
 def summary_markdown(check: dict[str, Any], action: str) -> str:
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.retrain:
         done = retrain(args.repo, trigger="manual", ignore_cooldown=args.ignore_cooldown)
-        verdict = ("promoted" if done["promoted"] else "not promoted") if done["started"] else done["reason"]
+        verdict = done["outcome"] if done["started"] else done["reason"]
         print(f"{done['experiment']}: {verdict}")
         raise SystemExit(0 if done["started"] else 1)
     result = drift_check(args.repo, args.log, args.reports, not args.no_retrain, args.via_deployment)

@@ -6,15 +6,18 @@
 The test is the promotion record's running `challenge` (serving/promoted.py: started by hand with
 `python -m monitoring.promote --challenger`, or by a retrain when `promotion.require_online` is on). Requests
 come from the request log (their `variant`), outcomes from `POST /feedback` rows beside it, both since the
-test started. The outcome is `ab.metric`: `click` (click-through: the share of answers with feedback that
-were clicked), `accept` (accepted rather than rejected) or `rating` (mean 1-5), each request counting once
-(its last feedback). Per variant the interval is scipy's: Wilson's for a share (`binomtest(...).proportion_ci`),
-Student's t for a mean rating. The decision compares the two with Welch's t interval of the difference
-(challenger − champion, `scipy.stats.ttest_ind(..., equal_var=False).confidence_interval()`): `challenger better`
-when it lies above 0, `challenger worse` when below, `not yet known` while it spans 0 or either variant has
-fewer than `ab.min_feedback` outcomes. In shadow mode nobody sees the challenger's answers, so there is no
-outcome to compare; the report gives each variant's latency and error rate, and the decision stays
-`not yet known`. Reports go to `<ab.reports_dir>/<UTC time>/report.json`.
+challenger first answered (the service loads it at its next start). The outcome is `ab.metric`: `click`
+(click-through: the share of answered requests that were clicked; clients report clicks only), `accept`
+(accepted rather than rejected, over the requests with that feedback) or `rating` (mean 1-5), each request
+counting once (its last feedback). Requests are taken as independent: when a few clients send most of
+them, the intervals are too narrow, so let a test reach many clients before deciding. Per variant the
+interval is scipy's: Wilson's for a share (`binomtest(...).proportion_ci`), Student's t for a mean rating.
+The decision compares the two with Welch's t interval of the difference (challenger − champion,
+`scipy.stats.ttest_ind(..., equal_var=False).confidence_interval()`): `challenger better` when it lies
+above 0, `challenger worse` when below, `not yet known` while it spans 0 or either variant has fewer than
+`ab.min_feedback` outcomes. In shadow mode nobody sees the challenger's answers, so there is no outcome to
+compare; the report gives each variant's latency and error rate, and the decision stays `not yet known`.
+Reports go to `<ab.reports_dir>/<UTC time>/report.json`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from components.common import ConfigError, load_params, require, write_json
+from serving.promoted import CHALLENGER, CHAMPION, SHADOW, SPLIT
 
 log = logging.getLogger(__name__)
 METRICS = ("click", "accept", "rating")
@@ -47,8 +51,6 @@ class ABConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> ABConfig:
-        from serving.promoted import SHADOW, SPLIT
-
         metric = require(params, "metric", str, "ab")
         if metric not in METRICS:
             raise ConfigError(f"params key 'ab.metric' must be one of {METRICS}, got {metric!r}")
@@ -94,10 +96,16 @@ def compare(champion: np.ndarray, challenger: np.ndarray, min_feedback: int) -> 
             "reason": reason}  # fmt: skip
 
 
-def outcomes(feedback: Any, metric: str) -> Any:
-    """Per answered request, its outcome: the last feedback row that gave the metric (a pandas Series by id)."""
-    given = feedback[feedback[metric].notna()].sort_values("timestamp")
-    return given.groupby("request_id")[metric].last().astype(float)
+def outcomes(feedback: Any, answered: set[str], metric: str) -> np.ndarray:
+    """One outcome per request. Click-through counts every answered request (clicked or not: a client only
+    reports clicks); accept and rating count the requests that got that feedback, by their last word."""
+    if metric == "click":
+        clicked = set(feedback[feedback["click"].fillna(False).astype(bool)]["request_id"]) if len(feedback) else set()
+        return np.array([1.0 if request_id in clicked else 0.0 for request_id in sorted(answered)])
+    if not len(feedback):
+        return np.array([])
+    given = feedback[feedback[metric].notna() & feedback["request_id"].isin(answered)].sort_values("timestamp")
+    return given.groupby("request_id")[metric].last().astype(float).to_numpy()
 
 
 def read_feedback(log_dir: Path, since: datetime) -> Any:
@@ -111,44 +119,48 @@ def read_feedback(log_dir: Path, since: datetime) -> Any:
 
 
 def ab_report(log_dir: Path, ab: dict[str, Any], cfg: ABConfig) -> dict[str, Any]:
-    """The report of the A/B test `ab` (the record's challenge event) over the logs in log_dir."""
+    """The report of the A/B test `ab` (the record's challenge event) over the logs in log_dir, from the
+    challenger's first answer on (the service only loads it at its next start after the test began)."""
     from monitoring.drift import read_window
 
-    since = datetime.fromisoformat(ab["at"])
-    requests = read_window(log_dir, None, since, answered_only=False)
+    requests = read_window(log_dir, None, datetime.fromisoformat(ab["at"]), answered_only=False)
+    if len(requests) and "variant" in requests:
+        tried = requests[requests["variant"].isin([CHALLENGER, SHADOW])]
+        requests = requests[requests["timestamp"] >= tried["timestamp"].min()] if len(tried) else requests.iloc[0:0]
+    since = requests["timestamp"].min() if len(requests) else datetime.fromisoformat(ab["at"])
     feedback = read_feedback(log_dir, since)
-    answered = requests[(requests["status"] == 200)] if len(requests) else requests
-    results = outcomes(feedback, cfg.metric) if len(feedback) else None
     variants: dict[str, Any] = {}
     values: dict[str, np.ndarray] = {}
-    for variant in ("champion", "challenger", "shadow"):
-        rows = requests[requests["variant"] == variant] if len(requests) and "variant" in requests else requests.iloc[0:0]
-        if variant == "shadow" and rows.empty:
+    for variant in (CHAMPION, CHALLENGER, SHADOW):
+        rows = requests[requests["variant"] == variant] if len(requests) else requests
+        if variant == SHADOW and rows.empty:
             continue
-        ids = set(answered[answered["variant"] == variant]["request_id"]) if len(answered) and "variant" in answered else set()
-        got = results[results.index.isin(ids)].to_numpy() if results is not None else np.array([])
+        answered = set(rows[rows["status"] == 200]["request_id"])
+        got = outcomes(feedback, answered, cfg.metric)
         values[variant] = got
         low, high = interval(got, cfg.metric)
+        with_feedback = set(feedback["request_id"]) & answered if len(feedback) else set()
         variants[variant] = {
             "requests": int(len(rows)),
             "error_rate": round(float((rows["status"] >= 400).mean()), 4) if len(rows) else None,
             "latency_ms_p50": round(float(rows["latency_ms"].quantile(0.5)), 1) if len(rows) else None,
-            "feedback": int(len(got)),
-            "feedback_rate": round(len(got) / len(ids), 4) if ids else None,
+            "feedback_rate": round(len(with_feedback) / len(answered), 4) if answered else None,
+            "outcomes": int(len(got)),
             cfg.metric: round(float(got.mean()), 4) if len(got) else None,
             "ci_low": low,
             "ci_high": high,
         }
-    comparison = compare(values.get("champion", np.array([])), values.get("challenger", np.array([])), cfg.min_feedback)
-    if ab["mode"] != "split":
+    comparison = compare(values.get(CHAMPION, np.array([])), values.get(CHALLENGER, np.array([])), cfg.min_feedback)
+    if ab["mode"] != SPLIT:
         comparison.update(decision=UNKNOWN, reason="shadow mode: nobody sees the challenger's answers, so no outcome to compare")
     return {
         "at": datetime.now(UTC).isoformat(),
-        "since": ab["at"],
+        "since": str(since),
         "mode": ab["mode"],
         "share": ab["share"],
         "metric": cfg.metric,
         "challenger": ab["models"],
+        "bento": ab.get("bento"),
         "experiment": ab.get("experiment"),
         "variants": variants,
         "comparison": comparison,
@@ -162,10 +174,10 @@ def act(root: Path, record: Path, report: dict[str, Any], by: str) -> str:
 
     decision = report["comparison"]["decision"]
     if decision == BETTER:
-        if report["experiment"]:
-            apply_experiment(root, report["experiment"])
+        if report["experiment"]:  # the workspace follows, so the next offline comparison is against this champion
+            apply_experiment(root, report["experiment"], {"models": report["challenger"]})
         why = f"online A/B: {report['comparison']['reason']} on {report['metric']}"
-        promote(record, report["challenger"], None, by, why, report["experiment"])
+        promote(record, report["challenger"], report.get("bento"), by, why, report["experiment"])
         return f"promoted the challenger ({why}); restart the service to serve it"
     if decision == WORSE:
         end_ab(record, by, f"online A/B: {report['comparison']['reason']} on {report['metric']}")
@@ -198,7 +210,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{variant}: {figures}")
         print(f"{report['comparison']['decision']}: {report['comparison']['reason']} ({out})")
         if args.decide:
-            print(act(root, record, report, who()))
+            from monitoring.retrain_gate import RetrainGate
+
+            with RetrainGate.from_params(root).held("monitoring.ab --decide") as free:
+                if not free:  # a promotion would change the workspace under the running retrain's comparison
+                    raise PromotionError("a retrain is running; decide once it has finished")
+                print(act(root, record, report, who()))
     except (ConfigError, PromotionError) as err:
         print(f"monitoring.ab: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -99,7 +99,10 @@ def read_window(log_dir: Path, endpoint: str | None, since: datetime, answered_o
     if endpoint is not None:
         condition &= ds.field("endpoint") == endpoint
     if answered_only:
+        # A shadow row is the A/B challenger answering unseen beside the champion: not a request of its own.
         condition &= ds.field("status") == 200
+        if "variant" in schema.names:  # logs written before A/B tests have no variant
+            condition &= ds.field("variant").is_null() | (ds.field("variant") != "shadow")
     return dataset.to_table(filter=condition).to_pandas()
 
 
@@ -110,6 +113,10 @@ def service_health(log_dir: Path, since: datetime) -> dict[str, dict[str, Any]]:
     health: dict[str, dict[str, Any]] = {}
     if frame.empty:
         return health
+    variant = frame["variant"] if "variant" in frame else None
+    shadow = variant == "shadow" if variant is not None else frame["endpoint"].isna()
+    # The shadow challenger's rows are reported apart: they are not requests, and their latency is its own.
+    frame = frame.assign(endpoint=frame["endpoint"].where(~shadow, frame["endpoint"] + " (shadow)"))
     for endpoint, rows in frame.groupby("endpoint"):
         failed = rows[rows["status"] >= 400]
         answered = rows[rows["status"] < 400]["latency_ms"].dropna()

@@ -48,24 +48,28 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def landed_digests(landed: Path) -> set[str]:
-    """Content hashes of every file already in a snapshot (their names)."""
-    return {path.stem for name in DATASETS for path in landed.glob(f"*/{name}/**/*") if path.is_file()}
+def landed_files(landed: Path) -> set[tuple[str, str]]:
+    """(folder, content hash) of every file already in a snapshot: the same bytes under another label or
+    dataset are another file (a relabelled image lands again)."""
+    return {
+        (path.parent.relative_to(snapshot).as_posix(), path.stem)
+        for snapshot in landed.iterdir() if snapshot.is_dir()
+        for name in DATASETS for path in (snapshot / name).rglob("*") if path.is_file()
+    }  # fmt: skip
 
 
 def new_files(landing: Path, landed: Path) -> list[tuple[Path, Path, str]]:
-    """(original, stored relative path, digest) of each landing file no snapshot holds, one per content."""
-    known = landed_digests(landed) if landed.is_dir() else set()
-    found: dict[str, tuple[Path, Path, str]] = {}
+    """(original, stored relative path, digest) of each landing file no snapshot holds in its folder."""
+    known = landed_files(landed) if landed.is_dir() else set()
+    found: dict[tuple[str, str], tuple[Path, Path, str]] = {}
     for name in DATASETS:
         for path in sorted((landing / name).rglob("*")) if (landing / name).is_dir() else []:
             if not path.is_file() or path.name.startswith("."):
                 continue
-            digest = file_digest(path)
-            if digest in known or digest in found:
+            key = (path.parent.relative_to(landing).as_posix(), file_digest(path))
+            if key in known or key in found:
                 continue
-            relative = path.relative_to(landing)
-            found[digest] = (path, relative.parent / f"{digest}{path.suffix.lower()}", digest)
+            found[key] = (path, Path(key[0]) / f"{key[1]}{path.suffix.lower()}", key[1])
     return list(found.values())
 
 

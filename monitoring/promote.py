@@ -75,19 +75,20 @@ def read_receipt(receipt: Path) -> dict[str, Any]:
     return {"models": {family: str(models[family]) for family in FAMILIES}, "bento": bento}
 
 
-def apply_experiment(root: Path, experiment: str) -> list[str]:
-    """`dvc exp apply <experiment>` then `dvc repro package`: the workspace's models and receipt become the
-    experiment's (the champion / challenger gate compares against the workspace). Returns DVC's output."""
+def apply_experiment(root: Path, experiment: str, receipt: dict[str, Any]) -> list[str]:
+    """`dvc exp apply <experiment>`: the workspace's models, metrics and receipt become the experiment's, so
+    the next champion / challenger comparison runs against them. Nothing is rebuilt (a rebuild could train
+    models no gate has seen): the workspace receipt must then be the experiment's `receipt`."""
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # stages run this venv's python
-    dvc = str(Path(sys.executable).parent / "dvc")
-    lines: list[str] = []
-    for args in (["exp", "apply", experiment], ["repro", "package"]):
-        run = subprocess.run([dvc, *args], cwd=root, env=env, capture_output=True, text=True)
-        lines += (run.stdout + run.stderr).splitlines()[-40:]
-        if run.returncode != 0:
-            tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise PromotionError(f"dvc {' '.join(args)} failed (exit {run.returncode}): {tail[0]}")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    run = subprocess.run([str(Path(sys.executable).parent / "dvc"), "exp", "apply", experiment], cwd=root, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    lines = (run.stdout + run.stderr).splitlines()[-40:]
+    if run.returncode != 0:
+        raise PromotionError(f"dvc exp apply {experiment} failed (exit {run.returncode}): {(lines or ['no output'])[-1]}")
+    workspace = json.loads(receipt_path(root).read_text(encoding="utf-8"))
+    if workspace.get("models") != receipt.get("models"):
+        raise PromotionError(f"after dvc exp apply {experiment} the workspace receipt is not the experiment's; nothing promoted")
     return lines
 
 

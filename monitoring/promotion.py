@@ -116,17 +116,17 @@ def compare_image(champion_fake: Any, challenger_fake: Any, real: Any, tolerance
 
 
 def record(
-    history_path: Path, comparisons: list[Comparison], experiment: str, promoted: bool, refused: str | None = None
+    history_path: Path, comparisons: list[Comparison], experiment: str, promoted: bool, outcome: str | None = None
 ) -> dict[str, Any]:
-    """Append one decision (all families) to the promotion history and return it; `refused` says why a
-    challenger the comparisons would let through is still not promoted."""
+    """Append one decision (all families) to the promotion history and return it; `outcome` is what became
+    of the challenger: promoted, rejected, or sent to an online A/B test first."""
     history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []
     entry = {
         "at": datetime.now(UTC).isoformat(),
         "experiment": experiment,
         "promoted": promoted,
         "comparisons": [asdict(c) for c in comparisons],
-        "refused": refused,
+        "outcome": outcome or ("promoted" if promoted else "rejected"),
     }
     write_json([*history, entry], history_path)
     return entry

@@ -38,6 +38,35 @@ class RetrainGate:
         self.state_path = folder / "state.json"
         self.lock_path = folder / "retrain.lock"
 
+    @classmethod
+    def from_params(cls, root: Path) -> RetrainGate:
+        """The repository's gate: params.yaml's `monitor.retrain_dir` and `monitor.cooldown_hours`."""
+        from components.common import load_params, require
+
+        monitor = load_params("monitor", root / "params.yaml")
+        hours = require(monitor, "cooldown_hours", (int, float), "monitor", low=0)
+        return cls(root / require(monitor, "retrain_dir", str, "monitor"), timedelta(hours=hours))
+
+    @contextlib.contextmanager
+    def held(self, holder: str) -> Iterator[bool]:
+        """The lock alone, without a retrain or the cooldown: for work that must not overlap a retrain (an A/B
+        decision applying an experiment to the workspace). Yields whether the lock was free."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.lock_path.open("a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                lock.seek(0)
+                lock.truncate()
+                lock.write(f"pid {os.getpid()}, {holder}")
+                lock.flush()
+                yield True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def state(self) -> dict[str, Any]:
         if not self.state_path.is_file():
             return {}
@@ -60,15 +89,20 @@ class RetrainGate:
 
     @contextlib.contextmanager
     def claim(
-        self, trigger: str, experiment: str, now: datetime | None = None, ignore_cooldown: bool = False
-    ) -> Iterator[GateDecision]:
+        self, trigger: str, experiment: str, now: datetime | None = None, ignore_cooldown: bool = False,
+        refuse: str | None = None,
+    ) -> Iterator[GateDecision]:  # fmt: skip
         """Yield whether this request may retrain; when it may, the lock is held until the block exits.
 
         Refused: while another retrain holds the lock, or within `cooldown` of the last started retrain
-        (unless `ignore_cooldown`). `trigger` says who asked: `schedule`, `manual`, or a drift report.
+        (unless `ignore_cooldown`), or for the caller's own reason `refuse` (recorded like the others, and
+        without spending the cooldown). `trigger` says who asked: `schedule`, `manual`, or a drift report.
         """
         now = now or datetime.now(UTC)
         self.folder.mkdir(parents=True, exist_ok=True)
+        if refuse is not None:
+            yield self._answer(trigger, experiment, now, GateDecision(False, f"refused: {refuse}"))
+            return
         with self.lock_path.open("a+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -15,7 +15,10 @@ An online A/B test is an event too: `challenge` names one challenger and the sha
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ RECORD_ENV = "AIGC_PROMOTED"
 """The service's way to be told which record to read (default: params.yaml's `promotion.record`)."""
 PROMOTE, ROLLBACK, CHALLENGE, END_AB = "promote", "rollback", "challenge", "end_ab"
 SPLIT, SHADOW = "split", "shadow"
+CHAMPION, CHALLENGER = "champion", "challenger"
+"""The variants a request can be answered by (a shadow answer is logged with variant SHADOW)."""
 FAMILIES = ("text", "image", "restore")
 """The served model families (the `package` stage's model folders, in its command's order)."""
 
@@ -79,6 +84,19 @@ def current(record: Path) -> dict[str, Any] | None:
     return stack[-1] if stack else None
 
 
+@contextlib.contextmanager
+def _locked(record: Path) -> Iterator[list[dict[str, Any]]]:
+    """The record's events, under an exclusive lock for the whole read-modify-write (a person's rollback and
+    the retrain flow's promotion never lose each other's event)."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with record.with_name(f".{record.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield read_events(record)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _write(record: Path, events: list[dict[str, Any]]) -> dict[str, Any]:
     stack = champions(events)
     write_json({"current": stack[-1] if stack else None, "ab": running_ab(events), "events": events}, record)
@@ -90,25 +108,26 @@ def challenge(
     experiment: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Start an A/B test of `models` against the champion (replacing a running one); returns the event."""
-    if current(record) is None:
-        raise PromotionError(f"{record}: promote a champion before testing a challenger against it")
     if mode not in (SPLIT, SHADOW) or not 0 <= share <= 1:
         raise PromotionError(f"A/B: mode must be {SPLIT} or {SHADOW} and share in [0, 1], got {mode} {share}")
     event = {
         "action": CHALLENGE, "at": datetime.now(UTC).isoformat(), "by": by, "why": why, "models": dict(models),
         "bento": bento, "experiment": experiment, "share": float(share), "mode": mode,
     }  # fmt: skip
-    return _write(record, [*read_events(record), event])
+    with _locked(record) as events:
+        if not champions(events):
+            raise PromotionError(f"{record}: promote a champion before testing a challenger against it")
+        return _write(record, [*events, event])
 
 
 def end_ab(record: Path, by: str, why: str) -> dict[str, Any]:
     """Stop the running A/B test; the champion alone is served again from the next start."""
-    events = read_events(record)
-    running = running_ab(events)
-    if running is None:
-        raise PromotionError(f"{record}: no A/B test is running")
-    event = {"action": END_AB, "at": datetime.now(UTC).isoformat(), "by": by, "why": why, "models": running["models"]}
-    return _write(record, [*events, event])
+    with _locked(record) as events:
+        running = running_ab(events)
+        if running is None:
+            raise PromotionError(f"{record}: no A/B test is running")
+        event = {"action": END_AB, "at": datetime.now(UTC).isoformat(), "by": by, "why": why, "models": running["models"]}
+        return _write(record, [*events, event])
 
 
 def promote(
@@ -121,22 +140,23 @@ def promote(
         "action": PROMOTE, "at": datetime.now(UTC).isoformat(), "by": by, "why": why,
         "models": dict(models), "bento": bento, "experiment": experiment,
     }  # fmt: skip
-    return _write(record, [*read_events(record), event])
+    with _locked(record) as events:
+        return _write(record, [*events, event])
 
 
 def rollback(record: Path, by: str, why: str) -> dict[str, Any]:
     """Return to the champion before the current one; returns the event, which names the restored models."""
-    events = read_events(record)
-    stack = champions(events)
-    if len(stack) < 2:
-        raise PromotionError(f"{record}: no earlier champion to roll back to ({len(stack)} promoted so far)")
-    back_to = stack[-2]
-    event = {
-        "action": ROLLBACK, "at": datetime.now(UTC).isoformat(), "by": by, "why": why,
-        "models": back_to["models"], "bento": back_to["bento"], "experiment": back_to.get("experiment"),
-        "replaced": stack[-1]["models"],
-    }  # fmt: skip
-    return _write(record, [*events, event])
+    with _locked(record) as events:
+        stack = champions(events)
+        if len(stack) < 2:
+            raise PromotionError(f"{record}: no earlier champion to roll back to ({len(stack)} promoted so far)")
+        back_to = stack[-2]
+        event = {
+            "action": ROLLBACK, "at": datetime.now(UTC).isoformat(), "by": by, "why": why,
+            "models": back_to["models"], "bento": back_to["bento"], "experiment": back_to.get("experiment"),
+            "replaced": stack[-1]["models"],
+        }  # fmt: skip
+        return _write(record, [*events, event])
 
 
 def served_tags(record: Path, families: tuple[str, ...]) -> dict[str, str]:
@@ -145,7 +165,7 @@ def served_tags(record: Path, families: tuple[str, ...]) -> dict[str, str]:
     if champion is None:
         raise ConfigError(
             f"{record}: no model has been promoted; run `python -m monitoring.promote` to serve the models "
-            "the workspace packaged (models/bento.json), or set the AIGC_<FAMILY>_MODEL tags"
+            "the workspace packaged (the package stage's receipt), or set the AIGC_<FAMILY>_MODEL tags"
         )
     missing = [family for family in families if family not in champion["models"]]
     if missing:

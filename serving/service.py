@@ -60,7 +60,7 @@ from components.records import (
     serialise,
 )
 from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, MAX_RESTORE_PIXELS, ImageRequest, TextRequest
-from serving.promoted import SHADOW, SPLIT
+from serving.promoted import CHALLENGER, CHAMPION, SHADOW, SPLIT
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024 * 1024  # uploads over this are refused with 413 before they are read
@@ -93,7 +93,6 @@ def served_models() -> tuple[dict[str, str], dict[str, Any] | None]:
 
 SERVED, AB = served_models()
 TEXT_TAG, IMAGE_TAG, RESTORE_TAG = SERVED["text"], SERVED["image"], SERVED["restore"]
-CHAMPION, CHALLENGER, SHADOW_VARIANT = "champion", "challenger", "shadow"
 
 
 def served_schema(tag: str) -> dict[str, Any]:
@@ -322,9 +321,9 @@ def feedback_log() -> Any:
     return _FEEDBACK_LOG
 
 
-ERROR_KEY = "aigc.error"  # set in the ASGI scope by an endpoint that failed: the error's class, for the log
-STATUS_ERRORS = {400: "InvalidArgument", 401: "Unauthorized", 404: "NotFound", 413: "PayloadTooLarge",
-                 422: "ValidationError", 503: "ServiceUnavailable"}  # fmt: skip
+# Set in the ASGI scope for the middleware's log row: the class of the error that failed a request, and the
+# variant that was chosen for it (an error during an A/B test belongs to one arm).
+ERROR_KEY, VARIANT_KEY = "aigc.error", "aigc.variant"
 
 
 def failed(ctx: bentoml.Context, err: BaseException) -> None:
@@ -366,9 +365,11 @@ class GuardMiddleware:
             raise
         finally:
             if status >= 400:
-                error = scope.get(ERROR_KEY) or crashed or STATUS_ERRORS.get(status, f"HTTP{status}")
+                # Without a class (a 4xx BentoML answered before our code ran), the status says what there is.
+                error = scope.get(ERROR_KEY) or crashed or f"HTTP{status}"
                 request_log().log({"request_id": uuid.uuid4().hex, "endpoint": path.strip("/") or "/", "status": status,
-                                   "latency_ms": (time.perf_counter() - start) * 1000, "error": error})  # fmt: skip
+                                   "latency_ms": (time.perf_counter() - start) * 1000, "error": error,
+                                   "variant": scope.get(VARIANT_KEY)})  # fmt: skip
 
     async def _guarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -376,10 +377,12 @@ class GuardMiddleware:
             supplied = headers.get("authorization", "")
             expected = f"Bearer {self.api_key}"
             if not hmac.compare_digest(supplied.encode(), expected.encode()):
+                scope[ERROR_KEY] = "Unauthorized"
                 await _json(send, 401, {"error": "authorization: missing or wrong bearer token"}, {"www-authenticate": "Bearer"})
                 return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
+            scope[ERROR_KEY] = "PayloadTooLarge"
             await _json(send, 413, {"error": f"body: {int(length)} bytes is over the limit of {self.max_body}"})
             return
         received = 0
@@ -456,15 +459,21 @@ class Gateway:
             self._described = await self._call("describe")
         return self._described
 
-    def _variant(self, ctx: bentoml.Context, seed: int) -> str:
+    def _variant(self, ctx: bentoml.Context) -> str:
         """Which variant answers: the champion, unless an A/B split sends this client's share to the challenger.
-        Sticky: the same `x-client-key` header (else the same seed) always gets the same variant in one test."""
+        Sticky per `x-client-key` header within one test; a request without one is drawn on its own (a seed
+        would not do: most clients leave it at its default, and they would all land in one arm)."""
+        import random
+
         from components.common import stable_hash, unit_interval
 
-        if self.ab is None or self.ab["mode"] != SPLIT:
-            return CHAMPION
-        key = ctx.request.headers.get("x-client-key") or f"seed:{seed}"
-        return CHALLENGER if unit_interval(key, stable_hash(self.ab["at"])) < self.ab["share"] else CHAMPION
+        variant = CHAMPION
+        if self.ab is not None and self.ab["mode"] == SPLIT:
+            key = ctx.request.headers.get("x-client-key")
+            draw = unit_interval(key, stable_hash(self.ab["at"])) if key else random.random()
+            variant = CHALLENGER if draw < self.ab["share"] else CHAMPION
+        ctx.request.scope[VARIANT_KEY] = variant
+        return variant
 
     def _remember(self, request_id: str, endpoint: str, variant: str, tag: str, source: str | None = None) -> None:
         self.recent[request_id] = {"endpoint": endpoint, "variant": variant, "model_tag": tag, "source": source}
@@ -485,7 +494,7 @@ class Gateway:
             except Exception as err:  # the shadow never touches the client's answer
                 status, error = 500, type(err).__name__
             self.log.log({"request_id": f"{request_id}-shadow", "endpoint": endpoint, "status": status, "error": error,
-                          "variant": SHADOW_VARIANT, "model_tag": self.ab["models"][ENDPOINT_FAMILY[endpoint]],
+                          "variant": SHADOW, "model_tag": self.ab["models"][ENDPOINT_FAMILY[endpoint]],
                           "latency_ms": (time.perf_counter() - start) * 1000})  # fmt: skip
 
         task = asyncio.get_running_loop().create_task(run())
@@ -548,7 +557,7 @@ class Gateway:
             text = record.to_prompt(TEXT_SCHEMA) if record is not None else " ".join(prompt.split())  # type: ignore[union-attr]
             if not text:
                 raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
-            variant = self._variant(ctx, seed)
+            variant = self._variant(ctx)
             described = (await self._describe())[variant]["text"]
             model_text = self.delexicaliser.model_source(text) if self.delexicaliser is not None else text
             tokens = len(self.tokenizer(model_text, add_special_tokens=False)["input_ids"])
@@ -584,7 +593,7 @@ class Gateway:
         """`n` images of class `label` (one of the trained labels) as base64 PNGs."""
         try:
             start, request_id = time.perf_counter(), uuid.uuid4().hex
-            variant = self._variant(ctx, seed)
+            variant = self._variant(ctx)
             described = (await self._describe())[variant]["image"]
             names = described["label_names"]
             if label not in names:
@@ -621,7 +630,7 @@ class Gateway:
                 pixels = decode_upload(data, max_pixels=MAX_RESTORE_PIXELS)
             except UploadError as err:
                 raise InvalidArgument(str(err)) from err
-            variant = self._variant(ctx, 0)
+            variant = self._variant(ctx)
             described = (await self._describe())[variant]["restore"]
             if task is not None and task != described["task"]:
                 raise InvalidArgument(f"task: the served restorer does {described['task']!r}, not {task!r}")
@@ -656,10 +665,12 @@ class Gateway:
         """What a user did with an answer (its `x-request-id`): a `rating` 1-5, a `click`, `accept` (true) or
         reject (false), or the text as they `edited` it (which becomes a training reference at the next
         retrain). An unknown request id is a 400."""
+        import asyncio
+
         try:
             if rating is None and click is None and accept is None and edited_text is None:
                 raise InvalidArgument("rating, click, accept, edited_text: give at least one")
-            answered = self.recent.get(request_id) or self._logged(request_id)
+            answered = self.recent.get(request_id) or await asyncio.to_thread(self._logged, request_id)
             if answered is None:
                 raise InvalidArgument(f"request_id: {request_id!r} is not a request this service answered")
             edited = " ".join(edited_text.split()) if edited_text is not None else None

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,16 @@ def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(tmp_path:
         scheduled: dict[str, Any] = {}
         thread = threading.Thread(target=lambda: scheduled.update(retrain(str(repo), trigger="schedule")))
         thread.start()
+        requests_file = repo / "monitoring" / "retrain" / "requests.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (requests_file.is_file() and '"started": true' in requests_file.read_text()):
+            time.sleep(0.2)  # the schedule's retrain holds the gate: now drift asks too
         drifted = drift_check(repo_root=str(repo))
         thread.join(timeout=900)
         assert drifted["drifted"] and drifted["retrain"] is None
         assert drifted["action"].startswith("refused: a retrain is already running") and "trigger schedule" in drifted["action"]
         assert scheduled["started"] and not scheduled["promoted"]
-        requests = [json.loads(line) for line in (repo / "monitoring" / "retrain" / "requests.jsonl").read_text().splitlines()]
+        requests = [json.loads(line) for line in requests_file.read_text().splitlines()]
         assert sorted((r["trigger"] == "schedule", r["started"]) for r in requests) == [(False, False), (True, True)]
         history = json.loads((repo / "monitoring" / "promotion" / "history.json").read_text())
         assert history[-1]["experiment"] == scheduled["experiment"] and history[-1]["promoted"] is False
@@ -122,3 +127,7 @@ def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(tmp_path:
     rolled = run(repo, sys.executable, "-m", "monitoring.promote", "--rollback", "--why", "test: back to the first")
     assert "rolled back" in rolled
     assert fresh_server(repo, tmp_path / "log-rolled-back") == {"text": champion["text"], "image": champion["image"]}
+    # The workspace still holds the rolled-back models and the champion came from no experiment: a retrain
+    # would be judged against the wrong models, so it is refused before it runs.
+    refused = retrain(str(repo), trigger="manual", ignore_cooldown=True)
+    assert not refused["started"] and "not the served champion" in refused["reason"]

@@ -31,7 +31,8 @@ def write_logs(folder: Path, clicks: dict[str, list[int]], ratings: dict[str, li
             at = T0 + timedelta(seconds=i + 1)
             requests.append({"timestamp": at, "request_id": request_id, "endpoint": "generate_text", "status": 200,
                              "variant": variant, "latency_ms": 10.0})  # fmt: skip
-            feedback.append({"timestamp": at, "request_id": request_id, "variant": variant, "click": bool(click)})
+            if click:  # clients report clicks, never "not clicked"
+                feedback.append({"timestamp": at, "request_id": request_id, "variant": variant, "click": True})
             if ratings:
                 feedback.append({"timestamp": at + timedelta(seconds=1), "request_id": request_id, "variant": variant,
                                  "rating": ratings[variant][i]})  # fmt: skip
@@ -68,7 +69,7 @@ def test_per_variant_intervals_are_scipys_and_a_clear_lift_is_better(tmp_path: P
     for variant, values in clicks.items():
         got = report["variants"][variant]
         wilson = stats.binomtest(sum(values), len(values)).proportion_ci(confidence_level=0.95, method="wilson")
-        assert got["requests"] == 400 and got["feedback"] == 400 and got["feedback_rate"] == 1.0
+        assert got["requests"] == 400 and got["outcomes"] == 400 and got["feedback_rate"] == 1.0  # every one rated
         assert (got["ci_low"], got["ci_high"]) == pytest.approx((wilson.low, wilson.high))
         assert got["click"] == pytest.approx(np.mean(values), abs=1e-4)
     welch = stats.ttest_ind(clicks["challenger"], clicks["champion"], equal_var=False).confidence_interval(0.95)
@@ -83,7 +84,12 @@ def test_per_variant_intervals_are_scipys_and_a_clear_lift_is_better(tmp_path: P
 
 def test_too_little_feedback_is_not_yet_known_and_a_clear_drop_is_worse(tmp_path: Path) -> None:
     write_logs(tmp_path / "few", {"champion": [1, 0, 1], "challenger": [0, 0, 0]})
-    assert ab_report(tmp_path / "few", AB, config("click"))["comparison"]["decision"] == UNKNOWN
+    few = ab_report(tmp_path / "few", AB, config("click"))
+    assert few["comparison"]["decision"] == UNKNOWN
+    assert (
+        few["variants"]["champion"]["click"] == pytest.approx(2 / 3, abs=1e-4)
+        and few["variants"]["challenger"]["feedback_rate"] == 0
+    )
     assert compare(np.array([1.0] * 60 + [0.0] * 40), np.array([1.0] * 20 + [0.0] * 80), 30)["decision"] == WORSE
 
 

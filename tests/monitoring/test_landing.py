@@ -50,6 +50,10 @@ def test_new_files_are_snapshotted_once_tracked_by_dvc_and_staged(tmp_path: Path
     second = snapshot(root)
     assert second is not None and second.files == 1 and second.name != first.name
     assert [p.name for p in (second.path / "text").iterdir()][0].endswith(".jsonl")
+    (landing / "images" / "dog").mkdir()  # the same bytes under another label: a relabel, so it lands again
+    (landing / "images" / "dog" / "tabby.png").write_bytes(b"\x89PNG fake but bytes are bytes")
+    relabelled = snapshot(root)
+    assert relabelled is not None and relabelled.files == 1 and (relabelled.path / "images" / "dog").is_dir()
 
     for path in landing.rglob("*"):  # the landing folder emptied: the snapshots stay, in DVC's cache too
         if path.is_file():

@@ -48,3 +48,18 @@ def test_two_concurrent_triggers_start_one_retrain_and_refuse_the_other(tmp_path
     assert decisions["a"].start  # type: ignore[attr-defined]
     with gate.claim("report-c", "exp-c") as third:  # the lock went with the finished retrain
         assert third.start
+
+
+def test_a_callers_refusal_is_recorded_without_spending_the_cooldown_and_the_lock_can_be_held_alone(tmp_path: Path) -> None:
+    gate = RetrainGate(tmp_path, timedelta(hours=24))
+    with gate.claim("schedule", "exp-a", now=T0, refuse="the workspace is not the champion") as decision:
+        assert not decision.start and decision.reason == "refused: the workspace is not the champion"
+    with gate.held("an A/B decision") as free:
+        assert free
+        with gate.claim("manual", "exp-b", now=T0) as blocked:
+            assert not blocked.start and "an A/B decision" in blocked.reason
+    with gate.claim("manual", "exp-c", now=T0) as decision:  # neither the refusal nor the hold spent the cooldown
+        assert decision.start
+        with gate.held("an A/B decision") as free:
+            assert not free
+    assert [(r["experiment"], r["started"]) for r in gate.requests()] == [("exp-a", False), ("exp-b", False), ("exp-c", True)]
