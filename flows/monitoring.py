@@ -205,6 +205,23 @@ def retrain(
     return {**decision, "started": True, "reason": answer.reason, "landing_snapshot": snapshot}
 
 
+@flow(name="ab-decision", log_prints=True)
+def ab_decision(repo_root: str = ".") -> dict[str, Any] | None:
+    """The running A/B test's report and, once it is clear, its decision, as `python -m monitoring.ab
+    --decide` (scheduled, so a test started by a retrain with `promotion.require_online` ends unattended)."""
+    from monitoring.ab import check
+
+    report = check(Path(repo_root), decide=True, by="ab-decision flow")
+    if report is None:
+        get_run_logger().info("no A/B test is running")
+        return None
+    lines = [f"## A/B test: {report['comparison']['decision']}", "", report["comparison"]["reason"], "",
+             f"Action: {report['action']}", "", "| variant | figures |", "|---|---|"]  # fmt: skip
+    lines += [f"| {variant} | {figures} |" for variant, figures in report["variants"].items()]
+    create_markdown_artifact("\n".join(lines) + "\n", key="ab-decision", description="Online A/B report and decision")
+    return report
+
+
 def summary_markdown(check: dict[str, Any], action: str) -> str:
     lines = ["## Drift check", "", f"Report: `{check['report']}`", "", "| family | decision | why |", "|---|---|---|"]
     lines += [f"| {name} | {r['decision']} | {r['reason']} |" for name, r in check["results"].items()]

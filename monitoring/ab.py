@@ -100,7 +100,7 @@ def outcomes(feedback: Any, answered: set[str], metric: str) -> np.ndarray:
     """One outcome per request. Click-through counts every answered request (clicked or not: a client only
     reports clicks); accept and rating count the requests that got that feedback, by their last word."""
     if metric == "click":
-        clicked = set(feedback[feedback["click"].fillna(False).astype(bool)]["request_id"]) if len(feedback) else set()
+        clicked = set(feedback[feedback["click"].eq(True)]["request_id"]) if len(feedback) else set()
         return np.array([1.0 if request_id in clicked else 0.0 for request_id in sorted(answered)])
     if not len(feedback):
         return np.array([])
@@ -185,9 +185,34 @@ def act(root: Path, record: Path, report: dict[str, Any], by: str) -> str:
     return f"nothing to do: {report['comparison']['reason']}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    from monitoring.promote import record_path, who
+def check(root: Path, decide: bool, by: str) -> dict[str, Any] | None:
+    """Report on the running A/B test (None when none runs) and, with `decide`, act on the decision while
+    holding the retrain gate's lock; the report, its path (`report_path`) and the action (`action`)."""
+    from monitoring.promote import record_path
+    from monitoring.retrain_gate import RetrainGate
     from serving.promoted import PromotionError, challenger
+
+    cfg = ABConfig.from_params(load_params("ab", root / "params.yaml"))
+    record = record_path(root)
+    ab = challenger(record)
+    if ab is None:
+        return None
+    log_dir = root / require(load_params("monitor", root / "params.yaml"), "log_dir", str, "monitor")
+    report = ab_report(log_dir, ab, cfg)
+    out = root / cfg.reports_dir / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") / "report.json"
+    write_json(report, out)
+    report.update(report_path=str(out), action=None)
+    if decide:
+        with RetrainGate.from_params(root).held("an A/B decision") as free:
+            if not free:  # a promotion would change the workspace under the running retrain's comparison
+                raise PromotionError("a retrain is running; decide once it has finished")
+            report["action"] = act(root, record, report, by)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    from monitoring.promote import who
+    from serving.promoted import PromotionError
 
     parser = argparse.ArgumentParser(prog="python -m monitoring.ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -196,26 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        root = args.repo
-        cfg = ABConfig.from_params(load_params("ab", root / "params.yaml"))
-        record = record_path(root)
-        ab = challenger(record)
-        if ab is None:
-            raise PromotionError(f"{record}: no A/B test is running (start one: python -m monitoring.promote --challenger)")
-        log_dir = root / require(load_params("monitor", root / "params.yaml"), "log_dir", str, "monitor")
-        report = ab_report(log_dir, ab, cfg)
-        out = root / cfg.reports_dir / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") / "report.json"
-        write_json(report, out)
+        report = check(args.repo, args.decide, who())
+        if report is None:
+            raise PromotionError("no A/B test is running (start one: python -m monitoring.promote --challenger)")
         for variant, figures in report["variants"].items():
             print(f"{variant}: {figures}")
-        print(f"{report['comparison']['decision']}: {report['comparison']['reason']} ({out})")
-        if args.decide:
-            from monitoring.retrain_gate import RetrainGate
-
-            with RetrainGate.from_params(root).held("monitoring.ab --decide") as free:
-                if not free:  # a promotion would change the workspace under the running retrain's comparison
-                    raise PromotionError("a retrain is running; decide once it has finished")
-                print(act(root, record, report, who()))
+        print(f"{report['comparison']['decision']}: {report['comparison']['reason']} ({report['report_path']})")
+        if report["action"]:
+            print(report["action"])
     except (ConfigError, PromotionError) as err:
         print(f"monitoring.ab: {err}", file=sys.stderr)
         raise SystemExit(2) from None
