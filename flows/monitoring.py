@@ -10,8 +10,9 @@ record), so two requests never run at once and a refused one says who holds the 
 landing folder into a DVC-tracked data version (monitoring/landing.py), runs the whole pipeline as a DVC
 experiment (`dvc exp run --temp -n <name>`), aside from the workspace, and compares the challenger with the
 champion on the same test data (monitoring/promotion.py: BLEU, FID, PSNR with paired-bootstrap intervals).
-Only when no family is worse beyond its tolerance is it promoted: `dvc exp apply`, the `package` stage,
-then the promotion record (serving/promoted.py) names its models. A rejected challenger changes nothing the
+Only when no family is worse beyond its tolerance is it promoted: `dvc exp apply`, then the promotion record
+(serving/promoted.py) names the receipt its experiment packaged (or, with `promotion.require_online`, it
+goes on an online A/B test first). A rejected challenger changes nothing the
 service reads: packaging inside the experiment only adds content-addressed entries to the model store.
 `monitoring/promotion/history.json` lists every decision; `dvc exp apply <name>` reproduces any retrain.
 

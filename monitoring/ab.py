@@ -121,18 +121,21 @@ def read_feedback(log_dir: Path, since: datetime) -> Any:
 def ab_report(log_dir: Path, ab: dict[str, Any], cfg: ABConfig) -> dict[str, Any]:
     """The report of the A/B test `ab` (the record's challenge event) over the logs in log_dir, from the
     challenger's first answer on (the service only loads it at its next start after the test began)."""
+    import pandas as pd
+
     from monitoring.drift import read_window
 
     requests = read_window(log_dir, None, datetime.fromisoformat(ab["at"]), answered_only=False)
-    if len(requests) and "variant" in requests:
-        tried = requests[requests["variant"].isin([CHALLENGER, SHADOW])]
-        requests = requests[requests["timestamp"] >= tried["timestamp"].min()] if len(tried) else requests.iloc[0:0]
+    if "variant" not in requests:  # no log yet, or only parts written before A/B tests: nothing to report on
+        requests = pd.DataFrame(columns=["timestamp", "request_id", "status", "variant", "latency_ms"])
+    tried = requests[requests["variant"].isin([CHALLENGER, SHADOW])]
+    requests = requests[requests["timestamp"] >= tried["timestamp"].min()] if len(tried) else requests.iloc[0:0]
     since = requests["timestamp"].min() if len(requests) else datetime.fromisoformat(ab["at"])
     feedback = read_feedback(log_dir, since)
     variants: dict[str, Any] = {}
     values: dict[str, np.ndarray] = {}
     for variant in (CHAMPION, CHALLENGER, SHADOW):
-        rows = requests[requests["variant"] == variant] if len(requests) else requests
+        rows = requests[requests["variant"] == variant]
         if variant == SHADOW and rows.empty:
             continue
         answered = set(rows[rows["status"] == 200]["request_id"])
@@ -190,7 +193,7 @@ def check(root: Path, decide: bool, by: str) -> dict[str, Any] | None:
     holding the retrain gate's lock; the report, its path (`report_path`) and the action (`action`)."""
     from monitoring.promote import record_path
     from monitoring.retrain_gate import RetrainGate
-    from serving.promoted import PromotionError, challenger
+    from serving.promoted import challenger
 
     cfg = ABConfig.from_params(load_params("ab", root / "params.yaml"))
     record = record_path(root)
@@ -205,8 +208,11 @@ def check(root: Path, decide: bool, by: str) -> dict[str, Any] | None:
     if decide:
         with RetrainGate.from_params(root).held("an A/B decision") as free:
             if not free:  # a promotion would change the workspace under the running retrain's comparison
-                raise PromotionError("a retrain is running; decide once it has finished")
-            report["action"] = act(root, record, report, by)
+                report["action"] = "deferred: a retrain is running; the next check decides"
+            elif challenger(record) != ab:  # the test changed while this report was made: it speaks of another
+                report["action"] = "deferred: the A/B test changed while the report was made"
+            else:
+                report["action"] = act(root, record, report, by)
     return report
 
 

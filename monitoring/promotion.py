@@ -170,7 +170,8 @@ def read_artifact(root: Path, path: str, rev: str | None) -> bytes:
 
 
 def compare_revisions(root: Path, challenger_rev: str, cfg: PromotionConfig, champion_rev: str | None = None) -> list[Comparison]:
-    """Every family's comparison of the challenger (an experiment) with the champion (the workspace)."""
+    """Every family's comparison of the challenger (an experiment) with the champion: the workspace, or the
+    revision `champion_rev` (the experiment that promoted it)."""
     import io
 
     import pandas as pd

@@ -105,6 +105,19 @@ def test_dvc_deps_are_exactly_the_code_the_stage_runs(name: str) -> None:
     )
 
 
+def test_the_bento_pins_every_library_as_the_project_does() -> None:
+    import tomllib
+
+    bentofile = yaml.safe_load((REPO_ROOT / "serving" / "bentofile.yaml").read_text(encoding="utf-8"))
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    pins = dict(d.split("==") for d in project if "==" in d)
+    shipped = [p.split("==") for p in bentofile["python"]["packages"]]
+    assert all(len(p) == 2 for p in shipped if p[0] in pins), "a library the project pins ships unpinned in the Bento"
+    assert {name: version for name, version in (p for p in shipped if len(p) == 2)} == {
+        name: pins[name] for name, _ in (p for p in shipped if len(p) == 2)
+    }
+
+
 def test_the_bento_ships_exactly_the_service_code() -> None:
     bentofile = yaml.safe_load((REPO_ROOT / "serving" / "bentofile.yaml").read_text(encoding="utf-8"))
     service = closure(bentofile["service"].split(":")[0])

@@ -109,3 +109,9 @@ def test_edited_texts_land_once_under_the_configured_columns(tmp_path: Path) -> 
     assert written == tmp_path / "data" / "landing" / "text" / "feedback-20261130-000001.csv"
     assert pacsv.read_csv(written).to_pylist() == [{"mr": "name: A", "ref": "Better copy."}]
     assert feedback_to_landing(tmp_path) == []  # the same part never lands twice
+
+
+def test_a_test_with_no_log_yet_reports_nothing_known(tmp_path: Path) -> None:
+    report = ab_report(tmp_path / "no-log-yet", AB, config("click"))
+    assert report["comparison"]["decision"] == UNKNOWN
+    assert report["variants"]["champion"]["requests"] == 0 and report["variants"]["challenger"]["click"] is None
