@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic writes, newest-good-first resume, pruning, and the RNG states they carry.
+"""Training checkpoints: atomic writes, newest-good-first resume, pruning, the RNG states they carry, and the
+lock that keeps a second trainer out of a checkpoint folder.
 
 A checkpoint is scratch state of one run (`<checkpoints>/<family>/<run fingerprint>/step-*.ckpt`), written
 by `torch.save` and read back with `weights_only=True`, so loading one runs no code from the file.
@@ -7,19 +8,24 @@ Only torch and the standard library.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from components.common import BusyError
 from components.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.ckpt$")
+LOCK_FILE = "trainer.lock"
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -86,6 +92,38 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
     """Keep the newest `keep` readable-looking checkpoints; never touch anything else in the folder."""
     for old in list_checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def checkpoint_lock(directory: Path) -> Iterator[None]:
+    """Hold `<directory>/trainer.lock` while this process trains into the folder; a second trainer is refused.
+
+    Two trainers on one folder would resume, prune and overwrite each other's checkpoints, and both would save
+    the model. The lock is an `flock`, which ends with its process however that ends (SIGKILL included), so a
+    dead trainer never leaves a stale lock; the pid in the file only names the holder in the refusal.
+
+    Raises:
+        BusyError: another process holds the folder.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
+            raise BusyError(
+                f"checkpoint folder {directory} is in use by another trainer (pid {holder}); "
+                f"wait for it to finish, or stop it (kill {holder}), then run the stage again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # no pid left behind to be named by mistake
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Helpers every stage shares: params, errors with exit codes, stable hashing, safe paths, progress.
+"""Helpers every stage shares: params, errors with exit codes, stable hashing, safe paths, progress, and the
+guard that ends a stage with the process that started it.
 
 Only the standard library and yaml are imported here: training stages import this on a GPU machine that has
 torch and transformers but no pyarrow, Prefect, DVC or Great Expectations. Parquet helpers live in
@@ -7,12 +8,19 @@ components.tables.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,7 @@ PARAMS_FILE = "params.yaml"
 
 # sysexits.h codes: the flow retries only what could be transient, never bad data or bad config.
 EX_DATAERR = 65
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 DATASETS = ("text", "images", "restore")
@@ -47,6 +56,10 @@ class ConfigError(ValueError):
 
 class DataError(RuntimeError):
     """The input data cannot be processed as configured (missing columns, empty file, too much quarantined)."""
+
+
+class BusyError(RuntimeError):
+    """Another process holds what this one needs (a trainer writing the same checkpoint folder): retry later."""
 
 
 def load_params(section: str, path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, Any]:
@@ -157,6 +170,21 @@ def write_json(data: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a `.<name>.lock` file beside it) for a whole read-modify-write, so two
+    processes appending to the same JSON file (the retrain flow, a person at the CLI) never lose each other's
+    entry; write_json alone only makes each rewrite atomic. Blocks until the other writer is done.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(f".{path.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def resolve_inside(root: Path, candidate: Path) -> Path | None:
     """Return candidate's real path if it stays inside root's real path, else None (symlink or `..` escape)."""
     real_root = root.resolve()
@@ -165,7 +193,8 @@ def resolve_inside(root: Path, candidate: Path) -> Path | None:
 
 
 def run_main(body: Callable[[], None]) -> None:
-    """Run a stage's main body: log to stderr, turn known errors into one clear line and a sysexits code."""
+    """Run a stage's main body: log to stderr, turn known errors into one clear line and a sysexits code, and
+    (in a process started to run the stage) end the stage with the program that started it (`die_with_parent`)."""
     logging.basicConfig(
         level=os.environ.get("AIGC_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -173,6 +202,9 @@ def run_main(body: Callable[[], None]) -> None:
     )
     for noisy in ("great_expectations", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    stage = stage_program()
+    if stage is not None:
+        die_with_parent(stage)
     try:
         body()
     except ConfigError as err:
@@ -181,6 +213,9 @@ def run_main(body: Callable[[], None]) -> None:
     except DataError as err:
         log.error("data error: %s", err)
         raise SystemExit(EX_DATAERR) from err
+    except BusyError as err:
+        log.error("busy: %s", err)
+        raise SystemExit(EX_TEMPFAIL) from err
 
 
 def progress(iterable: Iterable[Any], silent: bool = False, **kwargs: Any) -> Any:
@@ -189,3 +224,184 @@ def progress(iterable: Iterable[Any], silent: bool = False, **kwargs: Any) -> An
 
     disable = silent or (not sys.stderr.isatty() and os.environ.get("AIGC_PROGRESS") != "1")
     return tqdm(iterable, disable=disable, **kwargs)
+
+
+# --- a stage ends with the process that started it ----------------------------------------------------------
+
+RELAY_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox"})
+"""Programs that only pass a command on (DVC runs a stage's cmd through `$SHELL -c`): never a stage's owner."""
+RELAY_LAUNCHERS = frozenset({"torchrun", "torch.distributed.run", "torch.distributed.launch"})
+"""Launchers whose children are the stage (DDP workers): part of the stage's process tree, not its owner."""
+WATCH_EVERY_S = 0.2
+STOP_GRACE_S = 0.5
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_GUARDED = threading.Event()
+
+
+@dataclass(frozen=True)
+class ProcessStat:
+    """The fields of /proc/<pid>/stat the guard reads; `start` (clock ticks after boot) tells a reused pid apart."""
+
+    pid: int
+    name: str
+    state: str
+    ppid: int
+    start: int
+
+
+def process_stat(pid: int) -> ProcessStat | None:
+    """/proc/<pid>/stat, or None when there is no such process (or no /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    # The name sits in parentheses and may itself hold spaces or parentheses: the fields follow the last ")".
+    name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+    return ProcessStat(pid, name, fields[0], int(fields[1]), int(fields[19]))
+
+
+def still_running(process: ProcessStat) -> bool:
+    """Whether `process` itself (not a newer one that reuses its pid) runs; a zombie has exited, unreaped."""
+    now = process_stat(process.pid)
+    return now is not None and now.start == process.start and now.state not in ("Z", "X")
+
+
+def is_relay(process: ProcessStat) -> bool:
+    """A shell or a torchrun agent: a process between a stage and the program that started it."""
+    if process.name in RELAY_SHELLS:
+        return True
+    try:
+        argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    # `torchrun ...`, `python .../bin/torchrun ...`, `python -m torch.distributed.run ...`
+    return any(Path(arg.decode("utf-8", errors="replace")).name in RELAY_LAUNCHERS for arg in argv[:3])
+
+
+def owner_of(pid: int) -> tuple[list[ProcessStat], ProcessStat | None]:
+    """The relays above `pid` (its parent first) and the first ancestor that is not one (e.g. `dvc`): the
+    process whose death ends the stage. No owner when the walk reaches init, which never exits."""
+    relays: list[ProcessStat] = []
+    current = process_stat(pid)
+    while current is not None and current.ppid > 1:
+        parent = process_stat(current.ppid)
+        if parent is None or not is_relay(parent):
+            return relays, parent
+        relays.append(parent)
+        current = parent
+    return relays, None
+
+
+def descendants(pid: int) -> list[ProcessStat]:
+    """Every process below `pid` (DataLoader workers, whatever they started), parents before children."""
+    children: dict[int, list[ProcessStat]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := process_stat(int(entry))) is not None:
+            children.setdefault(stat.ppid, []).append(stat)
+    found: list[ProcessStat] = []
+    todo = [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += [child.pid for child in below]
+    return found
+
+
+def end_processes(processes: list[ProcessStat], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM each (a torchrun agent then stops its workers), SIGKILL whatever still runs `grace` s later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for process in processes:
+            if still_running(process):
+                with contextlib.suppress(OSError):
+                    os.kill(process.pid, sig)
+        deadline = time.monotonic() + grace
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(map(still_running, processes)):
+            time.sleep(0.05)
+
+
+@functools.cache
+def _prctl() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def signal_on_parent_death() -> bool:
+    """Ask the kernel for SIGTERM when this process's parent exits (Linux); False when it refused.
+
+    Also run in every child this process forks, so `prctl` is looked up here first: a forked child of a
+    threaded process must not load libraries."""
+    return _prctl()(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+
+
+def _write_stderr(data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, data)
+
+
+def _stop(name: str, gone: ProcessStat, relays: list[ProcessStat]) -> None:
+    """Say why on stderr, end this process's tree and the relays above it, and exit at once."""
+    # From a helper thread: with its reader dead, a full stderr pipe would block the write, and the stop, forever.
+    writer = threading.Thread(
+        target=_write_stderr, args=(f"{name}: the process that started it (pid {gone.pid}) is gone; stopping\n".encode(),)
+    )
+    writer.daemon = True
+    writer.start()
+    writer.join(STOP_GRACE_S)
+    end_processes(descendants(os.getpid()) + [r for r in relays if r.pid != gone.pid])
+    os._exit(128 + signal.SIGTERM)
+
+
+def _watch(name: str, parent: ProcessStat, relays: list[ProcessStat], owner: ProcessStat | None) -> None:
+    while True:
+        time.sleep(WATCH_EVERY_S)
+        if os.getppid() != parent.pid:  # the parent exited (PR_SET_PDEATHSIG normally got here first)
+            _stop(name, parent, relays)
+        if owner is not None and not still_running(owner):
+            _stop(name, owner, relays)
+
+
+def die_with_parent(name: str) -> None:
+    """End this process, and every process it started, when the program that started it is gone.
+
+    `dvc repro` runs a stage through `$SHELL -c`; killed with SIGKILL it cannot stop the stage, which would
+    train on as an orphan while a rerun starts a second trainer, then overwrite the rerun's outputs. Two
+    guards, on Linux (elsewhere this does nothing):
+
+    - the kernel sends SIGTERM when the direct parent exits (`PR_SET_PDEATHSIG`), and to every process this
+      one forks (DataLoader workers) when this one exits, however it exits;
+    - a daemon thread watches the owner, the first ancestor that is neither a shell nor a torchrun agent (the
+      `dvc` process), by pid and start time, so a reused pid is not taken for it. Once the owner is gone it
+      writes `<name>: the process that started it (pid N) is gone; stopping` to stderr, ends every process
+      below this one (DataLoader workers) and the relays above it (the orphaned shell; the torchrun agent,
+      whose other workers stop with it) and exits within about a second.
+
+    Armed once per process; `run_main` arms it when the process was started to run a stage. A stage meant to
+    outlive the shell it is typed in should be started detached (`setsid -f`, tmux), not under `nohup`.
+
+    Args:
+        name: the stage, as the stderr line names it.
+    """
+    if not sys.platform.startswith("linux") or _GUARDED.is_set():
+        return
+    _GUARDED.set()
+    parent = process_stat(os.getppid())
+    if parent is None:
+        return
+    if not signal_on_parent_death():
+        log.debug("prctl(PR_SET_PDEATHSIG) failed; the watcher alone guards this process")
+    os.register_at_fork(after_in_child=signal_on_parent_death)
+    relays, owner = owner_of(os.getpid())
+    if os.getppid() != parent.pid:  # the parent exited before the kernel was told
+        _stop(name, parent, relays)
+    threading.Thread(target=_watch, args=(name, parent, relays, owner), name="die-with-parent", daemon=True).start()
+
+
+def stage_program() -> str | None:
+    """The stage this process was started to run (`python -m components.train_text` -> `train_text`), or None
+    when a stage's main is called from another program (a test, a notebook), whose process is left alone."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is None or not spec.origin or len(Path(spec.origin).parents) < 2:
+        return None
+    project = Path(__file__).resolve().parents[1]
+    return spec.name.rpartition(".")[2] if Path(spec.origin).resolve().parents[1] == project else None

@@ -194,11 +194,13 @@ def _csv_batches(path: Path, wanted: dict[str, str], batch_rows: int) -> Iterato
         header = fh.readline().decode("utf-8", errors="replace").lstrip("\ufeff")
     available = next(csv.reader([header]), [])
     _require_columns(available, wanted, path)
-    # Read text as bytes: one invalid UTF-8 row must not fail the whole file.
+    # Read text as bytes: one invalid UTF-8 row must not fail the whole file. Only an empty cell is missing:
+    # Arrow's default null strings (NULL, NaN, NA, n/a, ...) are real text a reference or an id may be.
     convert = pacsv.ConvertOptions(
         column_types={name: pa.binary() for name in wanted.values()},
         include_columns=list(dict.fromkeys(wanted.values())),
         strings_can_be_null=True,
+        null_values=[""],
     )
     read = pacsv.ReadOptions(block_size=1 << 22)
     malformed: list[Any] = []

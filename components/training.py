@@ -6,7 +6,9 @@ run in order every step); `fit` does the rest: `torch.compile`, fused AdamW with
 gradient accumulation and clipping, DDP under torchrun, atomic checkpoints with automatic resume
 (`components.checkpoints`), and metric curves through dvclive (when installed; a GPU box may lack it) plus a
 progress bar. `run_training` wraps it for a stage: device and precision (`components.runtime`), seeding,
-data hash and run fingerprint, saving on rank 0 and the `training.json` record.
+data hash and run fingerprint, the checkpoint folder's lock (rank 0: one trainer per folder), saving on rank 0
+and the `training.json` record. Wall time and throughput go to `timing.json` beside the curves, which neither
+git nor DVC tracks: everything DVC hashes is a function of params, code and data.
 
 Resuming is exact: batches are a pure function of (seed, step), and a checkpoint holds model, optimizer,
 scheduler, every rank's RNG state and the step, so an interrupted run resumed from step k ends with the
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from components.checkpoints import (
+    checkpoint_lock,
     checkpoint_path,
     gather_rng_states,
     newest_good_checkpoint,
@@ -49,6 +52,8 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+TIMING_FILE = "timing.json"
+"""Beside a training stage's curves (`<metrics-dir>/timing.json`): gitignored, owned by no stage."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,7 @@ class TrainResult:
     phase_losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)  # training.json, once run_training has saved the model
     best: Selection | None = None  # the validated model kept, when the family validates
+    items: int = 0  # tokens / images this process trained on in this run (for timing.json)
 
     @property
     def final_loss(self) -> float:
@@ -304,7 +310,8 @@ def fit(
             optimizer (and schedule), run in order on the same batch every step.
         cfg: the training config.
         runtime: from setup_runtime.
-        checkpoint_dir: checkpoints go to `<checkpoint_dir>/<fingerprint>/step-*.ckpt` (rank 0 writes).
+        checkpoint_dir: checkpoints go to `<checkpoint_dir>/<fingerprint>/step-*.ckpt` (rank 0 writes; a stage's
+            `run_training` holds the folder's `checkpoint_lock` meanwhile).
         fingerprint: identifies config + data; only checkpoints of the same fingerprint are resumed.
         metrics_dir: dvclive folder for the curves (rank 0); None logs nothing.
         stop_after: stop (after checkpointing) once this step is reached; simulates a crash in tests.
@@ -395,7 +402,9 @@ def fit(
             optimizer.step()
         for scheduler in schedulers:
             scheduler.step()
-        window_items += sum(items_per_batch(b) for b in batches) if items_per_batch else 0
+        counted = sum(items_per_batch(b) for b in batches) if items_per_batch else 0
+        window_items += counted
+        result.items += counted
         done = step + 1
         if after_step is not None:
             after_step(unwrap(model), done)
@@ -413,8 +422,8 @@ def fit(
                 metrics = {f"train/loss_{name}": window_losses[name] / steps_in_window for name in names}
             metrics["train/lr"] = schedulers[0].get_last_lr()[0]
             logger.log(done, metrics)
-            # Throughput is shown, never written to the curves: DVC hashes those, and a timing would make
-            # every rerun's dvc.lock differ.
+            # Throughput is shown, never written to the curves: DVC hashes those and git tracks them, and a
+            # timing would make every rerun's dvc.lock differ. run_training writes it to timing.json.
             shown = {k.removeprefix("train/"): f"{v:.3f}" for k, v in metrics.items() if "loss" in k}
             if items_per_batch:
                 shown["items/s"] = f"{window_items * runtime.world_size / max(elapsed, 1e-9):.0f}"
@@ -526,7 +535,10 @@ def run_training(
     `samples_dir` at the end, so that folder shows exactly this run's grids even after a crash and resume.
     """
     runtime = setup_runtime(cfg.device, cfg.precision, cfg.cpu_threads)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(teardown_runtime, runtime)
+        if runtime.is_main:  # the one writer of checkpoints, model and training.json; refused here if busy
+            stack.enter_context(checkpoint_lock(checkpoint_dir))
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         job = build(runtime)
         hashed = data_hash(job.data_files)
@@ -556,12 +568,15 @@ def run_training(
             metrics_dir=metrics_dir, stop_after=stop_after, items_per_batch=job.items, after_step=after_step,
             validation=job.validation if cfg.validate_every else None,
         )  # fmt: skip
+        seconds = time.perf_counter() - start
         log.info(
             "trained to step %d in %.1f s%s",
             result.steps,
-            time.perf_counter() - start,
+            seconds,
             f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else "",
         )
+        if runtime.is_main and metrics_dir is not None:
+            write_json(timing_record(result, seconds, runtime), metrics_dir / TIMING_FILE)
         if runtime.is_main and result.steps >= cfg.max_steps:
             if job.samples is not None and samples_dir is not None:
                 if not (grids / f"step-{result.steps:08d}.png").exists():  # resumed at the end: no step drew it
@@ -583,8 +598,21 @@ def run_training(
             result.record = training_record({**job.params, "train": asdict(cfg)}, hashed, result) | selected | extra
             write_json(result.record, out_dir / "training.json")
         return result
-    finally:
-        teardown_runtime(runtime)
+
+
+def timing_record(result: TrainResult, seconds: float, runtime: Runtime) -> dict[str, Any]:
+    """`timing.json`: how long this run took and how fast it went. It differs on every run, so it is kept out
+    of the curves, the metrics and `training.json` (git tracks or DVC hashes those) and git ignores it."""
+    steps = result.steps - (result.resumed_from or 0)
+    return {
+        "seconds": round(seconds, 3),
+        "steps": steps,
+        "steps_per_s": round(steps / max(seconds, 1e-9), 3),
+        "items_per_s": round(result.items * runtime.world_size / max(seconds, 1e-9), 1) if result.items else None,
+        "resumed_from": result.resumed_from,
+        "device": str(runtime.device),
+        "processes": runtime.world_size,
+    }
 
 
 def training_record(params: dict[str, Any], data_hash: str, result: TrainResult) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from components.common import write_json
+from components.common import locked, write_json
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,10 @@ def record(
     history_path: Path, comparisons: list[Comparison], experiment: str, promoted: bool, outcome: str | None = None
 ) -> dict[str, Any]:
     """Append one decision (all families) to the promotion history and return it; `outcome` is what became
-    of the challenger: promoted, rejected, or sent to an online A/B test first."""
-    history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []
+    of the challenger: promoted, rejected, or sent to an online A/B test first.
+
+    The read-append-rewrite holds the history's lock (two flows deciding at once both keep their entry), and the
+    rewrite is atomic (a reader or a crash never sees half a file)."""
     entry = {
         "at": datetime.now(UTC).isoformat(),
         "experiment": experiment,
@@ -128,7 +130,9 @@ def record(
         "comparisons": [asdict(c) for c in comparisons],
         "outcome": outcome or ("promoted" if promoted else "rejected"),
     }
-    write_json([*history, entry], history_path)
+    with locked(history_path):
+        history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else []
+        write_json([*history, entry], history_path)
     return entry
 
 

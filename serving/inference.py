@@ -20,8 +20,7 @@ MAX_NEW_TOKENS = 256
 MAX_IMAGES = 16
 MAX_UPLOAD_PIXELS = 4096 * 4096
 MAX_UPLOAD_SIDE = 4096
-# Restoration runs on the whole image; this keeps one request's memory bounded (super-resolution output).
-MAX_RESTORE_PIXELS = 2048 * 2048
+UPLOAD_FORMATS = ("PNG", "JPEG")  # what the API documents; Pillow would also read GIF, TIFF, BMP, WebP, ...
 
 
 @dataclass(frozen=True)
@@ -159,8 +158,8 @@ class UploadError(ValueError):
 
 
 def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS, max_side: int = MAX_UPLOAD_SIDE) -> np.ndarray:
-    """uint8 (H, W) greyscale or (H, W, 3) RGB pixels of an upload (components.image_io.image_array),
-    refusing corrupt files and decompression bombs.
+    """uint8 (H, W) greyscale or (H, W, 3) RGB pixels of a PNG or JPEG upload (components.image_io.image_array),
+    refusing other formats, corrupt files and decompression bombs.
 
     The size comes from the header before any pixel is decoded, so a tiny file claiming a huge image
     costs nothing; Pillow's own bomb check is made an error too.
@@ -173,6 +172,8 @@ def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS, max_side: in
         raise UploadError("image: the upload is empty")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.format not in UPLOAD_FORMATS:
+                raise UploadError(f"image: {image.format} is not accepted; send {' or '.join(UPLOAD_FORMATS)}")
             width, height = image.size
             if width * height > max_pixels or max(width, height) > max_side:
                 raise UploadError(f"image: {width}x{height} is over the limit ({max_side} px a side, {max_pixels} pixels)")

@@ -16,14 +16,13 @@ An online A/B test is an event too: `challenge` names one challenger and the sha
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from components.common import ConfigError, write_json
+from components.common import ConfigError, locked, write_json
 
 RECORD_ENV = "AIGC_PROMOTED"
 """The service's way to be told which record to read (default: params.yaml's `promotion.record`)."""
@@ -88,13 +87,8 @@ def current(record: Path) -> dict[str, Any] | None:
 def _locked(record: Path) -> Iterator[list[dict[str, Any]]]:
     """The record's events, under an exclusive lock for the whole read-modify-write (a person's rollback and
     the retrain flow's promotion never lose each other's event)."""
-    record.parent.mkdir(parents=True, exist_ok=True)
-    with record.with_name(f".{record.name}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield read_events(record)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with locked(record):
+        yield read_events(record)
 
 
 def _write(record: Path, events: list[dict[str, Any]]) -> dict[str, Any]:

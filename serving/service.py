@@ -34,13 +34,13 @@ log folder, default `monitoring/logs`) and `AIGC_REQUEST_LOG_FLUSH_SECONDS` (5).
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import logging
 import os
 import time
 import uuid
 from collections import OrderedDict
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -59,15 +59,22 @@ from components.records import (
     literal_keys,
     serialise,
 )
-from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, MAX_RESTORE_PIXELS, ImageRequest, TextRequest
+from serving.guard import ERROR_KEY, MESSAGE_KEY, VARIANT_KEY, Admission, GuardMiddleware, Health, Limits, endpoints_of
+from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, ImageRequest, TextRequest
 from serving.promoted import CHALLENGER, CHAMPION, SHADOW, SPLIT
 
 logger = logging.getLogger(__name__)
-MAX_BODY_BYTES = 8 * 1024 * 1024  # uploads over this are refused with 413 before they are read
 MAX_PROMPT_CHARS = 2000
 MAX_FIELD_CHARS = 500
-OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/", "/static_content")
 BATCHING = os.environ.get("AIGC_BATCHING", "1") != "0"
+LIMITS = Limits.from_env()
+HEALTH = Health(LIMITS.ready_timeout_s, LIMITS.liveness_grace_s)
+ADMISSIONS = {
+    "generate_text": Admission(LIMITS.generate_concurrency, LIMITS.generate_queue, LIMITS.generate_timeout_s),
+    "generate_image": Admission(LIMITS.generate_concurrency, LIMITS.generate_queue, LIMITS.generate_timeout_s),
+    "restore_image": Admission(LIMITS.restore_concurrency, LIMITS.restore_queue, LIMITS.restore_timeout_s),
+}
+TIMEOUTS = {"models": LIMITS.generate_timeout_s, "restorer": LIMITS.restore_timeout_s}
 
 
 def served_models() -> tuple[dict[str, str], dict[str, Any] | None]:
@@ -150,6 +157,16 @@ def record_model(schema: dict[str, Any]) -> type[RecordBase] | None:
     return create_model("TextRecord", __base__=RecordBase, **fields)
 
 
+def text_context(tag: str) -> int:
+    """The served text model's context length in tokens (prompt and new tokens share it)."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(bentoml.models.get(tag).path).max_position_embeddings)
+    except bentoml.exceptions.NotFound:
+        return MAX_NEW_TOKENS + 2  # the service cannot start without the model anyway
+
+
 TEXT_SCHEMA = served_schema(TEXT_TAG)
 TextRecord = record_model(TEXT_SCHEMA)
 LOGGED_ATTRIBUTES = categorical_values(TEXT_SCHEMA)
@@ -157,7 +174,8 @@ Decoding = Literal["greedy", "beam", "nucleus"]
 Temperature = Annotated[float, Ge(0.05), Le(2.0)]
 TopP = Annotated[float, Ge(0.05), Le(1.0)]
 NumBeams = Annotated[int, Ge(1), Le(8)]
-MaxNewTokens = Annotated[int, Ge(1), Le(MAX_NEW_TOKENS)]
+# Room for at least one prompt token and the end token: the schema states what this model can do.
+MaxNewTokens = Annotated[int, Ge(1), Le(min(MAX_NEW_TOKENS, text_context(TEXT_TAG) - 2))]
 Seed = Annotated[int, Ge(0), Le(2**31 - 1)]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
@@ -193,23 +211,21 @@ def _labels(model: Any) -> dict[str, str]:
 
 
 class ModelSet:
-    """One variant's three models, loaded (the champion's, or the A/B challenger's)."""
+    """One variant's generators, loaded (the champion's, or the A/B challenger's)."""
 
-    def __init__(self, text: Any, image: Any, restore: Any) -> None:
-        from serving.inference import ImageGenerator, ImageRestorer, TextGenerator
+    def __init__(self, text: Any, image: Any) -> None:
+        from serving.inference import ImageGenerator, TextGenerator
 
         device = _device()
-        self.models = {"text": text, "image": image, "restore": restore}
+        self.models = {"text": text, "image": image}
         self.text = TextGenerator(Path(text.path), device)
         self.image = ImageGenerator(Path(image.path), device)
-        self.restorer = ImageRestorer(Path(restore.path), device)
 
     def describe(self) -> dict[str, Any]:
-        text, image, restore = self.models["text"], self.models["image"], self.models["restore"]
+        text, image = self.models["text"], self.models["image"]
         return {
             "text": {"tag": str(text.tag), **_labels(text), "max_length": self.text.max_length},
             "image": {"tag": str(image.tag), **_labels(image), "label_names": self.image.label_names},
-            "restore": {"tag": str(restore.tag), **_labels(restore), "task": self.restorer.task},
         }
 
 
@@ -224,20 +240,18 @@ def per_variant(requests: list[dict[str, Any]], run: Any) -> list[Any]:
     return answers
 
 
-@bentoml.service(name="aigc-models", traffic={"timeout": 120})
+@bentoml.service(name="aigc-models", traffic={"timeout": LIMITS.generate_timeout_s + 5})
 class Models:
     text_model = bentoml.models.BentoModel(TEXT_TAG)
     image_model = bentoml.models.BentoModel(IMAGE_TAG)
-    restore_model = bentoml.models.BentoModel(RESTORE_TAG)
     if AB is not None:  # the A/B challenger travels with the service only while a test runs
         challenger_text = bentoml.models.BentoModel(AB["models"]["text"])
         challenger_image = bentoml.models.BentoModel(AB["models"]["image"])
-        challenger_restore = bentoml.models.BentoModel(AB["models"]["restore"])
 
     def __init__(self) -> None:
-        self.variants = {CHAMPION: ModelSet(self.text_model, self.image_model, self.restore_model)}
+        self.variants = {CHAMPION: ModelSet(self.text_model, self.image_model)}
         if AB is not None:
-            self.variants[CHALLENGER] = ModelSet(self.challenger_text, self.challenger_image, self.challenger_restore)
+            self.variants[CHALLENGER] = ModelSet(self.challenger_text, self.challenger_image)
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
@@ -273,17 +287,43 @@ class Models:
             for r, images in zip(requests, results, strict=True)
         ]
 
+
+@bentoml.service(name="aigc-restorer", traffic={"timeout": LIMITS.restore_timeout_s + 5})
+class Restorer:
+    """Restoration in its own service and process, on `restore_threads` cores: a large upload takes seconds
+    of CPU, and here it cannot hold the generators' threads or event loop (the gateway admits
+    `restore_concurrency` at a time and queues `restore_queue`)."""
+
+    restore_model = bentoml.models.BentoModel(RESTORE_TAG)
+    if AB is not None:
+        challenger_restore = bentoml.models.BentoModel(AB["models"]["restore"])
+
+    def __init__(self) -> None:
+        import torch
+
+        from serving.inference import ImageRestorer
+
+        torch.set_num_threads(LIMITS.restore_threads)
+        models = {CHAMPION: self.restore_model, **({CHALLENGER: self.challenger_restore} if AB is not None else {})}
+        self.variants = {variant: (model, ImageRestorer(Path(model.path), _device())) for variant, model in models.items()}
+
+    @bentoml.api
+    def describe(self) -> dict[str, Any]:
+        return {
+            variant: {"restore": {"tag": str(model.tag), **_labels(model), "task": restorer.task}}
+            for variant, (model, restorer) in self.variants.items()
+        }
+
     @bentoml.api
     def restore(self, image_b64: str, seed: int, variant: str = CHAMPION) -> str:
         """The restored image of a validated upload, as a base64 PNG with provenance."""
         from serving.inference import decode_upload, png_bytes
 
-        models = self.variants[variant]
-        pixels = decode_upload(base64.b64decode(image_b64))
-        restored = models.restorer.restore(pixels)
-        restore = models.models["restore"]
-        meta = {"model": str(restore.tag), "params_hash": _labels(restore).get("params_hash", ""),
-                "seed": str(seed), "task": models.restorer.task}  # fmt: skip
+        model, restorer = self.variants[variant]
+        pixels = decode_upload(base64.b64decode(image_b64), max_pixels=LIMITS.restore_max_pixels)
+        restored = restorer.restore(pixels)
+        meta = {"model": str(model.tag), "params_hash": _labels(model).get("params_hash", ""),
+                "seed": str(seed), "task": restorer.task}  # fmt: skip
         return base64.b64encode(png_bytes(restored, meta)).decode()
 
 
@@ -321,95 +361,22 @@ def feedback_log() -> Any:
     return _FEEDBACK_LOG
 
 
-# Set in the ASGI scope for the middleware's log row: the class of the error that failed a request, and the
-# variant that was chosen for it (an error during an A/B test belongs to one arm).
-ERROR_KEY, VARIANT_KEY = "aigc.error", "aigc.variant"
-
-
 def failed(ctx: bentoml.Context, err: BaseException) -> None:
-    """Name the error of a failing request for the request log (the middleware writes its row)."""
+    """Name the error of a failing request for the request log (the middleware writes its row); a model
+    service's timeout or failure keeps its message, which BentoML would hide as a 5xx."""
     ctx.request.scope[ERROR_KEY] = type(err).__name__
+    if isinstance(err, (ModelTimeout, bentoml.exceptions.ServiceUnavailable)):
+        ctx.request.scope[MESSAGE_KEY] = str(err)
 
 
-class GuardMiddleware:
-    """ASGI middleware in front of the gateway: optional bearer-token auth, a request body cap, and a request
-    log row for every API request that ends in a 4xx or 5xx (answered ones are logged by their endpoint,
-    with their features), so failures are visible to monitoring, whatever raised them."""
-
-    def __init__(self, app: Any, max_body: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.max_body = max_body
-        self.api_key = os.environ.get("AIGC_API_KEY") or None
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        if path in OPEN_PATHS or path.startswith("/static_content"):
-            await self.app(scope, receive, send)
-            return
-        start, status = time.perf_counter(), 500
-
-        async def send_logged(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        crashed: str | None = None
-        try:
-            await self._guarded(scope, receive, send_logged)
-        except BaseException as err:  # logged as the 500 the client sees, then raised to the server as before
-            crashed = type(err).__name__
-            raise
-        finally:
-            if status >= 400:
-                # Without a class (a 4xx BentoML answered before our code ran), the status says what there is.
-                error = scope.get(ERROR_KEY) or crashed or f"HTTP{status}"
-                request_log().log({"request_id": uuid.uuid4().hex, "endpoint": path.strip("/") or "/", "status": status,
-                                   "latency_ms": (time.perf_counter() - start) * 1000, "error": error,
-                                   "variant": scope.get(VARIANT_KEY)})  # fmt: skip
-
-    async def _guarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key:
-            supplied = headers.get("authorization", "")
-            expected = f"Bearer {self.api_key}"
-            if not hmac.compare_digest(supplied.encode(), expected.encode()):
-                scope[ERROR_KEY] = "Unauthorized"
-                await _json(send, 401, {"error": "authorization: missing or wrong bearer token"}, {"www-authenticate": "Bearer"})
-                return
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            scope[ERROR_KEY] = "PayloadTooLarge"
-            await _json(send, 413, {"error": f"body: {int(length)} bytes is over the limit of {self.max_body}"})
-            return
-        received = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise InvalidArgument(f"body: over the limit of {self.max_body} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
+class ModelTimeout(bentoml.exceptions.BentoMLException):
+    error_code = HTTPStatus.GATEWAY_TIMEOUT
 
 
-async def _json(send: Any, status: int, body: dict[str, Any], extra: dict[str, str] | None = None) -> None:
-    payload = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
-@bentoml.service(name="aigc-gateway", traffic={"timeout": 120})
+@bentoml.service(name="aigc-gateway", traffic={"timeout": max(TIMEOUTS.values()) * 2 + 5})
 class Gateway:
     models = bentoml.depends(Models)
+    restorer = bentoml.depends(Restorer)
     text_model = bentoml.models.BentoModel(TEXT_TAG)  # for its tokenizer: prompt lengths are checked here
 
     def __init__(self) -> None:
@@ -432,31 +399,47 @@ class Gateway:
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._shadows: set[Any] = set()
         self._described: dict[str, Any] | None = None
+        HEALTH.probes = lambda: [self.models.is_ready(1), self.restorer.is_ready(1)]
 
-    async def _call(self, api: str, *args: Any) -> Any:
-        """A call to the Models service, retried when its pooled connection was closed under it.
+    async def _call(self, service: str, api: str, *args: Any) -> Any:
+        """A call to a model service (`models` or `restorer`) within its timeout, retried when its pooled
+        connection was closed under it or it did not answer in a third of the timeout.
 
-        Under sustained load BentoML's inter-service client reuses connections the other side has just
-        closed (ServerDisconnectedError; bentoml/BentoML#5540). Every Models API is a pure function of its
-        input, so a retry is safe; after three tries the client gets a 503, never a 500.
+        Every model API is a pure function of its input, so a retry is safe. Under sustained load BentoML's
+        inter-service client reuses connections the other side has just closed (ServerDisconnectedError;
+        bentoml/BentoML#5540), and about one call in a few thousand is never answered at all; the retry
+        makes both invisible to the client. What still fails is a 503 (connection) or a 504 (no answer
+        within the timeout), in seconds, never a hung request or a 500.
         """
         import asyncio
 
         import aiohttp
         from bentoml.exceptions import ServiceUnavailable
 
-        for attempt in range(3):
+        timeout = TIMEOUTS[service]
+        deadline = time.monotonic() + timeout
+        method = getattr(getattr(self, service).to_async, api)
+        for attempt in range(5):
+            left = deadline - time.monotonic()
             try:
-                return await getattr(self.models.to_async, api)(*args)
-            except aiohttp.ClientConnectionError as err:
-                if attempt == 2:
-                    raise ServiceUnavailable(f"model service connection failed: {type(err).__name__}") from err
+                return await asyncio.wait_for(method(*args), max(0.01, left if attempt else min(left, timeout / 3)))
+            except TimeoutError:
+                if time.monotonic() >= deadline - 0.01:
+                    raise ModelTimeout(f"{service}: no answer within {timeout:g} s; retry") from None
+                logger.warning("%s.%s: no answer in %.1f s; asking again", service, api, timeout / 3)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, RuntimeError) as err:
+                # aiohttp also reports a connection closed under a response being read as a bare RuntimeError
+                if isinstance(err, RuntimeError) and "Connection closed" not in str(err):
+                    raise
+                if attempt == 4 or time.monotonic() > deadline:
+                    raise ServiceUnavailable(f"{service}: connection failed ({type(err).__name__}); retry") from err
                 await asyncio.sleep(0.02 * (attempt + 1))
-        raise AssertionError("unreachable")
+        raise ServiceUnavailable(f"{service}: no answer after 5 tries; retry")
 
     async def _describe(self) -> dict[str, Any]:
         if self._described is None:
-            self._described = await self._call("describe")
+            models, restorer = await self._call("models", "describe"), await self._call("restorer", "describe")
+            self._described = {variant: {**models[variant], **restorer[variant]} for variant in models}
         return self._described
 
     def _variant(self, ctx: bentoml.Context) -> str:
@@ -480,7 +463,7 @@ class Gateway:
         while len(self.recent) > MAX_REMEMBERED:
             self.recent.popitem(last=False)
 
-    def _shadow(self, endpoint: str, api: str, payload: Any, request_id: str) -> None:
+    def _shadow(self, endpoint: str, service: str, api: str, payload: Any, request_id: str) -> None:
         """In shadow mode, the challenger answers the same request in the background; only the log sees it."""
         import asyncio
 
@@ -490,7 +473,7 @@ class Gateway:
         async def run() -> None:
             start, status, error = time.perf_counter(), 200, None
             try:
-                await self._call(api, *payload)
+                await self._call(service, api, *payload)
             except Exception as err:  # the shadow never touches the client's answer
                 status, error = 500, type(err).__name__
             self.log.log({"request_id": f"{request_id}-shadow", "endpoint": endpoint, "status": status, "error": error,
@@ -561,13 +544,13 @@ class Gateway:
             described = (await self._describe())[variant]["text"]
             model_text = self.delexicaliser.model_source(text) if self.delexicaliser is not None else text
             tokens = len(self.tokenizer(model_text, add_special_tokens=False)["input_ids"])
-            room = described["max_length"] - max_new_tokens - 1
+            room = described["max_length"] - max_new_tokens - 1  # >= 1: the schema caps max_new_tokens
             if tokens > room:
                 field = "record" if record is not None else "prompt"
                 raise InvalidArgument(f"{field}: {tokens} tokens; at most {room} fit with max_new_tokens={max_new_tokens}")
             request = TextRequest(text, decoding, temperature, top_p, num_beams, max_new_tokens, seed).__dict__
-            (output,) = await self._call("generate_text_batch", [{**request, "variant": variant}])
-            self._shadow("generate_text", "generate_text_batch", [[{**request, "variant": CHALLENGER}]], request_id)
+            (output,) = await self._call("models", "generate_text_batch", [{**request, "variant": variant}])
+            self._shadow("generate_text", "models", "generate_text_batch", [[{**request, "variant": CHALLENGER}]], request_id)
             self._provenance(ctx, described, seed, request_id, variant)
             self._remember(request_id, "generate_text", variant, described["tag"], source=text)
             self.log.log({
@@ -597,10 +580,10 @@ class Gateway:
             described = (await self._describe())[variant]["image"]
             names = described["label_names"]
             if label not in names:
-                raise InvalidArgument(f"label: {label!r} is not one of the trained labels {names}")
+                raise InvalidArgument(f"label: not one of the trained labels {names}")  # the value is not echoed: logs
             request = ImageRequest(names.index(label), n, seed).__dict__
-            (images,) = await self._call("generate_image_batch", [{**request, "variant": variant}])
-            self._shadow("generate_image", "generate_image_batch", [[{**request, "variant": CHALLENGER}]], request_id)
+            (images,) = await self._call("models", "generate_image_batch", [{**request, "variant": variant}])
+            self._shadow("generate_image", "models", "generate_image_batch", [[{**request, "variant": CHALLENGER}]], request_id)
             self._provenance(ctx, described, seed, request_id, variant)
             self._remember(request_id, "generate_image", variant, described["tag"])
             self.log.log({
@@ -627,7 +610,7 @@ class Gateway:
             start, request_id = time.perf_counter(), uuid.uuid4().hex
             data = image.read_bytes()
             try:
-                pixels = decode_upload(data, max_pixels=MAX_RESTORE_PIXELS)
+                pixels = decode_upload(data, max_pixels=LIMITS.restore_max_pixels)
             except UploadError as err:
                 raise InvalidArgument(str(err)) from err
             variant = self._variant(ctx)
@@ -635,8 +618,8 @@ class Gateway:
             if task is not None and task != described["task"]:
                 raise InvalidArgument(f"task: the served restorer does {described['task']!r}, not {task!r}")
             encoded = base64.b64encode(data).decode()
-            restored = base64.b64decode(await self._call("restore", encoded, 0, variant))
-            self._shadow("restore_image", "restore", [encoded, 0, CHALLENGER], request_id)
+            restored = base64.b64decode(await self._call("restorer", "restore", encoded, 0, variant))
+            self._shadow("restore_image", "restorer", "restore", [encoded, 0, CHALLENGER], request_id)
             out = Path(ctx.temp_dir) / f"restored-{request_id}.png"
             out.write_bytes(restored)
             self._provenance(ctx, described, 0, request_id, variant)
@@ -672,7 +655,7 @@ class Gateway:
                 raise InvalidArgument("rating, click, accept, edited_text: give at least one")
             answered = self.recent.get(request_id) or await asyncio.to_thread(self._logged, request_id)
             if answered is None:
-                raise InvalidArgument(f"request_id: {request_id!r} is not a request this service answered")
+                raise InvalidArgument("request_id: not a request this service answered")
             edited = " ".join(edited_text.split()) if edited_text is not None else None
             if edited is not None and answered["endpoint"] != "generate_text":
                 raise InvalidArgument("edited_text: only a generate_text answer can be edited")
@@ -702,4 +685,6 @@ class Gateway:
         return {**rows.to_pylist()[0], "source": None} if rows.num_rows else None
 
 
-Gateway.add_asgi_middleware(GuardMiddleware)
+GUARD_OPTIONS = {"endpoints": endpoints_of(Gateway, ADMISSIONS), "limits": LIMITS, "health": HEALTH,
+                 "log_row": lambda row: request_log().log(row)}  # fmt: skip
+Gateway.add_asgi_middleware(GuardMiddleware, **GUARD_OPTIONS)

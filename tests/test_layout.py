@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -103,6 +104,26 @@ def test_dvc_deps_are_exactly_the_code_the_stage_runs(name: str) -> None:
     assert declared == expected, (
         f"dvc.yaml stage '{name}': missing {sorted(expected - declared)}, extra {sorted(declared - expected)}"
     )
+
+
+def test_git_tracks_under_metrics_only_stage_outputs_and_no_timings() -> None:
+    # A tracked file that no stage owns is rewritten behind DVC's back and leaves the tree dirty; a file a stage
+    # owns is written only when DVC reruns that stage, so a no-op `dvc repro` rewrites nothing. Timings (run
+    # to run different) go to each training stage's timing.json, which git ignores and no stage declares.
+    from components.training import TIMING_FILE
+
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "metrics"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    declared = [Path(p) for s in STAGES.values() for p in (*s.outs, *s.metrics, *s.plots)]
+    tracked = [Path(p) for p in listed.stdout.splitlines()]
+    assert tracked and [p for p in tracked if not any(d == p or d in p.parents for d in declared)] == []
+    assert [d for d in declared if d.name == TIMING_FILE] == []
+    timings = [STAGES[name].argument("--metrics-dir") / TIMING_FILE for name in STAGES if "--metrics-dir" in STAGES[name].cmd]
+    assert len(timings) == 3
+    for timing in timings:
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(timing)], cwd=REPO_ROOT)
+        assert ignored.returncode == 0, f"{timing} is not gitignored"
 
 
 def test_the_bento_pins_every_library_as_the_project_does() -> None:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components import datasets, ingest
+from components import datasets, ingest, validate
 from components.common import EX_CONFIG, ConfigError, DataError, load_params
 from tests.conftest import section, write_params
 
@@ -136,11 +136,35 @@ def test_malformed_jsonl_line_is_kept_with_its_error(tiny_params: dict[str, Any]
     assert "invalid JSON on line 2" in table.column("ingest_error").to_pylist()[1]
 
 
-def test_nan_and_empty_cells_become_nulls(tiny_params: dict[str, Any], tmp_path: Path) -> None:
-    (tmp_path / "a.csv").write_text("source,reference\ns1,NaN\ns2,\n,r3\n", encoding="utf-8")
+def test_only_empty_csv_cells_become_nulls(tiny_params: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text('source,reference\ns1,NaN\ns2,\n,r3\ns4,""\n', encoding="utf-8")
     table = ingest_text(text_cfg(tiny_params, tmp_path / "a.csv"), tmp_path / "t.parquet")
-    assert table.column("reference").to_pylist() == [None, None, "r3"]
-    assert table.column("source").to_pylist() == ["s1", "s2", None]
+    assert table.column("reference").to_pylist() == ["NaN", None, "r3", None]
+    assert table.column("source").to_pylist() == ["s1", "s2", None, "s4"]
+
+
+@pytest.mark.parametrize("text", ["NULL", "NaN", "NA", "n/a", "N/A", "None", "null", "nan", "#N/A", "-NaN"])
+def test_na_like_strings_in_a_csv_are_kept_as_text(tiny_params: dict[str, Any], tmp_path: Path, text: str) -> None:
+    # Issue 15: pandas' / Arrow's default NA list turned a reference that reads "NULL" into a null (quarantined).
+    (tmp_path / "a.csv").write_text(f"id,source,reference\n{text},{text},{text}\n", encoding="utf-8")
+    row = ingest_text(text_cfg(tiny_params, tmp_path / "a.csv", id_column="id"), tmp_path / "t.parquet").to_pylist()[0]
+    assert (row["record_id"], row["source"], row["reference"], row["ingest_error"]) == (f"a.csv#{text}", text, text, None)
+
+
+def test_na_like_references_pass_validation_and_an_empty_one_is_quarantined(tiny_params: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("source,reference\ns1,NULL\ns2,NaN\ns3,NA\ns4,\ns5,fine\n", encoding="utf-8")
+    ingest_text(text_cfg(tiny_params, tmp_path / "a.csv"), tmp_path / "raw.parquet")
+    cfg = validate.ValidateConfig.from_params(section(tiny_params, "validate"))
+    report = validate.validate_dataset(
+        "text", tmp_path / "raw.parquet", validate.text_expectations(cfg.text), validate.SuiteRunner(tmp_path / "docs"),
+        tmp_path / "valid.parquet", tmp_path / "quarantine.parquet", chunk_rows=100,
+        derive=validate.text_derived_columns(cfg.text),
+    )  # fmt: skip
+    valid = pq.read_table(tmp_path / "valid.parquet").to_pylist()
+    quarantine = pq.read_table(tmp_path / "quarantine.parquet").to_pylist()
+    assert [(r["source"], r["reference"]) for r in valid] == [("s1", "NULL"), ("s2", "NaN"), ("s3", "NA"), ("s5", "fine")]
+    assert [r["source"] for r in quarantine] == ["s4"] and report.rows_quarantined == 1
+    assert "expect_column_values_to_not_be_null(reference)" in quarantine[0]["failed_expectations"]
 
 
 def test_text_symlink_escaping_the_folder_is_recorded_not_read(tiny_params: dict[str, Any], tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from components import evaluate_text, train_text
 from components.common import ConfigError
 from components.metrics import corpus_scores
 from components.text_model import load_pretrained
-from components.training import TrainConfig, lr_factor
+from components.training import TIMING_FILE, TrainConfig, lr_factor
 from tests.conftest import REPO_ROOT, section
 
 
@@ -82,7 +82,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_keeps_the_file(
     cfg = config(tiny_params)
     features = tiny_features / "text"
     train_text.train_text(cfg, features, tmp_path / "model", tmp_path / "ckpt", stop_after=8)
-    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]  # beside it: the trainer's lock file
     newest = run_dir / "step-00000008.ckpt"
     newest.write_bytes(newest.read_bytes()[:100])  # a crash mid-copy, a bad disk
 
@@ -109,12 +109,30 @@ def test_the_best_validated_step_is_saved(tiny_params: dict[str, Any], tiny_feat
     assert "slot_error_rate" in logged
 
 
+def test_timings_go_to_timing_json_never_to_the_curves_or_the_model(
+    tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path
+) -> None:
+    # Wall time and throughput differ on every run: they belong in timing.json (gitignored, no stage's output),
+    # never in the curves and metrics.json git tracks, nor in training.json that DVC hashes.
+    cfg = config(tiny_params, validate_every=0)
+    train_text.train_text(cfg, tiny_features / "text", tmp_path / "model", tmp_path / "ckpt", tmp_path / "curves")
+    timing = json.loads((tmp_path / "curves" / TIMING_FILE).read_text())
+    assert timing["steps"] == cfg.train.max_steps and timing["resumed_from"] is None
+    assert timing["seconds"] > 0 and timing["items_per_s"] > 0
+    hashed = [p for p in (tmp_path / "curves").rglob("*") if p.is_file() and p.name != TIMING_FILE]
+    hashed.append(tmp_path / "model" / "training.json")
+    assert any(p.name == "loss.tsv" for p in hashed)
+    for path in hashed:
+        text = f"{path.relative_to(tmp_path)}\n{path.read_text()}"
+        assert not [word for word in ("per_s", "second", "time", "items") if word in text], path
+
+
 def test_checkpoints_of_another_config_are_not_resumed(tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path) -> None:
     features = tiny_features / "text"
     train_text.train_text(config(tiny_params), features, tmp_path / "a", tmp_path / "ckpt", stop_after=8)
     result = train_text.train_text(config(tiny_params, lr=1e-3), features, tmp_path / "b", tmp_path / "ckpt")
     assert result.resumed_from is None
-    assert len(list((tmp_path / "ckpt").iterdir())) == 2  # each run keeps its own folder
+    assert len([p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]) == 2  # each run keeps its own folder
 
 
 def tiny_pretrained(folder: Path, features: Path) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 
 from components.metrics import corpus_scores as score
 from monitoring.promotion import compare_image, compare_restore, compare_text, record
+from tests.conftest import REPO_ROOT
 
 SOURCES = [f"name: item {i} | colour: c{i % 7}" for i in range(60)]
 REFERENCES = [[f"The item {i} comes in colour c{i % 7} and looks great .", f"Item {i} , colour c{i % 7} ."] for i in range(60)]
@@ -61,3 +65,41 @@ def test_every_decision_is_recorded(tmp_path: Path) -> None:
     history = json.loads((tmp_path / "history.json").read_text())
     assert [(h["experiment"], h["promoted"]) for h in history] == [("retrain-1", False), ("retrain-2", True)]
     assert history[0]["comparisons"][0]["reason"].startswith("psnr: challenger")
+
+
+# One writer process: says it is ready, waits for the start signal so every writer appends at the same time.
+APPEND = """
+import sys, time
+from pathlib import Path
+from monitoring.promotion import record
+history, start, name, n = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+(start.parent / f"ready-{name}").touch()
+while not start.exists():
+    time.sleep(0.001)
+for i in range(n):
+    record(history, [], f"{name}-{i}", promoted=False)
+"""
+
+
+def test_concurrent_writers_lose_no_entry(tmp_path: Path) -> None:
+    # Issue 15: an unlocked read-append-rewrite let one flow's decision overwrite another's.
+    history, start, writers, entries = tmp_path / "history.json", tmp_path / "start", 6, 20
+    names = [f"w{w}" for w in range(writers)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", APPEND, str(history), str(start), name, str(entries)], cwd=REPO_ROOT)
+        for name in names
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{name}").exists() for name in names) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        start.touch()
+        assert [proc.wait(timeout=120) for proc in procs] == [0] * writers
+    finally:
+        for proc in procs:
+            proc.kill()
+    recorded = [h["experiment"] for h in json.loads(history.read_text())]
+    assert sorted(recorded) == sorted(f"{name}-{i}" for name in names for i in range(entries))
+    for name in names:  # each writer's own entries stay in its order
+        assert [e for e in recorded if e.startswith(f"{name}-")] == [f"{name}-{i}" for i in range(entries)]
+    assert not history.with_name(f".{history.name}.tmp").exists()
