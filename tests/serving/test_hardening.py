@@ -108,6 +108,7 @@ def test_the_key_guards_the_apis_but_not_health_and_the_scheme_is_case_insensiti
     for scheme in ("Bearer", "bearer", "BEARER"):
         assert post(server, "generate_text", headers={"authorization": f"{scheme} {KEY}"}, json=body).status_code == 200
     assert httpx.get(f"{server.url}/livez").status_code == 200 and httpx.get(f"{server.url}/readyz").status_code == 200
+    assert "401" in httpx.get(f"{server.url}/docs.json").json()["paths"]["/generate_text"]["post"]["responses"]
 
 
 # --- malformed requests ---------------------------------------------------------------------------------------
@@ -159,6 +160,10 @@ def test_error_bodies_match_the_openapi_error_schema(server: Server) -> None:
     spec = httpx.get(f"{server.url}/docs.json", timeout=30).json()
     schema = spec["components"]["schemas"]["InvalidArgument"]
     assert schema["properties"]["error"]["type"] == "string" and schema["required"] == ["error"]
+    for api in ("generate_text", "generate_image", "restore_image", "feedback"):
+        responses = spec["paths"][f"/{api}"]["post"]["responses"]
+        assert {"400", "413", "415", "503", "504"} <= set(responses) and "401" not in responses  # no key here
+        assert "Retry-After" in responses["503"]["headers"]
     for api, body in (("generate_image", {"label": "no such label"}), ("generate_text", {}), ("feedback", {"request_id": "x"})):
         response = post(server, api, headers=None, json=body)
         assert response.status_code == 400 and isinstance(response.json(), dict)
