@@ -228,7 +228,7 @@ def progress(iterable: Iterable[Any], silent: bool = False, **kwargs: Any) -> An
 
 # --- a stage ends with the process that started it ----------------------------------------------------------
 
-RELAY_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox"})
+RELAY_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox", "fish", "csh", "tcsh"})
 """Programs that only pass a command on (DVC runs a stage's cmd through `$SHELL -c`): never a stage's owner."""
 RELAY_LAUNCHERS = frozenset({"torchrun", "torch.distributed.run", "torch.distributed.launch"})
 """Launchers whose children are the stage (DDP workers): part of the stage's process tree, not its owner."""
@@ -250,10 +250,11 @@ class ProcessStat:
 
 
 def process_stat(pid: int) -> ProcessStat | None:
-    """/proc/<pid>/stat, or None when there is no such process (or no /proc)."""
+    """/proc/<pid>/stat, or None when there is no such process (or no /proc). Any other failure to read it
+    (too many open files, no memory) raises: it says nothing about whether the process runs."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     # The name sits in parentheses and may itself hold spaces or parentheses: the fields follow the last ")".
     name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
@@ -355,10 +356,13 @@ def _stop(name: str, gone: ProcessStat, relays: list[ProcessStat]) -> None:
 def _watch(name: str, parent: ProcessStat, relays: list[ProcessStat], owner: ProcessStat | None) -> None:
     while True:
         time.sleep(WATCH_EVERY_S)
-        if os.getppid() != parent.pid:  # the parent exited (PR_SET_PDEATHSIG normally got here first)
-            _stop(name, parent, relays)
-        if owner is not None and not still_running(owner):
-            _stop(name, owner, relays)
+        try:
+            if os.getppid() != parent.pid:  # the parent exited (PR_SET_PDEATHSIG normally got here first)
+                _stop(name, parent, relays)
+            if owner is not None and not still_running(owner):
+                _stop(name, owner, relays)
+        except (OSError, ValueError, IndexError) as err:  # a /proc read failed: no answer, so no stop; ask again
+            log.debug("die-with-parent watcher: %s", err)
 
 
 def die_with_parent(name: str) -> None:

@@ -52,11 +52,12 @@ class Limits:
     restore_max_pixels: int = 1024 * 1024  # ~3 s of one CPU core for the default restorer
     restore_threads: int = 1  # torch threads of the restorer service
     restore_concurrency: int = 1  # restorations running at once (each on its own core, in its own service)
-    restore_queue: int = 1  # waiting for a slot; the next one gets 503 + Retry-After
+    restore_queue: int = 1  # waiting for a slot (0: none); the next one gets 503 + Retry-After
     generate_concurrency: int = 32  # text / image requests at the models at once, per endpoint (= a batch)
     generate_queue: int = 224
-    generate_timeout_s: float = 15.0  # a text / image request's whole time, waiting included: then 504
+    generate_timeout_s: float = 15.0  # waiting for a slot at most this (then 503), the model call too (then 504)
     restore_timeout_s: float = 30.0
+    body_timeout_s: float = 10.0  # an upload must arrive within this, or 408 (it holds its slot meanwhile)
     ready_timeout_s: float = 0.8  # /readyz answers within this, 503 when a model service has not
     liveness_grace_s: float = 60.0  # /livez fails when a model service has been down this long
     rate_limit_per_s: float = 0.0  # per client (API key, else address), 0 = off; over it: 429 + Retry-After
@@ -73,7 +74,8 @@ class Limits:
                     values[spec.name] = kind(environ[name])
                 except ValueError:
                     raise SystemExit(f"aigc service: {name}={environ[name]!r} is not a number") from None
-                if values[spec.name] < 0 or (values[spec.name] == 0 and spec.name != "rate_limit_per_s"):
+                zero_ok = spec.name in ("rate_limit_per_s", "restore_queue", "generate_queue")
+                if values[spec.name] < 0 or (values[spec.name] == 0 and not zero_ok):
                     raise SystemExit(f"aigc service: {name} must be positive, got {environ[name]}")
         return cls(**values)
 
@@ -238,7 +240,8 @@ async def check_multipart(endpoint: Endpoint, scope: dict[str, Any], body: bytes
         known = (*endpoint.file_fields, *endpoint.text_fields)
         for key, value in form.multi_items():
             if key not in known:
-                raise BadRequest(400, f"{key}: not a field of {endpoint.name} (it takes {', '.join(known)})", "UnknownField")
+                takes = ", ".join(known)
+                raise BadRequest(400, f"{printable(key)}: not a field of {endpoint.name} (it takes {takes})", "UnknownField")
             if key in endpoint.file_fields and not isinstance(value, UploadFile):
                 raise BadRequest(400, f"{key}: must be a file part, not text", "InvalidField")
             if key in endpoint.text_fields and isinstance(value, UploadFile):
@@ -249,6 +252,12 @@ async def check_multipart(endpoint: Endpoint, scope: dict[str, Any], body: bytes
                 raise BadRequest(400, f"{key}: {'missing' if count == 0 else 'given more than once'}", "InvalidField")
     finally:
         await form.close()
+
+
+def printable(name: str, limit: int = 64) -> str:
+    """A client-chosen field name as it may appear in a message and a log line: one line, short."""
+    name = name.encode("unicode_escape").decode("ascii")
+    return name if len(name) <= limit else f"{name[:limit]}…"
 
 
 def error_message(status: int, body: bytes) -> str:
@@ -264,7 +273,8 @@ def error_message(status: int, body: bytes) -> str:
         detail = data.get("detail")
         if isinstance(detail, list) and detail:
             errors = [e for e in detail if isinstance(e, dict)]
-            return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}" for e in errors)
+            fields = [printable(".".join(str(part) for part in e.get("loc", ())) or "body") for e in errors]
+            return "; ".join(f"{field}: {e.get('msg', 'invalid')}" for field, e in zip(fields, errors, strict=True))
         if data.get("error"):
             return str(data["error"])
         if detail:
@@ -341,7 +351,7 @@ class GuardMiddleware:
             await self._documented(scope, receive, send)
             return
         endpoint = self.endpoints.get(path)
-        if endpoint is None or path in OPEN_PATHS or path.startswith("/static_content"):
+        if endpoint is None or scope.get("method") != "POST" or path in OPEN_PATHS or path.startswith("/static_content"):
             await self.app(scope, receive, send)
             return
         start, status, message, error = time.perf_counter(), 500, "", None
@@ -360,11 +370,15 @@ class GuardMiddleware:
                               "variant": scope.get(VARIANT_KEY)})  # fmt: skip
 
     async def _guarded(self, endpoint: Endpoint, scope: dict[str, Any], receive: Any, send: Any) -> tuple[int, str, str | None]:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers: dict[str, str] = {}
+        for key, value in scope.get("headers", []):  # the first of a repeated header, as Starlette reads it
+            headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
         try:
-            client = self._authorise(headers)
-            if self.rate is not None:
-                self.rate.take(client or (scope.get("client") or ("?",))[0])
+            self._authorise(headers)
+            if sum(key.lower() == b"content-type" for key, _ in scope.get("headers", [])) > 1:
+                raise BadRequest(400, "content-type: given more than once", "InvalidHeader")
+            if self.rate is not None:  # by address: a token is shared by many clients, or made up per request
+                self.rate.take((scope.get("client") or ("?",))[0])
             length, limit = headers.get("content-length", ""), self.limits.max_body_bytes
             if length.isdigit() and int(length) > limit:
                 raise BadRequest(413, f"body: {int(length)} bytes is over the limit of {limit}", "PayloadTooLarge")
@@ -372,7 +386,7 @@ class GuardMiddleware:
             admitted = endpoint.admission.admit() if endpoint.admission is not None else contextlib.nullcontext()
             async with admitted:
                 if endpoint.file_fields:
-                    body = await self._read_body(receive)
+                    body = await self._read_body(receive, self.limits.body_timeout_s)
                     await check_multipart(endpoint, scope, body)
                     receive = _replay(body)
                 return await self._respond(scope, self._limited(receive), send)
@@ -405,22 +419,24 @@ class GuardMiddleware:
                     "headers": [*headers, (b"content-length", str(len(body)).encode())]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
 
-    def _authorise(self, headers: Mapping[str, str]) -> str | None:
-        """The client's key for rate limits (its token, hashed), after checking it when the service has one."""
+    def _authorise(self, headers: Mapping[str, str]) -> None:
+        """The bearer token, when the service has one (the scheme's name is case-insensitive, RFC 9110)."""
+        if not self.api_key:
+            return
         scheme, _, token = headers.get("authorization", "").strip().partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
-        if self.api_key and not hmac.compare_digest(token.encode(), self.api_key.encode()):
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             raise BadRequest(401, "authorization: missing or wrong bearer token", "Unauthorized")
-        if not token:
-            return None
-        import hashlib
 
-        return hashlib.sha256(token.encode()).hexdigest()[:16]
-
-    async def _read_body(self, receive: Any) -> bytes:
+    async def _read_body(self, receive: Any, seconds: float) -> bytes:
+        """The whole body, within `seconds`: a slow uploader must not hold a slot of a heavy endpoint."""
         chunks, size = [], 0
+        deadline = time.monotonic() + seconds
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                raise BadRequest(408, f"body: not received within {seconds:g} s", "RequestTimeout") from None
             if message["type"] == "http.disconnect":
                 raise BadRequest(400, "body: the client went away before sending it", "ClientDisconnected")
             chunk = message.get("body", b"")
@@ -473,8 +489,6 @@ class GuardMiddleware:
             chunks.append(text.encode())
             drop = {b"content-type", b"content-length"}
             extra = {k.decode("latin-1"): v.decode("latin-1") for k, v in held["headers"] if k.lower() not in drop}
-            if status in (429, 503):
-                extra.setdefault("retry-after", "5")
             await send_json(send, status, text, extra)
 
         await self.app(scope, receive, normalising_send)
@@ -526,7 +540,7 @@ def _is_client_error(record: logging.LogRecord) -> bool:
 
 class _DropClientErrorTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not _is_client_error(record)
+        return not getattr(record, "aigc_client_error", False) and not _is_client_error(record)
 
 
 _installed = False
@@ -547,7 +561,8 @@ def install_log_filters() -> None:
         record = make_record(*args, **kwargs)
         try:
             record.msg, record.args = scrub(record.getMessage()), None
-            if record.exc_info and record.exc_info[1] is not None and not _is_client_error(record):
+            if record.exc_info and record.exc_info[1] is not None:
+                record.aigc_client_error = _is_client_error(record)  # the filter decides after the scrub
                 import traceback
 
                 record.exc_text = scrub("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))

@@ -20,7 +20,8 @@ MAX_NEW_TOKENS = 256
 MAX_IMAGES = 16
 MAX_UPLOAD_PIXELS = 4096 * 4096
 MAX_UPLOAD_SIDE = 4096
-UPLOAD_FORMATS = ("PNG", "JPEG")  # what the API documents; Pillow would also read GIF, TIFF, BMP, WebP, ...
+UPLOAD_FORMATS = ("PNG", "JPEG", "MPO")  # what the API documents (MPO: a camera's multi-picture JPEG, its first
+# picture is read); Pillow would also read GIF, TIFF, BMP, WebP, ...
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def decode_upload(data: bytes, max_pixels: int = MAX_UPLOAD_PIXELS, max_side: in
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in UPLOAD_FORMATS:
-                raise UploadError(f"image: {image.format} is not accepted; send {' or '.join(UPLOAD_FORMATS)}")
+                raise UploadError(f"image: {image.format} is not accepted; send PNG or JPEG")
             width, height = image.size
             if width * height > max_pixels or max(width, height) > max_side:
                 raise UploadError(f"image: {width}x{height} is over the limit ({max_side} px a side, {max_pixels} pixels)")

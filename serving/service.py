@@ -59,7 +59,17 @@ from components.records import (
     literal_keys,
     serialise,
 )
-from serving.guard import ERROR_KEY, MESSAGE_KEY, VARIANT_KEY, Admission, GuardMiddleware, Health, Limits, endpoints_of
+from serving.guard import (
+    ERROR_KEY,
+    MESSAGE_KEY,
+    VARIANT_KEY,
+    Admission,
+    GuardMiddleware,
+    Health,
+    Limits,
+    endpoints_of,
+    install_log_filters,
+)
 from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, ImageRequest, TextRequest
 from serving.promoted import CHALLENGER, CHAMPION, SHADOW, SPLIT
 
@@ -75,6 +85,9 @@ ADMISSIONS = {
     "restore_image": Admission(LIMITS.restore_concurrency, LIMITS.restore_queue, LIMITS.restore_timeout_s),
 }
 TIMEOUTS = {"models": LIMITS.generate_timeout_s, "restorer": LIMITS.restore_timeout_s}
+# BentoML's inter-service client closes its whole connection pool every 100 requests by default, cutting the
+# calls in flight on it (ServerDisconnectedError, "Connection closed"); a pool lives for the service's life here.
+STEADY_CONNECTIONS = {"max_requests": 2**31 - 1, "max_age": 86400.0}
 
 
 def served_models() -> tuple[dict[str, str], dict[str, Any] | None]:
@@ -240,7 +253,7 @@ def per_variant(requests: list[dict[str, Any]], run: Any) -> list[Any]:
     return answers
 
 
-@bentoml.service(name="aigc-models", traffic={"timeout": LIMITS.generate_timeout_s + 5})
+@bentoml.service(name="aigc-models", traffic={"timeout": LIMITS.generate_timeout_s + 5}, runner_connection=STEADY_CONNECTIONS)
 class Models:
     text_model = bentoml.models.BentoModel(TEXT_TAG)
     image_model = bentoml.models.BentoModel(IMAGE_TAG)
@@ -249,6 +262,7 @@ class Models:
         challenger_image = bentoml.models.BentoModel(AB["models"]["image"])
 
     def __init__(self) -> None:
+        install_log_filters()
         self.variants = {CHAMPION: ModelSet(self.text_model, self.image_model)}
         if AB is not None:
             self.variants[CHALLENGER] = ModelSet(self.challenger_text, self.challenger_image)
@@ -288,7 +302,12 @@ class Models:
         ]
 
 
-@bentoml.service(name="aigc-restorer", traffic={"timeout": LIMITS.restore_timeout_s + 5})
+@bentoml.service(
+    name="aigc-restorer",
+    threads=LIMITS.restore_concurrency,  # as many restorations at once as the gateway admits
+    traffic={"timeout": LIMITS.restore_timeout_s + 5},
+    runner_connection=STEADY_CONNECTIONS,
+)
 class Restorer:
     """Restoration in its own service and process, on `restore_threads` cores: a large upload takes seconds
     of CPU, and here it cannot hold the generators' threads or event loop (the gateway admits
@@ -303,6 +322,7 @@ class Restorer:
 
         from serving.inference import ImageRestorer
 
+        install_log_filters()
         torch.set_num_threads(LIMITS.restore_threads)
         models = {CHAMPION: self.restore_model, **({CHALLENGER: self.challenger_restore} if AB is not None else {})}
         self.variants = {variant: (model, ImageRestorer(Path(model.path), _device())) for variant, model in models.items()}
@@ -398,18 +418,18 @@ class Gateway:
         # is kept in memory only, and stored only when the user sends back an edited text for it.
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._shadows: set[Any] = set()
-        self._described: dict[str, Any] | None = None
+        self._described: dict[str, dict[str, Any]] = {}
         HEALTH.probes = lambda: [self.models.is_ready(1), self.restorer.is_ready(1)]
 
     async def _call(self, service: str, api: str, *args: Any) -> Any:
-        """A call to a model service (`models` or `restorer`) within its timeout, retried when its pooled
-        connection was closed under it or it did not answer in a third of the timeout.
+        """A call to a model service (`models` or `restorer`) within its timeout, retried when its connection
+        was closed under it; a `models` call unanswered for a third of the timeout is asked once more.
 
-        Every model API is a pure function of its input, so a retry is safe. Under sustained load BentoML's
-        inter-service client reuses connections the other side has just closed (ServerDisconnectedError;
-        bentoml/BentoML#5540), and about one call in a few thousand is never answered at all; the retry
-        makes both invisible to the client. What still fails is a 503 (connection) or a 504 (no answer
-        within the timeout), in seconds, never a hung request or a 500.
+        Every model API is a pure function of its input, so a retry is safe. About one `models` call in ten
+        thousand is never answered under sustained load (a batch lost in BentoML's dispatcher); a text or
+        image request costs little, so asking again beats a 504. A restoration is not asked twice: the first
+        keeps running in the restorer, and the second would wait behind it. What still fails is a 503
+        (connection) or a 504 (no answer within the timeout), in seconds, never a hung request or a 500.
         """
         import asyncio
 
@@ -418,15 +438,16 @@ class Gateway:
 
         timeout = TIMEOUTS[service]
         deadline = time.monotonic() + timeout
+        hedge = timeout / 3 if service == "models" else timeout
         method = getattr(getattr(self, service).to_async, api)
         for attempt in range(5):
             left = deadline - time.monotonic()
             try:
-                return await asyncio.wait_for(method(*args), max(0.01, left if attempt else min(left, timeout / 3)))
+                return await asyncio.wait_for(method(*args), max(0.01, min(left, hedge) if attempt == 0 else left))
             except TimeoutError:
                 if time.monotonic() >= deadline - 0.01:
                     raise ModelTimeout(f"{service}: no answer within {timeout:g} s; retry") from None
-                logger.warning("%s.%s: no answer in %.1f s; asking again", service, api, timeout / 3)
+                logger.warning("%s.%s: no answer in %.1f s; asking again", service, api, hedge)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, RuntimeError) as err:
                 # aiohttp also reports a connection closed under a response being read as a bare RuntimeError
                 if isinstance(err, RuntimeError) and "Connection closed" not in str(err):
@@ -436,11 +457,13 @@ class Gateway:
                 await asyncio.sleep(0.02 * (attempt + 1))
         raise ServiceUnavailable(f"{service}: no answer after 5 tries; retry")
 
-    async def _describe(self) -> dict[str, Any]:
-        if self._described is None:
-            models, restorer = await self._call("models", "describe"), await self._call("restorer", "describe")
-            self._described = {variant: {**models[variant], **restorer[variant]} for variant in models}
-        return self._described
+    async def _describe(self, variant: str, family: str) -> dict[str, Any]:
+        """What the gateway validates against, from the service that holds `family` (text and image never
+        wait on the restorer, nor restoration on the generators)."""
+        service = "restorer" if family == "restore" else "models"
+        if service not in self._described:
+            self._described[service] = await self._call(service, "describe")
+        return self._described[service][variant][family]
 
     def _variant(self, ctx: bentoml.Context) -> str:
         """Which variant answers: the champion, unless an A/B split sends this client's share to the challenger.
@@ -541,7 +564,7 @@ class Gateway:
             if not text:
                 raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
             variant = self._variant(ctx)
-            described = (await self._describe())[variant]["text"]
+            described = await self._describe(variant, "text")
             model_text = self.delexicaliser.model_source(text) if self.delexicaliser is not None else text
             tokens = len(self.tokenizer(model_text, add_special_tokens=False)["input_ids"])
             room = described["max_length"] - max_new_tokens - 1  # >= 1: the schema caps max_new_tokens
@@ -577,7 +600,7 @@ class Gateway:
         try:
             start, request_id = time.perf_counter(), uuid.uuid4().hex
             variant = self._variant(ctx)
-            described = (await self._describe())[variant]["image"]
+            described = await self._describe(variant, "image")
             names = described["label_names"]
             if label not in names:
                 raise InvalidArgument(f"label: not one of the trained labels {names}")  # the value is not echoed: logs
@@ -604,21 +627,24 @@ class Gateway:
         """The restored upload (multipart field `image`: PNG or JPEG, ≤ 8 MB) as a PNG. `task`, when given,
         must be the served restorer's (a model does one task; the wrong one is refused, not run)."""
         try:
+            import asyncio
+
             from serving.inference import UploadError, decode_upload
             from serving.request_log import image_log_fields
 
             start, request_id = time.perf_counter(), uuid.uuid4().hex
-            data = image.read_bytes()
+            data = await asyncio.to_thread(image.read_bytes)  # off the event loop: text and image share it
             try:
-                pixels = decode_upload(data, max_pixels=LIMITS.restore_max_pixels)
+                pixels = await asyncio.to_thread(decode_upload, data, max_pixels=LIMITS.restore_max_pixels)
             except UploadError as err:
                 raise InvalidArgument(str(err)) from err
             variant = self._variant(ctx)
-            described = (await self._describe())[variant]["restore"]
+            described = await self._describe(variant, "restore")
             if task is not None and task != described["task"]:
                 raise InvalidArgument(f"task: the served restorer does {described['task']!r}, not {task!r}")
             encoded = base64.b64encode(data).decode()
             restored = base64.b64decode(await self._call("restorer", "restore", encoded, 0, variant))
+            features = await asyncio.to_thread(image_log_fields, pixels)
             self._shadow("restore_image", "restorer", "restore", [encoded, 0, CHALLENGER], request_id)
             out = Path(ctx.temp_dir) / f"restored-{request_id}.png"
             out.write_bytes(restored)
@@ -628,7 +654,7 @@ class Gateway:
                 "request_id": request_id, "endpoint": "restore_image", "status": 200, "variant": variant,
                 "model_tag": described["tag"],
                 "params_hash": described.get("params_hash"), "seed": 0, "task": described["task"],
-                "latency_ms": (time.perf_counter() - start) * 1000, **image_log_fields(pixels),
+                "latency_ms": (time.perf_counter() - start) * 1000, **features,
             })  # fmt: skip
             return out
         except Exception as err:

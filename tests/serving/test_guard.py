@@ -19,6 +19,7 @@ from serving.guard import (
     check_content_type,
     error_message,
     install_log_filters,
+    printable,
     scrub,
 )
 
@@ -31,6 +32,9 @@ def test_limits_come_from_the_environment_and_bad_values_are_one_line() -> None:
     with pytest.raises(SystemExit, match="AIGC_RESTORE_QUEUE must be positive"):
         Limits.from_env({"AIGC_RESTORE_QUEUE": "-1"})
     assert Limits.from_env({"AIGC_RATE_LIMIT_PER_S": "0"}).rate_limit_per_s == 0  # 0: off
+    assert Limits.from_env({"AIGC_RESTORE_QUEUE": "0"}).restore_queue == 0  # no waiting
+    with pytest.raises(SystemExit, match="AIGC_RESTORE_CONCURRENCY must be positive"):
+        Limits.from_env({"AIGC_RESTORE_CONCURRENCY": "0"})
 
 
 def test_admission_runs_queues_then_sheds_before_any_work() -> None:
@@ -146,6 +150,14 @@ def test_file_endpoints_need_multipart_with_a_boundary() -> None:
 def test_every_error_shape_becomes_one_message(body: object, message: str) -> None:
     raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
     assert error_message(400, raw) == message
+
+
+def test_a_client_chosen_field_name_stays_one_short_line() -> None:
+    assert printable("colour\n2026-11-30 [INFO] forged") == "colour\\n2026-11-30 [INFO] forged"
+    assert printable("k" * 500) == "k" * 64 + "…"
+    assert error_message(400, json.dumps({"detail": [{"loc": ["record", "a\rb"], "msg": "Extra inputs"}]}).encode()) == (
+        "record.a\\rb: Extra inputs"
+    )
 
 
 def test_scrubber_masks_emails_cards_and_phones_but_not_numbers_we_log() -> None:
