@@ -274,7 +274,7 @@ def test_a_request_that_crashes_is_logged_as_a_5xx_with_its_error_class(monkeypa
 
         headers = [(b"content-type", b"application/json")]
         guard = service.GuardMiddleware(app, **service.GUARD_OPTIONS)
-        await guard({"type": "http", "path": path, "headers": headers}, receive, send)
+        await guard({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
 
     asyncio.run(call(endpoint_that_fails, "/generate_text"))
     with pytest.raises(RuntimeError):
