@@ -262,9 +262,18 @@ def process_stat(pid: int) -> ProcessStat | None:
 
 
 def still_running(process: ProcessStat) -> bool:
-    """Whether `process` itself (not a newer one that reuses its pid) runs; a zombie has exited, unreaped."""
+    """Whether `process` itself (not a newer one that reuses its pid) runs; a zombie has exited, unreaped.
+    Raises OSError when /proc cannot say (the watcher then asks again rather than guess)."""
     now = process_stat(process.pid)
     return now is not None and now.start == process.start and now.state not in ("Z", "X")
+
+
+def _maybe_running(process: ProcessStat) -> bool:
+    """still_running, counting a process /proc cannot tell about as running: while stopping, err on signalling."""
+    try:
+        return still_running(process)
+    except OSError:
+        return True
 
 
 def is_relay(process: ProcessStat) -> bool:
@@ -297,7 +306,13 @@ def descendants(pid: int) -> list[ProcessStat]:
     """Every process below `pid` (DataLoader workers, whatever they started), parents before children."""
     children: dict[int, list[ProcessStat]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := process_stat(int(entry))) is not None:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = process_stat(int(entry))
+        except OSError:  # another user's process under hidepid, or out of file handles: not ours to stop
+            continue
+        if stat is not None:
             children.setdefault(stat.ppid, []).append(stat)
     found: list[ProcessStat] = []
     todo = [pid]
@@ -312,11 +327,11 @@ def end_processes(processes: list[ProcessStat], grace: float = STOP_GRACE_S) -> 
     """SIGTERM each (a torchrun agent then stops its workers), SIGKILL whatever still runs `grace` s later."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for process in processes:
-            if still_running(process):
+            if _maybe_running(process):
                 with contextlib.suppress(OSError):
                     os.kill(process.pid, sig)
         deadline = time.monotonic() + grace
-        while sig == signal.SIGTERM and time.monotonic() < deadline and any(map(still_running, processes)):
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(map(_maybe_running, processes)):
             time.sleep(0.05)
 
 
@@ -349,8 +364,10 @@ def _stop(name: str, gone: ProcessStat, relays: list[ProcessStat]) -> None:
     writer.daemon = True
     writer.start()
     writer.join(STOP_GRACE_S)
-    end_processes(descendants(os.getpid()) + [r for r in relays if r.pid != gone.pid])
-    os._exit(128 + signal.SIGTERM)
+    try:
+        end_processes(descendants(os.getpid()) + [r for r in relays if r.pid != gone.pid])
+    finally:  # whatever failed above, this process must not outlive its owner
+        os._exit(128 + signal.SIGTERM)
 
 
 def _watch(name: str, parent: ProcessStat, relays: list[ProcessStat], owner: ProcessStat | None) -> None:
@@ -389,13 +406,17 @@ def die_with_parent(name: str) -> None:
     if not sys.platform.startswith("linux") or _GUARDED.is_set():
         return
     _GUARDED.set()
-    parent = process_stat(os.getppid())
-    if parent is None:
-        return
     if not signal_on_parent_death():
         log.debug("prctl(PR_SET_PDEATHSIG) failed; the watcher alone guards this process")
     os.register_at_fork(after_in_child=signal_on_parent_death)
-    relays, owner = owner_of(os.getpid())
+    try:
+        parent = process_stat(os.getppid())
+        relays, owner = owner_of(os.getpid())
+    except OSError as err:  # /proc unreadable: the kernel's signal alone guards this stage
+        log.warning("%s: cannot read /proc (%s); the stage stops with its parent only", name, err)
+        return
+    if parent is None:
+        return
     if os.getppid() != parent.pid:  # the parent exited before the kernel was told
         _stop(name, parent, relays)
     threading.Thread(target=_watch, args=(name, parent, relays, owner), name="die-with-parent", daemon=True).start()

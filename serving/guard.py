@@ -60,7 +60,7 @@ class Limits:
     body_timeout_s: float = 10.0  # an upload must arrive within this, or 408 (it holds its slot meanwhile)
     ready_timeout_s: float = 0.8  # /readyz answers within this, 503 when a model service has not
     liveness_grace_s: float = 60.0  # /livez fails when a model service has been down this long
-    rate_limit_per_s: float = 0.0  # per client (API key, else address), 0 = off; over it: 429 + Retry-After
+    rate_limit_per_s: float = 0.0  # per client address, 0 = off; over it: 429 + Retry-After
     rate_burst: int = 20
 
     @classmethod
@@ -256,7 +256,7 @@ async def check_multipart(endpoint: Endpoint, scope: dict[str, Any], body: bytes
 
 def printable(name: str, limit: int = 64) -> str:
     """A client-chosen field name as it may appear in a message and a log line: one line, short."""
-    name = name.encode("unicode_escape").decode("ascii")
+    name = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
     return name if len(name) <= limit else f"{name[:limit]}…"
 
 
@@ -283,6 +283,8 @@ def error_message(status: int, body: bytes) -> str:
 
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
+# A 503 carries Retry-After only when the request was shed before any work; OpenAPI cannot say "sometimes" of
+# a header but through its description.
 
 
 def document_errors(spec: dict[str, Any], endpoints: Mapping[str, Endpoint], api_key: bool, rate_limited: bool) -> dict[str, Any]:
@@ -294,7 +296,7 @@ def document_errors(spec: dict[str, Any], endpoints: Mapping[str, Endpoint], api
     errors = {
         "413": "The body is over the size limit.",
         "415": "The endpoint does not take this content type.",
-        "503": "Busy (running and waiting requests are full) or a model service is down: retry after Retry-After seconds.",
+        "503": "Busy (with Retry-After: running and waiting requests are full, nothing was done), or a model service is down.",
         "504": "A model service did not answer in time.",
     }
     if api_key:
@@ -302,13 +304,14 @@ def document_errors(spec: dict[str, Any], endpoints: Mapping[str, Endpoint], api
     if rate_limited:
         errors["429"] = "Over this client's request rate: retry after Retry-After seconds."
     content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    for route in endpoints:
+    for route, endpoint in endpoints.items():
         operation = spec.get("paths", {}).get(route, {}).get("post")
         if operation is None:
             continue
-        for status, description in errors.items():
+        uploads = {"408": "The upload did not arrive within the body timeout."} if endpoint.file_fields else {}
+        for status, description in {**errors, **uploads}.items():
             response: dict[str, Any] = {"description": description, "content": content}
-            if status in ("429", "503"):
+            if status == "429":
                 response["headers"] = RETRY_AFTER
             operation.setdefault("responses", {}).setdefault(status, response)
     return spec

@@ -393,7 +393,8 @@ class ModelTimeout(bentoml.exceptions.BentoMLException):
     error_code = HTTPStatus.GATEWAY_TIMEOUT
 
 
-@bentoml.service(name="aigc-gateway", traffic={"timeout": max(TIMEOUTS.values()) * 2 + 5})
+# A request's worst case: waiting for a slot, receiving its upload, then the model call (each bounded).
+@bentoml.service(name="aigc-gateway", traffic={"timeout": max(TIMEOUTS.values()) * 2 + LIMITS.body_timeout_s + 5})
 class Gateway:
     models = bentoml.depends(Models)
     restorer = bentoml.depends(Restorer)

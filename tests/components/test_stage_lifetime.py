@@ -119,3 +119,30 @@ def test_the_owner_is_the_first_ancestor_that_is_not_a_shell() -> None:
 def test_a_stage_main_called_in_process_is_not_guarded() -> None:
     # run_main arms the guard only in a process started to run a stage: pytest here is left alone.
     assert stage_program() is None
+
+
+def test_an_unreadable_proc_entry_neither_stops_nor_blinds_the_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/proc may hide other users' processes (hidepid) or run out of file handles: such an entry is skipped
+    when looking for this process's children, counted as running when stopping, and never taken as gone."""
+    from components import common
+
+    real = common.process_stat
+    me = real(os.getpid())
+    assert me is not None
+
+    def hidden(pid: int) -> common.ProcessStat | None:
+        if pid == 1:
+            raise PermissionError(13, "hidepid")
+        return real(pid)
+
+    monkeypatch.setattr(common, "process_stat", hidden)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in [p.pid for p in common.descendants(os.getpid())]  # pid 1 skipped, not fatal
+        init = common.ProcessStat(1, "init", "S", 0, 0)
+        assert common._maybe_running(init) is True
+        with pytest.raises(PermissionError):
+            common.still_running(init)  # no answer is not "gone": the watcher asks again
+    finally:
+        child.kill()
+        child.wait()
