@@ -25,6 +25,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The package stage writes to BentoML's store: a temporary one, never the user's ~/bentoml.
 os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bentoml-home-"))
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+# What a flow pushes goes to a temporary DVC remote, never the user's default (~/.cache/aigc-pipeline/dvc-remote).
+os.environ.setdefault("AIGC_DVC_REMOTE", tempfile.mkdtemp(prefix="dvc-remote-"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = list(load_stages(REPO_ROOT))
@@ -39,6 +41,7 @@ REPO_FILES = [
     "dvc.yaml",
     "params.yaml",
     ".dvc/config",
+    ".dvc/.gitignore",
     ".dvcignore",
     "data/.gitignore",
     "data/landing/README.md",
