@@ -1,9 +1,15 @@
-"""Training checkpoints: atomic writes, newest-good-first resume, pruning, the RNG states they carry, and the
-lock that keeps a second trainer out of a checkpoint folder.
+"""Training checkpoints: atomic writes, newest-good-first resume, pruning, the RNG states they carry, the
+lock that keeps a second trainer out of a checkpoint folder, and shared storage.
 
 A checkpoint is scratch state of one run (`<checkpoints>/<family>/<run fingerprint>/step-*.ckpt`), written
 by `torch.save` and read back with `weights_only=True`, so loading one runs no code from the file.
-Only torch and the standard library.
+
+Where (`base.checkpoint_root`, or `$AIGC_CHECKPOINT_ROOT`): null keeps each stage's `--checkpoints` folder; a
+path (a mounted shared disk) replaces its parent, `<root>/<family>`; an fsspec URL (s3://, gs://, file://...)
+is a mirror: the run trains into its local folder as usual, every checkpoint (and sample grid) is copied to
+`<url>/<family>/<run>/` as it is written, and a run that finds a newer checkpoint there than it has locally
+copies it down first, so a run stopped on one machine resumes on another. Only torch and the standard
+library (fsspec, imported for a URL only).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})\.ckpt$")
 LOCK_FILE = "trainer.lock"
+ROOT_ENV = "AIGC_CHECKPOINT_ROOT"
+"""Overrides `base.checkpoint_root` on one machine."""
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -124,6 +132,85 @@ def checkpoint_lock(directory: Path) -> Iterator[None]:
             os.ftruncate(fd, 0)  # no pid left behind to be named by mistake
     finally:
         os.close(fd)  # releases the lock
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def checkpoint_location(folder: Path, root: str | None) -> tuple[Path, CheckpointMirror | None]:
+    """Where a stage with `--checkpoints folder` keeps its checkpoints under `root`: the local folder it trains
+    into, and the mirror on shared storage (for a URL root)."""
+    if not root:
+        return folder, None
+    if is_url(root):
+        return folder, CheckpointMirror(f"{root.rstrip('/')}/{folder.name}")
+    return Path(root).expanduser() / folder.name, None
+
+
+class CheckpointMirror:
+    """A run folder's copy on shared storage (any fsspec URL). Rank 0 alone calls it."""
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    def child(self, name: str) -> CheckpointMirror:
+        return CheckpointMirror(f"{self.url}/{name}")
+
+    def _names(self, folder: str) -> list[str]:
+        if not self.fs.isdir(folder):
+            return []
+        return [str(p).rstrip("/").rpartition("/")[2] for p in self.fs.ls(folder, detail=False)]
+
+    def _steps(self) -> list[tuple[int, str]]:
+        """The mirror's checkpoints, newest first."""
+        return sorted(((int(m.group(1)), n) for n in self._names(self.root) if (m := CHECKPOINT_PATTERN.match(n))), reverse=True)
+
+    def push(self, path: Path, relative: str | None = None) -> None:
+        """Copy a file of the local run folder up (`relative`: its path in the run folder, default its name);
+        through a temporary name, so a reader never sees half a checkpoint."""
+        target = f"{self.root}/{relative or path.name}"
+        parent, _, name = target.rpartition("/")
+        self.fs.makedirs(parent, exist_ok=True)
+        partial = f"{parent}/.{name}.tmp"
+        self.fs.put_file(str(path), partial)
+        self.fs.mv(partial, target)
+
+    def prune(self, keep: int) -> None:
+        for _, name in self._steps()[keep:]:
+            self.fs.rm(f"{self.root}/{name}")
+
+    def pull(self, local: Path, checkpoints: bool = True) -> None:
+        """Copy the mirror's newest checkpoint down when it is newer than the local folder's (`checkpoints`), and
+        the sample grids the local folder lacks: the run then resumes where the last machine stopped."""
+        steps = self._steps() if checkpoints else []
+        newest_local = next((int(CHECKPOINT_PATTERN.match(p.name)[1]) for p in list_checkpoints(local)), -1)  # type: ignore[index]
+        if steps and steps[0][0] > newest_local:
+            self._get(f"{self.root}/{steps[0][1]}", local / steps[0][1])
+            log.info("copied checkpoint %s down from %s", steps[0][1], self.url)
+        for name in self._names(f"{self.root}/samples"):
+            if not (local / "samples" / name).exists():
+                self._get(f"{self.root}/samples/{name}", local / "samples" / name)
+
+    def _get(self, source: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.tmp")
+        self.fs.get_file(source, str(partial))
+        os.replace(partial, target)
+
+
+def newest_shared_checkpoint(directory: Path, fingerprint: str, runtime: Runtime) -> tuple[Path, dict[str, Any]] | None:
+    """`newest_good_checkpoint` as rank 0 finds it, on every rank: only rank 0 reads the folder (another node
+    may not have it), and sends the state to the others."""
+    found = newest_good_checkpoint(directory, fingerprint) if runtime.is_main else None
+    if not runtime.distributed:
+        return found
+    box: list[Any] = [found]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def rng_state() -> dict[str, torch.Tensor]:

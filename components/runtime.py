@@ -30,7 +30,14 @@ class Runtime:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints."""
         return self.rank == 0
+
+    @property
+    def writes_outputs(self) -> bool:
+        """The first process of each node: it writes the stage's outputs (model, curves) on its node, so that
+        `dvc repro` on every node of a multi-node job finds them, with the same bytes everywhere."""
+        return self.local_rank == 0
 
     @property
     def distributed(self) -> bool:

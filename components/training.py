@@ -3,11 +3,12 @@
 A family supplies its model, a `batch(step, micro, rank, world)` function and a `loss(model, batch)`
 function (or, for adversarial training, several `Phase`s, each a loss with its own parameters and optimizer,
 run in order every step); `fit` does the rest: `torch.compile`, fused AdamW with a warm-up + cosine schedule,
-gradient accumulation and clipping, DDP under torchrun, atomic checkpoints with automatic resume
-(`components.checkpoints`), and metric curves through dvclive (when installed; a GPU box may lack it) plus a
-progress bar. `run_training` wraps it for a stage: device and precision (`components.runtime`), seeding,
-data hash and run fingerprint, the checkpoint folder's lock (rank 0: one trainer per folder), saving on rank 0
-and the `training.json` record. Wall time and throughput go to `timing.json` beside the curves, which neither
+gradient accumulation and clipping, DDP (the stage launches its own workers: `components.launch`), atomic
+checkpoints with automatic resume, on shared storage too (`components.checkpoints`), and metric curves
+through dvclive (when installed; a GPU box may lack it) plus a progress bar. `run_training` wraps it for a
+stage: device and precision (`components.runtime`), seeding, data hash and run fingerprint, the checkpoint
+folder's lock (rank 0: one trainer per folder), saving (the first process of each node) and the
+`training.json` record, which says the world size. Wall time and throughput go to `timing.json` beside the curves, which neither
 git nor DVC tracks: everything DVC hashes is a function of params, code and data.
 
 Resuming is exact: batches are a pure function of (seed, step), and a checkpoint holds model, optimizer,
@@ -25,7 +26,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,16 +39,20 @@ import torch
 from torch import nn
 
 from components.checkpoints import (
+    ROOT_ENV,
+    CheckpointMirror,
+    checkpoint_location,
     checkpoint_lock,
     checkpoint_path,
     gather_rng_states,
-    newest_good_checkpoint,
+    newest_shared_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     set_rng_state,
 )
 from components.common import ConfigError, load_params, progress, require, run_main, write_json
 from components.image_io import save_grid
+from components.launch import Launch, launch_workers, needs_launch
 from components.runtime import DEVICES, PRECISIONS, Runtime, cpu_threads_from_params, setup_runtime, teardown_runtime
 
 log = logging.getLogger(__name__)
@@ -90,6 +97,9 @@ class TrainConfig:
     seed: int
     cpu_threads: int | None = None
     validate_every: int = 0  # steps between validations of a family that has them (0: none; the last step's model is kept)
+    # Where checkpoints live (components.checkpoints.checkpoint_location): a machine's choice, so neither part of
+    # the run fingerprint nor of training.json.
+    checkpoint_root: str | None = None
 
     @classmethod
     def from_params(cls, section: dict[str, Any], prefix: str, seed: int | None = None) -> TrainConfig:
@@ -119,6 +129,7 @@ class TrainConfig:
             seed=require(base, "seed", int, "base") if seed is None else seed,
             cpu_threads=cpu_threads_from_params(base),
             validate_every=require(section, "validate_every", int, prefix, low=0) if "validate_every" in section else 0,
+            checkpoint_root=os.environ.get(ROOT_ENV) or checkpoint_root_from_params(base),
         )
         choices = {"device": DEVICES, "precision": PRECISIONS, "resume": ("auto", "never")}
         for key, allowed in choices.items():
@@ -128,13 +139,24 @@ class TrainConfig:
 
     def fingerprint(self, *extra: Any) -> str:
         """What a checkpoint must match to be resumed: everything but the checkpoint/resume/logging knobs."""
-        relevant = {
-            k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "keep_checkpoints", "resume", "log_every")
-        }
+        ignored = ("checkpoint_every", "keep_checkpoints", "resume", "log_every", "checkpoint_root")
+        relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         if not self.validate_every:  # families without validation keep the fingerprints (and checkpoints) they had
             relevant.pop("validate_every")
         payload = json.dumps([relevant, *extra], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def record(self) -> dict[str, Any]:
+        """The config as `training.json` states it: what shaped the model, not where its checkpoints were."""
+        return {k: v for k, v in asdict(self).items() if k != "checkpoint_root"}
+
+
+def checkpoint_root_from_params(base: dict[str, Any]) -> str | None:
+    """`base.checkpoint_root`: a path, an fsspec URL, or null."""
+    root = base.get("checkpoint_root")
+    if root is not None and (not isinstance(root, str) or not root.strip()):
+        raise ConfigError(f"params key 'base.checkpoint_root' must be a path, a URL or null, got {root!r}")
+    return root
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -300,6 +322,7 @@ def fit(
     items_per_batch: Callable[[Batch], int] | None = None,
     after_step: Callable[[nn.Module, int], None] | None = None,
     validation: Validation | None = None,
+    mirror: CheckpointMirror | None = None,
 ) -> TrainResult:
     """Train `model` for `cfg.max_steps` optimizer steps, resuming from `checkpoint_dir` when allowed.
 
@@ -313,13 +336,16 @@ def fit(
         checkpoint_dir: checkpoints go to `<checkpoint_dir>/<fingerprint>/step-*.ckpt` (rank 0 writes; a stage's
             `run_training` holds the folder's `checkpoint_lock` meanwhile).
         fingerprint: identifies config + data; only checkpoints of the same fingerprint are resumed.
-        metrics_dir: dvclive folder for the curves (rank 0); None logs nothing.
+        metrics_dir: dvclive folder for the curves (the first process of each node; losses are averaged over
+            every rank); None logs nothing.
         stop_after: stop (after checkpointing) once this step is reached; simulates a crash in tests.
         items_per_batch: counts tokens / images in a batch for the throughput shown on the progress bar.
         after_step: (unwrapped model, steps done) after every optimizer step, on every rank: EMA updates
             (state kept in the model, so checkpoints hold it) and side outputs such as sample grids.
-        validation: scored every `cfg.validate_every` steps and at the last one, on rank 0 (curves `val/*`);
-            the best step's weights are kept (in checkpoints too) and returned as `result.best`.
+        validation: scored every `cfg.validate_every` steps and at the last one, by the first process of each
+            node (curves `val/*`); the best step's weights are kept (in checkpoints too) and returned as
+            `result.best`.
+        mirror: shared storage the checkpoints are copied to (and resumed from), `<mirror>/<run>/`.
     """
     checkpoint_dir = run_folder(checkpoint_dir, fingerprint, model)
     fingerprint = checkpoint_dir.name
@@ -333,8 +359,11 @@ def fit(
     resumed_losses: dict[str, float] = {}
     curves: list[tuple[int, dict[str, float]]] = []
     best: Selection | None = None
+    run_mirror = mirror.child(checkpoint_dir.name) if mirror is not None and runtime.writes_outputs else None
     if cfg.resume == "auto":
-        found = newest_good_checkpoint(checkpoint_dir, fingerprint)
+        if run_mirror is not None:  # rank 0 takes the checkpoint; every node's writer the sample grids
+            run_mirror.pull(checkpoint_dir, checkpoints=runtime.is_main)
+        found = newest_shared_checkpoint(checkpoint_dir, fingerprint, runtime)
         if found is not None:
             path, state = found
             model.load_state_dict(state["model"])
@@ -359,7 +388,7 @@ def fit(
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    logger = MetricLogger(metrics_dir, runtime.is_main, history=curves)
+    logger = MetricLogger(metrics_dir, runtime.writes_outputs, history=curves)
     result = TrainResult(steps=start_step, resumed_from=resumed_from)
     if resumed_losses:  # the last step's losses, so a run resumed at its end still reports them
         result.losses.append((start_step, sum(resumed_losses.values())))
@@ -402,6 +431,8 @@ def fit(
             optimizer.step()
         for scheduler in schedulers:
             scheduler.step()
+        # Over every rank: the curves, checkpoints and training.json of each node then say the same.
+        step_losses = mean_over_ranks(step_losses, runtime)
         counted = sum(items_per_batch(b) for b in batches) if items_per_batch else 0
         window_items += counted
         result.items += counted
@@ -413,7 +444,7 @@ def fit(
         result.losses.append((done, sum(step_losses.values())))
         result.phase_losses.append((done, step_losses))
         result.steps = done
-        if runtime.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps):
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
             steps_in_window = done - max(start_step, done - cfg.log_every) or 1
             if len(phases) == 1:
@@ -432,7 +463,7 @@ def fit(
             window_losses = dict.fromkeys(names, 0.0)
             window_items, window_start = 0, time.perf_counter()
         validate_now = cfg.validate_every and (done % cfg.validate_every == 0 or done == cfg.max_steps)
-        if validation is not None and validate_now and runtime.is_main:
+        if validation is not None and validate_now and runtime.writes_outputs:
             best = validate_step(validation, unwrap(model), done, best, logger)
             train_model.train()
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or done == stop_after:
@@ -453,11 +484,23 @@ def fit(
                     checkpoint_path(checkpoint_dir, done),
                 )
                 prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
+                if run_mirror is not None:  # rank 0's
+                    run_mirror.push(checkpoint_path(checkpoint_dir, done))
+                    run_mirror.prune(cfg.keep_checkpoints)
         if stop_after is not None and done >= stop_after:
             break
     logger.close()
     result.best = best
     return result
+
+
+def mean_over_ranks(values: dict[str, float], runtime: Runtime) -> dict[str, float]:
+    """The mean of each value over every rank (the same on all of them); the values themselves on one process."""
+    if not runtime.distributed:
+        return values
+    summed = torch.tensor(list(values.values()), dtype=torch.float64, device=runtime.device)
+    torch.distributed.all_reduce(summed)
+    return dict(zip(values, (summed / runtime.world_size).tolist(), strict=True))
 
 
 def validate_step(
@@ -528,22 +571,27 @@ def run_training(
     stop_after: int | None = None,
     samples_dir: Path | None = None,
 ) -> TrainResult:
-    """Set up the runtime, build the family's job, train it, and on rank 0 save the model with `training.json`.
+    """Set up the runtime, build the family's job, train it, and save the model with `training.json` (the first
+    process of each node: under DDP every node ends with the same model).
 
     The model folder is written only once `max_steps` are done; `result.record` is then its `training.json`.
     Sample grids are drawn into the run's checkpoint folder, which holds this run's alone, and copied to
     `samples_dir` at the end, so that folder shows exactly this run's grids even after a crash and resume.
+    `cfg.checkpoint_root` moves the checkpoint folder, or mirrors it to a URL (`checkpoint_location`).
     """
+    checkpoint_dir, mirror = checkpoint_location(checkpoint_dir, cfg.checkpoint_root)
     runtime = setup_runtime(cfg.device, cfg.precision, cfg.cpu_threads)
     with contextlib.ExitStack() as stack:
         stack.callback(teardown_runtime, runtime)
-        if runtime.is_main:  # the one writer of checkpoints, model and training.json; refused here if busy
+        if runtime.is_main:  # the one writer of checkpoints; refused here if another trainer holds the folder
             stack.enter_context(checkpoint_lock(checkpoint_dir))
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         job = build(runtime)
         hashed = data_hash(job.data_files)
-        fingerprint = cfg.fingerprint(job.params, hashed)
+        # A run on another number of processes sees other batches: its checkpoints are not this run's.
+        fingerprint = cfg.fingerprint(job.params, hashed, *([runtime.world_size] if runtime.distributed else []))
         grids = run_folder(checkpoint_dir, fingerprint, job.model) / "samples"
+        grid_mirror = mirror.child(grids.parent.name) if mirror is not None and runtime.is_main else None
         log.info(
             "%s; %.3fM trainable parameters, device %s%s",
             job.description,
@@ -553,8 +601,10 @@ def run_training(
         )
 
         def draw(model: nn.Module, step: int) -> None:
-            if job.samples is not None and samples_dir is not None and runtime.is_main:
-                save_grid(job.samples(model), grids / f"step-{step:08d}.png", job.sample_columns)
+            if job.samples is not None and samples_dir is not None and runtime.writes_outputs:
+                grid = grids / f"step-{step:08d}.png"
+                if save_grid(job.samples(model), grid, job.sample_columns) and grid_mirror is not None:
+                    grid_mirror.push(grid, f"samples/{grid.name}")
 
         def after_step(model: nn.Module, done: int) -> None:
             if job.after_step is not None:
@@ -566,18 +616,21 @@ def run_training(
         result = fit(
             job.model, job.batches, job.loss, cfg, runtime, checkpoint_dir, fingerprint,
             metrics_dir=metrics_dir, stop_after=stop_after, items_per_batch=job.items, after_step=after_step,
-            validation=job.validation if cfg.validate_every else None,
+            validation=job.validation if cfg.validate_every else None, mirror=mirror,
         )  # fmt: skip
         seconds = time.perf_counter() - start
+        # No collective is left, and libraries save on global rank 0 alone while a process group is up
+        # (transformers' save_pretrained): out of it, every node's writer saves its own copy.
+        teardown_runtime(runtime)
         log.info(
             "trained to step %d in %.1f s%s",
             result.steps,
             seconds,
             f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else "",
         )
-        if runtime.is_main and metrics_dir is not None:
+        if runtime.writes_outputs and metrics_dir is not None:
             write_json(timing_record(result, seconds, runtime), metrics_dir / TIMING_FILE)
-        if runtime.is_main and result.steps >= cfg.max_steps:
+        if runtime.writes_outputs and result.steps >= cfg.max_steps:
             if job.samples is not None and samples_dir is not None:
                 if not (grids / f"step-{result.steps:08d}.png").exists():  # resumed at the end: no step drew it
                     draw(unwrap(job.model), result.steps)
@@ -595,7 +648,7 @@ def run_training(
                     result.best.value,
                 )
             extra = job.save(out_dir, result)
-            result.record = training_record({**job.params, "train": asdict(cfg)}, hashed, result) | selected | extra
+            result.record = training_record({**job.params, "train": cfg.record()}, hashed, result, runtime) | selected | extra
             write_json(result.record, out_dir / "training.json")
         return result
 
@@ -615,12 +668,14 @@ def timing_record(result: TrainResult, seconds: float, runtime: Runtime) -> dict
     }
 
 
-def training_record(params: dict[str, Any], data_hash: str, result: TrainResult) -> dict[str, Any]:
-    """`training.json` of a model folder: what produced it. Nothing that depends on the machine, the clock or
-    on whether the run was resumed, so every rerun writes the same bytes (and DVC hash)."""
+def training_record(params: dict[str, Any], data_hash: str, result: TrainResult, runtime: Runtime) -> dict[str, Any]:
+    """`training.json` of a model folder: what produced it, on how many processes (DDP's world size shapes the
+    model: every rank trains on its own batches). Nothing that depends on the machine, the clock or on whether
+    the run was resumed, so every rerun writes the same bytes (and DVC hash)."""
     return {
         "params": params,
         "data_hash": data_hash,
+        "world_size": runtime.world_size,
         "steps": result.steps,
         "final_loss": result.final_loss,
         "final_losses": result.phase_losses[-1][1] if result.phase_losses else {},
@@ -646,7 +701,8 @@ def training_main(
 ) -> None:
     """The `main` of a training stage: `<features> <out> --checkpoints DIR [--metrics-dir DIR] [--params FILE]`
     plus the stage's own path `options` (flag -> help; those in `required` must be given), then
-    `train(config from params, args)` under `run_main`.
+    `train(config from params, args)` under `run_main`; with `<stage>.distributed` above one process, the
+    same command as that many DDP workers (`components.launch`).
     """
     parser = argparse.ArgumentParser(
         prog=f"python -m components.{stage}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -660,4 +716,14 @@ def training_main(
         parser.add_argument(flag, type=Path, default=None, required=flag in required, help=help_text)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    run_main(lambda: train(config.from_params(load_params(stage, args.params)), args))
+
+    def body() -> None:
+        params = load_params(stage, args.params)
+        cfg = config.from_params(params)  # bad params stop here, before any worker starts
+        launch = Launch.from_params(params, stage)
+        if needs_launch(launch):  # this process becomes the agent of the stage's DDP workers
+            launch_workers(launch, stage, list(sys.argv[1:] if argv is None else argv))
+        else:
+            train(cfg, args)
+
+    run_main(body)
