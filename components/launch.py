@@ -93,9 +93,9 @@ def needs_launch(launch: Launch) -> bool:
     return launch.world_size > 1 and not launched_worker()
 
 
-def launch_workers(launch: Launch, stage: str, argv: list[str]) -> None:
-    """Run `python -m components.<stage> <argv>` as `nproc_per_node` DDP workers of this node; returns when they
-    all finished, or exits with the status of the first one that failed.
+def launch_workers(launch: Launch, stage: str, argv: list[str], module: str | None = None) -> None:
+    """Run `python -m components.<stage> <argv>` (or `module`) as `nproc_per_node` DDP workers of this node;
+    returns when they all finished, or exits with the status of the first one that failed.
 
     Raises:
         SystemExit: a worker failed (its status when it says bad data, busy or bad params; else 1).
@@ -121,7 +121,7 @@ def launch_workers(launch: Launch, stage: str, argv: list[str]) -> None:
     where = "this machine" if launch.standalone else f"rendezvous {launch.rdzv_endpoint}, {launch.nnodes} nodes"
     log.info("%s: starting %d workers (%s, world size %d)", stage, launch.nproc_per_node, where, launch.world_size)
     try:
-        elastic_launch(config, sys.executable)("-m", f"components.{stage}", *argv)
+        elastic_launch(config, sys.executable)("-m", module or f"components.{stage}", *argv)
     except ChildFailedError as err:
         rank, failure = min(err.failures.items())
         code = failure.exitcode

@@ -15,6 +15,8 @@ Only when no family is worse beyond its tolerance is it promoted: `dvc exp apply
 goes on an online A/B test first). A rejected challenger changes nothing the
 service reads: packaging inside the experiment only adds content-addressed entries to the model store.
 `monitoring/promotion/history.json` lists every decision; `dvc exp apply <name>` reproduces any retrain.
+Every experiment, promoted or not, then goes to the team with `dvc exp push <remote.git_remote> <name>` (its
+git ref, and its outputs to the DVC remote of flows/remote.py); without that git remote it stays local.
 
 `drift_check` runs `monitoring.drift` over the request log and publishes the decision as a markdown
 artifact; on drift it calls `retrain` (as a subflow, or through `run_deployment("retrain/retrain")` when
@@ -34,6 +36,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+
+from flows.remote import RemoteConfig, configure
 
 
 def monitoring_path(repo_root: str, key: str) -> Path:
@@ -100,6 +104,26 @@ def dvc_experiment(repo_root: str, experiment: str) -> str:
     workspace keeps the champion until the gate decides."""
     dvc(repo_root, "exp", "run", "--temp", "-n", experiment)
     return experiment
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], task_run_name="dvc-exp-push-{experiment}")
+def push_experiment(repo_root: str, experiment: str, remote: RemoteConfig) -> str | None:
+    """`dvc exp push <remote.git_remote> <experiment>`: its git ref to the team's git remote and, with
+    `remote.push`, its outputs to the DVC remote, so another machine can `dvc exp pull` or `dvc exp apply` it.
+    Returns where it went; None, with one log line, when git has no such remote (the experiment stays here)."""
+    logger = get_run_logger()
+    if remote.git_remote is None:
+        logger.info("experiment %s stays local: params remote.git_remote is null", experiment)
+        return None
+    where = subprocess.run(["git", "remote", "get-url", remote.git_remote], cwd=repo_root, capture_output=True, text=True)
+    if where.returncode != 0:
+        logger.info("experiment %s stays local: git has no remote '%s' (params remote.git_remote)", experiment, remote.git_remote)
+        return None
+    if remote.push:
+        logger.info(configure(Path(repo_root), remote).describe())
+    dvc(repo_root, "exp", "push", *([] if remote.push else ["--no-cache"]), remote.git_remote, experiment)
+    logger.info("experiment %s pushed to %s (%s)", experiment, remote.git_remote, where.stdout.strip())
+    return where.stdout.strip()
 
 
 def champion_revision(root: Path, record: Path) -> tuple[str | None, str | None]:
@@ -187,6 +211,7 @@ def retrain(
     gate = retrain_gate(repo_root)
     record = Path(repo_root) / PromotionConfig.from_params(load_params("promotion", Path(repo_root) / "params.yaml")).record
     champion_rev, impossible = champion_revision(Path(repo_root), record)
+    remote = RemoteConfig.load(Path(repo_root))  # a bad `remote` section stops here, before anything runs
     with gate.claim(trigger, name, ignore_cooldown=ignore_cooldown, refuse=impossible) as answer:
         logger.info(answer.reason)
         if not answer.start:
@@ -199,11 +224,17 @@ def retrain(
         reasons = "\n".join(f"- {c['reason']}" for c in decision["comparisons"])
         if decision["passed"]:
             promote(repo_root, name, f"retrain {name} ({trigger}) not worse than the champion:\n{reasons}")
+        # After the decision, so an unreachable remote never holds back a promotion; the experiment is safe here.
+        pushed = push_experiment(repo_root, name, remote, return_state=True)
+        if pushed.is_failed():
+            logger.warning("experiment %s not pushed (%s); later: dvc exp push %s %s", name, pushed.message,
+                           remote.git_remote, name)  # fmt: skip
     verdicts = {"promoted": "promoted", "rejected": "not promoted: the champion stays",
                 "online A/B test": "passed offline; now on an online A/B test (python -m monitoring.ab)"}  # fmt: skip
     verdict = verdicts[decision["outcome"]]
     create_markdown_artifact(f"## Retrain {name}: {verdict}\n\n{reasons}\n", key="promotion", description="Champion / challenger")
-    return {**decision, "started": True, "reason": answer.reason, "landing_snapshot": snapshot}
+    shared_to = None if pushed.is_failed() else pushed.result()
+    return {**decision, "started": True, "reason": answer.reason, "landing_snapshot": snapshot, "pushed_to": shared_to}
 
 
 @flow(name="ab-decision", log_prints=True)

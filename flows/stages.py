@@ -26,8 +26,9 @@ class PermanentStageError(RuntimeError):
 @dataclass(frozen=True)
 class StageResult:
     name: str
-    status: str  # "ran" or "up to date"
+    status: str  # "ran" or "up to date" (outputs already there, restored from the run cache or pulled from the remote)
     seconds: float
+    pushed: int | None = None  # files sent to the DVC remote; None: pushing is off
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,22 +66,52 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(state.result(raise_on_failure=False), PermanentStageError)
 
 
-@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_transient, task_run_name="dvc-{name}")
-def run_stage(name: str, repo_root: str = ".", force: bool = False) -> StageResult:
-    """`dvc repro --single-item <name>` in repo_root: runs the stage if its deps, params or outs changed.
-
-    DVC runs as the CLI a user would type (its own process, cwd at the repo root), streamed into the log.
-    """
-    logger = get_run_logger()
+def _dvc_env() -> dict[str, str]:
     env = dict(os.environ)
     # Stage commands say `python -m ...`: make that the interpreter running this flow (the project's venv).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", name] + (["--force"] if force else [])
+    return env
+
+
+def pushed_count(output: str) -> int:
+    """Files `dvc push` sent, from its last line: '3 files pushed', '1 file pushed' or 'Everything is up to date.'"""
+    match = re.search(r"(\d+) files? pushed", output)
+    return int(match.group(1)) if match else 0
+
+
+def push_outputs(name: str, repo_root: str) -> int:
+    """`dvc push <name>`: the stage's cached outputs to the default remote (the flow configured it); returns the
+    number of files sent. Metrics and plots with `cache: false` travel with git, not here."""
+    logger = get_run_logger()
+    command = [str(Path(sys.executable).parent / "dvc"), "push", name]
+    done = subprocess.run(command, cwd=repo_root, env=_dvc_env(), capture_output=True, text=True)
+    for line in (done.stdout + done.stderr).splitlines()[-20:]:
+        logger.info(line)
+    if done.returncode != 0:
+        # Raised as transient: the task's retry runs the (now up to date) stage and pushes again.
+        raise RuntimeError(f"stage '{name}' ran but its outputs were not pushed: `dvc push {name}` exited with {done.returncode}")
+    pushed = pushed_count(done.stdout)
+    logger.info("%s: %s", name, f"{pushed} file(s) pushed to the DVC remote" if pushed else "the DVC remote had its outputs")
+    return pushed
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_transient, task_run_name="dvc-{name}")
+def run_stage(name: str, repo_root: str = ".", force: bool = False, pull: bool = False, push: bool = False) -> StageResult:
+    """`dvc repro --single-item <name>` in repo_root: runs the stage if its deps, params or outs changed.
+
+    DVC runs as the CLI a user would type (its own process, cwd at the repo root), streamed into the log.
+    With `pull`, `--pull`: a stage whose dvc.lock entry matches but whose outputs are missing from the
+    workspace and cache gets them from the remote instead of running (it runs when the remote lacks them).
+    With `push`, its outputs then go to the remote, in this task, so a failed push is retried like a failed run.
+    """
+    logger = get_run_logger()
+    command = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", name]
+    command += (["--force"] if force else []) + (["--pull"] if pull else [])
     start = time.monotonic()
     ran = False
     lines: list[str] = []
     with subprocess.Popen(
-        command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        command, cwd=repo_root, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -94,7 +125,9 @@ def run_stage(name: str, repo_root: str = ".", force: bool = False) -> StageResu
             kind = "bad data" if code == EX_DATAERR else "bad params"
             raise PermanentStageError(f"stage '{name}' failed on {kind} (exit {code}); see its log above")
         raise RuntimeError(f"stage '{name}' failed: `{' '.join(command)}` exited with {process.returncode}")
-    return StageResult(name, "ran" if ran else "up to date", round(time.monotonic() - start, 2))
+    seconds = round(time.monotonic() - start, 2)
+    pushed = push_outputs(name, repo_root) if push else None
+    return StageResult(name, "ran" if ran else "up to date", seconds, pushed)
 
 
 @task(task_run_name="check-params")
@@ -130,8 +163,8 @@ def summary_markdown(results: list[StageResult], repo_root: Path) -> str:
 
     stages = load_stages(repo_root)
     metrics_path = repo_root / stages[DATA_METRICS_STAGE].only_metrics()
-    lines = ["## Pipeline run", "", "| stage | status | seconds |", "|---|---|---|"]
-    lines += [f"| {r.name} | {r.status} | {r.seconds} |" for r in results]
+    lines = ["## Pipeline run", "", "| stage | status | seconds | files pushed |", "|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.status} | {r.seconds} | {'-' if r.pushed is None else r.pushed} |" for r in results]
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
         lines += [

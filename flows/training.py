@@ -5,7 +5,9 @@
     python -m flows.training --force              # rerun even when up to date
 
 Runs on Prefect's embedded default (a temporary local API, nothing to start) or against a server when
-PREFECT_API_URL is set.
+PREFECT_API_URL is set. With params `remote.pull` / `remote.push` (the default) it first makes the DVC remote
+DVC's default (flows/remote.py), restores a stage's missing outputs from it instead of rerunning the stage,
+and pushes each stage's outputs once it succeeded, so another machine's `dvc pull` or flow run picks up here.
 """
 
 from __future__ import annotations
@@ -16,19 +18,23 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.remote import RemoteConfig, configure
 from flows.stages import StageResult, check_params, dvc_stage_order, run_stage, summary_markdown
 
 
 @flow(name="training", log_prints=True)
 def training(stages: list[str] | None = None, repo_root: str = ".", force: bool = False) -> list[StageResult]:
-    """Reproduce the DVC pipeline stage by stage; publish a markdown summary artifact."""
+    """Reproduce the DVC pipeline stage by stage, through the DVC remote; publish a markdown summary artifact."""
     logger = get_run_logger()
     order = dvc_stage_order(Path(repo_root), stages)
     logger.info("stages in DVC order: %s", ", ".join(order))
     check_params(order, repo_root=repo_root)
+    remote = RemoteConfig.load(Path(repo_root))
+    if remote.pull or remote.push:
+        logger.info(configure(Path(repo_root), remote).describe())
     results = []
     for name in order:
-        result = run_stage(name, repo_root=repo_root, force=force)
+        result = run_stage(name, repo_root=repo_root, force=force, pull=remote.pull, push=remote.push)
         logger.info("%s: %s in %.1f s", result.name, result.status, result.seconds)
         results.append(result)
     create_markdown_artifact(

@@ -11,6 +11,10 @@ and the receipt lists the tags. Tags are content hashes, not BentoML's time-base
 DVC tracks is the same on every machine that packages the same models and code. The store is BentoML's
 (`$BENTOML_HOME`, default `~/bentoml`).
 
+With params `package.export_to` (or `--export-to`) set to a folder or URL, the Bento and its models are then
+exported there as BentoML archives (serving/store.py), for a serving box to import with
+`python -m serving.store import <it>`; a rerun on a store that holds them already only exports.
+
 Packaging serves nothing: the service serves the promotion record's champion (serving/promoted.py), so a
 retrain experiment can package its challenger without touching what is served. `python -m monitoring.promote`
 makes a receipt the champion.
@@ -26,9 +30,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from components.common import ConfigError, DataError, run_main, write_json
+from components.common import PARAMS_FILE, ConfigError, DataError, load_params, run_main, write_json
 from components.metrics import HEADLINE, evaluation_stage
 from components.pipeline import stage
+from serving import store
 from serving.promoted import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -132,6 +137,18 @@ def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) ->
     return receipt
 
 
+def export_target(params: dict[str, Any], flag: str | None) -> str | None:
+    """Where to export the Bento: `--export-to`, else params `package.export_to`; None: nowhere."""
+    if flag is not None:
+        return flag
+    if "export_to" not in params:
+        raise ConfigError("missing params key 'package.export_to' (a folder or URL to export to, or null)")
+    value = params["export_to"]
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"params key 'package.export_to' must be a folder or URL, or null; got {value!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m serving.package", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,12 +158,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bentofile", type=Path, default=Path("serving/bentofile.yaml"))
     parser.add_argument("--root", type=Path, default=Path("."), help="repository root (metrics/, git)")
     parser.add_argument("--out", type=Path, required=True, help="receipt JSON to write (models/bento.json)")
+    parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE), help="params file (its `package` section)")
+    parser.add_argument("--export-to", default=None, help="folder or URL to export to (default: params package.export_to)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run_main(lambda: package({f: getattr(args, f) for f in FAMILIES}, args.root, args.bentofile, args.out))
+
+    def body() -> None:
+        dest = export_target(load_params("package", args.params), args.export_to)  # checked before anything is built
+        receipt = package({f: getattr(args, f) for f in FAMILIES}, args.root, args.bentofile, args.out)
+        if dest is not None:
+            store.export(receipt, dest)
+
+    run_main(body)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,45 @@
-"""`dvc repro` of the data stages on the tiny configuration, in a temp git + DVC copy of the repo."""
+"""`dvc repro` of the data stages on the tiny configuration, in a temp git + DVC copy of the repo; its outputs
+shared with a clone through a DVC remote."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.conftest import STAGES, venv_env
+from flows.remote import ENV_VAR
+from tests.conftest import REPO_ROOT, STAGES, venv_env
 
 pytestmark = pytest.mark.slow
 
 
-def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["dvc", *args], cwd=repo, env=venv_env(), capture_output=True, text=True, timeout=600)
+def dvc(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["dvc", *args], cwd=repo, env=env or venv_env(), capture_output=True, text=True, timeout=600)
 
 
-def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) -> None:
+def run(repo: Path, env: dict[str, str], *command: str) -> str:
+    done = subprocess.run(list(command), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
+
+
+def dvc_outputs(repo: Path) -> dict[str, bytes]:
+    """Every file of every output dvc.lock lists (folders walked; metrics and plots too), by path."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
+    found = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            path = repo / out["path"]
+            for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+                found[file.relative_to(repo).as_posix()] = file.read_bytes()
+    return found
+
+
+def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path, tmp_path: Path) -> None:
     first = dvc(tiny_repo, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
     for stage in STAGES:
@@ -71,6 +93,32 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path) ->
     assert second.returncode == 0, second.stderr
     assert "Data and pipelines are up to date." in second.stdout
     assert "Running stage" not in second.stdout
+
+    # Another machine: push to a remote, commit dvc.lock, clone, point the clone at the same remote, pull.
+    outputs = dvc_outputs(tiny_repo)
+    assert "models/text/model.safetensors" in outputs and "data/raw/text.parquet" in outputs
+    team = {**venv_env(), ENV_VAR: str(tmp_path / "team-remote")}
+    assert "files pushed" in run(tiny_repo, team, sys.executable, "-m", "flows.remote", "push")
+    git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
+    run(tiny_repo, team, *git, "add", "-A")
+    run(tiny_repo, team, *git, "commit", "-qm", "pipeline reproduced")
+    assert (tiny_repo / ".dvc" / "config").read_bytes() == (REPO_ROOT / ".dvc" / "config").read_bytes()
+    assert run(tiny_repo, team, "git", "ls-files", ".dvc") == ".dvc/.gitignore\n.dvc/config\n"  # config.local stays out
+    clone = tmp_path / "clone"
+    run(tmp_path, team, "git", "clone", "-q", str(tiny_repo), str(clone))
+    run(clone, team, sys.executable, "-m", "flows.remote", "configure")
+    run(clone, venv_env(), "dvc", "pull")
+    assert "Data and pipelines are up to date." in run(clone, venv_env(), "dvc", "status")
+    assert dvc_outputs(clone) == outputs
+
+    # No configuration at all: .dvc/config's default remote, ~/.cache/aigc-pipeline/dvc-remote (a fresh HOME here).
+    home = {**{k: v for k, v in venv_env().items() if k != ENV_VAR}, "HOME": str(tmp_path / "home")}
+    run(tiny_repo, home, sys.executable, "-m", "flows.remote", "push")  # drops the `aigc` default it wrote above
+    assert any((tmp_path / "home" / ".cache" / "aigc-pipeline" / "dvc-remote").rglob("*"))
+    bare = tmp_path / "bare-clone"
+    run(tmp_path, home, "git", "clone", "-q", str(tiny_repo), str(bare))
+    run(bare, home, "dvc", "pull")
+    assert dvc_outputs(bare) == outputs
 
 
 def test_param_change_reruns_only_the_stages_that_read_it(tiny_repo: Path) -> None:

@@ -1,7 +1,8 @@
 """The unattended loop end to end on tiny params, with real DVC experiments, Prefect flows and services:
 a worse challenger is rejected and nothing served changes; two triggers at once start one retrain; landed
 data is snapshotted and reproducible after the landing folder is emptied; a challenger the gate lets
-through is served from the next start; `--rollback` serves the old champion again."""
+through is served from the next start; `--rollback` serves the old champion again. Every retrain, promoted or
+not, is pushed to the git remote (`dvc exp push`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def run(repo: Path, *command: str) -> str:
     return done.stdout
 
 
+def pushed_experiments(repo: Path) -> list[str]:
+    """Names of the experiments the repo's git remote `origin` holds (refs/exps/<baseline>/<name>)."""
+    return [line.rsplit("/", 1)[-1] for line in run(repo, "git", "ls-remote", "origin", "refs/exps/*").splitlines()]
+
+
 def ingest_out(repo: Path) -> str:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return lock["stages"]["ingest"]["outs"][0]["md5"]
@@ -62,6 +68,8 @@ def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(tmp_path:
     git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
     run(repo, *git, "add", "-A")
     run(repo, *git, "commit", "-qm", "champion reproduced")
+    run(repo, "git", "init", "-q", "--bare", str(tmp_path / "origin.git"))  # the team's git remote
+    run(repo, "git", "remote", "add", "origin", str(tmp_path / "origin.git"))
     run(repo, sys.executable, "-m", "monitoring.promote", "--why", "first champion")
     champion = json.loads((repo / "models" / "bento.json").read_text())["models"]
     running = start_server(
@@ -88,6 +96,8 @@ def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(tmp_path:
         assert drifted["drifted"] and drifted["retrain"] is None
         assert drifted["action"].startswith("refused: a retrain is already running") and "trigger schedule" in drifted["action"]
         assert scheduled["started"] and not scheduled["promoted"]
+        assert scheduled["pushed_to"] == str(tmp_path / "origin.git")
+        assert pushed_experiments(repo) == [scheduled["experiment"]]  # rejected, yet shared with the team
         requests = [json.loads(line) for line in requests_file.read_text().splitlines()]
         assert sorted((r["trigger"] == "schedule", r["started"]) for r in requests) == [(False, False), (True, True)]
         history = json.loads((repo / "monitoring" / "promotion" / "history.json").read_text())
@@ -107,6 +117,7 @@ def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(tmp_path:
     (repo / "data" / "landing" / "text" / "week48.csv").write_text("source,reference\nname: Zorvik One,The Zorvik One.\n")
     manual = retrain(str(repo), trigger="manual")
     assert manual["started"] and manual["promoted"] and manual["landing_snapshot"]
+    assert sorted(pushed_experiments(repo)) == sorted([scheduled["experiment"], manual["experiment"]])
     promoted = json.loads((repo / "models" / "bento.json").read_text())["models"]
     now_served = json.loads((repo / "models" / "promoted.json").read_text())["current"]
     assert now_served["models"] == promoted and now_served["experiment"] == manual["experiment"]

@@ -84,14 +84,22 @@ def service_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_server(home: Path, log_dir: Path, output: Path | None = None, **extra: str) -> Server:
-    """`bentoml serve` on a free port, ready; its stdout and stderr (the server log) go to `output` if given."""
+def start_server(
+    home: Path,
+    log_dir: Path,
+    output: Path | None = None,
+    target: str = "serving.service:Gateway",
+    cwd: Path = REPO_ROOT,
+    **extra: str,
+) -> Server:
+    """`bentoml serve <target>` (the repo's service, or a Bento tag in home's store) run in `cwd`, on a free port,
+    ready; its stdout and stderr (the server log) go to `output` if given."""
     port = free_port()
     env = service_env(home, AIGC_REQUEST_LOG=str(log_dir), AIGC_REQUEST_LOG_FLUSH_SECONDS="0.2", **extra)
     sink = open(output, "wb") if output is not None else subprocess.DEVNULL  # the server's to keep open
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:Gateway", "--port", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT if output is not None else subprocess.DEVNULL,
+        [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--port", str(port)],
+        cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT if output is not None else subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
