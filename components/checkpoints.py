@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from components.common import BusyError
+from components.common import BusyError, ConfigError, is_url
 from components.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,6 @@ def checkpoint_lock(directory: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def is_url(location: str) -> bool:
-    return "://" in location
-
-
 def checkpoint_location(folder: Path, root: str | None) -> tuple[Path, CheckpointMirror | None]:
     """Where a stage with `--checkpoints folder` keeps its checkpoints under `root`: the local folder it trains
     into, and the mirror on shared storage (for a URL root)."""
@@ -148,8 +144,26 @@ def checkpoint_location(folder: Path, root: str | None) -> tuple[Path, Checkpoin
     return Path(root).expanduser() / folder.name, None
 
 
+def check_url(url: str, where: str) -> None:
+    """A checkpoint URL whose filesystem fsspec has installed, else a ConfigError saying which package to add."""
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(url.split("://", 1)[0])
+    except (ImportError, ValueError) as err:
+        raise ConfigError(
+            f"{where} is {url!r}, which fsspec cannot open here ({type(err).__name__}: {err}); install the package "
+            "for its scheme (s3fs, gcsfs, adlfs, ...) or use a mounted path"
+        ) from None
+
+
 class CheckpointMirror:
-    """A run folder's copy on shared storage (any fsspec URL). Rank 0 alone calls it."""
+    """A run folder's copy on shared storage (any fsspec URL). Rank 0 alone calls it.
+
+    The local checkpoint is the one that counts: a failed copy up is a warning and training goes on, and a
+    mirror that cannot be read resumes from the local folder. An upload runs inside the training step, so the
+    other ranks wait for it (a checkpoint of many GB on a slow link wants a mounted path instead).
+    """
 
     def __init__(self, url: str) -> None:
         import fsspec
@@ -174,19 +188,31 @@ class CheckpointMirror:
         through a temporary name, so a reader never sees half a checkpoint."""
         target = f"{self.root}/{relative or path.name}"
         parent, _, name = target.rpartition("/")
-        self.fs.makedirs(parent, exist_ok=True)
-        partial = f"{parent}/.{name}.tmp"
-        self.fs.put_file(str(path), partial)
-        self.fs.mv(partial, target)
+        try:
+            self.fs.makedirs(parent, exist_ok=True)
+            partial = f"{parent}/.{name}.tmp"
+            self.fs.put_file(str(path), partial)
+            self.fs.mv(partial, target)
+        except Exception as err:  # fsspec backends raise their own types; the local copy is safe either way
+            log.warning("could not copy %s up to %s (%s: %s); training goes on", path.name, self.url, type(err).__name__, err)
 
     def prune(self, keep: int) -> None:
-        for _, name in self._steps()[keep:]:
-            self.fs.rm(f"{self.root}/{name}")
+        try:
+            for _, name in self._steps()[keep:]:
+                self.fs.rm(f"{self.root}/{name}")
+        except Exception as err:
+            log.warning("could not prune old checkpoints at %s (%s: %s)", self.url, type(err).__name__, err)
 
-    def pull(self, local: Path, checkpoints: bool = True) -> None:
-        """Copy the mirror's newest checkpoint down when it is newer than the local folder's (`checkpoints`), and
-        the sample grids the local folder lacks: the run then resumes where the last machine stopped."""
-        steps = self._steps() if checkpoints else []
+    def pull(self, local: Path) -> None:
+        """Copy the mirror's newest checkpoint down when it is newer than the local folder's, and the sample
+        grids the local folder lacks: the run then resumes where the last machine stopped."""
+        try:
+            self._pull(local)
+        except Exception as err:
+            log.warning("could not read checkpoints at %s (%s: %s); resuming from %s", self.url, type(err).__name__, err, local)
+
+    def _pull(self, local: Path) -> None:
+        steps = self._steps()
         newest_local = next((int(CHECKPOINT_PATTERN.match(p.name)[1]) for p in list_checkpoints(local)), -1)  # type: ignore[index]
         if steps and steps[0][0] > newest_local:
             self._get(f"{self.root}/{steps[0][1]}", local / steps[0][1])

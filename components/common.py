@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -58,7 +59,12 @@ class DataError(RuntimeError):
     """The input data cannot be processed as configured (missing columns, empty file, too much quarantined)."""
 
 
-class BusyError(RuntimeError):
+class TransientError(RuntimeError):
+    """A failure that may pass on its own (shared storage unreachable, a folder in use): exit 75, which the flows
+    retry."""
+
+
+class BusyError(TransientError):
     """Another process holds what this one needs (a trainer writing the same checkpoint folder): retry later."""
 
 
@@ -192,6 +198,11 @@ def resolve_inside(root: Path, candidate: Path) -> Path | None:
     return real if real == real_root or real_root in real.parents else None
 
 
+def is_url(location: str) -> bool:
+    """Whether `location` is a URL (s3://, gs://, file://, ssh://, ...) rather than a local path; DVC's own test."""
+    return re.match(r"\w+://", location) is not None
+
+
 def run_main(body: Callable[[], None]) -> None:
     """Run a stage's main body: log to stderr, turn known errors into one clear line and a sysexits code, and
     (in a process started to run the stage) end the stage with the program that started it (`die_with_parent`)."""
@@ -215,6 +226,9 @@ def run_main(body: Callable[[], None]) -> None:
         raise SystemExit(EX_DATAERR) from err
     except BusyError as err:
         log.error("busy: %s", err)
+        raise SystemExit(EX_TEMPFAIL) from err
+    except TransientError as err:
+        log.error("temporary failure: %s", err)
         raise SystemExit(EX_TEMPFAIL) from err
 
 

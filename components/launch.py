@@ -2,17 +2,21 @@
 
     params.yaml  train_text.distributed: {nproc_per_node: 8, nnodes: 1, rdzv_endpoint: null}
     dvc repro train_text                     # one process per GPU (gloo on CPU), a versioned DDP model
+    AIGC_RDZV_ENDPOINT=node-0:29400 dvc repro train_text     # on every node, with nnodes: 2
 
 With `nproc_per_node` or `nnodes` above 1, the stage's process becomes an elastic agent (torch.distributed's
 launcher, the one `torchrun` runs) and starts `nproc_per_node` copies of the same command as its workers;
 they train together and the agent returns once they are done. Several nodes: the same `dvc repro` on each,
-with the same `rdzv_endpoint` (host:port of one of them; its agent hosts the c10d rendezvous). Workers take
-their rank at the rendezvous, so which node holds rank 0 is not fixed: every node's first worker writes the
-model, `training.json` and the curves (identical bytes on every node, so each node's `dvc.lock` is the same),
-and rank 0 alone writes checkpoints (`base.checkpoint_root` on shared storage lets any node resume them).
+with the same rendezvous endpoint (host:port of one of them; its agent hosts the c10d rendezvous), best given
+as `$AIGC_RDZV_ENDPOINT`: it names a machine, not the model, so it stays out of `dvc.lock` (params'
+`rdzv_endpoint` is the fallback). Workers take their rank at the rendezvous, so which node holds rank 0 is
+not fixed: every node's first worker writes the model, `training.json`, the curves and the sample grids
+(rank 0 sends its grids to the others), identical bytes on every node, so each node's `dvc.lock` is the
+same; rank 0 alone writes checkpoints (`base.checkpoint_root` on shared storage lets any node resume them).
 
-A worker's own error is its one line on stderr; the agent then exits with that worker's status (65, 75, 78
-keep their meaning for the flows), never with the launcher's traceback. Only torch and the standard library.
+The failing worker's error is on stderr (one line for bad params, bad data or a busy folder); the agent
+then exits with its status (65, 75, 78 keep their meaning for the flows), not with the launcher's traceback.
+Only torch and the standard library.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ WORKER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")
 """Set in every process a torch.distributed launcher started: such a process trains, it never launches."""
 KEPT_EXIT_CODES = (EX_DATAERR, EX_TEMPFAIL, EX_CONFIG)
 """A worker's exit status the agent passes on as its own: bad data, busy, bad params (flows act on them)."""
+ENDPOINT_ENV = "AIGC_RDZV_ENDPOINT"
+"""The rendezvous endpoint of a multi-node job (host:port); wins over params' `rdzv_endpoint`."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,14 @@ class Launch:
         endpoint = found.get("rdzv_endpoint")
         if endpoint is not None and not valid_endpoint(endpoint):
             raise ConfigError(f"params key '{prefix}.distributed.rdzv_endpoint' must be 'host:port' or null, got {endpoint!r}")
+        if os.environ.get(ENDPOINT_ENV):
+            endpoint = os.environ[ENDPOINT_ENV]
+            if not valid_endpoint(endpoint):
+                raise ConfigError(f"${ENDPOINT_ENV} must be 'host:port', got {endpoint!r}")
         if counts["nnodes"] > 1 and endpoint is None:
             raise ConfigError(
-                f"params key '{prefix}.distributed.rdzv_endpoint' is needed with nnodes {counts['nnodes']}: "
-                "the host:port of one node, the same on every node"
+                f"params key '{prefix}.distributed.nnodes' is {counts['nnodes']}: set ${ENDPOINT_ENV} (or "
+                f"'{prefix}.distributed.rdzv_endpoint') to the host:port of one node, the same on every node"
             )
         return cls(counts["nproc_per_node"], counts["nnodes"], endpoint)
 
@@ -93,6 +103,18 @@ def needs_launch(launch: Launch) -> bool:
     return launch.world_size > 1 and not launched_worker()
 
 
+def check_devices(launch: Launch, device: str, prefix: str) -> None:
+    """More workers than GPUs would fail in every worker at once; say so here, before any starts."""
+    import torch
+
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    if gpus and launch.nproc_per_node > gpus:
+        raise ConfigError(
+            f"params key '{prefix}.distributed.nproc_per_node' is {launch.nproc_per_node} but this node has {gpus} GPUs: "
+            f"one worker per GPU (or set '{prefix}.device: cpu' to train on the CPU with gloo)"
+        )
+
+
 def launch_workers(launch: Launch, stage: str, argv: list[str], module: str | None = None) -> None:
     """Run `python -m components.<stage> <argv>` (or `module`) as `nproc_per_node` DDP workers of this node;
     returns when they all finished, or exits with the status of the first one that failed.
@@ -100,6 +122,7 @@ def launch_workers(launch: Launch, stage: str, argv: list[str], module: str | No
     Raises:
         SystemExit: a worker failed (its status when it says bad data, busy or bad params; else 1).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -123,7 +146,7 @@ def launch_workers(launch: Launch, stage: str, argv: list[str], module: str | No
     try:
         elastic_launch(config, sys.executable)("-m", module or f"components.{stage}", *argv)
     except ChildFailedError as err:
-        rank, failure = min(err.failures.items())
+        rank, failure = err.get_first_failure()
         code = failure.exitcode
         log.error("%s: worker rank %d of %d exited with %d; its error is above", stage, rank, launch.world_size, code)
         raise SystemExit(code if code in KEPT_EXIT_CODES else 1) from None
@@ -133,3 +156,6 @@ def launch_workers(launch: Launch, stage: str, argv: list[str], module: str | No
             stage, config.rdzv_endpoint, type(err).__name__, err, launch.nnodes,
         )  # fmt: skip
         raise SystemExit(EX_TEMPFAIL) from None
+    except SignalException as err:  # the agent was told to stop; its workers are stopped by then
+        log.error("%s: stopped by %s", stage, err.sigval.name)
+        raise SystemExit(128 + int(err.sigval)) from None

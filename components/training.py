@@ -41,6 +41,7 @@ from torch import nn
 from components.checkpoints import (
     ROOT_ENV,
     CheckpointMirror,
+    check_url,
     checkpoint_location,
     checkpoint_lock,
     checkpoint_path,
@@ -50,9 +51,9 @@ from components.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from components.common import ConfigError, load_params, progress, require, run_main, write_json
+from components.common import ConfigError, is_url, load_params, progress, require, run_main, write_json
 from components.image_io import save_grid
-from components.launch import Launch, launch_workers, needs_launch
+from components.launch import Launch, check_devices, launch_workers, needs_launch
 from components.runtime import DEVICES, PRECISIONS, Runtime, cpu_threads_from_params, setup_runtime, teardown_runtime
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class TrainConfig:
     cpu_threads: int | None = None
     validate_every: int = 0  # steps between validations of a family that has them (0: none; the last step's model is kept)
     # Where checkpoints live (components.checkpoints.checkpoint_location): a machine's choice, so neither part of
-    # the run fingerprint nor of training.json.
+    # the run fingerprint nor of training.json (MACHINE_FIELDS).
     checkpoint_root: str | None = None
 
     @classmethod
@@ -129,7 +130,7 @@ class TrainConfig:
             seed=require(base, "seed", int, "base") if seed is None else seed,
             cpu_threads=cpu_threads_from_params(base),
             validate_every=require(section, "validate_every", int, prefix, low=0) if "validate_every" in section else 0,
-            checkpoint_root=os.environ.get(ROOT_ENV) or checkpoint_root_from_params(base),
+            checkpoint_root=checkpoint_root_of(base),
         )
         choices = {"device": DEVICES, "precision": PRECISIONS, "resume": ("auto", "never")}
         for key, allowed in choices.items():
@@ -139,7 +140,7 @@ class TrainConfig:
 
     def fingerprint(self, *extra: Any) -> str:
         """What a checkpoint must match to be resumed: everything but the checkpoint/resume/logging knobs."""
-        ignored = ("checkpoint_every", "keep_checkpoints", "resume", "log_every", "checkpoint_root")
+        ignored = ("checkpoint_every", "keep_checkpoints", "resume", "log_every", *MACHINE_FIELDS)
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         if not self.validate_every:  # families without validation keep the fingerprints (and checkpoints) they had
             relevant.pop("validate_every")
@@ -148,14 +149,22 @@ class TrainConfig:
 
     def record(self) -> dict[str, Any]:
         """The config as `training.json` states it: what shaped the model, not where its checkpoints were."""
-        return {k: v for k, v in asdict(self).items() if k != "checkpoint_root"}
+        return {k: v for k, v in asdict(self).items() if k not in MACHINE_FIELDS}
 
 
-def checkpoint_root_from_params(base: dict[str, Any]) -> str | None:
-    """`base.checkpoint_root`: a path, an fsspec URL, or null."""
-    root = base.get("checkpoint_root")
+MACHINE_FIELDS = ("checkpoint_root",)
+"""TrainConfig fields that say where a run keeps its state, not what it trains."""
+
+
+def checkpoint_root_of(base: dict[str, Any]) -> str | None:
+    """`$AIGC_CHECKPOINT_ROOT`, else `base.checkpoint_root`: a path, an fsspec URL whose filesystem is installed,
+    or null."""
+    where, root = (f"${ROOT_ENV}", os.environ[ROOT_ENV]) if os.environ.get(ROOT_ENV) else (
+        "params key 'base.checkpoint_root'", base.get("checkpoint_root"))  # fmt: skip
     if root is not None and (not isinstance(root, str) or not root.strip()):
-        raise ConfigError(f"params key 'base.checkpoint_root' must be a path, a URL or null, got {root!r}")
+        raise ConfigError(f"{where} must be a path, a URL or null, got {root!r}")
+    if root is not None and is_url(root):
+        check_url(root, where)
     return root
 
 
@@ -359,10 +368,10 @@ def fit(
     resumed_losses: dict[str, float] = {}
     curves: list[tuple[int, dict[str, float]]] = []
     best: Selection | None = None
-    run_mirror = mirror.child(checkpoint_dir.name) if mirror is not None and runtime.writes_outputs else None
+    run_mirror = mirror.child(checkpoint_dir.name) if mirror is not None and runtime.is_main else None
     if cfg.resume == "auto":
-        if run_mirror is not None:  # rank 0 takes the checkpoint; every node's writer the sample grids
-            run_mirror.pull(checkpoint_dir, checkpoints=runtime.is_main)
+        if run_mirror is not None:
+            run_mirror.pull(checkpoint_dir)
         found = newest_shared_checkpoint(checkpoint_dir, fingerprint, runtime)
         if found is not None:
             path, state = found
@@ -372,7 +381,7 @@ def fit(
             for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
                 scheduler.load_state_dict(saved)
             rngs = state["rng"]
-            set_rng_state(rngs[runtime.rank] if runtime.rank < len(rngs) else rngs[0])
+            set_rng_state(rngs[runtime.rank])  # the fingerprint holds the world size: one state per rank
             start_step = resumed_from = int(state["step"])
             resumed_losses = {name: float(value) for name, value in state.get("losses", {}).items()}
             curves = list(state.get("curves", []))
@@ -484,7 +493,7 @@ def fit(
                     checkpoint_path(checkpoint_dir, done),
                 )
                 prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
-                if run_mirror is not None:  # rank 0's
+                if run_mirror is not None:
                     run_mirror.push(checkpoint_path(checkpoint_dir, done))
                     run_mirror.prune(cfg.keep_checkpoints)
         if stop_after is not None and done >= stop_after:
@@ -592,6 +601,7 @@ def run_training(
         fingerprint = cfg.fingerprint(job.params, hashed, *([runtime.world_size] if runtime.distributed else []))
         grids = run_folder(checkpoint_dir, fingerprint, job.model) / "samples"
         grid_mirror = mirror.child(grids.parent.name) if mirror is not None and runtime.is_main else None
+        drawing = job.samples is not None and samples_dir is not None
         log.info(
             "%s; %.3fM trainable parameters, device %s%s",
             job.description,
@@ -601,7 +611,8 @@ def run_training(
         )
 
         def draw(model: nn.Module, step: int) -> None:
-            if job.samples is not None and samples_dir is not None and runtime.writes_outputs:
+            # Rank 0 draws (other nodes may share its folder); every node's writer gets the grids at the end.
+            if drawing and runtime.is_main:
                 grid = grids / f"step-{step:08d}.png"
                 if save_grid(job.samples(model), grid, job.sample_columns) and grid_mirror is not None:
                     grid_mirror.push(grid, f"samples/{grid.name}")
@@ -619,6 +630,11 @@ def run_training(
             validation=job.validation if cfg.validate_every else None, mirror=mirror,
         )  # fmt: skip
         seconds = time.perf_counter() - start
+        finished = result.steps >= cfg.max_steps
+        if finished and drawing:
+            if runtime.is_main and not (grids / f"step-{result.steps:08d}.png").exists():  # resumed at the end
+                draw(unwrap(job.model), result.steps)
+            share_grids(grids, runtime)
         # No collective is left, and libraries save on global rank 0 alone while a process group is up
         # (transformers' save_pretrained): out of it, every node's writer saves its own copy.
         teardown_runtime(runtime)
@@ -630,11 +646,9 @@ def run_training(
         )
         if runtime.writes_outputs and metrics_dir is not None:
             write_json(timing_record(result, seconds, runtime), metrics_dir / TIMING_FILE)
-        if runtime.writes_outputs and result.steps >= cfg.max_steps:
-            if job.samples is not None and samples_dir is not None:
-                if not (grids / f"step-{result.steps:08d}.png").exists():  # resumed at the end: no step drew it
-                    draw(unwrap(job.model), result.steps)
-                shutil.rmtree(samples_dir, ignore_errors=True)
+        if runtime.writes_outputs and finished:
+            if drawing:
+                shutil.rmtree(samples_dir, ignore_errors=True)  # type: ignore[arg-type]
                 if grids.is_dir():  # none without torchvision (a bare GPU box)
                     shutil.copytree(grids, samples_dir)
             selected = {}
@@ -651,6 +665,23 @@ def run_training(
             result.record = training_record({**job.params, "train": cfg.record()}, hashed, result, runtime) | selected | extra
             write_json(result.record, out_dir / "training.json")
         return result
+
+
+def share_grids(grids: Path, runtime: Runtime) -> None:
+    """Rank 0's sample grids (drawn by it during the run, or copied down from the mirror) into the grids folder
+    of every node's writer, which lacks them: each node's samples output then holds the same files. A
+    collective: every rank calls it."""
+    if not runtime.distributed:
+        return
+    box: list[Any] = [{p.name: p.read_bytes() for p in sorted(grids.glob("step-*.png"))} if runtime.is_main else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if runtime.writes_outputs and not runtime.is_main:
+        grids.mkdir(parents=True, exist_ok=True)
+        for name, data in box[0].items():
+            if not (grids / name).exists():  # a shared folder has rank 0's already
+                partial = grids / f".{name}.{os.getpid()}.tmp"
+                partial.write_bytes(data)
+                os.replace(partial, grids / name)
 
 
 def timing_record(result: TrainResult, seconds: float, runtime: Runtime) -> dict[str, Any]:
@@ -722,6 +753,7 @@ def training_main(
         cfg = config.from_params(params)  # bad params stop here, before any worker starts
         launch = Launch.from_params(params, stage)
         if needs_launch(launch):  # this process becomes the agent of the stage's DDP workers
+            check_devices(launch, str(params.get("device", "auto")), stage)
             launch_workers(launch, stage, list(sys.argv[1:] if argv is None else argv))
         else:
             train(cfg, args)

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.remote import RemoteConfig, configure
+from flows.remote import RemoteConfig, configure, dvc_env, dvc_executable
 
 
 def monitoring_path(repo_root: str, key: str) -> Path:
@@ -70,11 +68,7 @@ def run_drift_check(repo_root: str, log_dir: str | None = None, reports_dir: str
 def dvc(repo_root: str, *args: str) -> None:
     """Run a DVC command in the repo (this interpreter's venv), its output into the task log."""
     logger = get_run_logger()
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    run = subprocess.run(
-        [str(Path(sys.executable).parent / "dvc"), *args], cwd=repo_root, env=env, capture_output=True, text=True
-    )
+    run = subprocess.run([dvc_executable(), *args], cwd=repo_root, env=dvc_env(), capture_output=True, text=True)
     for line in (run.stdout + run.stderr).splitlines()[-40:]:
         logger.info(line)
     if run.returncode != 0:
@@ -185,7 +179,7 @@ def promote(repo_root: str, experiment: str, why: str) -> dict[str, Any]:
                          "retrain flow", f"offline gate passed; online A/B before serving: {why}", experiment)  # fmt: skip
     for line in apply_experiment(root, experiment, experiment_receipt(root, experiment)):
         get_run_logger().info(line)
-    return promote_receipt(receipt_path(root), root / cfg.record, "retrain flow", why, experiment)
+    return promote_receipt(root, receipt_path(root), root / cfg.record, "retrain flow", why, experiment)
 
 
 def experiment_receipt(root: Path, experiment: str) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.common import EX_CONFIG, ConfigError, load_params
+from components.common import EX_CONFIG, ConfigError, is_url, load_params
 
 ENV_VAR = "AIGC_DVC_REMOTE"
 REMOTE_NAME = "aigc"
@@ -68,11 +67,6 @@ class Remote:
 
     def describe(self) -> str:
         return f"DVC remote '{self.name}': {self.url} (from {self.source})"
-
-
-def is_url(location: str) -> bool:
-    """Whether `location` is a URL (s3://, gs://, azure://, ssh://, ...) rather than a local path; DVC's own test."""
-    return re.match(r"\w+://", location) is not None
 
 
 def absolute(location: str, base: Path) -> str:
@@ -167,6 +161,14 @@ def dvc_executable() -> str:
     return str(Path(sys.executable).parent / "dvc")
 
 
+def dvc_env() -> dict[str, str]:
+    """The environment to run `dvc` in: stage commands say `python -m ...`, so this interpreter (the project's
+    venv) comes first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flows.remote", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EX_CONFIG) from None
     print(remote.describe(), file=sys.stderr if args.command in ("pull", "push") else sys.stdout)
     if args.command in ("pull", "push"):
-        raise SystemExit(subprocess.run([dvc_executable(), args.command, *args.targets], cwd=args.repo).returncode)
+        raise SystemExit(subprocess.run([dvc_executable(), args.command, *args.targets], cwd=args.repo, env=dvc_env()).returncode)
 
 
 if __name__ == "__main__":

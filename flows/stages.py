@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from components.common import EX_CONFIG, EX_DATAERR
+from flows.remote import dvc_env, dvc_executable
 
 DATA_METRICS_STAGE = "clean"  # its metrics file counts the rows of every dataset
 
@@ -66,29 +65,22 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(state.result(raise_on_failure=False), PermanentStageError)
 
 
-def _dvc_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # Stage commands say `python -m ...`: make that the interpreter running this flow (the project's venv).
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def pushed_count(output: str) -> int:
     """Files `dvc push` sent, from its last line: '3 files pushed', '1 file pushed' or 'Everything is up to date.'"""
     match = re.search(r"(\d+) files? pushed", output)
     return int(match.group(1)) if match else 0
 
 
-def push_outputs(name: str, repo_root: str) -> int:
+@task(retries=2, retry_delay_seconds=[5, 30], task_run_name="dvc-push-{name}")
+def push_stage(name: str, repo_root: str = ".") -> int:
     """`dvc push <name>`: the stage's cached outputs to the default remote (the flow configured it); returns the
-    number of files sent. Metrics and plots with `cache: false` travel with git, not here."""
+    number of files sent. Metrics and plots with `cache: false` travel with git, not here. Its own task, so
+    a failed push is retried without running the stage again."""
     logger = get_run_logger()
-    command = [str(Path(sys.executable).parent / "dvc"), "push", name]
-    done = subprocess.run(command, cwd=repo_root, env=_dvc_env(), capture_output=True, text=True)
+    done = subprocess.run([dvc_executable(), "push", name], cwd=repo_root, env=dvc_env(), capture_output=True, text=True)
     for line in (done.stdout + done.stderr).splitlines()[-20:]:
         logger.info(line)
     if done.returncode != 0:
-        # Raised as transient: the task's retry runs the (now up to date) stage and pushes again.
         raise RuntimeError(f"stage '{name}' ran but its outputs were not pushed: `dvc push {name}` exited with {done.returncode}")
     pushed = pushed_count(done.stdout)
     logger.info("%s: %s", name, f"{pushed} file(s) pushed to the DVC remote" if pushed else "the DVC remote had its outputs")
@@ -96,22 +88,21 @@ def push_outputs(name: str, repo_root: str) -> int:
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_transient, task_run_name="dvc-{name}")
-def run_stage(name: str, repo_root: str = ".", force: bool = False, pull: bool = False, push: bool = False) -> StageResult:
+def run_stage(name: str, repo_root: str = ".", force: bool = False, pull: bool = False) -> StageResult:
     """`dvc repro --single-item <name>` in repo_root: runs the stage if its deps, params or outs changed.
 
     DVC runs as the CLI a user would type (its own process, cwd at the repo root), streamed into the log.
     With `pull`, `--pull`: a stage whose dvc.lock entry matches but whose outputs are missing from the
     workspace and cache gets them from the remote instead of running (it runs when the remote lacks them).
-    With `push`, its outputs then go to the remote, in this task, so a failed push is retried like a failed run.
     """
     logger = get_run_logger()
-    command = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", name]
+    command = [dvc_executable(), "repro", "--single-item", name]
     command += (["--force"] if force else []) + (["--pull"] if pull else [])
     start = time.monotonic()
     ran = False
     lines: list[str] = []
     with subprocess.Popen(
-        command, cwd=repo_root, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        command, cwd=repo_root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -125,9 +116,7 @@ def run_stage(name: str, repo_root: str = ".", force: bool = False, pull: bool =
             kind = "bad data" if code == EX_DATAERR else "bad params"
             raise PermanentStageError(f"stage '{name}' failed on {kind} (exit {code}); see its log above")
         raise RuntimeError(f"stage '{name}' failed: `{' '.join(command)}` exited with {process.returncode}")
-    seconds = round(time.monotonic() - start, 2)
-    pushed = push_outputs(name, repo_root) if push else None
-    return StageResult(name, "ran" if ran else "up to date", seconds, pushed)
+    return StageResult(name, "ran" if ran else "up to date", round(time.monotonic() - start, 2))
 
 
 @task(task_run_name="check-params")

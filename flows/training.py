@@ -13,13 +13,14 @@ and pushes each stage's outputs once it succeeded, so another machine's `dvc pul
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.remote import RemoteConfig, configure
-from flows.stages import StageResult, check_params, dvc_stage_order, run_stage, summary_markdown
+from flows.stages import StageResult, check_params, dvc_stage_order, push_stage, run_stage, summary_markdown
 
 
 @flow(name="training", log_prints=True)
@@ -34,7 +35,9 @@ def training(stages: list[str] | None = None, repo_root: str = ".", force: bool 
         logger.info(configure(Path(repo_root), remote).describe())
     results = []
     for name in order:
-        result = run_stage(name, repo_root=repo_root, force=force, pull=remote.pull, push=remote.push)
+        result = run_stage(name, repo_root=repo_root, force=force, pull=remote.pull)
+        if remote.push:
+            result = replace(result, pushed=push_stage(name, repo_root=repo_root))
         logger.info("%s: %s in %.1f s", result.name, result.status, result.seconds)
         results.append(result)
     create_markdown_artifact(

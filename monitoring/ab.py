@@ -3,6 +3,9 @@
     python -m monitoring.ab                 # report on the running A/B test (params.yaml's `ab`)
     python -m monitoring.ab --decide        # ... and act: promote a better challenger, end a worse one's test
 
+A promoted challenger is published to the shared model store as its champion (params `package.export_to`,
+monitoring/promote.py `publish_champion`).
+
 The test is the promotion record's running `challenge` (serving/promoted.py: started by hand with
 `python -m monitoring.promote --challenger`, or by a retrain when `promotion.require_online` is on). Requests
 come from the request log (their `variant`), outcomes from `POST /feedback` rows beside it, both since the
@@ -32,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from components.common import ConfigError, load_params, require, write_json
+from components.common import EX_TEMPFAIL, ConfigError, TransientError, load_params, require, write_json
 from serving.promoted import CHALLENGER, CHAMPION, SHADOW, SPLIT
 
 log = logging.getLogger(__name__)
@@ -171,17 +174,21 @@ def ab_report(log_dir: Path, ab: dict[str, Any], cfg: ABConfig) -> dict[str, Any
 
 
 def act(root: Path, record: Path, report: dict[str, Any], by: str) -> str:
-    """Promote a better challenger (applying its experiment first, when it has one), end a worse one's test."""
-    from monitoring.promote import apply_experiment
+    """Promote a better challenger (applying its experiment first, when it has one) and publish it to the shared
+    model store (params `package.export_to`, if set); end a worse one's test."""
+    from monitoring.promote import apply_experiment, publish_champion, shared_store
     from serving.promoted import end_ab, promote
 
     decision = report["comparison"]["decision"]
     if decision == BETTER:
+        shared_store(root)  # its params checked before anything changes
         if report["experiment"]:  # the workspace follows, so the next offline comparison is against this champion
             apply_experiment(root, report["experiment"], {"models": report["challenger"]})
         why = f"online A/B: {report['comparison']['reason']} on {report['metric']}"
         promote(record, report["challenger"], report.get("bento"), by, why, report["experiment"])
-        return f"promoted the challenger ({why}); restart the service to serve it"
+        dest = publish_champion(root, record)
+        published = f", published to {dest}" if dest else ""
+        return f"promoted the challenger ({why}){published}; restart the service to serve it"
     if decision == WORSE:
         end_ab(record, by, f"online A/B: {report['comparison']['reason']} on {report['metric']}")
         return "ended the A/B test: the challenger is worse; restart the service to stop serving it"
@@ -238,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, PromotionError) as err:
         print(f"monitoring.ab: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TransientError as err:  # the promotion is recorded; the shared model store could not be written
+        print(f"monitoring.ab: {err}", file=sys.stderr)
+        raise SystemExit(EX_TEMPFAIL) from None
 
 
 if __name__ == "__main__":

@@ -6,11 +6,17 @@
     python -m monitoring.promote --show                           # the champion and the history
     python -m monitoring.promote --challenger --receipt r.json --share 0.1   # online A/B test (or --shadow)
     python -m monitoring.promote --end-ab --why "enough"          # stop it
+    python -m monitoring.promote --publish                        # retry publishing the champion (below)
 
 The record (params.yaml's `promotion.record`) is the only thing the service reads to choose its models
 (serving/promoted.py); every change is appended with who (`--by`, default the login name), when and why.
 A running service keeps the models it loaded: restart it (or roll out a new replica) to serve the change.
 The retrain flow calls `promote_receipt` itself when the champion / challenger gate lets a challenger through.
+
+With params `package.export_to` set, every change of champion (a promotion, a rollback, the retrain flow's
+and the online A/B decision's promotions) is then published to that shared model store (serving/store.py):
+the champion's Bento archive, if it is not there yet, and champion.json, what serving boxes import. The record
+is written first; if publishing fails, the message says so and how to retry.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from components.common import ConfigError, load_params, require
-from serving.promoted import FAMILIES, SHADOW, PromotionError, challenge, champions, end_ab, read_events, rollback
+from components.common import EX_TEMPFAIL, ConfigError, DataError, TransientError, load_params, require
+from serving.promoted import FAMILIES, SHADOW, PromotionError, challenge, champions, current, end_ab, read_events, rollback
 from serving.promoted import promote as record_promotion
 
 log = logging.getLogger(__name__)
@@ -92,11 +98,50 @@ def apply_experiment(root: Path, experiment: str, receipt: dict[str, Any]) -> li
     return lines
 
 
-def promote_receipt(receipt: Path, record: Path, by: str, why: str, experiment: str | None = None) -> dict[str, Any]:
-    """The receipt's models become the champion; returns the recorded event."""
+def shared_store(root: Path) -> str | None:
+    """The shared model store champions are published to (params `package.export_to`), or None: none."""
+    from serving import store
+
+    return store.destination(load_params("package", root / "params.yaml"))
+
+
+def publish_champion(root: Path, record: Path, receipt: Path | None = None) -> str | None:
+    """Publish the record's current champion to the shared model store (params `package.export_to` of the
+    repository at `root`): its Bento archive, if not there yet, then champion.json, what serving boxes import.
+    Returns the store, or None when none is set. Called once the record is written: a failure says the change
+    is recorded but not published, and how to retry (`receipt`, the promoted receipt's file, if there is one)."""
+    dest = shared_store(root)
+    if dest is None:
+        return None
+    from serving import store
+
+    champion = current(record)
+    if champion is None or not champion.get("bento"):
+        what = "nothing is promoted" if champion is None else "the champion names no Bento"
+        raise PromotionError(f"{record}: {what}, so there is nothing to publish to {dest}; promote a package receipt")
+    retry = f"`python -m monitoring.promote --publish --repo {root} --record {record}`"
+    if receipt is not None:
+        retry = f"`python -m serving.store export {receipt} {dest} --champion` or {retry}"
+    unpublished = f"the champion {champion['bento']} is recorded locally in {record}, but the shared model store "
+    unpublished += f"{dest} was not updated"
+    try:
+        store.export({"models": champion["models"], "bento": champion["bento"]}, dest, champion=True)
+    except TransientError as err:
+        raise TransientError(f"{unpublished}: {err}; retry with {retry}") from None
+    except (DataError, ConfigError) as err:
+        raise PromotionError(f"{unpublished}: {err}; then retry with {retry}") from None
+    log.info("published %s to %s as the champion", champion["bento"], dest)
+    return dest
+
+
+def promote_receipt(root: Path, receipt: Path, record: Path, by: str, why: str, experiment: str | None = None) -> dict[str, Any]:
+    """The receipt's models become the champion, published to the shared model store when params
+    `package.export_to` of the repository `root` sets one; returns the recorded event."""
+    shared_store(root)  # its params checked before anything is recorded
     content = read_receipt(receipt)
     event = record_promotion(record, content["models"], content["bento"], by, why, experiment)
     log.info("promoted %s (%s) by %s: %s", ", ".join(content["models"].values()), content["bento"], by, why)
+    publish_champion(root, record, receipt)
     return event
 
 
@@ -122,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     action.add_argument("--show", action="store_true", help="print the champion and the history")
     action.add_argument("--challenger", action="store_true", help="start an online A/B test of the receipt's models")
     action.add_argument("--end-ab", action="store_true", help="stop the running A/B test")
+    action.add_argument(
+        "--publish", action="store_true", help="publish the champion to params package.export_to (after a failed try)"
+    )
     parser.add_argument(
         "--share", type=float, default=None, help="with --challenger: its share of traffic (default params ab.share)"
     )
@@ -135,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
         record = args.record or record_path(args.repo)
         if args.show:
             print(show(record))
+            return
+        if args.publish:
+            dest = publish_champion(args.repo, record)
+            print(f"published the champion to {dest}" if dest else "params package.export_to is null: nowhere to publish")
             return
         by = args.by or who()
         if args.end_ab:
@@ -153,15 +205,20 @@ def main(argv: list[str] | None = None) -> None:
         if args.rollback:
             if not args.why:
                 raise PromotionError("--rollback: say why with --why, it is kept in the history")
+            shared_store(args.repo)  # its params checked before anything is recorded
             event = rollback(record, by, args.why)
+            publish_champion(args.repo, record)
             print(f"rolled back to {', '.join(event['models'].values())}; restart the service to serve them")
             return
         receipt = args.receipt or receipt_path(args.repo)
-        event = promote_receipt(args.repo / receipt, record, by, args.why or "promoted by hand", args.experiment)
+        event = promote_receipt(args.repo, args.repo / receipt, record, by, args.why or "promoted by hand", args.experiment)
         print(f"promoted {', '.join(event['models'].values())}; restart the service to serve them")
     except (PromotionError, ConfigError) as err:
         print(f"monitoring.promote: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TransientError as err:  # the shared model store could not be written: retry later
+        print(f"monitoring.promote: {err}", file=sys.stderr)
+        raise SystemExit(EX_TEMPFAIL) from None
 
 
 if __name__ == "__main__":

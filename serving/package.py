@@ -12,8 +12,10 @@ DVC tracks is the same on every machine that packages the same models and code. 
 (`$BENTOML_HOME`, default `~/bentoml`).
 
 With params `package.export_to` (or `--export-to`) set to a folder or URL, the Bento and its models are then
-exported there as BentoML archives (serving/store.py), for a serving box to import with
-`python -m serving.store import <it>`; a rerun on a store that holds them already only exports.
+exported there as BentoML archives (serving/store.py); a rerun on a store that holds them already only exports.
+The export only adds archives: what a serving box imports (`python -m serving.store import <it>`) is the
+champion that promotion publishes there, never what was packaged last (a retrain experiment packages, and
+exports, its challenger before the gate has decided).
 
 Packaging serves nothing: the service serves the promotion record's champion (serving/promoted.py), so a
 retrain experiment can package its challenger without touching what is served. `python -m monitoring.promote`
@@ -139,14 +141,7 @@ def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) ->
 
 def export_target(params: dict[str, Any], flag: str | None) -> str | None:
     """Where to export the Bento: `--export-to`, else params `package.export_to`; None: nowhere."""
-    if flag is not None:
-        return flag
-    if "export_to" not in params:
-        raise ConfigError("missing params key 'package.export_to' (a folder or URL to export to, or null)")
-    value = params["export_to"]
-    if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ConfigError(f"params key 'package.export_to' must be a folder or URL, or null; got {value!r}")
-    return value
+    return flag if flag is not None else store.destination(params)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -170,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         dest = export_target(load_params("package", args.params), args.export_to)  # checked before anything is built
         receipt = package({f: getattr(args, f) for f in FAMILIES}, args.root, args.bentofile, args.out)
         if dest is not None:
-            store.export(receipt, dest)
+            store.export(receipt, dest)  # archives only: champion.json moves with promotions (monitoring/promote.py)
 
     run_main(body)
 

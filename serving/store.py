@@ -1,25 +1,32 @@
-"""A shared model store: the packaged Bento, its models inside, exported as BentoML's own archive to a folder or
-an fsspec URL, and imported from there into the BentoML store of a serving box.
+"""A shared model store: packaged Bentos, their models inside, exported as BentoML's own archives to a folder or
+an fsspec URL, and the champion, which a serving box imports into its BentoML store.
 
-    python -m serving.store export models/bento.json /mnt/shared/aigc     # or s3://bucket/aigc, gs://, az://
-    python -m serving.store import /mnt/shared/aigc [--bento aigc-pipeline:<version>]
+    python -m serving.store export models/bento.json /mnt/shared/aigc [--champion]   # or s3://bucket/aigc, gs://, az://
+    python -m serving.store import /mnt/shared/aigc [--bento <name>:<version> | --bento <version>]
 
-The shared store is content-addressed, like the tags the `package` stage gives (serving/package.py): a name
-says what the file holds, so a file already there is never written again and an export only adds.
+The archives are content-addressed, like the tags the `package` stage gives (serving/package.py): a name says
+what the file holds, so a file already there is never written again and an export only adds. One file is not:
+champion.json names the Bento to serve, and only a promotion or a rollback moves it.
 
-    <dest>/bentos/aigc-pipeline-<version>.bento   `Bento.export`'s archive: the Bento and the models it pins
-    <dest>/receipts/<version>.json                the package stage's receipt: the Bento's and models' tags
-    <dest>/latest.json                            the receipt exported last: what `import` takes by default
+    <dest>/bentos/<name>-<version>.bento   `Bento.export`'s archive: the Bento and the models it pins
+    <dest>/receipts/<version>.json         the package stage's receipt: the Bento's and models' tags
+    <dest>/champion.json                   the promotion record's champion: what `import` takes by default
+
+The package stage exports every Bento it builds, a retrain experiment's challenger included, and never touches
+champion.json: a challenger the champion / challenger gate rejects is there, but no serving box takes it. The
+champion is published by `python -m monitoring.promote` (a promotion, a rollback, the retrain flow and the
+online A/B decision alike) when params `package.export_to` is set, or by hand with `export --champion`.
 
 The Bento pins its models by Bento arguments (serving/service.py `served_models`), so BentoML counts them as
 the Bento's models: its archive carries a copy of each, and importing it puts them in the serving box's store
 ($BENTOML_HOME) beside the Bento. One archive thus moves everything, and each model is stored once.
 
-Every file is written under a temporary name and then renamed, the Bento first, latest.json last, so a reader
-never finds a half-written archive or a receipt naming an archive that is not there yet. `import` checks that
-the archive holds the receipt's Bento and models, leaves nothing in the store when it does not or cannot be
-read, and prints the command that serves the Bento. URLs need the fsspec implementation of their scheme
-installed (s3fs, gcsfs, adlfs).
+Every file is written under a temporary name and then renamed, the Bento first, champion.json last, so a reader
+never finds a half-written archive or a receipt naming an archive that is not there yet. A failure to write
+(an unreachable bucket, a full disk, no permission) is temporary (exit 75, which the flows retry). `import`
+checks that the archive holds the receipt's Bento and models, leaves nothing in the store when it does not or
+cannot be read, and prints the command that serves the Bento. URLs need the fsspec implementation of their
+scheme installed (s3fs, gcsfs, adlfs).
 """
 
 from __future__ import annotations
@@ -34,13 +41,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from components.common import ConfigError, DataError, run_main
+from components.common import ConfigError, DataError, TransientError, run_main
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest.json"
+CHAMPION = "champion.json"
+"""The receipt of the Bento a serving box imports by default: the promotion record's champion."""
 BENTO_EXT = "bento"
-TAG = re.compile(r"^([a-z0-9][a-z0-9._-]*):([A-Za-z0-9][A-Za-z0-9._-]*)$")
+VERSION = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+TAG = re.compile(rf"^([a-z0-9][a-z0-9._-]*):({VERSION})$")
 """A BentoML tag with its version (`aigc-text:0123abcd`); the version also names files here, so no `/` or `..`."""
 
 
@@ -87,7 +96,10 @@ def packaged_bento(receipt: dict[str, Any]) -> Any:
     missing = sorted(set(receipt["models"].values()) - stored_models())
     if bento is None or missing:
         what = ", ".join([*([receipt["bento"]] if bento is None else []), *missing])
-        raise DataError(f"{what} not in the BentoML store {store_home()}; run the package stage with this BENTOML_HOME first")
+        raise DataError(
+            f"{what} not in the BentoML store {store_home()}; run the package stage with this BENTOML_HOME, or import "
+            "the Bento into it (python -m serving.store import <store> --bento <tag>), first"
+        )
     pinned = {str(model.tag) for model in bento.info.all_models}
     if not set(receipt["models"].values()) <= pinned:
         raise DataError(
@@ -160,16 +172,18 @@ def write_text(fs: Any, path: str, text: str) -> None:
     put_atomically(fs, path, write)
 
 
-def export(receipt: dict[str, Any], dest: str) -> list[str]:
-    """Write the receipt's Bento with its models (from the local BentoML store) and the receipt to `dest`, then
-    point latest.json at it; files already there are left alone. Returns the paths written, relative to dest."""
+def export(receipt: dict[str, Any], dest: str, champion: bool = False) -> list[str]:
+    """Write the receipt's Bento with its models (from the local BentoML store) and the receipt to `dest`; files
+    already there are left alone. With `champion`, then make the receipt champion.json, what serving boxes import.
+    Returns the paths written, relative to dest. A failure to write is a TransientError (retry it)."""
     check_receipt(receipt, "receipt")
     fs, root = open_dest(dest)
+    root = root.rstrip("/")
     receipt_text = json.dumps(receipt, indent=2, sort_keys=True) + "\n"
     written = []
     try:
         for what, relative in layout(receipt).items():
-            path = f"{root.rstrip('/')}/{relative}"
+            path = f"{root}/{relative}"
             if fs.exists(path):
                 log.info("%s: already there", relative)
                 continue
@@ -179,14 +193,28 @@ def export(receipt: dict[str, Any], dest: str) -> list[str]:
                 put_atomically(fs, path, packaged_bento(receipt).export)
             log.info("%s: written", relative)
             written.append(relative)
-        latest = f"{root.rstrip('/')}/{LATEST}"
-        if not fs.exists(latest) or fs.cat_file(latest).decode("utf-8") != receipt_text:
-            write_text(fs, latest, receipt_text)
-            written.append(LATEST)
-    except OSError as err:  # PermissionError, a full disk, an unreachable bucket
-        raise DataError(f"{dest}: cannot write the shared model store ({err}); check the path and its permissions") from None
-    log.info("exported %s to %s", receipt["bento"], dest)
+        path = f"{root}/{CHAMPION}"
+        if champion and (not fs.exists(path) or fs.cat_file(path).decode("utf-8") != receipt_text):
+            write_text(fs, path, receipt_text)  # last: it only ever names an archive that is there
+            log.info("%s: %s", CHAMPION, receipt["bento"])
+            written.append(CHAMPION)
+    except OSError as err:  # PermissionError, a full disk, an unreachable bucket, a file where a folder should be
+        raise TransientError(
+            f"{dest}: cannot write the shared model store ({type(err).__name__}: {err}); check the path, its space and "
+            "its permissions, then export again"
+        ) from None
+    log.info("exported %s to %s%s", receipt["bento"], dest, " as the champion" if champion else "")
     return written
+
+
+def destination(params: dict[str, Any]) -> str | None:
+    """The shared model store params `package.export_to` names (a folder or URL), or None: none."""
+    if "export_to" not in params:
+        raise ConfigError("missing params key 'package.export_to' (a folder or URL to export to, or null)")
+    value = params["export_to"]
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"params key 'package.export_to' must be a folder or URL, or null; got {value!r}")
+    return value
 
 
 def exported_versions(fs: Any, root: str) -> list[str]:
@@ -194,18 +222,21 @@ def exported_versions(fs: Any, root: str) -> list[str]:
 
 
 def wanted_receipt(fs: Any, root: str, dest: str, bento: str | None) -> dict[str, Any]:
-    """The receipt of the Bento to import: `bento`'s, else latest.json's."""
+    """The receipt of the Bento to import: `bento`'s (`name:version`, or a bare version: the name is the store's
+    receipt's), else champion.json's."""
+    known = ", ".join(exported_versions(fs, root)) or "none"
     if bento is None:
-        path = f"{root}/{LATEST}"
-        missing = f"{dest}: no {LATEST}, nothing exported there; run `python -m serving.store export models/bento.json {dest}`"
+        path = f"{root}/{CHAMPION}"
+        missing = (
+            f"{dest}: nothing promoted to this store yet (no {CHAMPION}); promote a receipt with "
+            f"`python -m monitoring.promote` (with params package.export_to set) or name one with --bento "
+            f"(versions there: {known})"
+        )
     else:
-        if ":" not in bento:
-            bento = f"aigc-pipeline:{bento}"
-        known = ", ".join(exported_versions(fs, root)) or "none"
-        try:
-            _, version = split_tag(bento, "--bento")
-        except DataError:
-            raise ConfigError(f"--bento {bento!r}: give aigc-pipeline:<version> (versions in {dest}: {known})") from None
+        given = TAG.match(bento) or re.fullmatch(f"()({VERSION})", bento)  # a bare version: the receipt names the Bento
+        if given is None:
+            raise ConfigError(f"--bento {bento!r}: give <name>:<version> or a version (versions in {dest}: {known})")
+        version = given.group(2)
         path = f"{root}/receipts/{version}.json"
         missing = f"{dest}: no Bento {bento} exported there (versions there: {known}); run the export for it first"
     try:
@@ -218,8 +249,10 @@ def wanted_receipt(fs: Any, root: str, dest: str, bento: str | None) -> dict[str
         receipt = check_receipt(json.loads(text), url(fs, path))
     except ValueError as err:
         raise DataError(f"{url(fs, path)}: not JSON ({err}); export the Bento again") from None
-    if bento is not None and receipt["bento"] != bento:
+    if bento is not None and ":" in bento and receipt["bento"] != bento:
         raise DataError(f"{url(fs, path)}: names {receipt['bento']}, not {bento}; export the Bento again")
+    if bento is not None and ":" not in bento and split_tag(receipt["bento"], url(fs, path))[1] != bento:
+        raise DataError(f"{url(fs, path)}: names {receipt['bento']}, not version {bento}; export the Bento again")
     return receipt
 
 
@@ -257,8 +290,8 @@ def import_bento(where: str, receipt: dict[str, Any]) -> None:
 
 
 def import_(dest: str, bento: str | None = None) -> str:
-    """Import a Bento (the given `aigc-pipeline:<version>`, else latest.json's) and its models from `dest` into
-    the local BentoML store, unless the store has it already. Returns the Bento's tag."""
+    """Import a Bento (the given `<name>:<version>` or version, else champion.json's: the promoted one) and its
+    models from `dest` into the local BentoML store, unless the store has it already. Returns the Bento's tag."""
     import bentoml
 
     fs, root = open_dest(dest)
@@ -289,9 +322,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out = commands.add_parser("export", help="write a receipt's Bento (its models inside) to a shared model store")
     out.add_argument("receipt", type=Path, help="the package stage's receipt (models/bento.json)")
     out.add_argument("dest", help="a folder or URL (s3://bucket/aigc, ...)")
+    out.add_argument(
+        "--champion", action="store_true",
+        help=f"then make it the store's {CHAMPION}, what serving boxes import (promotions do this themselves)",
+    )  # fmt: skip
     into = commands.add_parser("import", help="bring a Bento and its models from a shared model store into $BENTOML_HOME")
     into.add_argument("dest", help="the folder or URL exported to")
-    into.add_argument("--bento", default=None, help=f"aigc-pipeline:<version> to import (default: the one in {LATEST})")
+    into.add_argument(
+        "--bento", default=None, help=f"<name>:<version> or a version to import (default: the promoted one, {CHAMPION})"
+    )
     return parser.parse_args(argv)
 
 
@@ -300,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> None:
         if args.command == "export":
-            export(read_receipt(args.receipt), args.dest)
+            export(read_receipt(args.receipt), args.dest, champion=args.champion)
         else:
             print(f"bentoml serve {import_(args.dest, args.bento)}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from components import train_text
-from components.common import ConfigError
-from components.launch import Launch
+from components.common import EX_CONFIG, ConfigError
+from components.launch import Launch, check_devices
 from tests.conftest import REPO_ROOT, section, write_params
 
 
@@ -44,7 +46,7 @@ def train_command(features: Path, node: Path, params: Path) -> list[str]:
     [
         ({"nproc_per_node": 0}, "nproc_per_node' must be a positive integer"),
         ({"nproc_per_node": True}, "nproc_per_node' must be a positive integer"),
-        ({"nnodes": 2}, "rdzv_endpoint' is needed with nnodes 2"),
+        ({"nnodes": 2}, "nnodes' is 2: set $AIGC_RDZV_ENDPOINT"),
         ({"rdzv_endpoint": "node-a"}, "must be 'host:port'"),
         ({"rdzv_endpoint": "node-a:99999"}, "must be 'host:port'"),
         ({"gpus": 2}, "unknown keys ['gpus']"),
@@ -52,8 +54,32 @@ def train_command(features: Path, node: Path, params: Path) -> list[str]:
     ],
 )
 def test_bad_distributed_params_are_one_clear_error(distributed: Any, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         Launch.from_params({"distributed": distributed}, "train_text")
+
+
+def test_the_endpoint_comes_from_the_environment_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A machine's address is not the model's: from the environment it stays out of params and dvc.lock.
+    monkeypatch.setenv("AIGC_RDZV_ENDPOINT", "node-0:29400")
+    launch = Launch.from_params({"distributed": {"nnodes": 2, "rdzv_endpoint": "elsewhere:1"}}, "train_text")
+    assert launch.rdzv_endpoint == "node-0:29400" and launch.world_size == 2
+    monkeypatch.setenv("AIGC_RDZV_ENDPOINT", "node-0")
+    with pytest.raises(ConfigError, match=r"\$AIGC_RDZV_ENDPOINT must be 'host:port'"):
+        Launch.from_params({"distributed": {"nnodes": 2}}, "train_text")
+
+
+def test_more_workers_than_gpus_is_refused_before_any_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="nproc_per_node' is 2 but this node has 1 GPUs"):
+        check_devices(Launch(nproc_per_node=2), "auto", "train_text")
+    check_devices(Launch(nproc_per_node=2), "cpu", "train_text")  # gloo on the CPU: any number
+
+
+def test_a_checkpoint_url_nobody_can_open_is_a_params_error(monkeypatch: pytest.MonkeyPatch, tiny_params: dict[str, Any]) -> None:
+    monkeypatch.setenv("AIGC_CHECKPOINT_ROOT", "nosuchscheme://bucket/ckpt")
+    with pytest.raises(ConfigError, match=r"\$AIGC_CHECKPOINT_ROOT is 'nosuchscheme://bucket/ckpt', which fsspec cannot open"):
+        train_text.TrainTextConfig.from_params(section(tiny_params, "train_text"))
 
 
 def test_distributed_params_default_to_one_process() -> None:
@@ -97,22 +123,28 @@ def test_a_worker_that_fails_fails_the_stage_with_its_own_status(tiny_params: di
     params["train_text"] = {**tiny_params["train_text"], "distributed": {"nproc_per_node": 2, "nnodes": 1, "rdzv_endpoint": None}}
     command = train_command(tmp_path / "missing", tmp_path, write_params(params, tmp_path / "params.yaml"))
     run = subprocess.run(command, cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0
+    assert run.returncode == EX_CONFIG, run.stderr[-3000:]  # the workers' own status, not the launcher's 1
     assert "starting 2 workers" in run.stderr and "worker rank" in run.stderr
     assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr, run.stderr[-3000:]
 
 
-def test_checkpoints_on_a_url_resume_on_another_machine(tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("scheme", ["file", "memory"])  # memory: an object store's semantics (mv = copy + delete)
+def test_checkpoints_on_a_url_resume_on_another_machine(
+    tiny_params: dict[str, Any], tiny_features: Path, tmp_path: Path, scheme: str
+) -> None:
     # Machine A stops after 4 steps; machine B (its own, empty local folders) resumes from the shared URL and
     # ends with the weights of a run that never stopped.
-    shared = f"file://{tmp_path / 'shared'}"
+    import fsspec
+
+    shared = f"file://{tmp_path / 'shared'}" if scheme == "file" else f"memory://{tmp_path.name}/shared"
     text = {**section(tiny_params, "train_text"), "validate_every": 0}
     text["base"] = {**text["base"], "checkpoint_root": shared}
     cfg = train_text.TrainTextConfig.from_params(text)
     features = tiny_features / "text"
     machine_a, machine_b = tmp_path / "a", tmp_path / "b"
     train_text.train_text(cfg, features, machine_a / "model", machine_a / "ckpt" / "text", stop_after=4)
-    assert sorted(p.name for p in (tmp_path / "shared" / "text").glob("*/step-*.ckpt")) == ["step-00000004.ckpt"]
+    fs, root = fsspec.core.url_to_fs(f"{shared}/text")
+    assert sorted(Path(p).name for p in fs.glob(f"{root}/*/step-*.ckpt")) == ["step-00000004.ckpt"]
     resumed = train_text.train_text(cfg, features, machine_b / "model", machine_b / "ckpt" / "text")
     assert resumed.resumed_from == 4
     plain = train_text.TrainTextConfig.from_params({**section(tiny_params, "train_text"), "validate_every": 0})

@@ -1,4 +1,5 @@
-"""The promotion record: promote pushes a champion, rollback returns to the one before, every change kept."""
+"""The promotion record: promote pushes a champion, rollback returns to the one before, every change kept; each
+change of champion is published to the shared model store (params `package.export_to`), if one is set."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from serving.promoted import PromotionError, current, promote, read_events, rollback, served_tags
 from tests.conftest import REPO_ROOT
@@ -17,6 +19,22 @@ FAMILIES = ("text", "image", "restore")
 
 def tags(version: str) -> dict[str, str]:
     return {family: f"aigc-{family}:{version}" for family in FAMILIES}
+
+
+def repo_with(root: Path, export_to: str | None) -> Path:
+    """A repository root whose params.yaml names the shared model store (or none)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump({"package": {"export_to": export_to}}))
+    return root
+
+
+def shared_store(folder: Path, *versions: str) -> Path:
+    """A shared model store holding the Bento archives of `versions` already (what a package export writes), so
+    that publishing them needs no BentoML store."""
+    (folder / "bentos").mkdir(parents=True)
+    for version in versions:
+        (folder / "bentos" / f"aigc-pipeline-{version}.bento").write_bytes(b"exported by the package stage")
+    return folder
 
 
 def test_rollback_returns_to_the_previous_champion_and_history_keeps_who_when_why(tmp_path: Path) -> None:
@@ -103,6 +121,7 @@ def test_the_online_decision_promotes_a_better_challenger_and_ends_a_worse_ones_
     from serving.promoted import challenge, challenger
 
     record = tmp_path / "promoted.json"
+    repo_with(tmp_path, None)  # no shared model store: nothing to publish
     promote(record, tags("v1"), None, "ana", "first")
 
     def report(decision: str) -> dict[str, object]:
@@ -117,3 +136,49 @@ def test_the_online_decision_promotes_a_better_challenger_and_ends_a_worse_ones_
     challenge(record, tags("c1"), None, 0.5, "split", "ana", "try c1 again")
     act(tmp_path, record, report(BETTER), "ana")
     assert served_tags(record, FAMILIES) == tags("c1") and current(record)["why"].startswith("online A/B")
+
+
+def test_each_change_of_champion_is_published_and_a_failed_publication_says_how_to_retry(tmp_path: Path) -> None:
+    from components.common import TransientError
+    from monitoring.ab import BETTER, act
+    from monitoring.promote import publish_champion
+    from serving.promoted import challenge
+
+    record = tmp_path / "promoted.json"
+    assert publish_champion(repo_with(tmp_path / "no-store", None), record) is None  # export_to null: nothing to do
+    remote = shared_store(tmp_path / "aigc", "b1", "b2")
+    repo = repo_with(tmp_path / "repo", str(remote))
+
+    def champion() -> dict[str, object]:
+        return json.loads((remote / "champion.json").read_text())
+
+    promote(record, tags("v1"), "aigc-pipeline:b1", "ana", "first")
+    assert publish_champion(repo, record) == str(remote)
+    assert champion() == {"models": tags("v1"), "bento": "aigc-pipeline:b1"}
+    assert json.loads((remote / "receipts" / "b1.json").read_text()) == champion()
+
+    challenge(record, tags("v2"), "aigc-pipeline:b2", 0.5, "split", "ana", "try v2")  # an A/B test publishes nothing
+    assert champion()["bento"] == "aigc-pipeline:b1"
+    comparison = {"decision": BETTER, "reason": "challenger − champion +0.1 (95% CI +0.05 … +0.15)"}
+    report = {
+        "comparison": comparison,
+        "metric": "click",
+        "challenger": tags("v2"),
+        "bento": "aigc-pipeline:b2",
+        "experiment": None,
+    }
+    assert f"published to {remote}" in act(repo, record, report, "ana")  # the online decision promotes and publishes
+    assert champion() == {"models": tags("v2"), "bento": "aigc-pipeline:b2"}
+
+    rollback(record, "ben", "v2 is worse after all")
+    (remote / "receipts").rename(tmp_path / "receipts")  # the store cannot take b1's receipt: a file where its folder was
+    (remote / "receipts").write_text("")
+    with pytest.raises(TransientError) as failed:
+        publish_champion(repo, record)
+    message = str(failed.value)
+    assert "recorded locally" in message and "was not updated" in message and "monitoring.promote --publish" in message
+    assert current(record)["models"] == tags("v1") and champion()["bento"] == "aigc-pipeline:b2"  # recorded, not published
+    (remote / "receipts").unlink()
+    (tmp_path / "receipts").rename(remote / "receipts")
+    publish_champion(repo, record)  # the retry
+    assert champion() == {"models": tags("v1"), "bento": "aigc-pipeline:b1"}
