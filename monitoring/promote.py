@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from components.common import EX_TEMPFAIL, ConfigError, DataError, TransientError, load_params, require
 from serving.promoted import FAMILIES, SHADOW, PromotionError, challenge, champions, current, end_ab, read_events, rollback
 from serving.promoted import promote as record_promotion
@@ -99,10 +101,14 @@ def apply_experiment(root: Path, experiment: str, receipt: dict[str, Any]) -> li
 
 
 def shared_store(root: Path) -> str | None:
-    """The shared model store champions are published to (params `package.export_to`), or None: none."""
+    """The shared model store champions are published to (params `package.export_to`), or None: none, also for a
+    repository whose params.yaml has no `package` section (older than shared stores) or no params.yaml."""
     from serving import store
 
-    return store.destination(load_params("package", root / "params.yaml"))
+    path = root / "params.yaml"
+    if not path.is_file() or "package" not in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}):
+        return None
+    return store.destination(load_params("package", path))
 
 
 def publish_champion(root: Path, record: Path, receipt: Path | None = None) -> str | None:
