@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +140,18 @@ def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) ->
     return receipt
 
 
-def export_target(params: dict[str, Any], flag: str | None) -> str | None:
-    """Where to export the Bento: `--export-to`, else params `package.export_to`; None: nowhere."""
-    return flag if flag is not None else store.destination(params)
+@dataclass(frozen=True)
+class PackageConfig:
+    """params.yaml's `package` section: where each packaged Bento is exported (None: nowhere)."""
+
+    export_to: str | None
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> PackageConfig:
+        return cls(store.destination(params))
+
+
+CONFIG = PackageConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -162,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     def body() -> None:
-        dest = export_target(load_params("package", args.params), args.export_to)  # checked before anything is built
+        config = PackageConfig.from_params(load_params("package", args.params))  # checked before anything is built
+        dest = args.export_to if args.export_to is not None else config.export_to
         receipt = package({f: getattr(args, f) for f in FAMILIES}, args.root, args.bentofile, args.out)
         if dest is not None:
             store.export(receipt, dest)  # archives only: champion.json moves with promotions (monitoring/promote.py)

@@ -24,7 +24,7 @@ def test_stages_modules_arguments_and_outputs_come_from_dvc_yaml() -> None:
     assert net.argument("--reference") == Path("data/fid_reference")
     assert stages["evaluate_text"].only_out() == Path("data/evaluation/text/outputs.parquet")
     assert stages["evaluate_restore"].only_metrics() == Path("metrics/restore.json")
-    assert stages["package"].config() is None  # reads no params section
+    assert stages["package"].config().__name__ == "PackageConfig"
     assert stages["clean"].config().__name__ == "CleanConfig"
     # Every stage that reads its own params section exposes its config, so the flow checks them all up front.
     readers = {name for name, st in stages.items() if any(not p.startswith("base.") for p in st.params)}
