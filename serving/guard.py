@@ -372,6 +372,7 @@ class GuardMiddleware:
         headers: dict[str, str] = {}
         for key, value in scope.get("headers", []):  # the first of a repeated header, as Starlette reads it
             headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+        body_read = False
         try:
             self._authorise(headers)
             if sum(key.lower() == b"content-type" for key, _ in scope.get("headers", [])) > 1:
@@ -385,15 +386,20 @@ class GuardMiddleware:
             admitted = endpoint.admission.admit() if endpoint.admission is not None else contextlib.nullcontext()
             async with admitted:
                 if endpoint.file_fields:
+                    body_read = True  # from here on, read (or given up on) by _read_body
                     body = await self._read_body(receive, self.limits.body_timeout_s)
                     await check_multipart(endpoint, scope, body)
                     receive = _replay(body)
                 return await self._respond(scope, self._limited(receive), send)
         except BadRequest as err:
+            if not body_read and err.status != 413:
+                await self._discard_body(receive)
             extra = {"www-authenticate": "Bearer"} if err.status == 401 else {}
             await send_json(send, err.status, str(err), extra)
             return err.status, str(err), err.error
         except Overloaded as err:
+            if not body_read:
+                await self._discard_body(receive)
             await send_json(send, err.status, str(err), {"retry-after": str(err.retry_after)})
             return err.status, str(err), "RateLimited" if err.status == 429 else "Overloaded"
 
@@ -426,6 +432,23 @@ class GuardMiddleware:
         token = token.strip() if scheme.lower() == "bearer" else ""
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             raise BadRequest(401, "authorization: missing or wrong bearer token", "Unauthorized")
+
+    async def _discard_body(self, receive: Any) -> None:
+        """Read and drop the body of a request refused before reading it (shed, unauthorised, wrong type).
+
+        Answered with its upload still unread, the connection cannot be reused, and the server closes it with
+        the upload's rest in the socket's buffer: the kernel then resets it, which can destroy the refusal in
+        flight, so the client sees a read error instead of its 503. Reading costs no decoding, and stops at
+        the size limit or the body timeout (a slow sender then gets its refusal on a closed connection)."""
+        size, deadline = 0, time.monotonic() + self.limits.body_timeout_s
+        while size <= self.limits.max_body_bytes:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            size += len(message.get("body", b""))
 
     async def _read_body(self, receive: Any, seconds: float) -> bytes:
         """The whole body, within `seconds`: a slow uploader must not hold a slot of a heavy endpoint."""

@@ -12,6 +12,7 @@ from serving.guard import (
     Admission,
     BadRequest,
     Endpoint,
+    GuardMiddleware,
     Health,
     Limits,
     Overloaded,
@@ -180,3 +181,47 @@ def test_every_log_record_is_scrubbed_traceback_included(caplog: pytest.LogCaptu
     text = caplog.text
     assert "bob@example.com" not in text and "4111" not in text and "415 555" not in text
     assert "user [email] wrote" in text and "ValueError: card [card]" in text and "failed for [phone]" in text
+
+
+@pytest.mark.parametrize("refusal", ["shed", "unauthorised", "wrong type"])
+def test_a_refused_upload_is_read_to_its_end_before_the_refusal_is_sent(refusal: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Answered with its upload unread, the connection is closed with data in the socket's buffer, and the
+    # kernel's reset can destroy the refusal in flight (the client saw ReadError instead of 503 under load).
+    monkeypatch.setenv("AIGC_API_KEY", "k")
+    chunks = [b"x" * 65536, b"y" * 65536, b"z" * 100]
+    events: list[str] = []
+
+    async def scenario() -> None:
+        admission = Admission(concurrency=1, queue=0, wait_s=5)
+        endpoint = Endpoint("restore_image", ("image",), (), admission)
+        guard = GuardMiddleware(None, {"/restore_image": endpoint}, Limits(), Health(1, 60), lambda row: None)
+        pending = list(enumerate(chunks))
+
+        async def receive() -> dict[str, object]:
+            index, chunk = pending.pop(0)
+            events.append(f"read {index}")
+            return {"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1}
+
+        async def send(message: dict[str, object]) -> None:
+            if message["type"] == "http.response.start":
+                events.append(f"sent {message['status']}")
+
+        media = "text/plain" if refusal == "wrong type" else "multipart/form-data; boundary=b"
+        token = "nope" if refusal == "unauthorised" else "k"
+        scope = {"type": "http", "method": "POST", "path": "/restore_image", "client": ("127.0.0.1", 1),
+                 "headers": [(b"content-type", media.encode()), (b"authorization", f"Bearer {token}".encode())]}  # fmt: skip
+        release = asyncio.Event()
+
+        async def busy() -> None:
+            async with admission.admit():
+                await release.wait()
+
+        holder = asyncio.create_task(busy())
+        await asyncio.sleep(0.01)
+        await guard(scope, receive, send)
+        release.set()
+        await holder
+
+    asyncio.run(scenario())
+    status = {"shed": 503, "unauthorised": 401, "wrong type": 415}[refusal]
+    assert events == ["read 0", "read 1", "read 2", f"sent {status}"]
