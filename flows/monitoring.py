@@ -20,7 +20,8 @@ git ref, and its outputs to the DVC remote of flows/remote.py); without that git
 
 `drift_check` runs `monitoring.drift` over the request log and publishes the decision as a markdown
 artifact; on drift it calls `retrain` (as a subflow, or through `run_deployment("retrain/retrain")` when
-deployments are served: `--via-deployment`).
+deployments are served: `--via-deployment`). Each flow ends by pushing the loop's state (drift, retrains,
+champion) to the Pushgateway for Prometheus (monitoring/loop_metrics.py), when params name one.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def run_drift_check(repo_root: str, log_dir: str | None = None, reports_dir: str
     report_dir, results = check_drift(cfg, logs, monitoring_path(repo_root, "reference"), reports)
     service = json.loads((report_dir / "decision.json").read_text(encoding="utf-8"))["service"]
     return {"report": str(report_dir), "results": {name: r.as_dict() for name, r in results.items()}, "service": service}
+
+
+@task(task_run_name="push-loop-metrics")
+def push_loop_metrics(repo_root: str) -> str:
+    """The loop's latest state to the Pushgateway; a failure is a warning line, never a failed flow."""
+    from monitoring.loop_metrics import publish
+
+    line = publish(Path(repo_root))
+    get_run_logger().info(line)
+    return line
 
 
 def dvc(repo_root: str, *args: str) -> None:
@@ -228,6 +239,7 @@ def retrain(
     verdict = verdicts[decision["outcome"]]
     create_markdown_artifact(f"## Retrain {name}: {verdict}\n\n{reasons}\n", key="promotion", description="Champion / challenger")
     shared_to = None if pushed.is_failed() else pushed.result()
+    push_loop_metrics(repo_root)
     return {**decision, "started": True, "reason": answer.reason, "landing_snapshot": snapshot, "pushed_to": shared_to}
 
 
@@ -238,6 +250,7 @@ def ab_decision(repo_root: str = ".") -> dict[str, Any] | None:
     from monitoring.ab import check
 
     report = check(Path(repo_root), decide=True, by="ab-decision flow")
+    push_loop_metrics(repo_root)
     if report is None:
         get_run_logger().info("no A/B test is running")
         return None
@@ -294,6 +307,7 @@ def drift_check(
         outcome["retrain"] = experiment if started else None
     create_markdown_artifact(summary_markdown(check, action), key="drift-check", description="Drift decision and action")
     outcome["action"] = action
+    push_loop_metrics(repo_root)
     return outcome
 
 

@@ -10,7 +10,9 @@
 
 The record (params.yaml's `promotion.record`) is the only thing the service reads to choose its models
 (serving/promoted.py); every change is appended with who (`--by`, default the login name), when and why.
-A running service keeps the models it loaded: restart it (or roll out a new replica) to serve the change.
+Every change is then pushed to the Pushgateway with the loop's other metrics (monitoring/loop_metrics.py,
+when params `observability.pushgateway` names one). A running service keeps the models it loaded: restart
+it (or roll out a new replica) to serve the change.
 The retrain flow calls `promote_receipt` itself when the champion / challenger gate lets a challenger through.
 
 With params `package.export_to` set, every change of champion (a promotion, a rollback, the retrain flow's
@@ -185,6 +187,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default=None, help="the experiment the receipt came from, if any")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        change(args)
+    finally:
+        if not (args.show or args.publish) and (args.repo / "params.yaml").is_file():
+            from monitoring.loop_metrics import publish
+
+            log.info(publish(args.repo))  # the dashboards see the change (or its refusal changed nothing)
+
+
+def change(args: argparse.Namespace) -> None:
+    """The change (or the look) the arguments ask for, with its errors as one line and an exit status."""
     try:
         record = args.record or record_path(args.repo)
         if args.show:

@@ -7,6 +7,11 @@ field by field (400) → the endpoint. Every error leaves as one JSON shape, `{"
 (the OpenAPI error schema), whatever raised it: BentoML answers some 4xx as a list or with pydantic's error
 list, and a malformed multipart body or a file under the wrong field as a 500.
 
+Metrics: every API request is counted by endpoint, status, model tag and variant, timed, and, when refused,
+counted by reason (serving/metrics.py). `/metrics` is open like the health endpoints, for a scraper; with
+`AIGC_METRICS_KEY` set it takes `Authorization: Bearer <that key>` (a key of its own, so a scraper never holds
+the API's).
+
 Health that means something: `/readyz` probes every model service and answers within `ready_timeout_s`
 (503 while one is down or not answering); `/livez` (and `/healthz`) fail once a model service has been down
 for `liveness_grace_s`, so a liveness probe restarts a frozen worker that readiness alone would only hide.
@@ -39,8 +44,9 @@ logger = logging.getLogger(__name__)
 JSON_TYPES = ("application/json",)
 MULTIPART = "multipart/form-data"
 # Set in the ASGI scope by the endpoints: the class of the error that failed a request, the variant chosen
-# for it (an error during an A/B test belongs to one arm), and a message for a 5xx (BentoML hides them).
-ERROR_KEY, VARIANT_KEY, MESSAGE_KEY = "aigc.error", "aigc.variant", "aigc.message"
+# for it (an error during an A/B test belongs to one arm), a message for a 5xx (BentoML hides them), and the
+# tag of the model that answered.
+ERROR_KEY, VARIANT_KEY, MESSAGE_KEY, MODEL_TAG_KEY = "aigc.error", "aigc.variant", "aigc.message", "aigc.model_tag"
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,7 @@ class Endpoint:
     file_fields: tuple[str, ...] = ()
     text_fields: tuple[str, ...] = ()
     admission: Admission | None = None
+    fields: tuple[str, ...] = ()  # every input field, whatever the body's type (refusals are counted by field)
 
     @property
     def media_type(self) -> str:
@@ -199,7 +206,7 @@ def endpoints_of(service: Any, admissions: Mapping[str, Admission]) -> dict[str,
         spec = method.input_spec
         files = tuple(getattr(spec, "multipart_fields", ()) or ())
         texts = tuple(k for k in spec.model_fields if k not in files) if files else ()
-        table[method.route] = Endpoint(name, files, texts, admissions.get(name))
+        table[method.route] = Endpoint(name, files, texts, admissions.get(name), tuple(spec.model_fields))
     return table
 
 
@@ -331,6 +338,7 @@ class GuardMiddleware:
     ) -> None:  # fmt: skip
         self.app, self.endpoints, self.limits, self.health, self.log_row = app, endpoints, limits, health, log_row
         self.api_key = os.environ.get("AIGC_API_KEY") or None
+        self.metrics_key = os.environ.get("AIGC_METRICS_KEY") or None
         self.rate = RateLimit(limits.rate_limit_per_s, limits.rate_burst) if limits.rate_limit_per_s > 0 else None
         install_log_filters()
 
@@ -349,6 +357,11 @@ class GuardMiddleware:
         if path == "/docs.json":
             await self._documented(scope, receive, send)
             return
+        if path == "/metrics" and self.metrics_key and not _bearer_matches(_headers(scope), self.metrics_key):
+            await send_json(
+                send, 401, "authorization: missing or wrong bearer token (AIGC_METRICS_KEY)", {"www-authenticate": "Bearer"}
+            )
+            return
         endpoint = self.endpoints.get(path)
         if endpoint is None or scope.get("method") != "POST":  # health, docs, metrics, UI: open, and not ours to check
             await self.app(scope, receive, send)
@@ -360,18 +373,28 @@ class GuardMiddleware:
             error = type(err).__name__
             raise
         finally:
+            seconds = time.perf_counter() - start
             if status >= 400:
                 error = scope.get(ERROR_KEY) or error or f"HTTP{status}"
                 if status < 500:
                     logger.info("%s %d %s: %s", path, status, error, message)
                 self.log_row({"request_id": uuid.uuid4().hex, "endpoint": endpoint.name, "status": status,
-                              "latency_ms": (time.perf_counter() - start) * 1000, "error": error,
-                              "variant": scope.get(VARIANT_KEY)})  # fmt: skip
+                              "latency_ms": seconds * 1000, "error": error, "variant": scope.get(VARIANT_KEY)})  # fmt: skip
+            self._count(endpoint, status, seconds, scope, error, message)
+
+    def _count(
+        self, endpoint: Endpoint, status: int, seconds: float, scope: dict[str, Any], error: str | None, message: str
+    ) -> None:
+        from serving.metrics import count_request
+
+        try:
+            count_request(endpoint.name, status, seconds, scope.get(VARIANT_KEY), scope.get(MODEL_TAG_KEY), error, message,
+                          endpoint.fields)  # fmt: skip
+        except Exception:  # a metric must never fail the request it counts
+            logger.exception("could not count a %s request in the metrics", endpoint.name)
 
     async def _guarded(self, endpoint: Endpoint, scope: dict[str, Any], receive: Any, send: Any) -> tuple[int, str, str | None]:
-        headers: dict[str, str] = {}
-        for key, value in scope.get("headers", []):  # the first of a repeated header, as Starlette reads it
-            headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+        headers = _headers(scope)
         body_read = False
         try:
             self._authorise(headers)
@@ -426,11 +449,7 @@ class GuardMiddleware:
 
     def _authorise(self, headers: Mapping[str, str]) -> None:
         """The bearer token, when the service has one (the scheme's name is case-insensitive, RFC 9110)."""
-        if not self.api_key:
-            return
-        scheme, _, token = headers.get("authorization", "").strip().partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+        if self.api_key and not _bearer_matches(headers, self.api_key):
             raise BadRequest(401, "authorization: missing or wrong bearer token", "Unauthorized")
 
     async def _discard_body(self, receive: Any) -> None:
@@ -515,6 +534,21 @@ class GuardMiddleware:
 
         await self.app(scope, receive, normalising_send)
         return status, b"".join(chunks).decode() if held is not None else "", None
+
+
+def _headers(scope: dict[str, Any]) -> dict[str, str]:
+    """The request's headers, names lower-cased; the first of a repeated header, as Starlette reads it."""
+    headers: dict[str, str] = {}
+    for key, value in scope.get("headers", []):
+        headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
+def _bearer_matches(headers: Mapping[str, str], key: str) -> bool:
+    """The bearer token is `key` (the scheme's name is case-insensitive, RFC 9110; compared in constant time)."""
+    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    return hmac.compare_digest(token.encode(), key.encode())
 
 
 def _replay(body: bytes) -> Any:

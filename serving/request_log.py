@@ -1,12 +1,13 @@
 """The service's request log for monitoring: one row per request, written off the response path.
 
-Rows go into a bounded in-memory queue (`log` never blocks: when the writer falls behind, rows are dropped
-and counted, never the request); a background thread writes them as Parquet parts under the log folder,
-`requests-<UTC time>-<n>.parquet`, one part per flush (every `flush_rows` rows or `flush_seconds`), keeping
-the newest `max_files` parts. Rows hold features (the same definitions as the `features` stage's drift
-reference, `components.feature_defs`), an output summary, latency and the model tag: never raw prompts,
-raw images or free-text attribute values. Which record attributes are logged (`attr_<key>` columns) comes
-from the served model's record schema: its categorical keys (components.records.infer_schema).
+Rows go into a bounded in-memory queue (`log` never blocks: when the writer falls behind, rows are dropped and
+counted, never the request, here and in the `aigc_request_log_rows_total` metric); a background thread writes
+them as Parquet parts under the log folder, `requests-<UTC time>-<n>.parquet`, one part per flush (every
+`flush_rows` rows or `flush_seconds`), keeping the newest `max_files` parts. Rows hold features (the same
+definitions as the `features` stage's drift reference, `components.feature_defs`), an output summary, latency
+and the model tag: never raw prompts, raw images or free-text attribute values. Which record attributes are
+logged (`attr_<key>` columns) comes from the served model's record schema: its categorical keys
+(components.records.infer_schema).
 """
 
 from __future__ import annotations
@@ -109,9 +110,15 @@ class RequestLog:
         try:
             self._queue.put_nowait(row)
         except queue.Full:
-            self.dropped += 1
+            self._drop(1)
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("request log queue full: %d rows dropped so far", self.dropped)
+
+    def _drop(self, rows: int) -> None:
+        from serving.metrics import count_log_rows
+
+        self.dropped += rows
+        count_log_rows(self.prefix, "dropped", rows)
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush what is queued and stop the writer."""
@@ -140,17 +147,24 @@ class RequestLog:
         if not rows:
             return
         from components.tables import write_parquet_atomic
+        from serving.metrics import count_log_rows
 
         try:
             table = pa.Table.from_pylist([{c: r.get(c) for c in self.columns} for r in rows], schema=self.schema)
             self._parts += 1
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             write_parquet_atomic(table, self.folder / f"{self.prefix}-{stamp}-{self._parts:06d}.parquet")
+        except Exception:  # the log must never take the service down
+            self._drop(len(rows))
+            log.exception("could not write %d request log rows", len(rows))
+            return
+        count_log_rows(self.prefix, "written", len(rows))
+        try:
             parts = sorted(self.folder.glob(f"{self.prefix}-*.parquet"))
             for old in parts[: max(0, len(parts) - self.max_files)]:
                 old.unlink(missing_ok=True)
-        except Exception:  # the log must never take the service down
-            log.exception("could not write %d request log rows", len(rows))
+        except OSError:
+            log.exception("could not remove old request log parts")
 
 
 def text_log_fields(

@@ -26,9 +26,13 @@ sees it. Every response says its variant (`x-variant`), and so does the request 
 takes a request id and a rating, click, accept / reject or an edited text, stored beside the request log
 (monitoring/ab.py reports per variant; edited texts become training references, monitoring/landing.py).
 
-Environment: `AIGC_API_KEY` (when set, requests need `Authorization: Bearer <key>`; health endpoints and the
-docs stay open), `AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks), `AIGC_REQUEST_LOG` (request
-log folder, default `monitoring/logs`) and `AIGC_REQUEST_LOG_FLUSH_SECONDS` (5).
+Metrics: `/metrics` carries BentoML's and the service's own (serving/metrics.py: requests by model tag and
+variant, refusals by reason, batch sizes, tokens and images, request-log rows, the served models).
+
+Environment: `AIGC_API_KEY` (when set, requests need `Authorization: Bearer <key>`; health endpoints, the
+docs and `/metrics` stay open), `AIGC_METRICS_KEY` (when set, `/metrics` needs it as its bearer token),
+`AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks), `AIGC_REQUEST_LOG` (request log folder,
+default `monitoring/logs`) and `AIGC_REQUEST_LOG_FLUSH_SECONDS` (5).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from components.records import (
 from serving.guard import (
     ERROR_KEY,
     MESSAGE_KEY,
+    MODEL_TAG_KEY,
     VARIANT_KEY,
     Admission,
     GuardMiddleware,
@@ -263,9 +268,14 @@ class Models:
 
     def __init__(self) -> None:
         install_log_filters()
+        from serving.metrics import served_model
+
         self.variants = {CHAMPION: ModelSet(self.text_model, self.image_model)}
         if AB is not None:
             self.variants[CHALLENGER] = ModelSet(self.challenger_text, self.challenger_image)
+        for variant, models in self.variants.items():
+            for family, model in models.models.items():
+                served_model(family, variant, model)
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
@@ -277,18 +287,34 @@ class Models:
     @bentoml.api(batchable=BATCHING, max_batch_size=32, max_latency_ms=30_000)
     def generate_text_batch(self, requests: list[dict[str, Any]]) -> list[str]:
         """Each request names its variant (champion, or the A/B challenger)."""
-        return per_variant(requests, lambda v, group: self.variants[v].text.generate([TextRequest(**r) for r in group]))
+        from serving.metrics import observe_batch
+
+        observe_batch("generate_text_batch", len(requests))
+        return per_variant(requests, self._texts)
+
+    def _texts(self, variant: str, requests: list[dict[str, Any]]) -> list[str]:
+        from serving.metrics import count_tokens
+
+        generator = self.variants[variant].text
+        texts = generator.generate([TextRequest(**r) for r in requests])
+        count_tokens(variant, sum(map(len, generator.tokenizer(texts, add_special_tokens=False)["input_ids"])))
+        return texts
 
     @bentoml.api(batchable=BATCHING, max_batch_size=64, max_latency_ms=30_000)
     def generate_image_batch(self, requests: list[dict[str, Any]]) -> list[list[str]]:
         """Per request, its images as base64 PNGs carrying model tag, seed, label and params hash."""
+        from serving.metrics import observe_batch
+
+        observe_batch("generate_image_batch", len(requests))
         return per_variant(requests, self._images)
 
     def _images(self, variant: str, requests: list[dict[str, Any]]) -> list[list[str]]:
         from serving.inference import png_bytes
+        from serving.metrics import count_images
 
         models = self.variants[variant]
         results = models.image.generate([ImageRequest(**r) for r in requests])
+        count_images("generate_image_batch", variant, sum(len(images) for images in results))
         image = models.models["image"]
         meta = {"model": str(image.tag), "params_hash": _labels(image).get("params_hash", "")}
         return [
@@ -324,8 +350,12 @@ class Restorer:
 
         install_log_filters()
         torch.set_num_threads(LIMITS.restore_threads)
+        from serving.metrics import served_model
+
         models = {CHAMPION: self.restore_model, **({CHALLENGER: self.challenger_restore} if AB is not None else {})}
         self.variants = {variant: (model, ImageRestorer(Path(model.path), _device())) for variant, model in models.items()}
+        for variant, model in models.items():
+            served_model("restore", variant, model)
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
@@ -338,10 +368,13 @@ class Restorer:
     def restore(self, image_b64: str, seed: int, variant: str = CHAMPION) -> str:
         """The restored image of a validated upload, as a base64 PNG with provenance."""
         from serving.inference import decode_upload, png_bytes
+        from serving.metrics import count_images, observe_batch
 
+        observe_batch("restore", 1)  # not batchable: one upload at a time, each on its own core
         model, restorer = self.variants[variant]
         pixels = decode_upload(base64.b64decode(image_b64), max_pixels=LIMITS.restore_max_pixels)
         restored = restorer.restore(pixels)
+        count_images("restore", variant, 1)
         meta = {"model": str(model.tag), "params_hash": _labels(model).get("params_hash", ""),
                 "seed": str(seed), "task": restorer.task}  # fmt: skip
         return base64.b64encode(png_bytes(restored, meta)).decode()
@@ -458,13 +491,15 @@ class Gateway:
                 await asyncio.sleep(0.02 * (attempt + 1))
         raise ServiceUnavailable(f"{service}: no answer after 5 tries; retry")
 
-    async def _describe(self, variant: str, family: str) -> dict[str, Any]:
+    async def _describe(self, ctx: bentoml.Context, variant: str, family: str) -> dict[str, Any]:
         """What the gateway validates against, from the service that holds `family` (text and image never
-        wait on the restorer, nor restoration on the generators)."""
+        wait on the restorer, nor restoration on the generators); the request is counted under its tag."""
         service = "restorer" if family == "restore" else "models"
         if service not in self._described:
             self._described[service] = await self._call(service, "describe")
-        return self._described[service][variant][family]
+        described = self._described[service][variant][family]
+        ctx.request.scope[MODEL_TAG_KEY] = described["tag"]
+        return described
 
     def _variant(self, ctx: bentoml.Context) -> str:
         """Which variant answers: the champion, unless an A/B split sends this client's share to the challenger.
@@ -565,7 +600,7 @@ class Gateway:
             if not text:
                 raise InvalidArgument("record: at least one field must be set" if record is not None else "prompt: is empty")
             variant = self._variant(ctx)
-            described = await self._describe(variant, "text")
+            described = await self._describe(ctx, variant, "text")
             model_text = self.delexicaliser.model_source(text) if self.delexicaliser is not None else text
             tokens = len(self.tokenizer(model_text, add_special_tokens=False)["input_ids"])
             room = described["max_length"] - max_new_tokens - 1  # >= 1: the schema caps max_new_tokens
@@ -601,7 +636,7 @@ class Gateway:
         try:
             start, request_id = time.perf_counter(), uuid.uuid4().hex
             variant = self._variant(ctx)
-            described = await self._describe(variant, "image")
+            described = await self._describe(ctx, variant, "image")
             names = described["label_names"]
             if label not in names:
                 raise InvalidArgument(f"label: not one of the trained labels {names}")  # the value is not echoed: logs
@@ -640,7 +675,7 @@ class Gateway:
             except UploadError as err:
                 raise InvalidArgument(str(err)) from err
             variant = self._variant(ctx)
-            described = await self._describe(variant, "restore")
+            described = await self._describe(ctx, variant, "restore")
             if task is not None and task != described["task"]:
                 raise InvalidArgument(f"task: the served restorer does {described['task']!r}, not {task!r}")
             encoded = base64.b64encode(data).decode()

@@ -159,3 +159,13 @@ def tiny_features(tmp_path_factory: pytest.TempPathFactory, real_params: dict[st
         features.FeaturesConfig.from_params(section(tiny, "features")), clean_dir, root / "augmented", root / "features"
     )
     return root / "features"
+
+
+@pytest.fixture(scope="session")
+def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real Prometheus Pushgateway on a free port, for the monitoring loop's metrics (tests/observability.py)."""
+    from tests.observability import start_pushgateway
+
+    daemon = start_pushgateway(tmp_path_factory.mktemp("pushgateway"))
+    yield daemon
+    daemon.stop()

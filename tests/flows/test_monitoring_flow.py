@@ -8,11 +8,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from flows.monitoring import drift_check
 from monitoring.simulate import write_simulated_log
 from tests.conftest import copy_repo, venv_env
+from tests.observability import Daemon, samples
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +37,10 @@ def experiments(repo: Path) -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
-def test_drift_triggers_one_retrain_within_the_cooldown_and_clean_windows_none(built_repo: Path) -> None:
+def test_drift_triggers_one_retrain_within_the_cooldown_and_clean_windows_none(
+    built_repo: Path, pushgateway: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIGC_PUSHGATEWAY", pushgateway.url)
     reference = built_repo / "data" / "features" / "reference"
     clean = drift_check(repo_root=str(built_repo))
     assert clean["retrain"] is None and all(r["decision"] == "skipped" for r in clean["results"].values())
@@ -56,3 +61,10 @@ def test_drift_triggers_one_retrain_within_the_cooldown_and_clean_windows_none(b
     assert [(h["experiment"], h["promoted"]) for h in history] == [(first["retrain"], True)]
     assert {c["family"] for c in history[0]["comparisons"]} == {"text", "image", "restore"}
     assert all(c["delta"] == pytest.approx(0, abs=1e-6) for c in history[0]["comparisons"])
+    # The flows pushed the loop's state: the drifted families, the retrain and the promotion it made.
+    pushed = samples(httpx.get(f"{pushgateway.url}/metrics", timeout=10).text)
+    assert {labels["family"] for labels, v in pushed["aigc_drift_detected"] if v == 1} == set(second["drifted"])
+    threshold = pushed["aigc_drift_share_threshold"][0][1]
+    assert {labels["family"] for labels, v in pushed["aigc_drift_share"] if v >= threshold} == set(second["drifted"])
+    assert pushed["aigc_retrains_started"][0][1] == 1
+    assert len(pushed["aigc_last_retrain_timestamp_seconds"]) == len(pushed["aigc_last_promotion_timestamp_seconds"]) == 1
