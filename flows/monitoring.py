@@ -71,8 +71,8 @@ def push_loop_metrics(repo_root: str) -> str:
     """The loop's latest state to the Pushgateway; a failure is a warning line, never a failed flow."""
     from monitoring.loop_metrics import publish
 
-    line = publish(Path(repo_root))
-    get_run_logger().info(line)
+    level, line = publish(Path(repo_root))
+    get_run_logger().log(level, line)
     return line
 
 

@@ -182,8 +182,12 @@ def registry(root: Path) -> Any:
 
 
 def pushgateway(root: Path) -> tuple[str | None, str]:
-    """(the Pushgateway's address, the job name): $AIGC_PUSHGATEWAY, else params `observability.pushgateway`."""
-    section = load_params("observability", root / "params.yaml")
+    """(the Pushgateway's address, the job name): $AIGC_PUSHGATEWAY, else params `observability.pushgateway`;
+    a params.yaml older than the section pushes nowhere unless the environment says where."""
+    import yaml
+
+    raw = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
+    section = load_params("observability", root / "params.yaml") if "observability" in raw else {"job": "aigc_loop"}
     job = require(section, "job", str, "observability")
     url = os.environ.get(PUSHGATEWAY_ENV) or section.get("pushgateway")
     if url is not None and not isinstance(url, str):
@@ -191,21 +195,20 @@ def pushgateway(root: Path) -> tuple[str | None, str]:
     return url or None, job
 
 
-def publish(root: Path) -> str:
-    """Push the loop's latest results; returns one line saying what happened. Never raises: a bad setting, an
-    unreadable file or an unreachable Pushgateway is a warning, since the loop's own work is already done."""
+def publish(root: Path) -> tuple[int, str]:
+    """Push the loop's latest results; returns a logging level and one line saying what happened, for the
+    caller's log. Never raises: a bad setting, an unreadable file or an unreachable Pushgateway is a warning,
+    since the loop's own work is already done and recorded."""
     from prometheus_client import push_to_gateway
 
     try:
         url, job = pushgateway(root)
         if url is None:
-            return "loop metrics not pushed: params observability.pushgateway is null and $AIGC_PUSHGATEWAY unset"
+            return logging.INFO, "loop metrics not pushed: params observability.pushgateway is null and $AIGC_PUSHGATEWAY unset"
         push_to_gateway(url, job=job, registry=registry(root), timeout=10)
     except Exception as err:  # ConfigError, a damaged state file, or the network
-        message = f"loop metrics not pushed ({type(err).__name__}: {err}); they go with the next push"
-        log.warning(message)
-        return message
-    return f"loop metrics pushed to {url} (job {job})"
+        return logging.WARNING, f"loop metrics not pushed ({type(err).__name__}: {err}); they go with the next push"
+    return logging.INFO, f"loop metrics pushed to {url} (job {job})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,9 +222,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> None:
         if args.push:
-            line = publish(args.repo)
+            level, line = publish(args.repo)
             print(line)
-            if not line.startswith("loop metrics pushed"):
+            if level != logging.INFO or not line.startswith("loop metrics pushed"):
                 raise SystemExit(1)
             return
         from prometheus_client import generate_latest

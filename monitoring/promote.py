@@ -187,13 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default=None, help="the experiment the receipt came from, if any")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        change(args)
-    finally:
-        if not (args.show or args.publish) and (args.repo / "params.yaml").is_file():
-            from monitoring.loop_metrics import publish
+    change(args)  # a refused change exits here: it changed nothing to push
+    if not (args.show or args.publish) and (args.repo / "params.yaml").is_file():
+        from monitoring.loop_metrics import publish
 
-            log.info(publish(args.repo))  # the dashboards see the change (or its refusal changed nothing)
+        log.log(*publish(args.repo))  # the dashboards see the change
 
 
 def change(args: argparse.Namespace) -> None:

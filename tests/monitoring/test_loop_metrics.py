@@ -3,6 +3,7 @@ pushed to a real Pushgateway (monitoring/loop_metrics.py)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def test_a_drifted_log_pushes_drift_shares_above_the_threshold_and_the_loop_stat
     models = {"text": "aigc-text:a", "image": "aigc-image:b", "restore": "aigc-restore:c"}
     promote(root / "promoted.json", models, "aigc-pipeline:d", "tests", "a champion to publish")
 
-    assert publish(root) == f"loop metrics pushed to {pushgateway.url} (job aigc_loop_test)"
+    assert publish(root) == (logging.INFO, f"loop metrics pushed to {pushgateway.url} (job aigc_loop_test)")
     metrics = pushed(pushgateway)
     threshold = value(metrics, "aigc_drift_share_threshold", job="aigc_loop_test")
     assert threshold == config.drift_share
@@ -73,13 +74,20 @@ def test_no_pushgateway_or_an_unreachable_one_is_one_line_never_an_error(
 ) -> None:
     monkeypatch.delenv("AIGC_PUSHGATEWAY", raising=False)
     root = loop_root(tmp_path, tiny_params, None)
-    assert publish(root).startswith("loop metrics not pushed: params observability.pushgateway is null")
+    assert publish(root)[1].startswith("loop metrics not pushed: params observability.pushgateway is null")
 
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AIGC_PUSHGATEWAY", closed)  # the environment wins over params
-    line = publish(root)
-    assert line.startswith("loop metrics not pushed (URLError") and line.endswith("they go with the next push")
+    level, line = publish(root)
+    assert (
+        level == logging.WARNING
+        and line.startswith("loop metrics not pushed (URLError")
+        and line.endswith("they go with the next push")
+    )
 
     (root / "params.yaml").write_text(yaml.safe_dump({**tiny_params, "observability": {"pushgateway": 9091, "job": "x"}}))
     monkeypatch.delenv("AIGC_PUSHGATEWAY")
-    assert "'observability.pushgateway' must be an address" in publish(root)
+    assert "'observability.pushgateway' must be an address" in publish(root)[1]
+
+    (root / "params.yaml").write_text(yaml.safe_dump({k: v for k, v in tiny_params.items() if k != "observability"}))
+    assert publish(root)[1].startswith("loop metrics not pushed: params")  # a params.yaml older than the section
