@@ -71,14 +71,14 @@ class LoopCollector:
     """A prometheus_client collector reading the loop's files at collect time (no process-wide registry:
     the flows' process may be anything, a multiprocess BentoML worker included)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, record: Path | None = None) -> None:
         self.root = root
         params = root / "params.yaml"
         monitor = load_params("monitor", params)
         self.reports = root / require(monitor, "reports_dir", str, "monitor")
         self.retrain = root / require(monitor, "retrain_dir", str, "monitor")
         self.drift_share = float(require(monitor, "drift_share", (int, float), "monitor"))
-        self.record = root / require(load_params("promotion", params), "record", str, "promotion")
+        self.record = record or root / require(load_params("promotion", params), "record", str, "promotion")
 
     def collect(self) -> Iterator[Any]:
         yield from self._drift()
@@ -97,7 +97,7 @@ class LoopCollector:
         if decision is None:
             return
         last = GaugeMetricFamily(
-            "aigc_drift_check_last_success_timestamp_seconds", "When the last drift check that wrote its decision ended"
+            "aigc_drift_check_last_success_timestamp_seconds", "When the last drift check that wrote its decision ran"
         )
         last.add_metric([], _timestamp(decision["window"]["to"]))
         share = GaugeMetricFamily("aigc_drift_share", "Share of a family's features that drifted", labels=["family"])
@@ -173,11 +173,11 @@ class LoopCollector:
         yield from (info, metric)
 
 
-def registry(root: Path) -> Any:
+def registry(root: Path, record: Path | None = None) -> Any:
     from prometheus_client import CollectorRegistry
 
     reg = CollectorRegistry(auto_describe=True)
-    reg.register(LoopCollector(root))
+    reg.register(LoopCollector(root, record))
     return reg
 
 
@@ -195,17 +195,17 @@ def pushgateway(root: Path) -> tuple[str | None, str]:
     return url or None, job
 
 
-def publish(root: Path) -> tuple[int, str]:
-    """Push the loop's latest results; returns a logging level and one line saying what happened, for the
-    caller's log. Never raises: a bad setting, an unreadable file or an unreachable Pushgateway is a warning,
-    since the loop's own work is already done and recorded."""
+def publish(root: Path, record: Path | None = None) -> tuple[int, str]:
+    """Push the loop's latest results (`record`: a promotion record other than params'); returns a logging
+    level and one line saying what happened, for the caller's log. Never raises: a bad setting, an unreadable
+    file or an unreachable Pushgateway is a warning, since the loop's own work is already done and recorded."""
     from prometheus_client import push_to_gateway
 
     try:
         url, job = pushgateway(root)
         if url is None:
             return logging.INFO, "loop metrics not pushed: params observability.pushgateway is null and $AIGC_PUSHGATEWAY unset"
-        push_to_gateway(url, job=job, registry=registry(root), timeout=10)
+        push_to_gateway(url, job=job, registry=registry(root, record), timeout=10)
     except Exception as err:  # ConfigError, a damaged state file, or the network
         return logging.WARNING, f"loop metrics not pushed ({type(err).__name__}: {err}); they go with the next push"
     return logging.INFO, f"loop metrics pushed to {url} (job {job})"

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.show or args.publish) and (args.repo / "params.yaml").is_file():
         from monitoring.loop_metrics import publish
 
-        log.log(*publish(args.repo))  # the dashboards see the change
+        log.log(*publish(args.repo, args.record))  # the dashboards see the change
 
 
 def change(args: argparse.Namespace) -> None:

@@ -13,8 +13,13 @@ fields of the endpoint's schema (a client's made-up field name is counted as `ot
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection
-from typing import Any
+import logging
+import threading
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+Function = TypeVar("Function", bound=Callable[..., None])
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -33,8 +38,32 @@ REFUSAL_BY_STATUS = {401: "auth", 408: "body_timeout", 413: "body_size", 415: "c
 OTHER_FIELD = "other"
 
 
-@functools.cache
+_created: dict[str, Any] = {}
+_creating = threading.Lock()  # the request-log writer thread and the event loop may both be first
+
+
 def _metrics() -> dict[str, Any]:
+    with _creating:
+        if not _created:
+            _created.update(_create())
+    return _created
+
+
+def _never_raises(function: Function) -> Function:
+    """A metric must never fail what it counts (a request, a model batch, the request-log writer): an error
+    is logged, and the work goes on uncounted."""
+
+    @functools.wraps(function)
+    def counted(*args: Any, **kwargs: Any) -> None:
+        try:
+            function(*args, **kwargs)
+        except Exception:
+            logger.exception("metrics: %s failed; not counted", function.__name__)
+
+    return counted  # type: ignore[return-value]
+
+
+def _create() -> dict[str, Any]:
     from prometheus_client import Counter, Gauge, Histogram
 
     return {
@@ -89,6 +118,7 @@ def refused_field(message: str, fields: Collection[str]) -> str:
     return head if head in fields or head == "body" else OTHER_FIELD
 
 
+@_never_raises
 def count_request(
     endpoint: str, status: int, seconds: float, variant: str | None, model_tag: str | None,
     error: str | None = None, message: str = "", fields: Collection[str] = (),
@@ -104,23 +134,29 @@ def count_request(
         metrics["refusals"].labels(endpoint, reason, field).inc()
 
 
+@_never_raises
 def observe_batch(method: str, size: int) -> None:
     _metrics()["batch"].labels(method).observe(size)
 
 
+@_never_raises
 def count_tokens(variant: str, tokens: int) -> None:
     _metrics()["tokens"].labels(variant).inc(tokens)
 
 
+@_never_raises
 def count_images(method: str, variant: str, images: int) -> None:
     _metrics()["images"].labels(method, variant).inc(images)
 
 
+@_never_raises
 def count_log_rows(log: str, outcome: str, rows: int) -> None:
-    """`outcome`: written, or dropped (a full queue, or a part that could not be written)."""
+    """`outcome`: written, or dropped (a full queue, or a part that could not be written). Counting 0 creates
+    the series, so the first drop is an increase an alert can see, not a series born at its value."""
     _metrics()["log_rows"].labels(log, outcome).inc(rows)
 
 
+@_never_raises
 def served_model(family: str, variant: str, model: Any) -> None:
     """Publish one served BentoML model: its tag and provenance, and when it entered the store."""
     labels = model.info.labels or {}

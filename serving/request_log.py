@@ -98,6 +98,10 @@ class RequestLog:
         self.dropped = 0
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
         self._parts = 0
+        from serving.metrics import count_log_rows
+
+        for outcome in ("written", "dropped"):
+            count_log_rows(prefix, outcome, 0)
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
 

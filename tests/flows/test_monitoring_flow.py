@@ -62,7 +62,8 @@ def test_drift_triggers_one_retrain_within_the_cooldown_and_clean_windows_none(
     assert {c["family"] for c in history[0]["comparisons"]} == {"text", "image", "restore"}
     assert all(c["delta"] == pytest.approx(0, abs=1e-6) for c in history[0]["comparisons"])
     # The flows pushed the loop's state: the drifted families, the retrain and the promotion it made.
-    pushed = samples(httpx.get(f"{pushgateway.url}/metrics", timeout=10).text)
+    pushed = {name: [(labels, v) for labels, v in found if labels.get("job") == "aigc_loop"]  # params observability.job
+              for name, found in samples(httpx.get(f"{pushgateway.url}/metrics", timeout=10).text).items()}  # fmt: skip
     assert {labels["family"] for labels, v in pushed["aigc_drift_detected"] if v == 1} == set(second["drifted"])
     threshold = pushed["aigc_drift_share_threshold"][0][1]
     assert {labels["family"] for labels, v in pushed["aigc_drift_share"] if v >= threshold} == set(second["drifted"])

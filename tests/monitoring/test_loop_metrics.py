@@ -20,10 +20,12 @@ from serving.promoted import promote
 from tests.conftest import section
 from tests.observability import Daemon, free_port, samples
 
+JOB = "aigc_loop_test"
+
 
 def loop_root(tmp_path: Path, params: dict[str, Any], pushgateway: str | None) -> Path:
     """A repository's loop files under tmp_path: params.yaml with the folders the loop writes, and the gateway."""
-    params = {**params, "observability": {"pushgateway": pushgateway, "job": "aigc_loop_test"}}
+    params = {**params, "observability": {"pushgateway": pushgateway, "job": JOB}}
     params["monitor"] = {**params["monitor"], "min_rows": 50, "reports_dir": "reports", "retrain_dir": "retrain"}
     params["promotion"] = {**params["promotion"], "record": "promoted.json"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -35,6 +37,8 @@ def pushed(gateway: Daemon) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 def value(metrics: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+    """The one sample of `name` with `labels` in this test's group (other tests push to the same gateway)."""
+    labels = {"job": JOB, **labels}
     (found,) = [v for have, v in metrics[name] if all(have.get(k) == w for k, w in labels.items())]
     return found
 
@@ -51,16 +55,17 @@ def test_a_drifted_log_pushes_drift_shares_above_the_threshold_and_the_loop_stat
     models = {"text": "aigc-text:a", "image": "aigc-image:b", "restore": "aigc-restore:c"}
     promote(root / "promoted.json", models, "aigc-pipeline:d", "tests", "a champion to publish")
 
-    assert publish(root) == (logging.INFO, f"loop metrics pushed to {pushgateway.url} (job aigc_loop_test)")
+    assert publish(root) == (logging.INFO, f"loop metrics pushed to {pushgateway.url} (job {JOB})")
     metrics = pushed(pushgateway)
-    threshold = value(metrics, "aigc_drift_share_threshold", job="aigc_loop_test")
+    threshold = value(metrics, "aigc_drift_share_threshold")
     assert threshold == config.drift_share
     for family in ("text", "images"):
         assert value(metrics, "aigc_drift_share", family=family) >= threshold
         assert value(metrics, "aigc_drift_detected", family=family) == 1
-    drifted = {labels["feature"] for labels, v in metrics["aigc_drift_feature_drifted"] if labels["family"] == "text" and v == 1}
+    ours = {name: [(labels, v) for labels, v in found if labels.get("job") == JOB] for name, found in metrics.items()}
+    drifted = {labels["feature"] for labels, v in ours["aigc_drift_feature_drifted"] if labels["family"] == "text" and v == 1}
     assert "source_chars" in drifted
-    assert {labels["feature"] for labels, _ in metrics["aigc_drift_feature_score"]} >= {"source_chars", "label"}
+    assert {labels["feature"] for labels, _ in ours["aigc_drift_feature_score"]} >= {"source_chars", "label"}
     now = time.time()
     for name in ("aigc_drift_check_last_success_timestamp_seconds", "aigc_last_retrain_timestamp_seconds",
                  "aigc_last_promotion_timestamp_seconds"):  # fmt: skip

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from serving.metrics import OTHER_FIELD, refusal_reason, refused_field, status_class
+from serving.metrics import OTHER_FIELD, count_request, refusal_reason, refused_field, status_class
 
 FIELDS = ("record", "prompt", "seed", "max_new_tokens")
 
@@ -47,3 +49,9 @@ def test_a_validation_refusal_is_counted_under_a_schema_field_or_other(message: 
 
 def test_status_classes() -> None:
     assert [status_class(s) for s in (200, 401, 503)] == ["2xx", "4xx", "5xx"]
+
+
+def test_a_metric_that_fails_is_logged_and_never_fails_what_it_counts(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="serving.metrics"):
+        count_request("generate_text", "not a status", 0.1, "champion", "aigc-text:x")  # type: ignore[arg-type]
+    assert "metrics: count_request failed; not counted" in caplog.text

@@ -86,7 +86,7 @@ def send_traffic(server: Server) -> None:
 
 def publish_loop(bento_home: Path, pushgateway: Daemon, params: dict[str, Any], features: Path, root: Path) -> None:
     """A drifted window checked for drift, a retrain started and the store's champion, pushed by the CLI."""
-    params = {**params, "observability": {"pushgateway": None, "job": "aigc_loop"}}
+    params = {**params, "observability": {"pushgateway": None, "job": "aigc_loop_observed"}}  # its own group
     params["monitor"] = {**params["monitor"], "min_rows": 50, "reports_dir": "reports", "retrain_dir": "retrain"}
     params["promotion"] = {**params["promotion"], "record": str(bento_home / "promoted.json")}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
