@@ -1,12 +1,18 @@
-"""Throughput of the data stages on generated text: ingest + validate + clean of N rows.
+"""Throughput and peak memory of the whole data half, ingest -> validate -> clean -> augment -> features.
 
-    python bench/data_throughput.py                 # 1 000 000 rows
-    python bench/data_throughput.py --rows 200000
+    python bench/data_throughput.py                              # 1 M and 5 M text rows, 50 000 images
+    python bench/data_throughput.py --rows 200000 --images 5000  # quicker
+    python bench/data_throughput.py --rows 1000000 --images 0 --profile clean   # + cProfile of one stage
 
-Prints one JSON object: rows/s and peak RSS for each stage and for the three together, plus a baseline
-measured in the same run (a plain Arrow read + write of the same file: the I/O floor) and the ratio.
-Each measurement runs in a fresh child process, so peak RSS is that stage's own.
-Goal (issue 2): >= 100 000 rows/s end to end on 2 cores with peak RSS <= 1 GB.
+Text rows are generated (source, reference) pairs in a Parquet file, as a user's input would be; images are
+generated 32x32 PNGs in 10 class folders. Each stage runs in a fresh child process on the previous stage's
+output, so its peak RSS is its own. Prints one JSON object: per dataset and size, each stage's seconds, rows/s
+and peak RSS, rows/s through `clean` (ingest + validate + clean) and through `features` (all five), the
+largest peak RSS, and a baseline measured in the same run (a plain Arrow read + write of the text input: the
+I/O floor). With `--profile STAGE`, the stage's top functions by cumulative time follow, from cProfile.
+Goals (issue 18, 2 cores): >= 100 000 text rows/s through clean, >= 50 000 through features, peak RSS
+<= 1 GB at 1 M and at 5 M rows (the same peak at both sizes shows it streams), >= 2 000 images/s through
+features.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+STAGES = ("ingest", "validate", "clean", "augment", "features")
 
 
 def generate(rows: int, path: Path, seed: int) -> None:
@@ -48,42 +55,55 @@ def generate(rows: int, path: Path, seed: int) -> None:
     writer.close()
 
 
-def _baseline(work: Path) -> None:
+def generate_images(count: int, folder: Path, seed: int) -> None:
+    """`count` 32x32 RGB PNGs in 10 class folders: a per-class colour ramp plus noise (no two alike)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, 32, dtype=np.float32)
+    for index in range(count):
+        label = index % 10
+        folder.joinpath(str(label)).mkdir(parents=True, exist_ok=True)
+        base = np.stack([np.add.outer(ramp, ramp) * (40 + 20 * label)] * 3, axis=-1)
+        pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / str(label) / f"{index:06d}.png")
+
+
+def _baseline(work: Path, dataset: str) -> None:
     import pyarrow.parquet as pq
 
     table = pq.read_table(work / "input.parquet")
     pq.write_table(table, work / "copy.parquet", compression="zstd")
 
 
-def _ingest(work: Path) -> None:
+def _ingest(work: Path, dataset: str) -> None:
     from components import datasets, ingest
     from components.common import load_params
 
     params = load_params("ingest", PARAMS)
-    params["text"] = {**params["text"], "path": str(work / "input.parquet")}
-    cfg = ingest.IngestConfig.from_params(params)
-    ingest.ingest_dataset(ingest.text_batches(cfg), datasets.TEXT_SCHEMA, work / "raw.parquet", "text")
+    if dataset == "text":
+        params["text"] = {**params["text"], "path": str(work / "input.parquet")}
+        batches, schema = ingest.text_batches(ingest.IngestConfig.from_params(params)), datasets.TEXT_SCHEMA
+    else:
+        params["images"] = {**params["images"], "path": str(work / "input")}
+        batches, schema = ingest.image_batches(ingest.IngestConfig.from_params(params)), datasets.IMAGE_SCHEMA
+    ingest.ingest_dataset(batches, schema, work / "raw.parquet", dataset)
 
 
-def _validate(work: Path) -> None:
+def _validate(work: Path, dataset: str) -> None:
     from components import validate
     from components.common import load_params
 
     cfg = validate.ValidateConfig.from_params(load_params("validate", PARAMS))
-    runner = validate.SuiteRunner(work / "docs")
-    report = validate.validate_dataset(
-        "text",
-        work / "raw.parquet",
-        validate.text_expectations(cfg.text),
-        runner,
-        work / "valid.parquet",
-        work / "quarantine.parquet",
-        cfg.chunk_rows,
-    )
+    suite = validate.text_expectations(cfg.text) if dataset == "text" else validate.image_expectations(cfg.images)
+    derive = validate.text_derived_columns(cfg.text) if dataset == "text" else None
+    report = validate.validate_dataset(dataset, work / "raw.parquet", suite, validate.SuiteRunner(work / "docs"),
+                                       work / "valid.parquet", work / "quarantine.parquet", cfg.chunk_rows, derive)  # fmt: skip
     assert report.rows_quarantined == 0, report.as_dict()
 
 
-def _clean(work: Path) -> None:
+def _clean(work: Path, dataset: str) -> None:
     import pyarrow.parquet as pq
 
     from components import clean
@@ -91,62 +111,133 @@ def _clean(work: Path) -> None:
     from components.tables import write_parquet_atomic
 
     cfg = clean.CleanConfig.from_params(load_params("clean", PARAMS))
-    result = clean.clean_text(pq.read_table(work / "valid.parquet"), cfg)
+    table = pq.read_table(work / "valid.parquet")
+    result = clean.clean_text(table, cfg) if dataset == "text" else clean.clean_images(table, cfg.splits, cfg.seed)
     write_parquet_atomic(result.kept, work / "clean.parquet")
 
 
-STEPS = {"baseline_arrow_copy": _baseline, "ingest": _ingest, "validate": _validate, "clean": _clean}
+def _augment(work: Path, dataset: str) -> None:
+    import pyarrow.parquet as pq
+
+    from components import augment
+    from components.common import load_params
+    from components.tables import write_parquet_atomic
+
+    cfg = augment.AugmentConfig.from_params(load_params("augment", PARAMS))
+    table = pq.read_table(work / "clean.parquet")
+    if dataset == "text":
+        out = augment.augment_text(table, cfg.text_copies, cfg.seed)
+    else:
+        out = augment.augment_images(table, cfg.images, cfg.seed)
+    write_parquet_atomic(out, work / "augmented.parquet")
 
 
-def _child(step: str, work: str, queue: Any) -> None:
+def _features(work: Path, dataset: str) -> None:
+    import pyarrow.parquet as pq
+
+    from components import features
+    from components.common import load_params
+
+    cfg = features.FeaturesConfig.from_params(load_params("features", PARAMS))
+    clean, augmented = pq.read_table(work / "clean.parquet"), pq.read_table(work / "augmented.parquet")
+    stage = features.text_features_stage if dataset == "text" else features.image_features_stage
+    stage(clean, augmented, cfg, work / "features")
+
+
+STEPS = {"ingest": _ingest, "validate": _validate, "clean": _clean, "augment": _augment, "features": _features}
+
+
+def _child(step: str, work: str, dataset: str, profile: bool, queue: Any) -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    function = _baseline if step == "baseline_arrow_copy" else STEPS[step]
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
-    STEPS[step](Path(work))
+    function(Path(work), dataset)
     seconds = time.perf_counter() - start
-    queue.put({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    figures: dict[str, Any] = {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+        figures["profile"] = text.getvalue()
+    queue.put(figures)
 
 
-def measure(step: str, work: Path) -> dict[str, float]:
+def measure(step: str, work: Path, dataset: str, profile: bool = False) -> dict[str, Any]:
     context = mp.get_context("spawn")  # a fresh interpreter: RSS and imports are the step's own
     queue = context.Queue()
-    process = context.Process(target=_child, args=(step, str(work), queue))
+    process = context.Process(target=_child, args=(step, str(work), dataset, profile, queue))
     process.start()
+    figures = queue.get()  # before join: a large profile would block the child on a full pipe
     process.join()
     if process.exitcode != 0:
-        raise SystemExit(f"{step} failed with exit code {process.exitcode}")
-    return queue.get()
+        raise SystemExit(f"{dataset} {step} failed with exit code {process.exitcode}")
+    return figures
+
+
+def run(dataset: str, rows: int, seed: int, profile: str | None) -> dict[str, Any]:
+    """Every stage of one dataset at one size, in order, each on the previous one's output."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-data-{dataset}-") as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        if dataset == "text":
+            generate(rows, work / "input.parquet", seed)
+        else:
+            generate_images(rows, work / "input", seed)
+        generate_seconds = time.perf_counter() - start
+        steps = (["baseline_arrow_copy"] if dataset == "text" else []) + list(STAGES)
+        results = {step: measure(step, work, dataset, profile == step) for step in steps}
+    profiles = {step: figures.pop("profile") for step, figures in results.items() if "profile" in figures}
+    for figures in results.values():
+        figures["rows_per_s"] = round(rows / figures["seconds"])
+        figures["seconds"] = round(figures["seconds"], 2)
+        figures["peak_rss_mb"] = round(figures["peak_rss_mb"], 1)
+
+    def through(last: str) -> dict[str, Any]:
+        stages = STAGES[: STAGES.index(last) + 1]
+        seconds = sum(results[s]["seconds"] for s in stages)
+        return {"seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
+                "peak_rss_mb": max(results[s]["peak_rss_mb"] for s in stages)}  # fmt: skip
+
+    report = {"rows": rows, "generate_seconds": round(generate_seconds, 2), "stages": results,
+              "through_clean": through("clean"), "through_features": through("features")}  # fmt: skip
+    if dataset == "text":
+        report["through_clean_vs_arrow_copy_time_ratio"] = round(
+            report["through_clean"]["seconds"] / results["baseline_arrow_copy"]["seconds"], 1
+        )
+    if profiles:
+        report["profile"] = profiles
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 5_000_000], help="text sizes (rows)")
+    parser.add_argument("--images", type=int, default=50_000, help="generated images (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", choices=STAGES, default=None, help="cProfile this stage (first text size only)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
-        work = Path(tmp)
-        start = time.perf_counter()
-        generate(args.rows, work / "input.parquet", args.seed)
-        generate_seconds = time.perf_counter() - start
-        results = {step: measure(step, work) for step in STEPS}
-    pipeline_seconds = sum(results[s]["seconds"] for s in ("ingest", "validate", "clean"))
-    for figures in results.values():
-        figures["rows_per_s"] = round(args.rows / figures["seconds"])
-        figures["seconds"] = round(figures["seconds"], 2)
-        figures["peak_rss_mb"] = round(figures["peak_rss_mb"], 1)
-    report = {
-        "rows": args.rows,
-        "cpu_count": os.cpu_count(),
-        "generate_seconds": round(generate_seconds, 2),
-        "stages": results,
-        "pipeline": {
-            "seconds": round(pipeline_seconds, 2),
-            "rows_per_s": round(args.rows / pipeline_seconds),
-            "peak_rss_mb": max(results[s]["peak_rss_mb"] for s in ("ingest", "validate", "clean")),
-        },
-        "pipeline_vs_arrow_copy_time_ratio": round(pipeline_seconds / results["baseline_arrow_copy"]["seconds"], 1),
-        "goal": {"rows_per_s": 100_000, "peak_rss_mb": 1024},
-    }
+    report: dict[str, Any] = {"cpu_count": os.cpu_count(), "text": {}, "images": None}
+    for index, rows in enumerate(args.rows):
+        report["text"][str(rows)] = run("text", rows, args.seed, args.profile if index == 0 else None)
+        print(json.dumps({"done": f"text {rows}", **report["text"][str(rows)]["through_features"]}), file=sys.stderr)
+    if args.images:
+        report["images"] = run("images", args.images, args.seed, None)
+    report["goal"] = {"text_through_clean_rows_per_s": 100_000, "text_through_features_rows_per_s": 50_000,
+                      "peak_rss_mb": 1024, "images_through_features_per_s": 2_000}  # fmt: skip
+    profiles = {size: r.pop("profile") for size, r in report["text"].items() if "profile" in r}
     print(json.dumps(report, indent=2))
+    for size, stages in profiles.items():
+        for step, text in stages.items():
+            print(f"\n# cProfile: text {size} rows, {step}\n{text}")
 
 
 if __name__ == "__main__":
