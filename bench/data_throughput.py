@@ -56,7 +56,7 @@ def generate(rows: int, path: Path, seed: int) -> None:
 
 
 def generate_images(count: int, folder: Path, seed: int) -> None:
-    """`count` 32x32 RGB PNGs in 10 class folders: a per-class colour ramp plus noise (no two alike)."""
+    """`count` 32x32 RGB PNGs in 10 class folders: a per-class brightness ramp plus noise (no two alike)."""
     import numpy as np
     from PIL import Image
 

@@ -18,9 +18,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.common import SPLIT_FILE, SPLITS, DataError, load_params, require, run_main, write_json
-from components.delex import COPYING_FILE, Delexicaliser, choose_keys
+from components.delex import COPYING_FILE, Delexicaliser, choose_keys, delexicalise_text
 from components.feature_defs import (
     IMAGE_FEATURE_COLUMNS,
     REFERENCE_DIR,
@@ -109,13 +112,36 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, place
     return tokenizer
 
 
-def ragged(encodings: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (concatenated int32 ids, int64 offsets of length n+1)."""
-    lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
-    offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
+ENCODE_ROWS = 20_000
+"""Texts per tokenizer call: the Encoding objects a call returns (offsets, tokens, masks) cost far more memory
+than the ids kept from them, so a split is never encoded whole."""
+
+
+def encode_ragged(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts` -> (concatenated int32 ids, int64 offsets of length n+1), a chunk at a time."""
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    parts = []
+    for start in range(0, len(texts), ENCODE_ROWS):
+        encodings = [e.ids for e in tokenizer.encode_batch(texts[start : start + ENCODE_ROWS])]
+        lengths[start : start + len(encodings)] = [len(ids) for ids in encodings]
+        parts.append(np.fromiter(itertools.chain.from_iterable(encodings), dtype=np.int32))
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((t for e in encodings for t in e), dtype=np.int32, count=int(offsets[-1]))
-    return ids, offsets
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), offsets
+
+
+def model_texts(delexicaliser: Delexicaliser | None) -> tuple[Callable[[str], str], Callable[[str, str], str]]:
+    """(source -> what the model reads, (source, reference) -> what it writes), each source parsed once while
+    it recurs (a record's references and its augmented copies lie together): parsing per row was the stage's
+    other hot spot."""
+    if delexicaliser is None:
+        return (lambda source: source), (lambda source, reference: reference)
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def prepared(source: str) -> tuple[str, dict[str, str]]:
+        return delexicaliser.model_source(source), delexicaliser.slots(source)
+
+    return (lambda source: prepared(source)[0]), (lambda source, reference: delexicalise_text(reference, prepared(source)[1]))
 
 
 def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
@@ -131,14 +157,34 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
         "text: %s sources; keys %s", schema["syntax"], {k: e["kind"] for k, e in schema["keys"].items()} or "none (free prompts)"
     )
     delexicaliser = text_delexicaliser(train, schema, cfg, out)
-    model_source = delexicaliser.model_source if delexicaliser else (lambda source: source)
-    model_reference = delexicaliser.delexicalise if delexicaliser else (lambda source, reference: reference)
+    model_source, model_reference = model_texts(delexicaliser)
 
-    corpus = [model_source(s) for s in train.column("source").to_pylist() + augmented.column("source").to_pylist()]
-    corpus += [
-        model_reference(s, r)
-        for s, r in zip(train.column("source").to_pylist(), train.column("reference").to_pylist(), strict=True)
-    ]
+    keep = ["record_id", "source", "reference", "source_key", "split"]
+    augmented_rows = augmented.select(keep[:-1]).append_column("split", pa.array(["train"] * augmented.num_rows, pa.string()))
+    split_rows: dict[str, pa.Table] = {}
+    for split in SPLITS:
+        rows = clean.filter(pc.equal(clean.column("split"), split)).select(keep)
+        if split == "train":
+            rows = pa.concat_tables(
+                [
+                    rows.append_column("augmented", pa.array([False] * rows.num_rows, pa.bool_())),
+                    augmented_rows.append_column("augmented", pa.array([True] * augmented_rows.num_rows, pa.bool_())),
+                ]
+            )
+        else:
+            rows = rows.append_column("augmented", pa.array([False] * rows.num_rows, pa.bool_()))
+        model_sources, model_references = [], []
+        for source, reference in zip(rows.column("source").to_pylist(), rows.column("reference").to_pylist(), strict=True):
+            model_sources.append(model_source(source))  # a record's references follow it: its source is parsed once
+            model_references.append(model_reference(source, reference))
+        rows = rows.append_column("model_source", pa.array(model_sources, pa.string()))
+        split_rows[split] = rows.append_column("model_reference", pa.array(model_references, pa.string()))
+        del model_sources, model_references
+
+    # What the model reads and writes in training: every train source (augmented copies too), then the
+    # original train references (an augmented copy's reference is its original's).
+    training = split_rows["train"]
+    corpus = training.column("model_source").to_pylist() + training.column("model_reference").slice(0, train.num_rows).to_pylist()
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency, delexicaliser.placeholders() if delexicaliser else [])
     tokenizer.save(str(out / TOKENIZER_FILE))
     # The words of the training sources: the out-of-vocabulary share of a prompt (a drift feature) is
@@ -151,42 +197,26 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
         out / "tokenizer_config.json",
     )
 
-    keep = ["record_id", "source", "reference", "source_key", "split"]
-    augmented_rows = augmented.select(keep[:-1]).append_column("split", pa.array(["train"] * augmented.num_rows, pa.string()))
+    del corpus
     feature_rows: list[dict[str, Any]] = []
     for split in SPLITS:
-        rows = clean.filter(pc.equal(clean.column("split"), split)).select(keep)
-        if split == "train":
-            rows = pa.concat_tables(
-                [
-                    rows.append_column("augmented", pa.array([False] * rows.num_rows, pa.bool_())),
-                    augmented_rows.append_column("augmented", pa.array([True] * augmented_rows.num_rows, pa.bool_())),
-                ]
-            )
-        else:
-            rows = rows.append_column("augmented", pa.array([False] * rows.num_rows, pa.bool_()))
+        rows = split_rows.pop(split)
         sources = rows.column("source").to_pylist()
         references = rows.column("reference").to_pylist()
-        model_sources = [model_source(s) for s in sources]
-        model_references = [model_reference(s, r) for s, r in zip(sources, references, strict=True)]
-        rows = rows.append_column("model_source", pa.array(model_sources, pa.string()))
-        rows = rows.append_column("model_reference", pa.array(model_references, pa.string()))
-        source_ids = [e.ids for e in tokenizer.encode_batch(model_sources)]
-        target_ids = [e.ids for e in tokenizer.encode_batch(model_references)]
-        s_ids, s_off = ragged(source_ids)
-        t_ids, t_off = ragged(target_ids)
+        s_ids, s_off = encode_ragged(tokenizer, rows.column("model_source").to_pylist())
+        t_ids, t_off = encode_ragged(tokenizer, rows.column("model_reference").to_pylist())
         save_arrays(
             {"source_ids": s_ids, "source_offsets": s_off, "target_ids": t_ids, "target_offsets": t_off},
             out / f"{split}.safetensors",
             {"split": split, "rows": rows.num_rows},
         )
         write_parquet_atomic(rows, out / f"{split}.parquet")
-        for record_id, source, reference, s, t, augmented_flag in zip(
+        for record_id, source, reference, source_tokens, target_tokens, augmented_flag in zip(
             rows.column("record_id").to_pylist(),
             sources,
             references,
-            source_ids,
-            target_ids,
+            np.diff(s_off).tolist(),
+            np.diff(t_off).tolist(),
             rows.column("augmented").to_pylist(),
             strict=True,
         ):
@@ -195,7 +225,7 @@ def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfi
                     {
                         "record_id": record_id,
                         "split": split,
-                        **text_features(source, len(s), reference, len(t), vocabulary_set, attributes),
+                        **text_features(source, source_tokens, reference, target_tokens, vocabulary_set, attributes),
                     }
                 )
     log.info("text: vocabulary %d, %d feature rows", tokenizer.get_vocab_size(), len(feature_rows))
