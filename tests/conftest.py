@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +172,28 @@ def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Any:
     daemon = start_pushgateway(tmp_path_factory.mktemp("pushgateway"))
     yield daemon
     daemon.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], url: str, seconds: float, what: str, log: Callable[[], str] = str) -> None:
+    """Poll `url` until it answers 200; a process that exits, or stays unready for `seconds`, is an error (killed
+    in the second case) naming `what` and the tail of its `log`."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}: {log()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"{what} not ready in {seconds:g} s: {log()[-2000:]}")

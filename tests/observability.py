@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.conftest import free_port, wait_until_ready
 
 PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus", "prometheus-pushgateway": "prometheus-pushgateway"}
 
@@ -28,12 +29,6 @@ def binary(name: str) -> str:
             pytest.fail(reason)
         pytest.skip(f"SKIPPED, NOT TESTED: {reason}")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -51,20 +46,9 @@ class Daemon:
 
 
 def _start(command: list[str], url: str, log: Path) -> Daemon:
-    sink = log.open("wb")
-    process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited with {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                return Daemon(url, process, log)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"{command[0]} not ready in 30 s: {log.read_text()[-2000:]}")
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_until_ready(process, f"{url}/-/ready", 30, command[0], log.read_text)
+    return Daemon(url, process, log)
 
 
 def start_pushgateway(folder: Path) -> Daemon:

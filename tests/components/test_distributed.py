@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +18,7 @@ import yaml
 from components import train_text
 from components.common import EX_CONFIG, ConfigError
 from components.launch import Launch, check_devices
-from tests.conftest import REPO_ROOT, section, write_params
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import REPO_ROOT, free_port, section, write_params
 
 
 def stage_env(**extra: str) -> dict[str, str]:

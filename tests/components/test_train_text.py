@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from components.common import ConfigError
 from components.metrics import corpus_scores
 from components.text_model import load_pretrained
 from components.training import TIMING_FILE, TrainConfig, lr_factor
-from tests.conftest import REPO_ROOT, section
+from tests.conftest import REPO_ROOT, free_port, section
 
 
 def config(params: dict[str, Any], **overrides: Any) -> train_text.TrainTextConfig:
@@ -255,12 +254,6 @@ def test_perplexity_is_exp_of_the_target_token_loss(tiny_params: dict[str, Any],
         expected = math.exp(float(model(**batch).loss))  # transformers' mean NLL over the target tokens
     ours = evaluate_text.perplexity(model, tokenizer, rows, batch_size=1, device=torch.device("cpu"))
     assert ours == pytest.approx(expected, rel=1e-4)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_ddp_worker(out: Path, *args: str) -> None:

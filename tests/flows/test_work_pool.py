@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import venv_env
+from tests.conftest import free_port, venv_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +36,6 @@ class Server:
     env: dict[str, str]
     """The environment every `prefect` command of the test runs with: this server's API, its own home."""
     logs: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -17,8 +17,8 @@ from monitoring.loop_metrics import publish
 from monitoring.retrain_gate import RetrainGate
 from monitoring.simulate import write_simulated_log
 from serving.promoted import promote
-from tests.conftest import section
-from tests.observability import Daemon, free_port, samples
+from tests.conftest import free_port, section
+from tests.observability import Daemon, samples
 
 JOB = "aigc_loop_test"
 

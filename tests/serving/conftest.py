@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, section, shrink
+from tests.conftest import REPO_ROOT, free_port, section, shrink, wait_until_ready
 
 
 @dataclass
@@ -24,12 +21,6 @@ class Server:
     url: str
     log_dir: Path
     process: subprocess.Popen[bytes]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -102,18 +93,8 @@ def start_server(
         cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT if output is not None else subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return Server(url, log_dir, process)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("bentoml serve did not become ready in 120 s")
+    wait_until_ready(process, f"{url}/readyz", 120, "bentoml serve")
+    return Server(url, log_dir, process)
 
 
 def stop_server(server: Server) -> None:
