@@ -25,6 +25,7 @@ import html
 import io
 import json
 import logging
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,15 +44,17 @@ from components.common import (
     SPLITS,
     ConfigError,
     DataError,
-    assign_splits,
     load_params,
+    progress,
     require,
     run_main,
+    split_codes,
+    unit_interval,
     write_json,
 )
 from components.image_io import decode_image, encode_png
 from components.records import canonical_source, is_entity_key, parse_source, serialise
-from components.tables import write_parquet_atomic
+from components.tables import ParquetSink, Rows, batch_rows_within, copy_into, iter_parquet, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class CleanConfig:
     splits: dict[str, float]
     restore_splits: dict[str, float]
     text_split: TextSplit = TextSplit()
+    batch_rows: int = 65_536
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> CleanConfig:
@@ -100,6 +104,7 @@ class CleanConfig:
             splits=_fractions(require(params, "splits", dict, "clean"), "clean.splits"),
             restore_splits=_fractions(require(params, "restore_splits", dict, "clean"), "clean.restore_splits"),
             text_split=TextSplit.from_params(require(params, "text_split", dict, "clean"), "clean.text_split"),
+            batch_rows=require(params, "batch_rows", int, "clean", low=1),
         )
 
 
@@ -192,18 +197,53 @@ def dictionary(values: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
     return encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
 
 
-def first_occurrence(keys: list[pa.ChunkedArray | pa.Array]) -> np.ndarray:
-    """Boolean mask: True on the first row of each distinct key tuple.
+# --- dedupe and splits on digests: a few bytes per row instead of the rows' strings -----------------------
 
-    Each key column is dictionary-encoded first, so the group-by hashes int32 codes instead of copying strings.
-    """
-    n = len(keys[0])
-    codes = {f"k{i}": dictionary(key).indices for i, key in enumerate(keys)}
-    table = pa.table(codes | {"_row": pa.array(np.arange(n))})
-    firsts = table.group_by(list(codes), use_threads=False).aggregate([("_row", "min")])
-    mask = np.zeros(n, dtype=bool)
-    mask[firsts.column("_row_min").to_numpy()] = True
-    return mask
+DIGEST_SEEDS = (0x6A09E667, 0xBB67AE85)
+
+
+def row_digests(columns: list[pa.Array | pa.ChunkedArray]) -> np.ndarray:
+    """(n, 2) uint64: each row's values hashed by polars with two seeds. Millions of rows dedupe in a few dozen
+    MB where their strings would take GBs; two different rows share both halves with odds of about 2**-128."""
+    import polars as pl
+
+    frame = pl.from_arrow(pa.table({f"c{i}": column for i, column in enumerate(columns)}))
+    return np.stack([frame.hash_rows(seed=seed).to_numpy() for seed in DIGEST_SEEDS], axis=1)
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """The distinct digests of a column of rows: `ids` numbers each row's digest (0.. in digest order),
+    `first` is the row where each first occurs."""
+
+    ids: np.ndarray
+    first: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.first)
+
+    def first_rows(self) -> np.ndarray:
+        """Boolean mask: True on the first row of each distinct digest."""
+        mask = np.zeros(len(self.ids), dtype=bool)
+        mask[self.first] = True
+        return mask
+
+
+def distinct(digests: np.ndarray) -> Distinct:
+    """Group rows by digest with one stable 64-bit sort (the second half settles a rare first-half tie)."""
+    order = np.argsort(digests[:, 0], kind="stable")
+    ordered = digests[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = ordered[1:, 0] != ordered[:-1, 0]
+    tied = ~new[1:]
+    if (ordered[1:, 1][tied] != ordered[:-1, 1][tied]).any():
+        order = np.lexsort((digests[:, 1], digests[:, 0]))  # stable too: first occurrences stay first
+        ordered = digests[order]
+        new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    ids = np.empty(len(order), dtype=np.int64)
+    ids[order] = np.cumsum(new) - 1
+    return Distinct(ids, order[new])
 
 
 @dataclass
@@ -214,150 +254,258 @@ class CleanResult:
     split: dict[str, Any] | None = None  # how text was split (split.json)
 
 
-def _removed(table: pa.Table, mask: np.ndarray, reason: str) -> pa.Table:
-    picked = table.filter(pa.array(mask))
-    return picked.append_column("removed_because", pa.array([reason] * picked.num_rows, pa.string()))
+@dataclass
+class Outcome:
+    """What a streamed clean wrote: counts for the data metrics, how text was split, rows per split."""
+
+    counts: dict[str, Any]
+    split: dict[str, Any] | None
+    split_sizes: dict[str, int]
+    kept_rows: int
+    removed_rows: int
 
 
-def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
-    """Clean, deduplicate and split the validated text rows."""
+IMAGE_BATCH_BYTES = 64 << 20
+"""Encoded image bytes per batch: a batch of large photos stays far below the memory a batch of text takes."""
+
+KEPT, EXACT, NEAR, SEEN = 0, 1, 2, 3
+REASONS = {EXACT: "exact duplicate", NEAR: "near duplicate", SEEN: "train row of a source in the given val or test split"}
+EMPTY_REASON = "empty after cleaning"
+
+
+def _with_reason(table: pa.Table, reason: str) -> pa.Table:
+    return table.append_column("removed_because", pa.array([reason] * table.num_rows, pa.string()))
+
+
+def _has_values(rows: Rows, column: str) -> bool:
+    """Whether any row has a value in `column`: one column is read, not the table."""
+    if column not in rows.schema.names:
+        return False
+    return any(batch.column(0).null_count < batch.num_rows for batch in rows.batches([column]))
+
+
+def _split_codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    codes = pc.index_in(pc.fill_null(values, "train"), pa.array(SPLITS))
+    if codes.null_count:
+        raise DataError(f"clean: a given split outside {list(SPLITS)}: run the validate stage first")
+    return codes.to_numpy(zero_copy_only=False).astype(np.int8)
+
+
+@dataclass
+class _TextKeys:
+    """Pass 1's facts per cleaned row, aligned with the rows of the intermediate file."""
+
+    exact: list[np.ndarray]
+    near: list[np.ndarray]
+    source: list[np.ndarray]
+    given: list[np.ndarray]
+    position: list[np.ndarray]  # unit_interval of the source key, for a split by source
+    entity: list[np.ndarray]  # index into entities, for a split by a record attribute
+    group: list[np.ndarray]  # index into groups (-1: none), for a split by the group column
+    entities: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], int]  # (entity keys, candidate values)
+    groups: dict[str, int]
+    emptied: int = 0
+
+
+def _clean_pass(rows: Rows, cfg: CleanConfig, within_given: bool, group_column: bool, cleaned: Path, emptied: Path) -> _TextKeys:
+    """Pass 1: clean each batch, set aside the rows left empty, write the rest with their source key, and keep
+    only digests and small codes per row."""
+    keys = _TextKeys([], [], [], [], [], [], [], {((), ()): 0}, {})
+    cleaned_schema = rows.schema.append(pa.field("source_key", pa.string()))
+    removed_schema = rows.schema.append(pa.field("removed_because", pa.string())).append(pa.field("source_key", pa.string()))
+    wanted = cfg.text_split.group
+
+    def entity_of(key: str) -> int:
+        record = parse_source(key)
+        if record is None:
+            return 0
+        values = tuple((k, v) for k, v in record.as_dict().items() if is_entity_key(k) or k == wanted)
+        found = (tuple(k for k in record.keys() if is_entity_key(k)), values)
+        return keys.entities.setdefault(found, len(keys.entities))
+
     # Arrow kernels release the GIL: the references clean while the sources do.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        references = pool.submit(normalise_text, table.column("reference"), cfg.mask_pii)
-        source = clean_sources(table.column("source"), cfg.mask_pii)
-        reference = references.result()
-    table = table.set_column(table.schema.get_field_index("source"), "source", source)
-    table = table.set_column(table.schema.get_field_index("reference"), "reference", reference)
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        ParquetSink(cleaned, cleaned_schema) as cleaned_sink,
+        ParquetSink(emptied, removed_schema) as emptied_sink,
+    ):
+        for batch in progress(rows.batches(), desc="clean text", unit="batch", total=-(-rows.num_rows // cfg.batch_rows)):
+            table = pa.Table.from_batches([batch])
+            references = pool.submit(normalise_text, table.column("reference"), cfg.mask_pii)
+            source = clean_sources(table.column("source"), cfg.mask_pii)
+            reference = references.result()
+            table = table.set_column(table.schema.get_field_index("source"), "source", source)
+            table = table.set_column(table.schema.get_field_index("reference"), "reference", reference)
+            empty = pc.or_(pc.equal(pc.utf8_length(source), 0), pc.equal(pc.utf8_length(reference), 0))
+            empty_rows = table.filter(empty)
+            keys.emptied += empty_rows.num_rows
+            emptied_sink.write(
+                _with_reason(empty_rows, EMPTY_REASON).append_column("source_key", pa.nulls(empty_rows.num_rows, pa.string()))
+            )
+            table = table.filter(pc.invert(empty))
+            # Per distinct source, not per row: a record has several references, and Python work is the slow part.
+            sources = dictionary(table.column("source"))
+            canonical = pa.array([canonical_source(s) for s in sources.dictionary.to_pylist()], pa.string())
+            source_key = pc.take(canonical, sources.indices)
+            table = table.append_column("source_key", source_key)
+            cleaned_sink.write(table)
+            # With the user's split, a row that repeats one of another split stays: their test set is not ours to edit.
+            within = [pc.fill_null(table.column("given_split"), "train")] if within_given else []
+            keys.exact.append(row_digests([source_key, table.column("reference"), *within]))
+            if cfg.near_duplicates:
+                # The source key is already canonical (attributes sorted); only the reference needs the loose key.
+                keys.near.append(row_digests([source_key, near_duplicate_key(table.column("reference")), *within]))
+            keys.source.append(row_digests([source_key]))
+            if within_given:
+                keys.given.append(_split_codes(table.column("given_split")))
+            distinct_keys = dictionary(source_key)
+            indices = distinct_keys.indices.to_numpy(zero_copy_only=False)
+            texts = distinct_keys.dictionary.to_pylist()
+            keys.position.append(np.array([unit_interval(k, cfg.seed) for k in texts], dtype=np.float64)[indices])
+            keys.entity.append(np.array([entity_of(k) for k in texts], dtype=np.int64)[indices])
+            if group_column:
+                values = table.column("group").to_pylist()
+                keys.group.append(np.array([-1 if v is None else keys.groups.setdefault(v, len(keys.groups)) for v in values]))
+    return keys
 
-    empty = pc.equal(pc.utf8_length(source), 0).to_numpy(zero_copy_only=False) | pc.equal(pc.utf8_length(reference), 0).to_numpy(
-        zero_copy_only=False
+
+def _concat(parts: list[np.ndarray], dtype: Any = np.int64, width: int = 0) -> np.ndarray:
+    if parts:
+        return np.concatenate(parts)
+    return np.zeros((0, width) if width else 0, dtype=dtype)
+
+
+def _split_by_group(
+    kept: np.ndarray, sources: Distinct, spelled: list[str], group_of_row: np.ndarray, cfg: CleanConfig
+) -> tuple[np.ndarray, int]:
+    """Split codes per row for a group split: each kept row's group merged with every group it shares a source
+    with (connected components of the group-source graph), so neither a group nor a source lands in two
+    splits; each such unit is hashed by its smallest group value's first spelling in sort order."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows = np.flatnonzero(kept)
+    used = np.unique(group_of_row[rows])
+    # Group values that differ only in case or spacing ("The Eagle", "the  eagle") are one group.
+    value_ids: dict[str, int] = {}
+    spelling: list[str] = []
+    value_of_group = np.zeros(len(spelled), dtype=np.int64)
+    for group in used.tolist():
+        original = spelled[group]
+        value = f"={' '.join(original[1:].casefold().split())}" if original[0] == "=" else original
+        vid = value_of_group[group] = value_ids.setdefault(value, len(value_ids))
+        if vid == len(spelling):
+            spelling.append(original)
+        else:
+            spelling[vid] = min(spelling[vid], original)
+    row_values = value_of_group[group_of_row[rows]]
+    nodes = len(value_ids) + sources.count
+    graph = coo_matrix(
+        (np.ones(len(rows), dtype=np.int8), (row_values, len(value_ids) + sources.ids[rows])), shape=(nodes, nodes)
     )
-    removed = [_removed(table, empty, "empty after cleaning")]
-    table = table.filter(pa.array(~empty))
+    _, component = connected_components(graph, directed=False)
+    by_rank = sorted(value_ids)
+    rank = np.empty(len(by_rank), dtype=np.int64)
+    rank[[value_ids[value] for value in by_rank]] = np.arange(len(by_rank))
+    smallest = np.full(component.max() + 1, len(by_rank), dtype=np.int64)
+    np.minimum.at(smallest, component[: len(value_ids)], rank)
+    units = np.unique(component[row_values])
+    names = [spelling[value_ids[by_rank[smallest[unit]]]] for unit in units.tolist()]
+    unit_codes = np.zeros(len(smallest), dtype=np.int8)
+    unit_codes[units] = split_codes([unit_interval(name, cfg.seed) for name in names], cfg.splits)
+    codes = np.zeros(len(kept), dtype=np.int8)
+    codes[rows] = unit_codes[component[row_values]]
+    return codes, len(units)
 
-    # Per distinct source, not per row: a record has several references, and Python work is the slow part.
-    sources = dictionary(table.column("source"))
-    canonical = pa.array([canonical_source(s) for s in sources.dictionary.to_pylist()], pa.string())
-    table = table.append_column("source_key", pc.take(canonical, sources.indices))
 
-    given = _given_splits(table)
+def clean_text_rows(rows: Rows, cfg: CleanConfig, kept_path: Path, removed_path: Path) -> Outcome:
+    """Clean, deduplicate and split the validated text rows in two streamed passes over batches of
+    `cfg.batch_rows`: pass 1 cleans each batch into an intermediate file and keeps digests per row; the
+    dedupe and the split are decided on those; pass 2 writes the kept and the removed rows."""
+    given = _has_values(rows, "given_split")
+    group_column = _has_values(rows, "group")
     by = cfg.text_split.by
     if by == "auto":
-        by = "given" if given is not None else "group"
-    # With the user's split, a row that repeats one of another split stays: their test set is not ours to edit.
-    within = [given] if by == "given" and given is not None else []
-    exact_first = first_occurrence([table.column("source_key"), table.column("reference"), *within])
-    removed.append(_removed(table, ~exact_first, "exact duplicate"))
-    table = table.filter(pa.array(exact_first))
-    near_count = 0
-    if cfg.near_duplicates:
-        # The source key is already canonical (attributes sorted); only the reference needs the loose key.
-        within = [_given_splits(table)] if within else []
-        near_first = first_occurrence([table.column("source_key"), near_duplicate_key(table.column("reference")), *within])
-        near_count = int((~near_first).sum())
-        removed.append(_removed(table, ~near_first, "near duplicate"))
-        table = table.filter(pa.array(near_first))
-
-    split, description = split_text(table, cfg, by)
-    table = table.append_column("split", split)
-    seen_in_training = 0
-    if description["by"] == "given":
-        # The user's val and test rows stay; a train row whose source they hold would be scored as unseen.
-        held_out = pc.is_in(table.column("split"), pa.array(["val", "test"]))
-        held_keys = pc.unique(table.column("source_key").filter(held_out))
-        leak = pc.and_(pc.equal(table.column("split"), "train"), pc.is_in(table.column("source_key"), held_keys))
-        leak_mask = leak.to_numpy(zero_copy_only=False)
-        seen_in_training = int(leak_mask.sum())
-        removed.append(_removed(table.drop_columns(["split"]), leak_mask, "train row of a source in the given val or test split"))
-        table = table.filter(pa.array(~leak_mask))
-        description["train_rows_dropped"] = seen_in_training
-    removed_table = pa.concat_tables(removed, promote_options="default")
-    counts = {
-        "duplicates_removed": int((~exact_first).sum()) + near_count + seen_in_training,
-        "exact_duplicates_removed": int((~exact_first).sum()),
-        "near_duplicates_removed": near_count,
-        "emptied_by_cleaning": int(empty.sum()),
-        "sources": len(dictionary(table.column("source_key")).dictionary),
-        "split_by": description["by"],
-        **{f"split_{k}": v for k, v in description.items() if k != "by"},
-    }
-    return CleanResult(table, removed_table, counts, description)
-
-
-def _given_splits(table: pa.Table) -> pa.Array | None:
-    """The user's split per row (rows without one, such as landed files, train), or None when nobody gave one."""
-    if "given_split" not in table.column_names or table.column("given_split").null_count == table.num_rows:
-        return None
-    return pc.fill_null(table.column("given_split"), "train").combine_chunks()
-
-
-def entity_attribute(sources: list[str]) -> str | None:
-    """The entity key (`records.is_entity_key`) most records have, or None (free prompts, no such key)."""
-    keys: Counter[str] = Counter()
-    for source in sources:
-        record = parse_source(source)
-        keys.update(key for key in (record.keys() if record is not None else ()) if is_entity_key(key))
-    return keys.most_common(1)[0][0] if keys else None
-
-
-def connected_groups(groups: list[str], sources: list[str]) -> list[str]:
-    """Per row, its group merged with every group it shares a source with (union-find): the unit the split
-    hashes, so neither a group nor a source lands in two splits. Named by its smallest member group."""
-    parent: dict[str, str] = {}
-
-    def find(node: str) -> str:
-        while parent.setdefault(node, node) != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    for group, source in zip(groups, sources, strict=True):
-        a, b = find("g:" + group), find("s:" + source)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    smallest: dict[str, str] = {}
-    for group in groups:
-        root = find("g:" + group)
-        smallest[root] = min(smallest.get(root, group), group)
-    return [smallest[find("g:" + group)] for group in groups]
-
-
-def split_text(table: pa.Table, cfg: CleanConfig, by: str) -> tuple[pa.Array, dict[str, Any]]:
-    """The split of every row, and how it was made (see the module docstring)."""
-    keys = dictionary(table.column("source_key"))
-    distinct_sources = keys.dictionary.to_pylist()
-    if by == "given":
-        given = _given_splits(table)
-        if given is None:
-            raise ConfigError(
-                "clean: params key 'clean.text_split.by' is 'given' but the data has no split: set "
-                "'ingest.text.split_column' or 'ingest.text.split_files'"
-            )
-        shared = (
-            table.select(["source_key"])
-            .append_column("split", given)
-            .group_by("source_key")
-            .aggregate([("split", "count_distinct")])
+        by = "given" if given else "group"
+    if by == "given" and not given:
+        raise ConfigError(
+            "clean: params key 'clean.text_split.by' is 'given' but the data has no split: set "
+            "'ingest.text.split_column' or 'ingest.text.split_files'"
         )
-        in_two = int(pc.sum(pc.greater(shared.column("split_count_distinct"), 1)).as_py() or 0)
-        if in_two:
-            log.warning("text: %d sources occur in more than one of the given splits: those scores include seen sources", in_two)
-        return given, {"by": "given", "sources_in_two_splits": in_two}
+    kept_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=kept_path.parent, prefix=".clean-") as tmp:
+        work = Path(tmp)
+        keys = _clean_pass(rows, cfg, by == "given", group_column, work / "cleaned.parquet", work / "empty.parquet")
+        n = sum(len(part) for part in keys.exact)
+        reason = np.full(n, KEPT, dtype=np.int8)
+        exact_first = distinct(_concat(keys.exact, np.uint64, 2)).first_rows()
+        reason[~exact_first] = EXACT
+        if cfg.near_duplicates:
+            near = _concat(keys.near, np.uint64, 2)
+            near_first = np.zeros(n, dtype=bool)
+            near_first[np.flatnonzero(exact_first)] = distinct(near[exact_first]).first_rows()
+            reason[exact_first & ~near_first] = NEAR
+            del near
+        sources = distinct(_concat(keys.source, np.uint64, 2))
+        kept = reason == KEPT
+        description: dict[str, Any]
+        if by == "given":
+            codes = _concat(keys.given, np.int8)
+            # The user's val and test rows stay; a train row whose source they hold would be scored as unseen.
+            held = np.zeros(sources.count, dtype=bool)
+            held[sources.ids[kept & (codes != SPLITS.index("train"))]] = True
+            seen = kept & (codes == SPLITS.index("train")) & held[sources.ids]
+            pairs = np.unique(sources.ids[kept] * len(SPLITS) + codes[kept])
+            in_two = int((np.bincount(pairs // len(SPLITS)) > 1).sum())
+            if in_two:
+                log.warning(
+                    "text: %d sources occur in more than one of the given splits: those scores include seen sources", in_two
+                )
+            reason[seen] = SEEN
+            description = {"by": "given", "sources_in_two_splits": in_two, "train_rows_dropped": int(seen.sum())}
+        else:
+            codes, description = _split_text(keys, sources, kept, cfg, by, group_column, work / "cleaned.parquet")
+        kept = reason == KEPT
+        counts = {
+            "duplicates_removed": int((reason != KEPT).sum()),
+            "exact_duplicates_removed": int((reason == EXACT).sum()),
+            "near_duplicates_removed": int((reason == NEAR).sum()),
+            "emptied_by_cleaning": keys.emptied,
+            "sources": int(np.unique(sources.ids[kept]).size),
+            "split_by": description["by"],
+            **{f"split_{k}": v for k, v in description.items() if k != "by"},
+        }
+        del keys, sources
+        removed = _write_pass(Rows.of_file(work / "cleaned.parquet", cfg.batch_rows), reason, codes, kept_path, removed_path,
+                              [work / "empty.parquet"], work, cfg.batch_rows)  # fmt: skip
+    sizes = np.bincount(codes[kept], minlength=len(SPLITS))
+    return Outcome(counts, description, dict(zip(SPLITS, sizes.tolist(), strict=True)), int(kept.sum()), removed)
+
+
+def _split_text(
+    keys: _TextKeys, sources: Distinct, kept: np.ndarray, cfg: CleanConfig, by: str, group_column: bool, cleaned: Path
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Split codes per row by group or by source (see the module docstring), and how the split was made."""
     if by == "group":
-        has_column = "group" in table.column_names and table.column("group").null_count < table.num_rows
         attribute = cfg.text_split.group
-        if attribute is None and not has_column:
-            attribute = entity_attribute(distinct_sources)
+        if attribute is None and not group_column:
+            attribute = entity_attribute(keys, sources)
+        entity_of_row = _concat(keys.entity)
         if attribute is not None:
-            values = [parse_source(s) for s in distinct_sources]
-            group_of_source = [(r.as_dict().get(attribute) if r is not None else None) for r in values]
-            found = sum(g is not None for g in group_of_source)
-            if cfg.text_split.group is not None and not found:
+            value_of_entity = [dict(values).get(attribute) for _, values in keys.entities]
+            if cfg.text_split.group is not None and not any(
+                value_of_entity[i] is not None for i in np.unique(entity_of_row[kept])
+            ):
                 raise ConfigError(f"clean: params key 'clean.text_split.group' names '{attribute}', which no source record has")
-            groups = pc.take(pa.array(group_of_source, pa.string()), keys.indices)
+            spelled = [f"={v}" for v in value_of_entity]
+            group_of_row = entity_of_row
+            missing = np.array([v is None for v in value_of_entity])[group_of_row]
             label = attribute
-        elif has_column:
-            groups, label = table.column("group").combine_chunks(), "column"
+        elif group_column:
+            spelled = [f"={v}" for v in keys.groups]
+            group_of_row = _concat(keys.group)
+            missing = group_of_row < 0
+            label = "column"
         else:
             if cfg.text_split.by == "group":
                 raise ConfigError(
@@ -366,21 +514,74 @@ def split_text(table: pa.Table, cfg: CleanConfig, by: str) -> tuple[pa.Array, di
                 )
             by = "source"
         if by == "group":
-            # A row without a group value is a group of its own source. Group values that differ only in case
-            # or spacing ("The Eagle", "the  eagle") are one group.
-            spelled = [
-                f"={g}" if g is not None else f"#{s}"
-                for g, s in zip(groups.to_pylist(), table.column("source_key").to_pylist(), strict=True)
-            ]
-            group_values = [f"={' '.join(g[1:].casefold().split())}" if g[0] == "=" else g for g in spelled]
-            spelling: dict[str, str] = {}  # a unit is hashed by its first spelling in sort order
-            for value, original in zip(group_values, spelled, strict=True):
-                spelling[value] = min(spelling.get(value, original), original)
-            units = [spelling[u] for u in connected_groups(group_values, table.column("source_key").to_pylist())]
-            split = pa.array(assign_splits(units, cfg.splits, cfg.seed), pa.string())
-            return split, {"by": "group", "group": label, "groups": len(set(units))}
-    split_of_key = pa.array(assign_splits(distinct_sources, cfg.splits, cfg.seed), pa.string())
-    return pc.take(split_of_key, keys.indices), {"by": "source"}
+            # A row without a group value is a group of its own source: its key is read back for those rows only.
+            if missing.any():
+                own: dict[str, int] = {}
+                offset = 0
+                group_of_row = group_of_row.copy()
+                for batch in iter_parquet(cleaned, cfg.batch_rows, ["source_key"]):
+                    rows = np.flatnonzero(missing[offset : offset + batch.num_rows])
+                    if rows.size:
+                        texts = batch.column(0).take(pa.array(rows)).to_pylist()
+                        group_of_row[offset + rows] = [len(spelled) + own.setdefault(f"#{t}", len(own)) for t in texts]
+                    offset += batch.num_rows
+                spelled = spelled + list(own)
+            codes, units = _split_by_group(kept, sources, spelled, group_of_row, cfg)
+            return codes, {"by": "group", "group": label, "groups": units}
+    positions = _concat(keys.position, np.float64)[sources.first]
+    return split_codes(positions, cfg.splits).astype(np.int8)[sources.ids], {"by": "source"}
+
+
+def entity_attribute(keys: _TextKeys, sources: Distinct) -> str | None:
+    """The entity key (`records.is_entity_key`) most records have, or None (free prompts, no such key); a tie
+    goes to the key first seen."""
+    entity_keys = list(keys.entities)
+    entity_of_row = _concat(keys.entity)
+    counts: Counter[str] = Counter()
+    for entity in entity_of_row[np.sort(sources.first)].tolist():
+        counts.update(entity_keys[entity][0])
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _write_pass(
+    rows: Rows, reason: np.ndarray, codes: np.ndarray, kept_path: Path, removed_path: Path, removed_first: list[Path],
+    work: Path, batch_rows: int,
+) -> int:  # fmt: skip
+    """Pass 2: the kept rows with their split to `kept_path`; the removed ones, by reason in REASONS order after
+    `removed_first`, with the reason, to `removed_path`. Returns the removed rows."""
+    names = pa.array(SPLITS)
+    base = [name for name in rows.schema.names if name != "source_key"]
+    text = "source_key" in rows.schema.names
+    removed_schema = pa.schema([rows.schema.field(name) for name in base]).append(pa.field("removed_because", pa.string()))
+    if text:
+        removed_schema = removed_schema.append(pa.field("source_key", pa.string()))
+    reasons = {code: work / f"removed-{code}.parquet" for code in REASONS}
+    offset = 0
+    with ParquetSink(kept_path, rows.schema.append(pa.field("split", pa.string()))) as kept_sink:
+        sinks = {code: ParquetSink(path, removed_schema) for code, path in reasons.items()}
+        try:
+            for batch in rows.batches():
+                table = pa.Table.from_batches([batch])
+                why = reason[offset : offset + table.num_rows]
+                keep = why == KEPT
+                split = pc.take(names, pa.array(codes[offset : offset + table.num_rows][keep]))
+                kept_sink.write(table.filter(pa.array(keep)).append_column("split", split))
+                for code, sink in sinks.items():
+                    mask = why == code
+                    if mask.any():
+                        picked = _with_reason(table.filter(pa.array(mask)).select(base), REASONS[code])
+                        sink.write(
+                            picked.append_column("source_key", table.column("source_key").filter(pa.array(mask)))
+                            if text
+                            else picked
+                        )
+                offset += table.num_rows
+        finally:
+            for sink in sinks.values():
+                sink.close()
+    with ParquetSink(removed_path, removed_schema) as removed_sink:
+        copy_into(removed_sink, removed_first + list(reasons.values()), batch_rows)
+        return removed_sink.rows
 
 
 def pixel_digest(data: bytes) -> str:
@@ -391,24 +592,53 @@ def pixel_digest(data: bytes) -> str:
         return hashlib.blake2b(image.mode.encode() + repr(image.size).encode() + image.tobytes(), digest_size=16).hexdigest()
 
 
-def clean_images(table: pa.Table, fractions: dict[str, float], seed: int) -> CleanResult:
-    """Drop exact pixel duplicates (per label) and split by a hash of the pixels."""
-    digests = pa.array([pixel_digest(b) for b in table.column("image").to_pylist()], pa.string())
-    labels = pc.fill_null(table.column("label"), "")
-    first = first_occurrence([labels, digests])
-    removed = _removed(table, ~first, "exact duplicate")
-    table = table.filter(pa.array(first))
-    kept_digests = digests.filter(pa.array(first))
-    splits = assign_splits(kept_digests.to_pylist(), fractions, seed)
-    table = table.append_column("split", pa.array(splits, pa.string()))
-    counts = {
-        "duplicates_removed": int((~first).sum()),
-        "exact_duplicates_removed": int((~first).sum()),
-        "near_duplicates_removed": 0,
-        "emptied_by_cleaning": 0,
-        "split_by": "image",
-    }
-    return CleanResult(table, removed, counts)
+def clean_image_rows(
+    rows: Rows, fractions: dict[str, float], seed: int, kept_path: Path, removed_path: Path, batch_rows: int
+) -> Outcome:
+    """Drop exact pixel duplicates (per label) and split by a hash of the pixels; pass 1 reads the images a
+    batch at a time and keeps their digests, pass 2 writes the rows."""
+    exact, pixels, positions = [], [], []
+    for batch in progress(
+        rows.batches(["image", "label"]), desc="clean images", unit="batch", total=-(-rows.num_rows // batch_rows)
+    ):
+        digests = pa.array([pixel_digest(b) for b in batch.column("image").to_pylist()], pa.string())
+        exact.append(row_digests([pc.fill_null(batch.column("label"), ""), digests]))
+        pixels.append(row_digests([digests]))
+        positions.append(np.array([unit_interval(d, seed) for d in digests.to_pylist()], dtype=np.float64))
+    first = distinct(_concat(exact, np.uint64, 2)).first_rows()
+    reason = np.where(first, KEPT, EXACT).astype(np.int8)
+    kept_pixels = distinct(_concat(pixels, np.uint64, 2)[first])
+    codes = np.zeros(len(reason), dtype=np.int8)
+    codes[first] = split_codes(_concat(positions, np.float64)[first][kept_pixels.first], fractions).astype(np.int8)[
+        kept_pixels.ids
+    ]
+    kept_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=kept_path.parent, prefix=".clean-") as tmp:
+        removed = _write_pass(rows, reason, codes, kept_path, removed_path, [], Path(tmp), batch_rows)
+    duplicates = int((~first).sum())
+    counts = {"duplicates_removed": duplicates, "exact_duplicates_removed": duplicates, "near_duplicates_removed": 0,
+              "emptied_by_cleaning": 0, "split_by": "image"}  # fmt: skip
+    sizes = np.bincount(codes[first], minlength=len(SPLITS))
+    return Outcome(counts, None, dict(zip(SPLITS, sizes.tolist(), strict=True)), int(first.sum()), removed)
+
+
+def _in_memory(run: Callable[[Rows, Path, Path], Outcome], table: pa.Table, batch_rows: int) -> CleanResult:
+    with tempfile.TemporaryDirectory(prefix="clean-") as tmp:
+        kept, removed = Path(tmp) / "kept.parquet", Path(tmp) / "removed.parquet"
+        outcome = run(Rows.of_table(table, batch_rows), kept, removed)
+        return CleanResult(pq.read_table(kept), pq.read_table(removed), outcome.counts, outcome.split)
+
+
+def clean_text(table: pa.Table, cfg: CleanConfig) -> CleanResult:
+    """clean_text_rows on an in-memory table, with the results in memory (tests, benches, small data)."""
+    return _in_memory(lambda rows, kept, removed: clean_text_rows(rows, cfg, kept, removed), table, cfg.batch_rows)
+
+
+def clean_images(table: pa.Table, fractions: dict[str, float], seed: int, batch_rows: int = 4096) -> CleanResult:
+    """clean_image_rows on an in-memory table, with the results in memory."""
+    return _in_memory(
+        lambda rows, kept, removed: clean_image_rows(rows, fractions, seed, kept, removed, batch_rows), table, batch_rows
+    )
 
 
 MIN_BAND = 32
@@ -458,7 +688,7 @@ def band_split(result: CleanResult, fractions: dict[str, float]) -> CleanResult:
 
 
 def clean(cfg: CleanConfig, valid_dir: Path, out_dir: Path, validation_report: Path, metrics_path: Path) -> dict[str, Any]:
-    """Clean every dataset, write the kept and removed rows, and the data metrics."""
+    """Clean every dataset, streaming, write the kept and removed rows, and the data metrics."""
     if not validation_report.is_file():
         raise DataError(f"missing {validation_report}: run the validate stage first")
     validated = json.loads(validation_report.read_text(encoding="utf-8"))["datasets"]
@@ -467,33 +697,42 @@ def clean(cfg: CleanConfig, valid_dir: Path, out_dir: Path, validation_report: P
         path = valid_dir / f"{name}.parquet"
         if not path.is_file():
             raise DataError(f"missing input {path}: run the validate stage first")
-        table = pq.read_table(path)
-        if table.num_rows == 0:
+        kept_path, removed_path = out_dir / f"{name}.parquet", out_dir / "removed" / f"{name}.parquet"
+        if name == "text":
+            rows = Rows.of_file(path, cfg.batch_rows)
+        else:
+            rows = Rows.of_file(path, batch_rows_within(path, "image", IMAGE_BATCH_BYTES, cfg.batch_rows))
+        if rows.num_rows == 0:
             raise DataError(f"{name}: no rows passed validation; see the quarantine folder")
-        result = (
-            clean_text(table, cfg)
-            if name == "text"
-            else clean_images(table, cfg.restore_splits if name == "restore" else cfg.splits, cfg.seed)
-        )
-        if name == "restore" and not {"train", "test"} <= set(result.kept.column("split").to_pylist()):
-            result = band_split(result, cfg.restore_splits)
-        # Rows are records: a photo cut into bands (band_split) is still one record, in several splits.
-        kept_records = len(set(result.kept.column("record_id").to_pylist()))
-        assert kept_records + result.removed.num_rows == table.num_rows, f"clean lost rows of {name}"
-        write_parquet_atomic(result.kept, out_dir / f"{name}.parquet")
-        write_parquet_atomic(result.removed, out_dir / "removed" / f"{name}.parquet")
-        if result.split is not None:
-            write_json(result.split, out_dir / SPLIT_FILE)
-        split_sizes = {s: int(pc.sum(pc.equal(result.kept.column("split"), s)).as_py() or 0) for s in SPLITS}
+        if name == "text":
+            outcome = clean_text_rows(rows, cfg, kept_path, removed_path)
+        else:
+            fractions = cfg.restore_splits if name == "restore" else cfg.splits
+            outcome = clean_image_rows(rows, fractions, cfg.seed, kept_path, removed_path, rows.batch_rows)
+        kept_records = outcome.kept_rows
+        if name == "restore" and not (outcome.split_sizes["train"] and outcome.split_sizes["test"]):
+            # Only a handful of photos get here (too few for whole-photo splits): they fit in memory.
+            result = band_split(
+                CleanResult(pq.read_table(kept_path), pq.read_table(removed_path), outcome.counts), cfg.restore_splits
+            )
+            write_parquet_atomic(result.kept, kept_path)
+            split_column = result.kept.column("split")
+            outcome.counts = result.counts
+            outcome.split_sizes = {s: int(pc.sum(pc.equal(split_column, s)).as_py() or 0) for s in SPLITS}
+            # Rows are records: a photo cut into bands is still one record, in several splits.
+            kept_records = len(set(result.kept.column("record_id").to_pylist()))
+        assert kept_records + outcome.removed_rows == rows.num_rows, f"clean lost rows of {name}"
+        if outcome.split is not None:
+            write_json(outcome.split, out_dir / SPLIT_FILE)
         metrics[name] = {
             "rows_in": validated[name]["rows_in"],
             "rows_valid": validated[name]["rows_valid"],
             "rows_quarantined": validated[name]["rows_quarantined"],
             "rows_clean": kept_records,
-            **result.counts,
-            "splits": split_sizes,
+            **outcome.counts,
+            "splits": outcome.split_sizes,
         }
-        log.info("%s: %d clean rows, %s; splits %s", name, result.kept.num_rows, result.counts, split_sizes)
+        log.info("%s: %d clean rows, %s; splits %s", name, kept_records, outcome.counts, outcome.split_sizes)
     write_json(metrics, metrics_path)
     return metrics
 

@@ -141,31 +141,35 @@ def assign_splits(keys: list[str], fractions: dict[str, float], seed: int) -> li
         seed: salts the hash so a different seed gives a different split.
     """
     names = list(fractions)
-    bounds: list[tuple[str, float, float]] = []
-    start = 0.0
-    for name in names:
-        bounds.append((name, start, start + fractions[name]))
-        start += fractions[name]
     distinct = sorted(set(keys))
-    position = {key: unit_interval(key, seed) for key in distinct}
-
-    def split_of(u: float) -> str:
-        for name, low, high in bounds:
-            if low <= u < high:
-                return name
-        return names[-1]
-
-    assigned = {key: split_of(u) for key, u in position.items()}
-    if len(distinct) >= len(names):
-        for name, low, high in bounds:
-            if fractions[name] <= 0 or name in assigned.values():
-                continue
-            counts = {n: sum(1 for s in assigned.values() if s == n) for n in names}
-            donors = [k for k in distinct if counts[assigned[k]] > 1]
-            centre = (low + high) / 2
-            nearest = min(donors, key=lambda k: abs(position[k] - centre))
-            assigned[nearest] = name
+    codes = split_codes([unit_interval(key, seed) for key in distinct], fractions)
+    assigned = {key: names[code] for key, code in zip(distinct, codes.tolist(), strict=True)}
     return [assigned[key] for key in keys]
+
+
+def split_codes(positions: Any, fractions: dict[str, float]) -> Any:
+    """The split (an index into `fractions`) of each distinct key from its `unit_interval` position, as
+    assign_splits describes; vectorised, so the streaming clean stage splits millions of keys from their
+    positions alone. On a tie for the key nearest an empty split, the first key wins."""
+    import numpy as np
+
+    positions = np.asarray(positions, dtype=np.float64)
+    names = list(fractions)
+    highs, start = [], 0.0
+    for name in names:
+        start += fractions[name]
+        highs.append(start)
+    # The first split whose [low, high) holds the position (a zero-width split holds none); past the last: the last.
+    codes = np.minimum(np.searchsorted(np.array(highs), positions, side="right"), len(names) - 1)
+    if len(positions) >= len(names):
+        for index, name in enumerate(names):
+            counts = np.bincount(codes, minlength=len(names))
+            if fractions[name] <= 0 or counts[index]:
+                continue
+            donors = np.flatnonzero(counts[codes] > 1)
+            centre = ((highs[index - 1] if index else 0.0) + highs[index]) / 2
+            codes[donors[np.argmin(np.abs(positions[donors] - centre))]] = index
+    return codes
 
 
 def write_json(data: Any, path: Path) -> None:
