@@ -104,16 +104,17 @@ def _validate(work: Path, dataset: str) -> None:
 
 
 def _clean(work: Path, dataset: str) -> None:
-    import pyarrow.parquet as pq
-
     from components import clean
     from components.common import load_params
-    from components.tables import write_parquet_atomic
+    from components.tables import Rows
 
     cfg = clean.CleanConfig.from_params(load_params("clean", PARAMS))
-    table = pq.read_table(work / "valid.parquet")
-    result = clean.clean_text(table, cfg) if dataset == "text" else clean.clean_images(table, cfg.splits, cfg.seed)
-    write_parquet_atomic(result.kept, work / "clean.parquet")
+    kept, removed = work / "clean.parquet", work / "removed.parquet"
+    if dataset == "text":
+        clean.clean_text_rows(Rows.of_file(work / "valid.parquet", cfg.batch_rows), cfg, kept, removed)
+    else:
+        rows = Rows.of_file(work / "valid.parquet", 4096)
+        clean.clean_image_rows(rows, cfg.splits, cfg.seed, kept, removed, rows.batch_rows)
 
 
 def _augment(work: Path, dataset: str) -> None:

@@ -53,7 +53,7 @@ from components.common import (
     write_json,
 )
 from components.image_io import decode_image, encode_png
-from components.records import canonical_source, is_entity_key, parse_source, serialise
+from components.records import Record, canonical_record, is_entity_key, parse_source, serialise
 from components.tables import ParquetSink, Rows, batch_rows_within, copy_into, iter_parquet, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -315,8 +315,8 @@ def _clean_pass(rows: Rows, cfg: CleanConfig, within_given: bool, group_column: 
     removed_schema = rows.schema.append(pa.field("removed_because", pa.string())).append(pa.field("source_key", pa.string()))
     wanted = cfg.text_split.group
 
-    def entity_of(key: str) -> int:
-        record = parse_source(key)
+    def entity_of(record: Record | None) -> int:
+        """The record's entity keys and the values a group split may use, as an index into keys.entities."""
         if record is None:
             return 0
         values = tuple((k, v) for k, v in record.as_dict().items() if is_entity_key(k) or k == wanted)
@@ -345,8 +345,9 @@ def _clean_pass(rows: Rows, cfg: CleanConfig, within_given: bool, group_column: 
             table = table.filter(pc.invert(empty))
             # Per distinct source, not per row: a record has several references, and Python work is the slow part.
             sources = dictionary(table.column("source"))
-            canonical = pa.array([canonical_source(s) for s in sources.dictionary.to_pylist()], pa.string())
-            source_key = pc.take(canonical, sources.indices)
+            indices = sources.indices.to_numpy(zero_copy_only=False)
+            canonical = [canonical_record(s) for s in sources.dictionary.to_pylist()]
+            source_key = pc.take(pa.array([key for key, _ in canonical], pa.string()), sources.indices)
             table = table.append_column("source_key", source_key)
             cleaned_sink.write(table)
             # With the user's split, a row that repeats one of another split stays: their test set is not ours to edit.
@@ -358,11 +359,9 @@ def _clean_pass(rows: Rows, cfg: CleanConfig, within_given: bool, group_column: 
             keys.source.append(row_digests([source_key]))
             if within_given:
                 keys.given.append(_split_codes(table.column("given_split")))
-            distinct_keys = dictionary(source_key)
-            indices = distinct_keys.indices.to_numpy(zero_copy_only=False)
-            texts = distinct_keys.dictionary.to_pylist()
-            keys.position.append(np.array([unit_interval(k, cfg.seed) for k in texts], dtype=np.float64)[indices])
-            keys.entity.append(np.array([entity_of(k) for k in texts], dtype=np.int64)[indices])
+            # Two spellings of one record share a key, so the same key may come twice here: both give the same.
+            keys.position.append(np.array([unit_interval(k, cfg.seed) for k, _ in canonical], dtype=np.float64)[indices])
+            keys.entity.append(np.array([entity_of(record) for _, record in canonical], dtype=np.int32)[indices])
             if group_column:
                 values = table.column("group").to_pylist()
                 keys.group.append(np.array([-1 if v is None else keys.groups.setdefault(v, len(keys.groups)) for v in values]))

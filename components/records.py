@@ -14,6 +14,7 @@ baseline and serving all go through this module. Only the standard library.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter, defaultdict
@@ -144,6 +145,7 @@ def parse_source(source: str) -> Record | None:
     return _parse_pipe(text)
 
 
+@functools.lru_cache(maxsize=4096)
 def is_entity_key(key: str) -> bool:
     """Whether a key names the record's entity: `name`, `entity` or `subject`, alone or as the last word
     (`venue_name`, `productName`, `brand name`)."""
@@ -193,10 +195,16 @@ def serialise(pairs: Iterable[tuple[str, str]] | dict[str, str], syntax: str = P
 def canonical_source(source: str) -> str:
     """The grouping key of a source: a record's pairs sorted by key, in one syntax, so the same record
     reordered or written in another syntax is the same source; a free prompt case-folded and space-collapsed."""
+    return canonical_record(source)[0]
+
+
+def canonical_record(source: str) -> tuple[str, Record | None]:
+    """canonical_source and the record it writes (its pairs sorted by key; None for a free prompt), from one parse."""
     record = parse_source(source)
     if record is None:
-        return " ".join(source.casefold().split())
-    return serialise(sorted(record.pairs), PIPE)
+        return " ".join(source.casefold().split()), None
+    pairs = tuple(sorted(record.pairs))
+    return serialise(pairs, PIPE), Record(PIPE, pairs)
 
 
 # --- the record schema, learned from the data -----------------------------------------------------------
