@@ -14,7 +14,9 @@ and the restore patches (the restorer's training crops) are plain random crops, 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from components.common import (
     ConfigError,
@@ -34,10 +35,12 @@ from components.common import (
 )
 from components.image_io import channel_layout, decode_image, encode_png, to_layout
 from components.records import parse_source
-from components.tables import write_parquet_atomic
+from components.tables import ParquetSink, Rows, batch_rows_within
 
 log = logging.getLogger(__name__)
 
+IMAGE_BATCH_BYTES = 64 << 20
+"""Encoded image bytes per batch (large photos come a few at a time)."""
 PATCH_SCHEMA = pa.schema([("record_id", pa.string()), ("source_id", pa.string()), ("image", pa.binary())])
 
 
@@ -59,6 +62,7 @@ class AugmentConfig:
     images: ImageAugment
     patch_size: int
     patches_per_image: int
+    batch_rows: int = 65_536
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> AugmentConfig:
@@ -92,6 +96,7 @@ class AugmentConfig:
             ),
             patch_size=patch_size,
             patches_per_image=patches,
+            batch_rows=require(params, "batch_rows", int, "augment", low=1),
         )
 
 
@@ -102,32 +107,49 @@ def train_rows(table: pa.Table) -> pa.Table:
     return table.filter(pc.equal(table.column("split"), "train"))
 
 
-def augment_text(table: pa.Table, copies: int, seed: int) -> pa.Table:
-    """`copies` rows per train row whose record attributes are shuffled (in the record's own syntax); free
-    prompts and single-attribute records have no order to shuffle and are skipped."""
+def train_batches(rows: Rows, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The train rows, a batch at a time."""
+    for batch in rows.batches(columns):
+        yield train_rows(pa.Table.from_batches([batch]))
+
+
+def augmented_schema(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field("augmented_from", pa.string()))
+
+
+def text_copies(rows: Rows, copies: int, seed: int) -> Iterator[pa.Table]:
+    """`copies` rows per train row whose record attributes are shuffled (in the record's own syntax), a batch
+    at a time; free prompts and single-attribute records have no order to shuffle and are skipped. One
+    random stream runs through the batches, so the rows do not depend on the batch size."""
     rng = np.random.default_rng([seed, 1])
-    columns: dict[str, list[Any]] = {name: [] for name in table.column_names}
-    columns["augmented_from"] = []
-    prompts = 0
-    rows = train_rows(table).to_pylist() if copies else []
-    for row in rows:
-        record = parse_source(row["source"])
-        if record is None:
-            prompts += 1
-            continue
-        if len(record.pairs) < 2:
-            continue
-        for copy in range(copies):
-            for name in table.column_names:
-                columns[name].append(row[name])
-            columns["source"][-1] = record.reordered(rng.permutation(len(record.pairs)).tolist())
-            columns["record_id"][-1] = f"{row['record_id']}#shuffle{copy}"
-            columns["augmented_from"].append(row["record_id"])
+    schema = augmented_schema(rows.schema)
+    prompts = seen = 0
+    parse = functools.lru_cache(maxsize=1024)(parse_source)  # a record's references lie together
+    for table in train_batches(rows) if copies else ():
+        columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        for row in table.to_pylist():
+            seen += 1
+            record = parse(row["source"])
+            if record is None:
+                prompts += 1
+                continue
+            if len(record.pairs) < 2:
+                continue
+            for copy in range(copies):
+                for name in rows.schema.names:
+                    columns[name].append(row[name])
+                columns["source"][-1] = record.reordered(rng.permutation(len(record.pairs)).tolist())
+                columns["record_id"][-1] = f"{row['record_id']}#shuffle{copy}"
+                columns["augmented_from"].append(row["record_id"])
+        yield pa.table(columns, schema=schema)
     if prompts:
-        log.info(
-            "text: %d of %d train sources are free prompts, not records: attribute-order shuffles skip them", prompts, len(rows)
-        )
-    return pa.table(columns, schema=table.schema.append(pa.field("augmented_from", pa.string())))
+        log.info("text: %d of %d train sources are free prompts, not records: attribute-order shuffles skip them", prompts, seen)
+
+
+def augment_text(table: pa.Table, copies: int, seed: int, batch_rows: int = 65_536) -> pa.Table:
+    """text_copies of an in-memory table, as one table."""
+    schema = augmented_schema(table.schema)
+    return pa.concat_tables([schema.empty_table(), *text_copies(Rows.of_table(table, batch_rows), copies, seed)])
 
 
 def image_pipeline(cfg: ImageAugment, size: tuple[int, int]) -> Any:
@@ -156,44 +178,45 @@ def from_tensor(tensor: Any) -> np.ndarray:
     return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
 
 
-def augment_images(table: pa.Table, cfg: ImageAugment, seed: int) -> pa.Table:
-    """`cfg.copies` transformed copies of each train image, labels kept."""
+def image_copies(rows: Rows, cfg: ImageAugment, seed: int) -> Iterator[pa.Table]:
+    """`cfg.copies` transformed copies of each train image, labels kept, a batch at a time (one seeded torch
+    stream through all batches)."""
     import torch
 
     torch.manual_seed(seed)
-    out: list[dict[str, Any]] = []
-    rows = train_rows(table).to_pylist() if cfg.copies else []
-    for row in progress(rows, desc="augment images", unit="img"):
-        pixels = decode_image(row["image"])
-        transform = image_pipeline(cfg, pixels.shape[:2])
-        for copy in range(cfg.copies):
-            augmented = from_tensor(transform(to_tensor(pixels)))
-            out.append(
-                {
-                    **row,
-                    "record_id": f"{row['record_id']}#aug{copy}",
-                    "image": encode_png(augmented),
-                    "format": "PNG",
-                    "augmented_from": row["record_id"],
-                }
-            )
-    schema = table.schema.append(pa.field("augmented_from", pa.string()))
-    return pa.Table.from_pylist(out, schema=schema)
+    schema = augmented_schema(rows.schema)
+    for table in progress(train_batches(rows) if cfg.copies else (), desc="augment images", unit="batch"):
+        out: list[dict[str, Any]] = []
+        for row in table.to_pylist():
+            pixels = decode_image(row["image"])
+            transform = image_pipeline(cfg, pixels.shape[:2])
+            for copy in range(cfg.copies):
+                augmented = from_tensor(transform(to_tensor(pixels)))
+                out.append({**row, "record_id": f"{row['record_id']}#aug{copy}", "image": encode_png(augmented),
+                            "format": "PNG", "augmented_from": row["record_id"]})  # fmt: skip
+        yield pa.Table.from_pylist(out, schema=schema)
 
 
-def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int, symmetries: bool = True) -> pa.Table:
+def augment_images(table: pa.Table, cfg: ImageAugment, seed: int, batch_rows: int = 1024) -> pa.Table:
+    """image_copies of an in-memory table, as one table."""
+    schema = augmented_schema(table.schema)
+    return pa.concat_tables([schema.empty_table(), *image_copies(Rows.of_table(table, batch_rows), cfg, seed)])
+
+
+def restore_patch_batches(rows: Rows, patch_size: int, per_image: int, seed: int, symmetries: bool = True) -> Iterator[pa.Table]:
     """Random square patches of the train photos (randomly flipped / turned with `symmetries`), in the
-    dataset's channel layout (greyscale when every photo is; else RGB). Patches are at most as large as the
-    smallest train photo."""
+    dataset's channel layout (greyscale when every photo is; else RGB), a batch of photos at a time. Patches
+    are at most as large as the smallest train photo."""
     import torch
     from torchvision.transforms import v2
 
     torch.manual_seed(seed)
-    rows = train_rows(table).to_pylist() if per_image else []
-    if not rows:
-        return pa.Table.from_pylist([], schema=PATCH_SCHEMA)
-    channels = channel_layout(table.column("mode").to_pylist())
-    smallest = min(min(row["width"], row["height"]) for row in rows)
+    sizes = pa.concat_tables([pa.Table.from_batches([b]) for b in rows.batches(["mode", "width", "height", "split"])])
+    train = train_rows(sizes)
+    if not per_image or not train.num_rows:
+        return
+    channels = channel_layout(sizes.column("mode").to_pylist())
+    smallest = int(pc.min(pc.min_element_wise(train.column("width"), train.column("height"))).as_py())
     if smallest < patch_size:
         log.warning(
             "restore: the smallest train photo is %d px a side, under augment.restore.patch_size=%d: patches are %d px",
@@ -202,40 +225,61 @@ def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int,
         patch_size = smallest
     flips = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()] if symmetries else []
     transform = v2.Compose([v2.RandomCrop(patch_size), *flips])
-    out: list[dict[str, Any]] = []
-    for row in rows:
-        image = torch.from_numpy(to_layout(decode_image(row["image"]), channels))
-        for index in range(per_image):
-            patch = transform(image)
-            if symmetries and torch.rand(()) < 0.5:
-                patch = patch.transpose(1, 2)  # with the flips: all 8 square symmetries
-            out.append(
-                {
-                    "record_id": f"{row['record_id']}#patch{index}",
-                    "source_id": row["record_id"],
-                    "image": encode_png(from_tensor(patch.contiguous())),  # (P, P) grey or (P, P, 3)
-                }
-            )
-    return pa.Table.from_pylist(out, schema=PATCH_SCHEMA)
+    for table in train_batches(rows, ["record_id", "image", "split"]):
+        out: list[dict[str, Any]] = []
+        for row in table.to_pylist():
+            image = torch.from_numpy(to_layout(decode_image(row["image"]), channels))
+            for index in range(per_image):
+                patch = transform(image)
+                if symmetries and torch.rand(()) < 0.5:
+                    patch = patch.transpose(1, 2)  # with the flips: all 8 square symmetries
+                out.append(
+                    {
+                        "record_id": f"{row['record_id']}#patch{index}",
+                        "source_id": row["record_id"],
+                        "image": encode_png(from_tensor(patch.contiguous())),  # (P, P) grey or (P, P, 3)
+                    }
+                )
+        yield pa.Table.from_pylist(out, schema=PATCH_SCHEMA)
+
+
+def restore_patches(table: pa.Table, patch_size: int, per_image: int, seed: int, symmetries: bool = True) -> pa.Table:
+    """restore_patch_batches of an in-memory table, as one table."""
+    batches = restore_patch_batches(Rows.of_table(table, 64), patch_size, per_image, seed, symmetries)
+    return pa.concat_tables([PATCH_SCHEMA.empty_table(), *batches])
+
+
+def write_batches(tables: Iterable[pa.Table], schema: pa.Schema, path: Path) -> int:
+    """Stream tables into one Parquet file (it appears only when complete); returns its rows."""
+    with ParquetSink(path, schema) as sink:
+        for table in tables:
+            sink.write(table)
+        return sink.rows
 
 
 def augment(cfg: AugmentConfig, clean_dir: Path, out_dir: Path) -> dict[str, int]:
-    """Write the augmented rows of each dataset; returns how many."""
-    tables = {}
+    """Write the augmented rows of each dataset, streaming; returns how many."""
+    inputs = {}
     for name in ("text", "images", "restore"):
         path = clean_dir / f"{name}.parquet"
         if not path.is_file():
             raise DataError(f"missing input {path}: run the clean stage first")
-        tables[name] = pq.read_table(path)
+        batch_rows = cfg.batch_rows if name == "text" else batch_rows_within(path, "image", IMAGE_BATCH_BYTES, cfg.batch_rows)
+        inputs[name] = Rows.of_file(path, batch_rows)
     enabled = cfg.enabled
-    text = augment_text(tables["text"], cfg.text_copies if enabled else 0, cfg.seed)
-    images = augment_images(tables["images"], cfg.images if enabled else ImageAugment(0, False, 0, (1, 1), 0, 0), cfg.seed)
-    # The restorer's training data are patches either way; disabled augmentation only drops their symmetries.
-    patches = restore_patches(tables["restore"], cfg.patch_size, cfg.patches_per_image, cfg.seed, symmetries=enabled)
-    write_parquet_atomic(text, out_dir / "text.parquet")
-    write_parquet_atomic(images, out_dir / "images.parquet")
-    write_parquet_atomic(patches, out_dir / "restore_patches.parquet")
-    counts = {"text": text.num_rows, "images": images.num_rows, "restore_patches": patches.num_rows}
+    text, images, restore = inputs["text"], inputs["images"], inputs["restore"]
+    image_cfg = cfg.images if enabled else ImageAugment(0, False, 0, (1, 1), 0, 0)
+    counts = {
+        "text": write_batches(text_copies(text, cfg.text_copies if enabled else 0, cfg.seed), augmented_schema(text.schema),
+                              out_dir / "text.parquet"),
+        "images": write_batches(image_copies(images, image_cfg, cfg.seed), augmented_schema(images.schema),
+                                out_dir / "images.parquet"),
+        # The restorer's training data are patches either way; disabled augmentation only drops their symmetries.
+        "restore_patches": write_batches(
+            restore_patch_batches(restore, cfg.patch_size, cfg.patches_per_image, cfg.seed, symmetries=enabled),
+            PATCH_SCHEMA, out_dir / "restore_patches.parquet",
+        ),
+    }  # fmt: skip
     log.info("augmented rows: %s", counts)
     return counts
 
