@@ -118,19 +118,18 @@ def _clean(work: Path, dataset: str) -> None:
 
 
 def _augment(work: Path, dataset: str) -> None:
-    import pyarrow.parquet as pq
-
     from components import augment
     from components.common import load_params
-    from components.tables import write_parquet_atomic
+    from components.tables import Rows
 
     cfg = augment.AugmentConfig.from_params(load_params("augment", PARAMS))
-    table = pq.read_table(work / "clean.parquet")
     if dataset == "text":
-        out = augment.augment_text(table, cfg.text_copies, cfg.seed)
+        rows = Rows.of_file(work / "clean.parquet", cfg.batch_rows)
+        batches, schema = augment.text_copies(rows, cfg.text_copies, cfg.seed), augment.augmented_schema(rows.schema)
     else:
-        out = augment.augment_images(table, cfg.images, cfg.seed)
-    write_parquet_atomic(out, work / "augmented.parquet")
+        rows = Rows.of_file(work / "clean.parquet", 4096)
+        batches, schema = augment.image_copies(rows, cfg.images, cfg.seed), augment.augmented_schema(rows.schema)
+    augment.write_batches(batches, schema, work / "augmented.parquet")
 
 
 def _features(work: Path, dataset: str) -> None:

@@ -55,14 +55,55 @@ def _compiled(values: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(v) for v in values) + r")(?!\w)", re.IGNORECASE)
 
 
+def _ascii_word(char: str) -> bool:
+    return char.isalnum() or char == "_"
+
+
+def _ascii_matches(text: str, values: tuple[str, ...]) -> list[tuple[int, int]]:
+    """The spans `value_pattern(values).finditer(text)` gives, for ASCII text and values, by substring search:
+    at each position the first value (longest first) that occurs there as a whole word, case-insensitively;
+    matches never overlap. Compiling a pattern per source's value set was most of the features stage's time."""
+    lowered = text.lower()
+    first_at: dict[int, int] = {}
+    for value in values:
+        needle, start = value.lower(), 0
+        while (at := lowered.find(needle, start)) >= 0:
+            end = at + len(needle)
+            if (at == 0 or not _ascii_word(text[at - 1])) and (end == len(text) or not _ascii_word(text[end])):
+                first_at.setdefault(at, end)  # values come longest first: an earlier one wins this position
+            start = at + 1
+    spans, reached = [], 0
+    for at in sorted(first_at):
+        if at >= reached:
+            spans.append((at, first_at[at]))
+            reached = first_at[at]
+    return spans
+
+
+def value_spans(text: str, values: Iterable[str]) -> list[tuple[int, int]]:
+    """Where `value_pattern(values)` matches in `text` (whole words, any case, longest value first)."""
+    distinct = tuple(sorted({v for v in values if v.strip()}, key=lambda v: (-len(v), v)))
+    if not distinct:
+        return []
+    if text.isascii() and all(v.isascii() for v in distinct):
+        return _ascii_matches(text, distinct)
+    return [match.span() for match in _compiled(distinct).finditer(text)]
+
+
 def delexicalise_text(text: str, slots: Mapping[str, str]) -> str:
     """`text` with each slot value (placeholder -> value) replaced by its placeholder; when two slots share a
     value, the first one's placeholder is used."""
     by_value: dict[str, str] = {}
     for token, value in slots.items():
         by_value.setdefault(value.casefold(), token)
-    pattern = value_pattern(slots.values())
-    return pattern.sub(lambda m: by_value[m.group(0).casefold()], text) if pattern else text
+    spans = value_spans(text, slots.values())
+    if not spans:
+        return text
+    parts, done = [], 0
+    for start, end in spans:
+        parts += [text[done:start], by_value[text[start:end].casefold()]]
+        done = end
+    return "".join(parts) + text[done:]
 
 
 def relexicalise_text(text: str, slots: Mapping[str, str], fallback: Mapping[str, str] | None = None) -> str:
@@ -160,8 +201,7 @@ def choose_keys(
             if not value.strip():
                 continue
             present[key] += 1
-            pattern = value_pattern([value])
-            verbatim[key] += bool(pattern and pattern.search(reference))
+            verbatim[key] += bool(value_spans(reference, [value]))
     shares = {key: round(verbatim[key] / present[key], 4) for key in present}
     shown = frozenset(categorical)
     keys = {key: SHOWN if key in shown else HIDDEN for key in present if shares[key] >= min_share}
@@ -171,8 +211,7 @@ def choose_keys(
 def values_said(source: str, text: str) -> int:
     """How many of the source's values the text says verbatim (whole words, any case)."""
     record = parse_source(source)
-    patterns = (value_pattern([value]) for _, value in (record.pairs if record is not None else ()))
-    return sum(1 for pattern in patterns if pattern is not None and pattern.search(text))
+    return sum(1 for _, value in (record.pairs if record is not None else ()) if value_spans(text, [value]))
 
 
 def substitute(text: str, from_source: str, to_source: str) -> str:

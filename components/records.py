@@ -131,6 +131,7 @@ def _parse_json(source: str) -> Record | None:
     return Record(JSON, tuple(pairs), frozenset(literals))
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def parse_source(source: str) -> Record | None:
     """The record a source holds, in whichever structured syntax it is written; None for a free prompt."""
     text = source.strip()
