@@ -54,7 +54,17 @@ from components.common import (
 )
 from components.image_io import decode_image, encode_png
 from components.records import Record, canonical_record, is_entity_key, parse_source, serialise
-from components.tables import ParquetSink, Rows, batch_rows_within, copy_into, iter_parquet, write_parquet_atomic
+from components.tables import (
+    Distinct,
+    ParquetSink,
+    Rows,
+    batch_rows_within,
+    copy_into,
+    distinct,
+    iter_parquet,
+    row_digests,
+    write_parquet_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,55 +205,6 @@ def dictionary(values: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
     """One dictionary-encoded array: distinct values once, plus an int32 code per row."""
     encoded = pc.dictionary_encode(values)
     return encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
-
-
-# --- dedupe and splits on digests: a few bytes per row instead of the rows' strings -----------------------
-
-DIGEST_SEEDS = (0x6A09E667, 0xBB67AE85)
-
-
-def row_digests(columns: list[pa.Array | pa.ChunkedArray]) -> np.ndarray:
-    """(n, 2) uint64: each row's values hashed by polars with two seeds. Millions of rows dedupe in a few dozen
-    MB where their strings would take GBs; two different rows share both halves with odds of about 2**-128."""
-    import polars as pl
-
-    frame = pl.from_arrow(pa.table({f"c{i}": column for i, column in enumerate(columns)}))
-    return np.stack([frame.hash_rows(seed=seed).to_numpy() for seed in DIGEST_SEEDS], axis=1)
-
-
-@dataclass(frozen=True)
-class Distinct:
-    """The distinct digests of a column of rows: `ids` numbers each row's digest (0.. in digest order),
-    `first` is the row where each first occurs."""
-
-    ids: np.ndarray
-    first: np.ndarray
-
-    @property
-    def count(self) -> int:
-        return len(self.first)
-
-    def first_rows(self) -> np.ndarray:
-        """Boolean mask: True on the first row of each distinct digest."""
-        mask = np.zeros(len(self.ids), dtype=bool)
-        mask[self.first] = True
-        return mask
-
-
-def distinct(digests: np.ndarray) -> Distinct:
-    """Group rows by digest with one stable 64-bit sort (the second half settles a rare first-half tie)."""
-    order = np.argsort(digests[:, 0], kind="stable")
-    ordered = digests[order]
-    new = np.ones(len(order), dtype=bool)
-    new[1:] = ordered[1:, 0] != ordered[:-1, 0]
-    tied = ~new[1:]
-    if (ordered[1:, 1][tied] != ordered[:-1, 1][tied]).any():
-        order = np.lexsort((digests[:, 1], digests[:, 0]))  # stable too: first occurrences stay first
-        ordered = digests[order]
-        new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
-    ids = np.empty(len(order), dtype=np.int64)
-    ids[order] = np.cumsum(new) - 1
-    return Distinct(ids, order[new])
 
 
 @dataclass

@@ -18,12 +18,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
 import logging
+import os
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ from components.feature_defs import (
 )
 from components.image_io import channel_layout, decode_image, to_layout
 from components.records import PROMPT, SCHEMA_FILE, categorical_keys, categorical_values, infer_schema
-from components.tables import write_parquet_atomic
+from components.tables import ParquetSink, Rows, batch_rows_within, iter_parquet, row_digests, write_parquet_atomic
 from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS, TOKENIZER_FILE, VOCABULARY_FILE
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class FeaturesConfig:
     max_categorical_values: int
     delexicalise: bool = True
     delexicalise_min_share: float = 0.5
+    batch_rows: int = 65_536
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FeaturesConfig:
@@ -72,10 +76,15 @@ class FeaturesConfig:
         categorical = require(text, "max_categorical_values", int, "features.text", low=1)
         delexicalise = require(text, "delexicalise", bool, "features.text")
         min_share = float(require(text, "delexicalise_min_share", (int, float), "features.text", low=0.01, high=1.0))
-        return cls(vocab, min_frequency, size, categorical, delexicalise, min_share)
+        batch_rows = require(params, "batch_rows", int, "features", low=1)
+        return cls(vocab, min_frequency, size, categorical, delexicalise, min_share, batch_rows)
 
 
 CONFIG = FeaturesConfig
+IMAGE_BATCH_ROWS = 4096
+IMAGE_BATCH_BYTES = 64 << 20
+"""Images per batch: at most IMAGE_BATCH_ROWS, and about IMAGE_BATCH_BYTES of encoded images (restore photos,
+a few dozen kept whole for evaluation, are not streamed)."""
 IMAGE_REFERENCE_COLUMNS = [("record_id", pa.string()), ("split", pa.string())] + [
     (c, pa.float64()) for c in IMAGE_FEATURE_COLUMNS
 ]
@@ -92,7 +101,80 @@ def save_arrays(arrays: dict[str, np.ndarray], path: Path, meta: dict[str, Any])
     save_file(arrays, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, placeholders: list[str] = ()) -> Any:
+SAFETENSORS_DTYPES = {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
+"""The dtypes TensorSink writes, in the order safetensors lays them out (larger first, then by name)."""
+
+
+class TensorSink:
+    """A safetensors file written a batch at a time: each tensor grows along its first axis in a scratch file,
+    and `close()` writes the header and the data exactly as `save_arrays` would for the whole arrays (a test
+    holds it to that, byte for byte), so a split never has to fit in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._parts: dict[str, tuple[Any, np.dtype, tuple[int, ...], list[int]]] = {}
+
+    def declare(self, name: str, dtype: Any, row_shape: tuple[int, ...] = ()) -> None:
+        """A tensor that may get no rows still needs its dtype and the shape of a row."""
+        if name not in self._parts:
+            scratch = tempfile.TemporaryFile(dir=self.path.parent)
+            self._parts[name] = (scratch, np.dtype(dtype), tuple(row_shape), [0])
+
+    def append(self, name: str, array: np.ndarray) -> None:
+        self.declare(name, array.dtype, array.shape[1:])
+        scratch, dtype, row_shape, rows = self._parts[name]
+        if array.dtype != dtype or array.shape[1:] != row_shape:
+            raise ValueError(
+                f"{self.path}: tensor {name} is {dtype}{list(row_shape)} per row, got {array.dtype}{list(array.shape[1:])}"
+            )
+        scratch.write(np.ascontiguousarray(array).tobytes())
+        rows[0] += array.shape[0]
+
+    def close(self, meta: dict[str, Any]) -> None:
+        order = sorted(self._parts, key=lambda n: (-self._parts[n][1].itemsize, -len(SAFETENSORS_DTYPES[self._parts[n][1]]), n))
+        header: dict[str, Any] = {"__metadata__": {"meta": json.dumps(meta, sort_keys=True)}}
+        start = 0
+        for name in order:
+            _, dtype, row_shape, rows = self._parts[name]
+            end = start + rows[0] * int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": [rows[0], *row_shape], "data_offsets": [start, end]}
+            start = end
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        try:
+            with partial.open("wb") as out:
+                out.write(len(encoded).to_bytes(8, "little") + encoded)
+                for name in order:
+                    scratch = self._parts[name][0]
+                    scratch.seek(0)
+                    shutil.copyfileobj(scratch, out, 1 << 22)
+            os.replace(partial, self.path)
+        finally:
+            partial.unlink(missing_ok=True)
+            for scratch, *_ in self._parts.values():
+                scratch.close()
+
+
+class RaggedSink:
+    """Token ids of texts, a batch at a time, as `<name>_ids` (int32, concatenated) and `<name>_offsets`
+    (int64, n + 1) in a TensorSink."""
+
+    def __init__(self, sink: TensorSink, name: str) -> None:
+        self.sink, self.name, self.total = sink, name, 0
+        sink.append(f"{name}_offsets", np.zeros(1, dtype=np.int64))
+        sink.declare(f"{name}_ids", np.int32)
+
+    def append(self, ids: np.ndarray, offsets: np.ndarray) -> None:
+        self.sink.append(f"{self.name}_ids", ids)
+        self.sink.append(f"{self.name}_offsets", offsets[1:] + self.total)
+        self.total += int(offsets[-1])
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int, placeholders: list[str] = (), length: int | None = None
+) -> Any:
     """Byte-level BPE (GPT-2 style): every string is encodable, nothing maps to an unknown token. The
     delexicaliser's placeholders are added tokens: never split, and decoded as written."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -107,7 +189,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, place
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts) if length is None else length)
     tokenizer.add_tokens([AddedToken(token, normalized=False) for token in placeholders])
     return tokenizer
 
@@ -144,108 +226,154 @@ def model_texts(delexicaliser: Delexicaliser | None) -> tuple[Callable[[str], st
     return (lambda source: prepared(source)[0]), (lambda source, reference: delexicalise_text(reference, prepared(source)[1]))
 
 
-def text_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
-    """Learn the schema and the delexicaliser, train the tokenizer, write the token arrays per split; return
-    the per-record feature table."""
-    train = clean.filter(pc.equal(clean.column("split"), "train"))
+SPLIT_COLUMNS = ["record_id", "source", "reference", "source_key"]
+"""The clean columns a split's Parquet keeps, before `split`, `augmented`, `model_source`, `model_reference`."""
+SPLIT_SCHEMA = pa.schema(
+    [(name, pa.string()) for name in SPLIT_COLUMNS]
+    + [("split", pa.string()), ("augmented", pa.bool_()), ("model_source", pa.string()), ("model_reference", pa.string())]
+)
+
+
+def as_rows(data: pa.Table | Rows, batch_rows: int) -> Rows:
+    return data if isinstance(data, Rows) else Rows.of_table(data, batch_rows)
+
+
+def split_batches(rows: Rows, split: str, columns: list[str]) -> Iterator[pa.Table]:
+    """The rows of one split, a batch at a time."""
+    for batch in rows.batches([*columns, "split"] if "split" not in columns else columns):
+        table = pa.Table.from_batches([batch])
+        yield table.filter(pc.equal(table.column("split"), split)).select(columns)
+
+
+def distinct_sources(rows: Rows, vocabulary: set[str]) -> Iterator[str]:
+    """Each distinct train source once, in order of first appearance (a source's several references must not
+    weigh its values more), remembered as a 128-bit digest, not as text; adds the sources' words to `vocabulary`."""
+    seen: set[int] = set()
+    for table in split_batches(rows, "train", ["source"]):
+        sources = table.column("source")
+        digests = row_digests([sources]).tolist()
+        for source, (high, low) in zip(sources.to_pylist(), digests, strict=True):
+            digest = high << 64 | low
+            if digest not in seen:
+                seen.add(digest)
+                vocabulary.update(words(source))
+                yield source
+
+
+def text_features_stage(
+    clean: pa.Table | Rows, augmented: pa.Table | Rows, cfg: FeaturesConfig, out: Path, reference: Path | None = None
+) -> int:
+    """Learn the schema and the delexicaliser, train the tokenizer, write each split's rows and token arrays,
+    and (given `reference`) the per-record feature table; returns that table's rows. Streams: a few passes over
+    the train rows, one over each other split, a batch of `cfg.batch_rows` at a time."""
+    clean, augmented = as_rows(clean, cfg.batch_rows), as_rows(augmented, cfg.batch_rows)
     out.mkdir(parents=True, exist_ok=True)
-    # Each distinct train source once: a source's several references must not weigh its values more.
-    schema = infer_schema(dict.fromkeys(train.column("source").to_pylist()), cfg.max_categorical_values)
+    vocabulary: set[str] = set()
+    schema = infer_schema(distinct_sources(clean, vocabulary), cfg.max_categorical_values)
     write_json(schema, out / SCHEMA_FILE)
     attributes = categorical_values(schema)
     log.info(
         "text: %s sources; keys %s", schema["syntax"], {k: e["kind"] for k, e in schema["keys"].items()} or "none (free prompts)"
     )
-    delexicaliser = text_delexicaliser(train, schema, cfg, out)
+    train_pairs = (
+        pair
+        for table in split_batches(clean, "train", ["source", "reference"])
+        for pair in zip(table.column("source").to_pylist(), table.column("reference").to_pylist(), strict=True)
+    )
+    delexicaliser = text_delexicaliser(train_pairs, schema, cfg, out)
     model_source, model_reference = model_texts(delexicaliser)
 
-    keep = ["record_id", "source", "reference", "source_key", "split"]
-    augmented_rows = augmented.select(keep[:-1]).append_column("split", pa.array(["train"] * augmented.num_rows, pa.string()))
-    split_rows: dict[str, pa.Table] = {}
-    for split in SPLITS:
-        rows = clean.filter(pc.equal(clean.column("split"), split)).select(keep)
-        if split == "train":
-            rows = pa.concat_tables(
-                [
-                    rows.append_column("augmented", pa.array([False] * rows.num_rows, pa.bool_())),
-                    augmented_rows.append_column("augmented", pa.array([True] * augmented_rows.num_rows, pa.bool_())),
-                ]
-            )
-        else:
-            rows = rows.append_column("augmented", pa.array([False] * rows.num_rows, pa.bool_()))
-        model_sources, model_references = [], []
-        for source, reference in zip(rows.column("source").to_pylist(), rows.column("reference").to_pylist(), strict=True):
-            model_sources.append(model_source(source))  # a record's references follow it: its source is parsed once
-            model_references.append(model_reference(source, reference))
-        rows = rows.append_column("model_source", pa.array(model_sources, pa.string()))
-        split_rows[split] = rows.append_column("model_reference", pa.array(model_references, pa.string()))
-        del model_sources, model_references
+    def with_model_texts(table: pa.Table, split: str, is_augmented: bool) -> pa.Table:
+        sources, references = table.column("source").to_pylist(), table.column("reference").to_pylist()
+        # A record's references follow it: its source is parsed once.
+        columns = {
+            **{name: table.column(name) for name in SPLIT_COLUMNS},
+            "split": pa.array([split] * table.num_rows, pa.string()),
+            "augmented": pa.array([is_augmented] * table.num_rows, pa.bool_()),
+            "model_source": pa.array([model_source(s) for s in sources], pa.string()),
+            "model_reference": pa.array([model_reference(s, r) for s, r in zip(sources, references, strict=True)], pa.string()),
+        }
+        return pa.table(columns, schema=SPLIT_SCHEMA)
 
+    def split_rows(split: str) -> Iterator[pa.Table]:
+        yield from (with_model_texts(t, split, False) for t in split_batches(clean, split, SPLIT_COLUMNS))
+        if split == "train":
+            yield from (with_model_texts(pa.Table.from_batches([b]), split, True) for b in augmented.batches(SPLIT_COLUMNS))
+
+    for split in SPLITS:
+        with ParquetSink(out / f"{split}.parquet", SPLIT_SCHEMA) as sink:
+            for table in split_rows(split):
+                sink.write(table)
     # What the model reads and writes in training: every train source (augmented copies too), then the
     # original train references (an augmented copy's reference is its original's).
-    training = split_rows["train"]
-    corpus = training.column("model_source").to_pylist() + training.column("model_reference").slice(0, train.num_rows).to_pylist()
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency, delexicaliser.placeholders() if delexicaliser else [])
+    train_path = out / "train.parquet"
+
+    def column_texts(column: str) -> Iterator[str]:
+        for batch in iter_parquet(train_path, cfg.batch_rows, [column]):
+            yield from batch.column(0).to_pylist()
+
+    train_rows = pq.ParquetFile(train_path).metadata.num_rows
+    original_count = int(pc.sum(pc.invert(pq.read_table(train_path, columns=["augmented"]).column(0))).as_py() or 0)
+    corpus = itertools.chain(column_texts("model_source"), itertools.islice(column_texts("model_reference"), original_count))
+    placeholders = delexicaliser.placeholders() if delexicaliser else []
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.min_frequency, placeholders, length=train_rows + original_count)
     tokenizer.save(str(out / TOKENIZER_FILE))
     # The words of the training sources: the out-of-vocabulary share of a prompt (a drift feature) is
     # measured against them, here for the reference and in the service for live requests.
-    vocabulary = sorted({w for source in train.column("source").to_pylist() for w in words(source)})
-    write_json({"words": vocabulary}, out / VOCABULARY_FILE)
-    vocabulary_set = frozenset(vocabulary)
+    write_json({"words": sorted(vocabulary)}, out / VOCABULARY_FILE)
     write_json(
         {"special_tokens": {"pad": PAD, "sep": SEP, "eos": EOS}, "vocab_size": tokenizer.get_vocab_size()},
         out / "tokenizer_config.json",
     )
 
-    del corpus
-    feature_rows: list[dict[str, Any]] = []
-    for split in SPLITS:
-        rows = split_rows.pop(split)
-        sources = rows.column("source").to_pylist()
-        references = rows.column("reference").to_pylist()
-        s_ids, s_off = encode_ragged(tokenizer, rows.column("model_source").to_pylist())
-        t_ids, t_off = encode_ragged(tokenizer, rows.column("model_reference").to_pylist())
-        save_arrays(
-            {"source_ids": s_ids, "source_offsets": s_off, "target_ids": t_ids, "target_offsets": t_off},
-            out / f"{split}.safetensors",
-            {"split": split, "rows": rows.num_rows},
-        )
-        write_parquet_atomic(rows, out / f"{split}.parquet")
-        for record_id, source, reference, source_tokens, target_tokens, augmented_flag in zip(
-            rows.column("record_id").to_pylist(),
-            sources,
-            references,
-            np.diff(s_off).tolist(),
-            np.diff(t_off).tolist(),
-            rows.column("augmented").to_pylist(),
-            strict=True,
-        ):
-            if not augmented_flag:
-                feature_rows.append(
-                    {
-                        "record_id": record_id,
-                        "split": split,
-                        **text_features(source, source_tokens, reference, target_tokens, vocabulary_set, attributes),
-                    }
-                )
-    log.info("text: vocabulary %d, %d feature rows", tokenizer.get_vocab_size(), len(feature_rows))
-    return feature_table(
-        feature_rows,
+    feature_schema = pa.schema(
         [("record_id", pa.string()), ("split", pa.string())]
         + [(c, pa.float64() if c == "oov_share" else pa.int64()) for c in TEXT_FEATURE_COLUMNS]
-        + [(attribute_column(k), pa.string()) for k in attributes],
+        + [(attribute_column(k), pa.string()) for k in attributes]
     )
+    feature_rows = 0
+    with ParquetSink(reference, feature_schema) if reference is not None else contextlib.nullcontext() as features_sink:
+        for split in SPLITS:
+            arrays = TensorSink(out / f"{split}.safetensors")
+            source_ids, target_ids = RaggedSink(arrays, "source"), RaggedSink(arrays, "target")
+            rows = 0
+            for batch in iter_parquet(out / f"{split}.parquet", cfg.batch_rows):
+                table = pa.Table.from_batches([batch])
+                rows += table.num_rows
+                s_ids, s_off = encode_ragged(tokenizer, table.column("model_source").to_pylist())
+                t_ids, t_off = encode_ragged(tokenizer, table.column("model_reference").to_pylist())
+                source_ids.append(s_ids, s_off)
+                target_ids.append(t_ids, t_off)
+                if features_sink is None:
+                    continue
+                originals = np.flatnonzero(~table.column("augmented").to_numpy(zero_copy_only=False))
+                kept = table.take(pa.array(originals))
+                batch_features = [
+                    {"record_id": record_id, "split": split,
+                     **text_features(source, source_tokens, reference_text, target_tokens, vocabulary, attributes)}
+                    for record_id, source, reference_text, source_tokens, target_tokens in zip(
+                        kept.column("record_id").to_pylist(), kept.column("source").to_pylist(),
+                        kept.column("reference").to_pylist(), np.diff(s_off)[originals].tolist(),
+                        np.diff(t_off)[originals].tolist(), strict=True,
+                    )
+                ]  # fmt: skip
+                features_sink.write(pa.Table.from_pylist(batch_features, schema=feature_schema))
+                feature_rows += len(batch_features)
+            arrays.close({"split": split, "rows": rows})
+    log.info("text: vocabulary %d, %d train rows, %d feature rows", tokenizer.get_vocab_size(), train_rows, feature_rows)
+    return feature_rows
 
 
-def text_delexicaliser(train: pa.Table, schema: dict[str, Any], cfg: FeaturesConfig, out: Path) -> Delexicaliser | None:
-    """The keys the model copies (components.delex), saved as `copying.json`; None when switched off or
-    when no key's values appear verbatim in the references."""
+def text_delexicaliser(
+    train_pairs: Iterable[tuple[str, str]], schema: dict[str, Any], cfg: FeaturesConfig, out: Path
+) -> Delexicaliser | None:
+    """The keys the model copies (components.delex), from the train (source, reference) pairs, saved as
+    `copying.json`; None when switched off or when no key's values appear verbatim in the references."""
     (out / COPYING_FILE).unlink(missing_ok=True)
     if not cfg.delexicalise or schema["syntax"] == PROMPT:
         log.info("text: no delexicalisation (%s)", "switched off" if not cfg.delexicalise else "free prompts")
         return None
-    rows = zip(train.column("source").to_pylist(), train.column("reference").to_pylist(), strict=True)
-    delexicaliser, shares = choose_keys(rows, cfg.delexicalise_min_share, categorical_keys(schema))
+    delexicaliser, shares = choose_keys(train_pairs, cfg.delexicalise_min_share, categorical_keys(schema))
     log.info("text: copied keys %s (verbatim share per key %s)", dict(delexicaliser.keys) or "none", shares)
     if not delexicaliser.keys:
         return None
@@ -275,38 +403,55 @@ def resize_stack(images: list[np.ndarray], size: int, channels: int) -> np.ndarr
     return out
 
 
-def image_features_stage(clean: pa.Table, augmented: pa.Table, cfg: FeaturesConfig, out: Path) -> pa.Table:
-    labels = sorted(set(clean.column("label").to_pylist()), key=lambda v: (len(v), v))
+def append_images(
+    arrays: TensorSink, decoded: list[np.ndarray], labels: list[int], augmented: bool, size: int, channels: int
+) -> None:
+    """A batch of images, resized, with their label indices and whether they are augmented copies (the FID
+    floor compares real images only)."""
+    arrays.append("images", resize_stack(decoded, size, channels))
+    arrays.append("labels", np.array(labels, dtype=np.int64))
+    arrays.append("augmented", np.full(len(decoded), augmented, dtype=np.uint8))
+
+
+def image_features_stage(
+    clean: pa.Table | Rows, augmented: pa.Table | Rows, cfg: FeaturesConfig, out: Path, reference: Path | None = None
+) -> int:
+    """Each split's images resized to uint8 (N, C, S, S) with labels (and, for train, the augmented copies),
+    a batch at a time; the per-record feature table to `reference`. Returns that table's rows."""
+    clean, augmented = as_rows(clean, IMAGE_BATCH_ROWS), as_rows(augmented, IMAGE_BATCH_ROWS)
+    described = pa.concat_tables(pa.Table.from_batches([b]) for b in clean.batches(["label", "mode"]))
+    labels = sorted(set(described.column("label").to_pylist()), key=lambda v: (len(v), v))
     label_index = {name: i for i, name in enumerate(labels)}
-    channels = channel_layout(clean.column("mode").to_pylist())
+    channels = channel_layout(described.column("mode").to_pylist())
+    meta = {"label_names": labels, "image_size": cfg.image_size, "channels": channels}
     out.mkdir(parents=True, exist_ok=True)
-    feature_rows = []
-    for split in SPLITS:
-        rows = clean.filter(pc.equal(clean.column("split"), split))
-        decoded = [decode_image(b) for b in rows.column("image").to_pylist()]
-        feature_rows += [
-            {"record_id": r, "split": split, "label": label, **image_features(p)}
-            for r, label, p in zip(rows.column("record_id").to_pylist(), rows.column("label").to_pylist(), decoded, strict=True)
-        ]
-        row_labels = rows.column("label").to_pylist()
-        originals = len(decoded)
-        if split == "train" and augmented.num_rows:
-            decoded += [decode_image(b) for b in augmented.column("image").to_pylist()]
-            row_labels += augmented.column("label").to_pylist()
-        stacked = resize_stack(decoded, cfg.image_size, channels)
-        is_augmented = np.zeros(len(decoded), dtype=np.uint8)
-        is_augmented[originals:] = 1  # the FID floor compares real images only
-        save_arrays(
-            {
-                "images": stacked,
-                "labels": np.array([label_index[v] for v in row_labels], dtype=np.int64),
-                "augmented": is_augmented,
-            },
-            out / f"{split}.safetensors",
-            {"label_names": labels, "image_size": cfg.image_size, "channels": channels},
-        )
-    write_json({"label_names": labels, "image_size": cfg.image_size, "channels": channels}, out / "meta.json")
-    return feature_table(feature_rows, IMAGE_REFERENCE_COLUMNS + [("label", pa.string())])
+    schema = pa.schema(IMAGE_REFERENCE_COLUMNS + [("label", pa.string())])
+    feature_rows = 0
+    with ParquetSink(reference, schema) if reference is not None else contextlib.nullcontext() as features_sink:
+        for split in SPLITS:
+            arrays = TensorSink(out / f"{split}.safetensors")
+            arrays.declare("images", np.uint8, (channels, cfg.image_size, cfg.image_size))
+            arrays.declare("labels", np.int64)
+            arrays.declare("augmented", np.uint8)
+
+            for table in split_batches(clean, split, ["record_id", "label", "image"]):
+                row_labels = table.column("label").to_pylist()
+                decoded = [decode_image(b) for b in table.column("image").to_pylist()]
+                append_images(arrays, decoded, [label_index[v] for v in row_labels], False, cfg.image_size, channels)
+                if features_sink is not None:
+                    ids = table.column("record_id").to_pylist()
+                    rows = [{"record_id": r, "split": split, "label": label, **image_features(p)}
+                            for r, label, p in zip(ids, row_labels, decoded, strict=True)]  # fmt: skip
+                    features_sink.write(pa.Table.from_pylist(rows, schema=schema))
+                    feature_rows += len(rows)
+            if split == "train":
+                for batch in augmented.batches(["label", "image"]):
+                    decoded = [decode_image(b) for b in batch.column("image").to_pylist()]
+                    label_ids = [label_index[v] for v in batch.column("label").to_pylist()]
+                    append_images(arrays, decoded, label_ids, True, cfg.image_size, channels)
+            arrays.close(meta)
+    write_json(meta, out / "meta.json")
+    return feature_rows
 
 
 def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.Table:
@@ -331,30 +476,39 @@ def restore_features_stage(clean: pa.Table, patches: pa.Table, out: Path) -> pa.
 
 
 def features(cfg: FeaturesConfig, clean_dir: Path, augmented_dir: Path, out_dir: Path) -> dict[str, int]:
-    """Write every dataset's arrays and the drift reference tables; returns feature-table row counts."""
+    """Write every dataset's arrays and the drift reference tables, streaming text and images; returns the
+    reference tables' row counts."""
 
-    def read(path: Path) -> pa.Table:
+    def existing(path: Path) -> Path:
         if not path.is_file():
             raise DataError(f"missing input {path}: run the clean and augment stages first")
-        return pq.read_table(path)
+        return path
 
-    references = {
-        "text": text_features_stage(
-            read(clean_dir / "text.parquet"), read(augmented_dir / "text.parquet"), cfg, out_dir / "text"
-        ),
-        "images": image_features_stage(
-            read(clean_dir / "images.parquet"), read(augmented_dir / "images.parquet"), cfg, out_dir / "images"
-        ),
-        "restore": restore_features_stage(
-            read(clean_dir / "restore.parquet"), read(augmented_dir / "restore_patches.parquet"), out_dir / "restore"
-        ),
-    }
-    for name, table in references.items():
-        write_parquet_atomic(table, out_dir / REFERENCE_DIR / f"{name}.parquet")
+    def text_rows(path: Path) -> Rows:
+        return Rows.of_file(existing(path), cfg.batch_rows)
+
+    def image_rows(path: Path) -> Rows:
+        return Rows.of_file(existing(path), batch_rows_within(existing(path), "image", IMAGE_BATCH_BYTES, IMAGE_BATCH_ROWS))
+
+    references = out_dir / REFERENCE_DIR
+    counts = {
+        "text": text_features_stage(text_rows(clean_dir / "text.parquet"), text_rows(augmented_dir / "text.parquet"), cfg,
+                                    out_dir / "text", references / "text.parquet"),
+        "images": image_features_stage(image_rows(clean_dir / "images.parquet"), image_rows(augmented_dir / "images.parquet"),
+                                       cfg, out_dir / "images", references / "images.parquet"),
+    }  # fmt: skip
+    # The restore set is a few dozen photos (each kept whole for evaluation) and their patches: in memory.
+    restore = restore_features_stage(
+        pq.read_table(existing(clean_dir / "restore.parquet")),
+        pq.read_table(existing(augmented_dir / "restore_patches.parquet")),
+        out_dir / "restore",
+    )
+    write_parquet_atomic(restore, references / "restore.parquet")
+    counts["restore"] = restore.num_rows
     # How the text was split travels to the evaluation, which reports it beside its scores.
     if (clean_dir / SPLIT_FILE).is_file():
         shutil.copy2(clean_dir / SPLIT_FILE, out_dir / "text" / SPLIT_FILE)
-    return {name: table.num_rows for name, table in references.items()}
+    return counts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

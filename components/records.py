@@ -225,7 +225,9 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
     """
     syntaxes: Counter[str] = Counter()
     values: dict[str, Counter[str]] = defaultdict(Counter)
-    positions: dict[str, list[float]] = defaultdict(list)
+    # Running sums, not lists of positions: a few million records would hold tens of millions of floats.
+    position_sum: dict[str, float] = defaultdict(int)  # int 0 first, then the floats in order: what sum() of a list did
+    position_count: Counter[str] = Counter()
     literal: Counter[str] = Counter()
     total = 0
     for source in sources:
@@ -237,12 +239,13 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
         syntaxes[record.syntax] += 1
         for index, (key, value) in enumerate(record.pairs):
             values[key][value] += 1
-            positions[key].append(index / max(1, len(record.pairs) - 1))
+            position_sum[key] += index / max(1, len(record.pairs) - 1)
+            position_count[key] += 1
             literal[key] += key in record.literal_keys
     structured = sum(n for name, n in syntaxes.items() if name != PROMPT)
     syntax = max(SYNTAXES, key=lambda name: syntaxes[name]) if structured and 2 * structured >= total else PROMPT
     keys: dict[str, Any] = {}
-    for key in sorted(values, key=lambda k: (sum(positions[k]) / len(positions[k]), k)):
+    for key in sorted(values, key=lambda k: (position_sum[k] / position_count[k], k)):
         counts = values[key]
         rows, distinct = sum(counts.values()), len(counts)
         # An entity's name is never a category, however few entities training has: held-out ones are new.
