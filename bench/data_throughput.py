@@ -133,15 +133,15 @@ def _augment(work: Path, dataset: str) -> None:
 
 
 def _features(work: Path, dataset: str) -> None:
-    import pyarrow.parquet as pq
-
     from components import features
     from components.common import load_params
+    from components.tables import Rows
 
     cfg = features.FeaturesConfig.from_params(load_params("features", PARAMS))
-    clean, augmented = pq.read_table(work / "clean.parquet"), pq.read_table(work / "augmented.parquet")
+    batch_rows = cfg.batch_rows if dataset == "text" else features.IMAGE_BATCH_ROWS
+    clean, augmented = Rows.of_file(work / "clean.parquet", batch_rows), Rows.of_file(work / "augmented.parquet", batch_rows)
     stage = features.text_features_stage if dataset == "text" else features.image_features_stage
-    stage(clean, augmented, cfg, work / "features")
+    stage(clean, augmented, cfg, work / "features", work / "reference.parquet")
 
 
 STEPS = {"ingest": _ingest, "validate": _validate, "clean": _clean, "augment": _augment, "features": _features}

@@ -268,9 +268,17 @@ class _TextKeys:
     emptied: int = 0
 
 
-def _clean_pass(rows: Rows, cfg: CleanConfig, within_given: bool, group_column: bool, cleaned: Path, emptied: Path) -> _TextKeys:
+def _clean_pass(rows: Rows, cfg: CleanConfig, by: str, group_column: bool, cleaned: Path, emptied: Path) -> _TextKeys:
     """Pass 1: clean each batch, set aside the rows left empty, write the rest with their source key, and keep
-    only digests and small codes per row."""
+    only digests and the small codes the split `by` needs, per row."""
+    within_given = by == "given"
+    if by == "source":
+        needs = {"position"}
+    elif by == "group":
+        # A named attribute, else the group column, else the records' entity key (or, without one, the source).
+        needs = {"entity"} if cfg.text_split.group else {"group"} if group_column else {"entity", "position"}
+    else:
+        needs = set()
     keys = _TextKeys([], [], [], [], [], [], [], {((), ()): 0}, {})
     cleaned_schema = rows.schema.append(pa.field("source_key", pa.string()))
     removed_schema = rows.schema.append(pa.field("removed_because", pa.string())).append(pa.field("source_key", pa.string()))
@@ -321,12 +329,21 @@ def _clean_pass(rows: Rows, cfg: CleanConfig, within_given: bool, group_column: 
             if within_given:
                 keys.given.append(_split_codes(table.column("given_split")))
             # Two spellings of one record share a key, so the same key may come twice here: both give the same.
-            keys.position.append(np.array([unit_interval(k, cfg.seed) for k, _ in canonical], dtype=np.float64)[indices])
-            keys.entity.append(np.array([entity_of(record) for _, record in canonical], dtype=np.int32)[indices])
-            if group_column:
+            if "position" in needs:
+                keys.position.append(np.array([unit_interval(k, cfg.seed) for k, _ in canonical], dtype=np.float64)[indices])
+            if "entity" in needs:
+                keys.entity.append(np.array([entity_of(record) for _, record in canonical], dtype=np.int32)[indices])
+            if "group" in needs:
                 values = table.column("group").to_pylist()
                 keys.group.append(np.array([-1 if v is None else keys.groups.setdefault(v, len(keys.groups)) for v in values]))
     return keys
+
+
+def _take(parts: list[np.ndarray], dtype: Any = np.int64, width: int = 0) -> np.ndarray:
+    """_concat, emptying `parts`: the batches' arrays are freed as soon as the whole one exists."""
+    whole = _concat(parts, dtype, width)
+    parts.clear()
+    return whole
 
 
 def _concat(parts: list[np.ndarray], dtype: Any = np.int64, width: int = 0) -> np.ndarray:
@@ -395,18 +412,18 @@ def clean_text_rows(rows: Rows, cfg: CleanConfig, kept_path: Path, removed_path:
     kept_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kept_path.parent, prefix=".clean-") as tmp:
         work = Path(tmp)
-        keys = _clean_pass(rows, cfg, by == "given", group_column, work / "cleaned.parquet", work / "empty.parquet")
+        keys = _clean_pass(rows, cfg, by, group_column, work / "cleaned.parquet", work / "empty.parquet")
         n = sum(len(part) for part in keys.exact)
         reason = np.full(n, KEPT, dtype=np.int8)
-        exact_first = distinct(_concat(keys.exact, np.uint64, 2)).first_rows()
+        exact_first = distinct(_take(keys.exact, np.uint64, 2)).first_rows()
         reason[~exact_first] = EXACT
         if cfg.near_duplicates:
-            near = _concat(keys.near, np.uint64, 2)
+            near = _take(keys.near, np.uint64, 2)
             near_first = np.zeros(n, dtype=bool)
             near_first[np.flatnonzero(exact_first)] = distinct(near[exact_first]).first_rows()
             reason[exact_first & ~near_first] = NEAR
             del near
-        sources = distinct(_concat(keys.source, np.uint64, 2))
+        sources = distinct(_take(keys.source, np.uint64, 2))
         kept = reason == KEPT
         description: dict[str, Any]
         if by == "given":

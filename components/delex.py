@@ -22,7 +22,7 @@ import functools
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,16 @@ def _ascii_word(char: str) -> bool:
     return char.isalnum() or char == "_"
 
 
+def _ascii_starts(text: str, lowered: str, needle: str) -> Iterator[int]:
+    """Where the lower-cased ASCII `needle` occurs in `text` (lowered: text.lower()) as a whole word."""
+    start = 0
+    while (at := lowered.find(needle, start)) >= 0:
+        end = at + len(needle)
+        if (at == 0 or not _ascii_word(text[at - 1])) and (end == len(text) or not _ascii_word(text[end])):
+            yield at
+        start = at + 1
+
+
 def _ascii_matches(text: str, values: tuple[str, ...]) -> list[tuple[int, int]]:
     """The spans `value_pattern(values).finditer(text)` gives, for ASCII text and values, by substring search:
     at each position the first value (longest first) that occurs there as a whole word, case-insensitively;
@@ -66,12 +76,8 @@ def _ascii_matches(text: str, values: tuple[str, ...]) -> list[tuple[int, int]]:
     lowered = text.lower()
     first_at: dict[int, int] = {}
     for value in values:
-        needle, start = value.lower(), 0
-        while (at := lowered.find(needle, start)) >= 0:
-            end = at + len(needle)
-            if (at == 0 or not _ascii_word(text[at - 1])) and (end == len(text) or not _ascii_word(text[end])):
-                first_at.setdefault(at, end)  # values come longest first: an earlier one wins this position
-            start = at + 1
+        for at in _ascii_starts(text, lowered, value.lower()):
+            first_at.setdefault(at, at + len(value))  # values come longest first: an earlier one wins this position
     spans, reached = [], 0
     for at in sorted(first_at):
         if at >= reached:
@@ -197,11 +203,16 @@ def choose_keys(
     verbatim: Counter[str] = Counter()
     for source, reference in rows:
         record = parse_source(source)
+        ascii_reference = reference.isascii()
+        lowered = reference.lower() if ascii_reference else ""
         for key, value in record.pairs if record is not None else ():
             if not value.strip():
                 continue
             present[key] += 1
-            verbatim[key] += bool(value_spans(reference, [value]))
+            if ascii_reference and value.isascii():
+                verbatim[key] += next(_ascii_starts(reference, lowered, value.lower()), None) is not None
+            else:
+                verbatim[key] += bool(value_spans(reference, [value]))
     shares = {key: round(verbatim[key] / present[key], 4) for key in present}
     shown = frozenset(categorical)
     keys = {key: SHOWN if key in shown else HIDDEN for key in present if shares[key] >= min_share}

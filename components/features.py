@@ -194,7 +194,7 @@ def train_tokenizer(
     return tokenizer
 
 
-ENCODE_ROWS = 20_000
+ENCODE_ROWS = 4096
 """Texts per tokenizer call: the Encoding objects a call returns (offsets, tokens, masks) cost far more memory
 than the ids kept from them, so a split is never encoded whole."""
 
@@ -210,6 +210,21 @@ def encode_ragged(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndar
     offsets = np.zeros(len(texts) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), offsets
+
+
+def encode_distinct(tokenizer: Any, texts: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """encode_ragged of texts that repeat (a record's sources, once per reference): each distinct text is
+    encoded once and its ids copied to every row."""
+    encoded = pc.dictionary_encode(texts)
+    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+    ids, offsets = encode_ragged(tokenizer, encoded.dictionary.to_pylist())
+    rows = encoded.indices.to_numpy(zero_copy_only=False)
+    lengths = np.diff(offsets)[rows]
+    row_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=row_offsets[1:])
+    # Each row's ids are its text's slice: one gather over every position.
+    positions = np.repeat(offsets[:-1][rows] - row_offsets[:-1], lengths) + np.arange(row_offsets[-1])
+    return ids[positions], row_offsets
 
 
 def model_texts(delexicaliser: Delexicaliser | None) -> tuple[Callable[[str], str], Callable[[str, str], str]]:
@@ -340,7 +355,7 @@ def text_features_stage(
             for batch in iter_parquet(out / f"{split}.parquet", cfg.batch_rows):
                 table = pa.Table.from_batches([batch])
                 rows += table.num_rows
-                s_ids, s_off = encode_ragged(tokenizer, table.column("model_source").to_pylist())
+                s_ids, s_off = encode_distinct(tokenizer, table.column("model_source"))
                 t_ids, t_off = encode_ragged(tokenizer, table.column("model_reference").to_pylist())
                 source_ids.append(s_ids, s_off)
                 target_ids.append(t_ids, t_off)

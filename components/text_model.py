@@ -13,14 +13,15 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from components.common import ConfigError, DataError, progress, require
 from components.delex import COPYING_FILE, Delexicaliser, values_said
 from components.model_io import check_safetensors_folder
 from components.records import SCHEMA_FILE
+
+if TYPE_CHECKING:
+    import torch
 
 PAD, SEP, EOS = "<|pad|>", "<|sep|>", "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, SEP, EOS)
@@ -242,6 +243,8 @@ def load_examples(features_dir: Path, split: str, tokenizer: Any, ours: bool, ma
 
 def make_batch(examples: Examples, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; labels are -100 on the prompt and the padding, so only the target is learned."""
+    import torch
+
     width = max(len(examples.ids[i]) for i in indices)
     input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(indices), width), dtype=torch.long)
@@ -309,6 +312,8 @@ class RequirePlaceholders:
         self.after_tokens = after_tokens  # the bonus applies only right after one of them (None: anywhere)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
         beams = input_ids.shape[0] // len(self.required)
         width = max((len(r) for r in self.required), default=0)
         if not width:
@@ -349,6 +354,7 @@ def generate_texts(
     default to) returns every beam, and the text kept is the one that says the most of the source's values
     (the beam score breaks ties). With `require_values`, a missing copied value's placeholder is favoured
     and no beam may end before it has written each one (RequirePlaceholders)."""
+    import torch
     from transformers import LogitsProcessorList
 
     max_length = model.config.max_position_embeddings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from components import clean, evaluate_text, features, train_text
 from components.datasets import TEXT_SCHEMA
-from components.delex import HIDDEN, SHOWN, Delexicaliser, choose_keys, substitute
+from components.delex import HIDDEN, SHOWN, Delexicaliser, choose_keys, delexicalise_text, substitute, value_pattern, value_spans
 from components.records import BRACKET, JSON, PIPE, serialise
 from components.slots import MISSING, REALISED, WRONG, SlotLexicon, check_output, normalise, slot_scores
 from tests.conftest import section
@@ -100,6 +101,22 @@ def test_delexicalisation_round_trip(syntax: str) -> None:
     assert delexicaliser.relexicalise(source, delexicalised) == reference
     model_source = delexicaliser.model_source(source)
     assert "Café" not in model_source and "city centre" in model_source and "<|name|>" in model_source
+
+
+def test_value_search_finds_what_the_value_regex_finds() -> None:
+    # The ASCII substring search must give the regex's spans exactly: longest value first at a position,
+    # whole words only, any case, no overlaps; other text goes through the regex itself.
+    rng = random.Random(1)
+    alphabet = "aAbB _.-1"
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(14)))
+        values = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 4))) for _ in range(rng.randrange(1, 4))]
+        pattern = value_pattern(values)
+        assert value_spans(text, values) == ([m.span() for m in pattern.finditer(text)] if pattern else []), (text, values)
+    assert value_spans("Café Noir at the café", ["café"]) == [(0, 4), (17, 21)]
+    assert delexicalise_text("The Blue Spice Bar, not blue spice.", {"<|a|>": "Blue Spice", "<|b|>": "Blue Spice Bar"}) == (
+        "The <|b|>, not <|a|>."
+    )
 
 
 def test_relexicalisation_drops_a_placeholder_the_source_cannot_fill() -> None:

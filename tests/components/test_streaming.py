@@ -1,0 +1,165 @@
+"""The data stages stream: run on an input many times their batch size with a tiny batch, each writes exactly
+what it writes with the whole input in one batch (the in-memory result)."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from components import augment, clean, features
+from components.datasets import TEXT_SCHEMA, builtin_digits
+from components.image_io import encode_png
+from components.records import BRACKET, JSON, PIPE, serialise
+from components.tables import Rows
+from tests.conftest import section
+
+WHOLE = 1_000_000  # rows per batch that hold every test input in one batch
+
+
+def text_rows(n: int, seed: int, given: bool = False, groups: bool = False) -> pa.Table:
+    """Records in every syntax and free prompts, with exact and near duplicates, rows that clean to nothing,
+    and optionally a group column and the user's own split."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        entity = rng.randrange(n // 5 + 1)
+        pairs = [("title", f"Item {entity}"), ("kind", f"k{entity % 4}"), ("size", rng.choice(["S", "M", "L"]))]
+        rng.shuffle(pairs)
+        roll = rng.random()
+        if roll < 0.15:
+            source = f"write a short line about item {entity}"
+        elif roll < 0.2:
+            source = "<p></p>"  # empty once the tags are gone
+        else:
+            source = serialise(pairs, rng.choice([PIPE, BRACKET, JSON]))
+        reference = rng.choice(
+            [f"Item {entity} in size {pairs[0][1]}.", f"item {entity} in size {pairs[0][1]}!", f"Other {i % 9}."]
+        )
+        rows.append({"record_id": f"r{i}", "source": source, "reference": reference, "origin": "test", "ingest_error": None,
+                     "group": f"g{entity % 11}" if groups and rng.random() < 0.8 else None,
+                     "given_split": rng.choice(["train", "train", "val", "test", None]) if given else None})  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=TEXT_SCHEMA)
+
+
+@pytest.fixture
+def clean_cfg(tiny_params: dict[str, Any]) -> clean.CleanConfig:
+    return clean.CleanConfig.from_params(section(tiny_params, "clean"))
+
+
+def same_result(a: clean.CleanResult, b: clean.CleanResult) -> None:
+    assert a.kept.equals(b.kept)
+    assert a.removed.equals(b.removed)
+    assert (a.counts, a.split) == (b.counts, b.split)
+
+
+@pytest.mark.parametrize(
+    ("shape", "split"),
+    [({}, clean.TextSplit()), ({}, clean.TextSplit("source")), ({"given": True}, clean.TextSplit()),
+     ({"groups": True}, clean.TextSplit("group")), ({"given": True}, clean.TextSplit("group", "kind"))],
+)  # fmt: skip
+def test_clean_text_streams_row_for_row(clean_cfg: clean.CleanConfig, shape: dict[str, bool], split: clean.TextSplit) -> None:
+    table = text_rows(600, seed=len(shape) + len(split.by), **shape)
+    cfg = replace(clean_cfg, text_split=split)
+    whole = clean.clean_text(table, replace(cfg, batch_rows=WHOLE))
+    assert whole.removed.num_rows > 30 and whole.counts["exact_duplicates_removed"] and whole.counts["emptied_by_cleaning"]
+    for batch_rows in (7, 64):
+        same_result(clean.clean_text(table, replace(cfg, batch_rows=batch_rows)), whole)
+
+
+def digit_images(copies: int = 40) -> pa.Table:
+    """Digits, the first `copies` twice (exact duplicates), and a few larger RGB images."""
+    digits = pa.Table.from_batches(list(builtin_digits(200))).slice(0, 200)
+    twice = digits.slice(0, copies).set_column(0, "record_id", pa.array([f"copy{i}" for i in range(copies)]))
+    rng = np.random.default_rng(0)
+    rgb = [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(12)]
+    colour = pa.Table.from_pylist(
+        [{**digits.slice(0, 1).to_pylist()[0], "record_id": f"rgb{i}", "image": encode_png(p), "width": 48, "height": 40,
+          "mode": "RGB", "channels": 3, "label": str(i % 3)} for i, p in enumerate(rgb)],
+        schema=digits.schema,
+    )  # fmt: skip
+    return pa.concat_tables([digits, twice, colour])
+
+
+def test_clean_images_streams_row_for_row() -> None:
+    table = digit_images()
+    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+    whole = clean.clean_images(table, fractions, seed=3, batch_rows=WHOLE)
+    assert whole.counts["duplicates_removed"] == 40
+    same_result(clean.clean_images(table, fractions, seed=3, batch_rows=9), whole)
+
+
+def test_augment_streams_row_for_row(clean_cfg: clean.CleanConfig, tiny_params: dict[str, Any]) -> None:
+    kept = clean.clean_text(text_rows(600, seed=5), clean_cfg).kept
+    whole = augment.augment_text(kept, copies=2, seed=4, batch_rows=WHOLE)
+    assert whole.num_rows > 300
+    assert augment.augment_text(kept, copies=2, seed=4, batch_rows=11).equals(whole)
+
+    images = clean.clean_images(digit_images(), {"train": 0.8, "val": 0.1, "test": 0.1}, seed=3).kept
+    cfg = augment.AugmentConfig.from_params(section(tiny_params, "augment"))
+    whole_images = augment.augment_images(images, cfg.images, seed=2, batch_rows=WHOLE)
+    assert whole_images.num_rows > 100
+    assert augment.augment_images(images, cfg.images, seed=2, batch_rows=13).equals(whole_images)
+
+    photos = images.filter(pa.compute.equal(images.column("mode"), "RGB"))
+    patches = [augment.restore_patch_batches(Rows.of_table(photos, n), 16, 3, seed=1) for n in (1, WHOLE)]
+    one_by_one, at_once = (pa.concat_tables([augment.PATCH_SCHEMA.empty_table(), *p]) for p in patches)
+    assert at_once.num_rows == 3 * photos.filter(pa.compute.equal(photos.column("split"), "train")).num_rows > 0
+    assert one_by_one.equals(at_once)
+
+
+def same_folder(a: Path, b: Path) -> None:
+    """Every file byte-identical; a Parquet file may differ in row groups only (same table)."""
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for name in names:
+        if name.suffix == ".parquet":
+            assert pq.read_table(a / name).equals(pq.read_table(b / name)), name
+        else:
+            assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+def test_features_stream_file_for_file(clean_cfg: clean.CleanConfig, tiny_params: dict[str, Any], tmp_path: Path) -> None:
+    kept = clean.clean_text(text_rows(900, seed=6), clean_cfg).kept
+    extra = augment.augment_text(kept, copies=1, seed=1)
+    cfg = features.FeaturesConfig.from_params(section(tiny_params, "features"))
+    images = clean.clean_images(digit_images(), {"train": 0.8, "val": 0.1, "test": 0.1}, seed=3).kept
+    extra_images = augment.augment_images(images, augment.AugmentConfig.from_params(section(tiny_params, "augment")).images, 1)
+    for name, batch_rows in (("whole", WHOLE), ("batched", 17)):
+        out = tmp_path / name
+        rows = features.text_features_stage(Rows.of_table(kept, batch_rows), Rows.of_table(extra, batch_rows),
+                                            replace(cfg, batch_rows=batch_rows), out / "text", out / "text.parquet")  # fmt: skip
+        assert rows == kept.num_rows
+        features.image_features_stage(Rows.of_table(images, batch_rows), Rows.of_table(extra_images, batch_rows), cfg,
+                                      out / "images", out / "images.parquet")  # fmt: skip
+    same_folder(tmp_path / "whole", tmp_path / "batched")
+    meta = json.loads((tmp_path / "whole" / "images" / "meta.json").read_text())
+    assert meta["channels"] == 3  # the RGB images make the layout RGB
+
+
+def test_tensor_sink_writes_what_safetensors_writes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"b_ids": rng.integers(0, 9, 50, dtype=np.int32), "a_offsets": np.arange(11, dtype=np.int64),
+              "images": rng.integers(0, 255, (6, 3, 4, 4), dtype=np.uint8),
+              "empty": np.zeros((0, 2), dtype=np.int64)}  # fmt: skip
+    meta = {"label_names": ["a", "ä"], "rows": 6}
+    features.save_arrays(arrays, tmp_path / "whole.safetensors", meta)
+    sink = features.TensorSink(tmp_path / "streamed.safetensors")
+    for name, array in arrays.items():
+        sink.declare(name, array.dtype, array.shape[1:])
+        for part in np.array_split(array, 3):
+            sink.append(name, part)
+    sink.close(meta)
+    assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "streamed.safetensors").read_bytes()
+    mismatched = features.TensorSink(tmp_path / "bad.safetensors")
+    mismatched.append("images", arrays["images"])
+    with pytest.raises(ValueError, match=r"tensor images is uint8\[3, 4, 4\] per row"):
+        mismatched.append("images", arrays["images"][:, :1])
