@@ -163,3 +163,56 @@ def test_tensor_sink_writes_what_safetensors_writes(tmp_path: Path) -> None:
     mismatched.append("images", arrays["images"])
     with pytest.raises(ValueError, match=r"tensor images is uint8\[3, 4, 4\] per row"):
         mismatched.append("images", arrays["images"][:, :1])
+
+
+CLEAN_A_FILE = """
+import sys
+from pathlib import Path
+from components import clean
+from components.common import load_params
+from components.tables import Rows
+cfg = clean.CleanConfig.from_params(load_params("clean", sys.argv[1]))
+folder = Path(sys.argv[2])
+rows = Rows.of_file(folder / "valid.parquet", cfg.batch_rows)
+outcome = clean.clean_text_rows(rows, cfg, folder / "kept.parquet", folder / "removed.parquet")
+print(outcome.kept_rows + outcome.removed_rows)
+"""
+MEMORY_BOUND_MB = 1024  # issue 18's goal; the stage that read whole tables peaked at 2.6 GB here
+
+
+@pytest.mark.slow
+def test_clean_keeps_a_million_rows_within_the_memory_bound(tmp_path: Path, real_params: dict[str, Any]) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from components.textgen import generate
+    from tests.conftest import REPO_ROOT, write_params
+
+    # 200 000 generated rows five times over, each copy's references told apart so that none is a duplicate:
+    # a million rows to clean, at a fifth of the generator's time.
+    generated = [row for chunk in generate(200_000 // 3 + 1, 3, seed=0, chunk_records=50_000) for row in chunk]
+    n = len(generated)
+    with pq.ParquetWriter(tmp_path / "valid.parquet", TEXT_SCHEMA, compression="zstd") as writer:
+        for copy in range(5):
+            columns = {"record_id": [f"r{copy}-{j}" for j in range(n)], "source": [s for _, s, _ in generated],
+                       "reference": [f"{r} ({copy})" for _, _, r in generated], "origin": ["generated"] * n,
+                       "ingest_error": [None] * n, "group": [None] * n, "given_split": [None] * n}  # fmt: skip
+            writer.write_table(pa.table(columns, schema=TEXT_SCHEMA))
+    rows = 5 * n
+    params = write_params(real_params, tmp_path / "params.yaml")
+    child = subprocess.Popen([sys.executable, "-c", CLEAN_A_FILE, str(params), str(tmp_path)], cwd=REPO_ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    watched, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    out, err = child.communicate()
+    assert child.returncode == 0, err.decode()[-2000:]
+    assert int(out.decode().split()[-1]) == pq.ParquetFile(tmp_path / "valid.parquet").metadata.num_rows
+    assert peak / 2**20 < MEMORY_BOUND_MB, f"clean peaked at {peak / 2**20:.0f} MB on {rows} rows"
