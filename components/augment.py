@@ -14,7 +14,6 @@ and the restore patches (the restorer's training crops) are plain random crops, 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -124,12 +123,11 @@ def text_copies(rows: Rows, copies: int, seed: int) -> Iterator[pa.Table]:
     rng = np.random.default_rng([seed, 1])
     schema = augmented_schema(rows.schema)
     prompts = seen = 0
-    parse = functools.lru_cache(maxsize=1024)(parse_source)  # a record's references lie together
     for table in train_batches(rows) if copies else ():
         columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         for row in table.to_pylist():
             seen += 1
-            record = parse(row["source"])
+            record = parse_source(row["source"])  # cached: a record's references lie together
             if record is None:
                 prompts += 1
                 continue
@@ -211,7 +209,8 @@ def restore_patch_batches(rows: Rows, patch_size: int, per_image: int, seed: int
     from torchvision.transforms import v2
 
     torch.manual_seed(seed)
-    sizes = pa.concat_tables([pa.Table.from_batches([b]) for b in rows.batches(["mode", "width", "height", "split"])])
+    columns = ["mode", "width", "height", "split"]
+    sizes = pa.Table.from_batches(list(rows.batches(columns)), pa.schema([rows.schema.field(c) for c in columns]))
     train = train_rows(sizes)
     if not per_image or not train.num_rows:
         return

@@ -20,6 +20,7 @@ merging the validation counts, so one DVC metric shows the whole data half of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import html
 import io
@@ -29,7 +30,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -256,15 +257,16 @@ def _split_codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
 class _TextKeys:
     """Pass 1's facts per cleaned row, aligned with the rows of the intermediate file."""
 
-    exact: list[np.ndarray]
-    near: list[np.ndarray]
-    source: list[np.ndarray]
-    given: list[np.ndarray]
-    position: list[np.ndarray]  # unit_interval of the source key, for a split by source
-    entity: list[np.ndarray]  # index into entities, for a split by a record attribute
-    group: list[np.ndarray]  # index into groups (-1: none), for a split by the group column
-    entities: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], int]  # (entity keys, candidate values)
-    groups: dict[str, int]
+    exact: list[np.ndarray] = field(default_factory=list)
+    near: list[np.ndarray] = field(default_factory=list)
+    source: list[np.ndarray] = field(default_factory=list)
+    given: list[np.ndarray] = field(default_factory=list)
+    position: list[np.ndarray] = field(default_factory=list)  # unit_interval of the source key, for a split by source
+    entity: list[np.ndarray] = field(default_factory=list)  # index into entities, for a split by a record attribute
+    group: list[np.ndarray] = field(default_factory=list)  # index into groups (-1: none), for a split by the group column
+    # (entity keys, values a group split may use) of each distinct record; 0: a free prompt.
+    entities: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], int] = field(default_factory=lambda: {((), ()): 0})
+    groups: dict[str, int] = field(default_factory=dict)
     emptied: int = 0
 
 
@@ -279,7 +281,7 @@ def _clean_pass(rows: Rows, cfg: CleanConfig, by: str, group_column: bool, clean
         needs = {"entity"} if cfg.text_split.group else {"group"} if group_column else {"entity", "position"}
     else:
         needs = set()
-    keys = _TextKeys([], [], [], [], [], [], [], {((), ()): 0}, {})
+    keys = _TextKeys()
     cleaned_schema = rows.schema.append(pa.field("source_key", pa.string()))
     removed_schema = rows.schema.append(pa.field("removed_because", pa.string())).append(pa.field("source_key", pa.string()))
     wanted = cfg.text_split.group
@@ -335,7 +337,8 @@ def _clean_pass(rows: Rows, cfg: CleanConfig, by: str, group_column: bool, clean
                 keys.entity.append(np.array([entity_of(record) for _, record in canonical], dtype=np.int32)[indices])
             if "group" in needs:
                 values = table.column("group").to_pylist()
-                keys.group.append(np.array([-1 if v is None else keys.groups.setdefault(v, len(keys.groups)) for v in values]))
+                ids = [-1 if v is None else keys.groups.setdefault(v, len(keys.groups)) for v in values]
+                keys.group.append(np.array(ids, dtype=np.int64))  # typed: a batch emptied by cleaning has none
     return keys
 
 
@@ -414,6 +417,11 @@ def clean_text_rows(rows: Rows, cfg: CleanConfig, kept_path: Path, removed_path:
         work = Path(tmp)
         keys = _clean_pass(rows, cfg, by, group_column, work / "cleaned.parquet", work / "empty.parquet")
         n = sum(len(part) for part in keys.exact)
+        if not n:
+            raise DataError(
+                f"text: all {keys.emptied} validated rows are empty once cleaned (tags, control characters and spaces "
+                "removed): check the source and reference columns"
+            )
         reason = np.full(n, KEPT, dtype=np.int8)
         exact_first = distinct(_take(keys.exact, np.uint64, 2)).first_rows()
         reason[~exact_first] = EXACT
@@ -534,28 +542,23 @@ def _write_pass(
         removed_schema = removed_schema.append(pa.field("source_key", pa.string()))
     reasons = {code: work / f"removed-{code}.parquet" for code in REASONS}
     offset = 0
-    with ParquetSink(kept_path, rows.schema.append(pa.field("split", pa.string()))) as kept_sink:
-        sinks = {code: ParquetSink(path, removed_schema) for code, path in reasons.items()}
-        try:
-            for batch in rows.batches():
-                table = pa.Table.from_batches([batch])
-                why = reason[offset : offset + table.num_rows]
-                keep = why == KEPT
-                split = pc.take(names, pa.array(codes[offset : offset + table.num_rows][keep]))
-                kept_sink.write(table.filter(pa.array(keep)).append_column("split", split))
-                for code, sink in sinks.items():
-                    mask = why == code
-                    if mask.any():
-                        picked = _with_reason(table.filter(pa.array(mask)).select(base), REASONS[code])
-                        sink.write(
-                            picked.append_column("source_key", table.column("source_key").filter(pa.array(mask)))
-                            if text
-                            else picked
-                        )
-                offset += table.num_rows
-        finally:
-            for sink in sinks.values():
-                sink.close()
+    with contextlib.ExitStack() as stack:
+        kept_sink = stack.enter_context(ParquetSink(kept_path, rows.schema.append(pa.field("split", pa.string()))))
+        sinks = {code: stack.enter_context(ParquetSink(path, removed_schema)) for code, path in reasons.items()}
+        for batch in rows.batches():
+            table = pa.Table.from_batches([batch])
+            why = reason[offset : offset + table.num_rows]
+            keep = why == KEPT
+            split = pc.take(names, pa.array(codes[offset : offset + table.num_rows][keep]))
+            kept_sink.write(table.filter(pa.array(keep)).append_column("split", split))
+            for code, sink in sinks.items():
+                mask = why == code
+                if mask.any():
+                    picked = _with_reason(table.filter(pa.array(mask)).select(base), REASONS[code])
+                    sink.write(
+                        picked.append_column("source_key", table.column("source_key").filter(pa.array(mask))) if text else picked
+                    )
+            offset += table.num_rows
     with ParquetSink(removed_path, removed_schema) as removed_sink:
         copy_into(removed_sink, removed_first + list(reasons.values()), batch_rows)
         return removed_sink.rows

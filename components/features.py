@@ -101,44 +101,58 @@ def save_arrays(arrays: dict[str, np.ndarray], path: Path, meta: dict[str, Any])
     save_file(arrays, str(path), metadata={"meta": json.dumps(meta, sort_keys=True)})
 
 
-SAFETENSORS_DTYPES = {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
-"""The dtypes TensorSink writes, in the order safetensors lays them out (larger first, then by name)."""
+SAFETENSORS_DTYPES = {np.dtype(np.int64): ("I64", 2), np.dtype(np.int32): ("I32", 1), np.dtype(np.uint8): ("U8", 0)}
+"""The dtypes TensorSink writes: their safetensors name and rank. safetensors lays tensors out by its dtype
+order, highest first (I64 before I32 before U8), then by name."""
+
+
+@dataclass
+class _Tensor:
+    scratch: Any  # an anonymous temporary file: gone with the process, whatever happens
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    rows: int = 0
 
 
 class TensorSink:
     """A safetensors file written a batch at a time: each tensor grows along its first axis in a scratch file,
     and `close()` writes the header and the data exactly as `save_arrays` would for the whole arrays (a test
-    holds it to that, byte for byte), so a split never has to fit in memory."""
+    holds it to that, byte for byte), so a split never has to fit in memory. As a context manager it writes
+    nothing when the block fails."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._parts: dict[str, tuple[Any, np.dtype, tuple[int, ...], list[int]]] = {}
+        self._tensors: dict[str, _Tensor] = {}
 
     def declare(self, name: str, dtype: Any, row_shape: tuple[int, ...] = ()) -> None:
         """A tensor that may get no rows still needs its dtype and the shape of a row."""
-        if name not in self._parts:
-            scratch = tempfile.TemporaryFile(dir=self.path.parent)
-            self._parts[name] = (scratch, np.dtype(dtype), tuple(row_shape), [0])
+        if name in self._tensors:
+            return
+        if np.dtype(dtype) not in SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"{self.path}: tensor {name} is {np.dtype(dtype)}; TensorSink writes {list(map(str, SAFETENSORS_DTYPES))}"
+            )
+        self._tensors[name] = _Tensor(tempfile.TemporaryFile(dir=self.path.parent), np.dtype(dtype), tuple(row_shape))
 
     def append(self, name: str, array: np.ndarray) -> None:
         self.declare(name, array.dtype, array.shape[1:])
-        scratch, dtype, row_shape, rows = self._parts[name]
-        if array.dtype != dtype or array.shape[1:] != row_shape:
-            raise ValueError(
-                f"{self.path}: tensor {name} is {dtype}{list(row_shape)} per row, got {array.dtype}{list(array.shape[1:])}"
-            )
-        scratch.write(np.ascontiguousarray(array).tobytes())
-        rows[0] += array.shape[0]
+        tensor = self._tensors[name]
+        if array.dtype != tensor.dtype or array.shape[1:] != tensor.row_shape:
+            expected, got = f"{tensor.dtype}{list(tensor.row_shape)}", f"{array.dtype}{list(array.shape[1:])}"
+            raise ValueError(f"{self.path}: tensor {name} is {expected} per row, got {got}")
+        tensor.scratch.write(np.ascontiguousarray(array).tobytes())
+        tensor.rows += array.shape[0]
 
     def close(self, meta: dict[str, Any]) -> None:
-        order = sorted(self._parts, key=lambda n: (-self._parts[n][1].itemsize, -len(SAFETENSORS_DTYPES[self._parts[n][1]]), n))
+        order = sorted(self._tensors, key=lambda name: (-SAFETENSORS_DTYPES[self._tensors[name].dtype][1], name))
         header: dict[str, Any] = {"__metadata__": {"meta": json.dumps(meta, sort_keys=True)}}
         start = 0
         for name in order:
-            _, dtype, row_shape, rows = self._parts[name]
-            end = start + rows[0] * int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": [rows[0], *row_shape], "data_offsets": [start, end]}
+            tensor = self._tensors[name]
+            end = start + tensor.rows * int(np.prod(tensor.row_shape, dtype=np.int64)) * tensor.dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype][0], "shape": [tensor.rows, *tensor.row_shape],
+                            "data_offsets": [start, end]}  # fmt: skip
             start = end
         encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
@@ -147,14 +161,22 @@ class TensorSink:
             with partial.open("wb") as out:
                 out.write(len(encoded).to_bytes(8, "little") + encoded)
                 for name in order:
-                    scratch = self._parts[name][0]
-                    scratch.seek(0)
-                    shutil.copyfileobj(scratch, out, 1 << 22)
+                    self._tensors[name].scratch.seek(0)
+                    shutil.copyfileobj(self._tensors[name].scratch, out, 1 << 22)
             os.replace(partial, self.path)
         finally:
             partial.unlink(missing_ok=True)
-            for scratch, *_ in self._parts.values():
-                scratch.close()
+            self.abort()
+
+    def abort(self) -> None:
+        for tensor in self._tensors.values():
+            tensor.scratch.close()
+
+    def __enter__(self) -> TensorSink:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.abort()  # close() wrote the file on success; on failure nothing is written
 
 
 class RaggedSink:
@@ -349,32 +371,32 @@ def text_features_stage(
     feature_rows = 0
     with ParquetSink(reference, feature_schema) if reference is not None else contextlib.nullcontext() as features_sink:
         for split in SPLITS:
-            arrays = TensorSink(out / f"{split}.safetensors")
-            source_ids, target_ids = RaggedSink(arrays, "source"), RaggedSink(arrays, "target")
-            rows = 0
-            for batch in iter_parquet(out / f"{split}.parquet", cfg.batch_rows):
-                table = pa.Table.from_batches([batch])
-                rows += table.num_rows
-                s_ids, s_off = encode_distinct(tokenizer, table.column("model_source"))
-                t_ids, t_off = encode_ragged(tokenizer, table.column("model_reference").to_pylist())
-                source_ids.append(s_ids, s_off)
-                target_ids.append(t_ids, t_off)
-                if features_sink is None:
-                    continue
-                originals = np.flatnonzero(~table.column("augmented").to_numpy(zero_copy_only=False))
-                kept = table.take(pa.array(originals))
-                batch_features = [
-                    {"record_id": record_id, "split": split,
-                     **text_features(source, source_tokens, reference_text, target_tokens, vocabulary, attributes)}
-                    for record_id, source, reference_text, source_tokens, target_tokens in zip(
-                        kept.column("record_id").to_pylist(), kept.column("source").to_pylist(),
-                        kept.column("reference").to_pylist(), np.diff(s_off)[originals].tolist(),
-                        np.diff(t_off)[originals].tolist(), strict=True,
-                    )
-                ]  # fmt: skip
-                features_sink.write(pa.Table.from_pylist(batch_features, schema=feature_schema))
-                feature_rows += len(batch_features)
-            arrays.close({"split": split, "rows": rows})
+            with TensorSink(out / f"{split}.safetensors") as arrays:
+                source_ids, target_ids = RaggedSink(arrays, "source"), RaggedSink(arrays, "target")
+                rows = 0
+                for batch in iter_parquet(out / f"{split}.parquet", cfg.batch_rows):
+                    table = pa.Table.from_batches([batch])
+                    rows += table.num_rows
+                    s_ids, s_off = encode_distinct(tokenizer, table.column("model_source"))
+                    t_ids, t_off = encode_ragged(tokenizer, table.column("model_reference").to_pylist())
+                    source_ids.append(s_ids, s_off)
+                    target_ids.append(t_ids, t_off)
+                    if features_sink is None:
+                        continue
+                    originals = np.flatnonzero(~table.column("augmented").to_numpy(zero_copy_only=False))
+                    kept = table.take(pa.array(originals))
+                    batch_features = [
+                        {"record_id": record_id, "split": split,
+                         **text_features(source, source_tokens, reference_text, target_tokens, vocabulary, attributes)}
+                        for record_id, source, reference_text, source_tokens, target_tokens in zip(
+                            kept.column("record_id").to_pylist(), kept.column("source").to_pylist(),
+                            kept.column("reference").to_pylist(), np.diff(s_off)[originals].tolist(),
+                            np.diff(t_off)[originals].tolist(), strict=True,
+                        )
+                    ]  # fmt: skip
+                    features_sink.write(pa.Table.from_pylist(batch_features, schema=feature_schema))
+                    feature_rows += len(batch_features)
+                arrays.close({"split": split, "rows": rows})
     log.info("text: vocabulary %d, %d train rows, %d feature rows", tokenizer.get_vocab_size(), train_rows, feature_rows)
     return feature_rows
 
@@ -434,7 +456,9 @@ def image_features_stage(
     """Each split's images resized to uint8 (N, C, S, S) with labels (and, for train, the augmented copies),
     a batch at a time; the per-record feature table to `reference`. Returns that table's rows."""
     clean, augmented = as_rows(clean, IMAGE_BATCH_ROWS), as_rows(augmented, IMAGE_BATCH_ROWS)
-    described = pa.concat_tables(pa.Table.from_batches([b]) for b in clean.batches(["label", "mode"]))
+    described = pa.Table.from_batches(
+        list(clean.batches(["label", "mode"])), pa.schema([clean.schema.field("label"), clean.schema.field("mode")])
+    )
     labels = sorted(set(described.column("label").to_pylist()), key=lambda v: (len(v), v))
     label_index = {name: i for i, name in enumerate(labels)}
     channels = channel_layout(described.column("mode").to_pylist())
@@ -444,27 +468,26 @@ def image_features_stage(
     feature_rows = 0
     with ParquetSink(reference, schema) if reference is not None else contextlib.nullcontext() as features_sink:
         for split in SPLITS:
-            arrays = TensorSink(out / f"{split}.safetensors")
-            arrays.declare("images", np.uint8, (channels, cfg.image_size, cfg.image_size))
-            arrays.declare("labels", np.int64)
-            arrays.declare("augmented", np.uint8)
-
-            for table in split_batches(clean, split, ["record_id", "label", "image"]):
-                row_labels = table.column("label").to_pylist()
-                decoded = [decode_image(b) for b in table.column("image").to_pylist()]
-                append_images(arrays, decoded, [label_index[v] for v in row_labels], False, cfg.image_size, channels)
-                if features_sink is not None:
-                    ids = table.column("record_id").to_pylist()
-                    rows = [{"record_id": r, "split": split, "label": label, **image_features(p)}
-                            for r, label, p in zip(ids, row_labels, decoded, strict=True)]  # fmt: skip
-                    features_sink.write(pa.Table.from_pylist(rows, schema=schema))
-                    feature_rows += len(rows)
-            if split == "train":
-                for batch in augmented.batches(["label", "image"]):
-                    decoded = [decode_image(b) for b in batch.column("image").to_pylist()]
-                    label_ids = [label_index[v] for v in batch.column("label").to_pylist()]
-                    append_images(arrays, decoded, label_ids, True, cfg.image_size, channels)
-            arrays.close(meta)
+            with TensorSink(out / f"{split}.safetensors") as arrays:
+                arrays.declare("images", np.uint8, (channels, cfg.image_size, cfg.image_size))
+                arrays.declare("labels", np.int64)
+                arrays.declare("augmented", np.uint8)
+                for table in split_batches(clean, split, ["record_id", "label", "image"]):
+                    row_labels = table.column("label").to_pylist()
+                    decoded = [decode_image(b) for b in table.column("image").to_pylist()]
+                    append_images(arrays, decoded, [label_index[v] for v in row_labels], False, cfg.image_size, channels)
+                    if features_sink is not None:
+                        ids = table.column("record_id").to_pylist()
+                        rows = [{"record_id": r, "split": split, "label": label, **image_features(p)}
+                                for r, label, p in zip(ids, row_labels, decoded, strict=True)]  # fmt: skip
+                        features_sink.write(pa.Table.from_pylist(rows, schema=schema))
+                        feature_rows += len(rows)
+                if split == "train":
+                    for batch in augmented.batches(["label", "image"]):
+                        decoded = [decode_image(b) for b in batch.column("image").to_pylist()]
+                        label_ids = [label_index[v] for v in batch.column("label").to_pylist()]
+                        append_images(arrays, decoded, label_ids, True, cfg.image_size, channels)
+                arrays.close(meta)
     write_json(meta, out / "meta.json")
     return feature_rows
 

@@ -226,7 +226,7 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
     syntaxes: Counter[str] = Counter()
     values: dict[str, Counter[str]] = defaultdict(Counter)
     # Running sums, not lists of positions: a few million records would hold tens of millions of floats.
-    position_sum: dict[str, float] = defaultdict(int)  # int 0 first, then the floats in order: what sum() of a list did
+    position_sum: dict[str, float] = defaultdict(float)  # added in order, as sum() of the list did (3.11)
     position_count: Counter[str] = Counter()
     literal: Counter[str] = Counter()
     total = 0

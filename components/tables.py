@@ -103,7 +103,10 @@ def batch_rows_within(path: Path, column: str, budget_bytes: int, most: int) -> 
     metadata = pq.ParquetFile(path).metadata
     if not metadata.num_rows:
         return most
-    index = metadata.schema.to_arrow_schema().get_field_index(column)
+    paths = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
+    if column not in paths:
+        raise ValueError(f"{path}: no column {column!r}")
+    index = paths.index(column)
     size = sum(metadata.row_group(i).column(index).total_uncompressed_size for i in range(metadata.num_row_groups))
     return max(1, min(most, budget_bytes * metadata.num_rows // max(size, 1)))
 

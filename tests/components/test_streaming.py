@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import augment, clean, features
+from components.common import DataError
 from components.datasets import TEXT_SCHEMA, builtin_digits
 from components.image_io import encode_png
 from components.records import BRACKET, JSON, PIPE, serialise
@@ -73,6 +74,26 @@ def test_clean_text_streams_row_for_row(clean_cfg: clean.CleanConfig, shape: dic
     assert whole.removed.num_rows > 30 and whole.counts["exact_duplicates_removed"] and whole.counts["emptied_by_cleaning"]
     for batch_rows in (7, 64):
         same_result(clean.clean_text(table, replace(cfg, batch_rows=batch_rows)), whole)
+
+
+def test_clean_text_with_a_batch_that_cleaning_empties(clean_cfg: clean.CleanConfig) -> None:
+    rows = [
+        ("title: A | kind: x", "An A."),
+        ("title: B | kind: y", "A B."),
+        ("<p></p>", "<b></b>"),
+        ("title: C | kind: x", "A C."),
+    ]
+    table = pa.Table.from_pylist(
+        [{"record_id": f"r{i}", "source": s, "reference": r, "origin": "test", "ingest_error": None, "group": f"g{i % 2}",
+          "given_split": None} for i, (s, r) in enumerate(rows)],
+        schema=TEXT_SCHEMA,
+    )  # fmt: skip
+    cfg = replace(clean_cfg, text_split=clean.TextSplit("group"))
+    whole = clean.clean_text(table, replace(cfg, batch_rows=WHOLE))
+    assert whole.kept.num_rows == 3 and whole.counts["emptied_by_cleaning"] == 1
+    same_result(clean.clean_text(table, replace(cfg, batch_rows=1)), whole)  # the third batch is emptied whole
+    with pytest.raises(DataError, match="all 1 validated rows are empty once cleaned"):
+        clean.clean_text(table.slice(2, 1), cfg)
 
 
 def digit_images(copies: int = 40) -> pa.Table:
@@ -159,10 +180,15 @@ def test_tensor_sink_writes_what_safetensors_writes(tmp_path: Path) -> None:
             sink.append(name, part)
     sink.close(meta)
     assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "streamed.safetensors").read_bytes()
-    mismatched = features.TensorSink(tmp_path / "bad.safetensors")
-    mismatched.append("images", arrays["images"])
-    with pytest.raises(ValueError, match=r"tensor images is uint8\[3, 4, 4\] per row"):
-        mismatched.append("images", arrays["images"][:, :1])
+    with (
+        pytest.raises(ValueError, match=r"tensor images is uint8\[3, 4, 4\] per row"),
+        features.TensorSink(tmp_path / "bad.safetensors") as bad,
+    ):
+        bad.append("images", arrays["images"])
+        bad.append("images", arrays["images"][:, :1])
+    with pytest.raises(ValueError, match="tensor weights is float32"), features.TensorSink(tmp_path / "bad.safetensors") as bad:
+        bad.declare("weights", np.float32)
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 CLEAN_A_FILE = """
