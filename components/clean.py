@@ -364,8 +364,8 @@ def _split_by_group(
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    rows = np.flatnonzero(kept)
-    used = np.unique(group_of_row[rows])
+    kept_rows = np.flatnonzero(kept)
+    used = np.unique(group_of_row[kept_rows])
     # Group values that differ only in case or spacing ("The Eagle", "the  eagle") are one group.
     value_ids: dict[str, int] = {}
     spelling: list[str] = []
@@ -378,10 +378,10 @@ def _split_by_group(
             spelling.append(original)
         else:
             spelling[vid] = min(spelling[vid], original)
-    row_values = value_of_group[group_of_row[rows]]
+    row_values = value_of_group[group_of_row[kept_rows]]
     nodes = len(value_ids) + sources.count
     graph = coo_matrix(
-        (np.ones(len(rows), dtype=np.int8), (row_values, len(value_ids) + sources.ids[rows])), shape=(nodes, nodes)
+        (np.ones(len(kept_rows), dtype=np.int8), (row_values, len(value_ids) + sources.ids[kept_rows])), shape=(nodes, nodes)
     )
     _, component = connected_components(graph, directed=False)
     by_rank = sorted(value_ids)
@@ -394,7 +394,7 @@ def _split_by_group(
     unit_codes = np.zeros(len(smallest), dtype=np.int8)
     unit_codes[units] = split_codes([unit_interval(name, cfg.seed) for name in names], cfg.splits)
     codes = np.zeros(len(kept), dtype=np.int8)
-    codes[rows] = unit_codes[component[row_values]]
+    codes[kept_rows] = unit_codes[component[row_values]]
     return codes, len(units)
 
 
@@ -450,7 +450,7 @@ def clean_text_rows(rows: Rows, cfg: CleanConfig, kept_path: Path, removed_path:
             description = {"by": "given", "sources_in_two_splits": in_two, "train_rows_dropped": int(seen.sum())}
         else:
             codes, description = _split_text(keys, sources, kept, cfg, by, group_column, work / "cleaned.parquet")
-        kept = reason == KEPT
+        kept = reason == KEPT  # again: the given split sets some train rows aside (SEEN)
         counts = {
             "duplicates_removed": int((reason != KEPT).sum()),
             "exact_duplicates_removed": int((reason == EXACT).sum()),

@@ -289,8 +289,8 @@ def distinct_sources(rows: Rows, vocabulary: set[str]) -> Iterator[str]:
     for table in split_batches(rows, "train", ["source"]):
         sources = table.column("source")
         digests = row_digests([sources]).tolist()
-        for source, (high, low) in zip(sources.to_pylist(), digests, strict=True):
-            digest = high << 64 | low
+        for source, (first, second) in zip(sources.to_pylist(), digests, strict=True):
+            digest = first << 64 | second
             if digest not in seen:
                 seen.add(digest)
                 vocabulary.update(words(source))
