@@ -34,12 +34,10 @@ from components.common import (
 )
 from components.image_io import channel_layout, decode_image, encode_png, to_layout
 from components.records import parse_source
-from components.tables import ParquetSink, Rows, batch_rows_within
+from components.tables import ParquetSink, Rows, image_batch_rows
 
 log = logging.getLogger(__name__)
 
-IMAGE_BATCH_BYTES = 64 << 20
-"""Encoded image bytes per batch (large photos come a few at a time)."""
 PATCH_SCHEMA = pa.schema([("record_id", pa.string()), ("source_id", pa.string()), ("image", pa.binary())])
 
 
@@ -263,7 +261,7 @@ def augment(cfg: AugmentConfig, clean_dir: Path, out_dir: Path) -> dict[str, int
         path = clean_dir / f"{name}.parquet"
         if not path.is_file():
             raise DataError(f"missing input {path}: run the clean stage first")
-        batch_rows = cfg.batch_rows if name == "text" else batch_rows_within(path, "image", IMAGE_BATCH_BYTES, cfg.batch_rows)
+        batch_rows = cfg.batch_rows if name == "text" else image_batch_rows(path, cfg.batch_rows)
         inputs[name] = Rows.of_file(path, batch_rows)
     enabled = cfg.enabled
     text, images, restore = inputs["text"], inputs["images"], inputs["restore"]

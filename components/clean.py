@@ -59,9 +59,9 @@ from components.tables import (
     Distinct,
     ParquetSink,
     Rows,
-    batch_rows_within,
     copy_into,
     distinct,
+    image_batch_rows,
     iter_parquet,
     row_digests,
     write_parquet_atomic,
@@ -226,9 +226,6 @@ class Outcome:
     kept_rows: int
     removed_rows: int
 
-
-IMAGE_BATCH_BYTES = 64 << 20
-"""Encoded image bytes per batch: a batch of large photos stays far below the memory a batch of text takes."""
 
 KEPT, EXACT, NEAR, SEEN = 0, 1, 2, 3
 REASONS = {EXACT: "exact duplicate", NEAR: "near duplicate", SEEN: "train row of a source in the given val or test split"}
@@ -681,7 +678,7 @@ def clean(cfg: CleanConfig, valid_dir: Path, out_dir: Path, validation_report: P
         if name == "text":
             rows = Rows.of_file(path, cfg.batch_rows)
         else:
-            rows = Rows.of_file(path, batch_rows_within(path, "image", IMAGE_BATCH_BYTES, cfg.batch_rows))
+            rows = Rows.of_file(path, image_batch_rows(path, cfg.batch_rows))
         if rows.num_rows == 0:
             raise DataError(f"{name}: no rows passed validation; see the quarantine folder")
         if name == "text":

@@ -49,7 +49,7 @@ from components.feature_defs import (
 )
 from components.image_io import channel_layout, decode_image, to_layout
 from components.records import PROMPT, SCHEMA_FILE, categorical_keys, categorical_values, infer_schema
-from components.tables import ParquetSink, Rows, batch_rows_within, iter_parquet, row_digests, write_parquet_atomic
+from components.tables import ParquetSink, Rows, image_batch_rows, iter_parquet, row_digests, write_parquet_atomic
 from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS, TOKENIZER_FILE, VOCABULARY_FILE
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,8 @@ class FeaturesConfig:
 
 CONFIG = FeaturesConfig
 IMAGE_BATCH_ROWS = 4096
-IMAGE_BATCH_BYTES = 64 << 20
-"""Images per batch: at most IMAGE_BATCH_ROWS, and about IMAGE_BATCH_BYTES of encoded images (restore photos,
-a few dozen kept whole for evaluation, are not streamed)."""
+"""At most this many images per batch (and about tables.IMAGE_BATCH_BYTES of them); the restore photos, a few
+dozen kept whole for evaluation, are not streamed."""
 IMAGE_REFERENCE_COLUMNS = [("record_id", pa.string()), ("split", pa.string())] + [
     (c, pa.float64()) for c in IMAGE_FEATURE_COLUMNS
 ]
@@ -526,7 +525,7 @@ def features(cfg: FeaturesConfig, clean_dir: Path, augmented_dir: Path, out_dir:
         return Rows.of_file(existing(path), cfg.batch_rows)
 
     def image_rows(path: Path) -> Rows:
-        return Rows.of_file(existing(path), batch_rows_within(existing(path), "image", IMAGE_BATCH_BYTES, IMAGE_BATCH_ROWS))
+        return Rows.of_file(existing(path), image_batch_rows(existing(path), IMAGE_BATCH_ROWS))
 
     references = out_dir / REFERENCE_DIR
     counts = {

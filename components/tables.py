@@ -98,6 +98,15 @@ def copy_into(sink: ParquetSink, paths: list[Path], batch_rows: int) -> None:
             sink.write(batch)
 
 
+IMAGE_BATCH_BYTES = 64 << 20
+"""Encoded image bytes a data stage reads per batch: a batch of large photos stays far below a batch of text."""
+
+
+def image_batch_rows(path: Path, most: int) -> int:
+    """Rows per batch of an image table: about IMAGE_BATCH_BYTES of encoded images, at most `most`."""
+    return batch_rows_within(path, "image", IMAGE_BATCH_BYTES, most)
+
+
 def batch_rows_within(path: Path, column: str, budget_bytes: int, most: int) -> int:
     """Rows per batch so that `column` (encoded images) takes about `budget_bytes` a batch, at most `most`."""
     metadata = pq.ParquetFile(path).metadata
