@@ -7,9 +7,11 @@
 Text rows are generated (source, reference) pairs in a Parquet file, as a user's input would be; images are
 generated 32x32 PNGs in 10 class folders. Each stage runs in a fresh child process on the previous stage's
 output, so its peak RSS is its own. Prints one JSON object: per dataset and size, each stage's seconds, rows/s
-and peak RSS, rows/s through `clean` (ingest + validate + clean) and through `features` (all five), the
-largest peak RSS, and a baseline measured in the same run (a plain Arrow read + write of the text input: the
-I/O floor). With `--profile STAGE`, the stage's top functions by cumulative time follow, from cProfile.
+and peak RSS (the stage's process, and apart the largest of its worker processes, if it starts any), rows/s
+through `clean` (ingest + validate + clean) and through `features` (all five), the largest peak RSS, and
+baselines measured in the same run: a plain Arrow read + write of the text input (the I/O floor) and, with
+`--one-worker-baseline`, the text features stage again with `features.workers: 1`. With `--profile STAGE`,
+the stage's top functions by cumulative time follow, from cProfile.
 Goals (issue 18, 2 cores): >= 100 000 text rows/s through clean, >= 50 000 through features, peak RSS
 <= 1 GB at 1 M and at 5 M rows (the same peak at both sizes shows it streams), >= 2 000 images/s through
 features.
@@ -132,16 +134,23 @@ def _augment(work: Path, dataset: str) -> None:
     augment.write_batches(batches, schema, work / "augmented.parquet")
 
 
-def _features(work: Path, dataset: str) -> None:
+def _features(work: Path, dataset: str, workers: int | None = None) -> None:
+    from dataclasses import replace
+
     from components import features
     from components.common import load_params
     from components.tables import Rows
 
     cfg = features.FeaturesConfig.from_params(load_params("features", PARAMS))
+    cfg = cfg if workers is None else replace(cfg, workers=workers)
     batch_rows = cfg.batch_rows if dataset == "text" else features.IMAGE_BATCH_ROWS
     clean, augmented = Rows.of_file(work / "clean.parquet", batch_rows), Rows.of_file(work / "augmented.parquet", batch_rows)
     stage = features.text_features_stage if dataset == "text" else features.image_features_stage
     stage(clean, augmented, cfg, work / "features", work / "reference.parquet")
+
+
+def _features_one_worker(work: Path, dataset: str) -> None:
+    _features(work, dataset, workers=1)
 
 
 STEPS = {"ingest": _ingest, "validate": _validate, "clean": _clean, "augment": _augment, "features": _features}
@@ -149,7 +158,7 @@ STEPS = {"ingest": _ingest, "validate": _validate, "clean": _clean, "augment": _
 
 def _child(step: str, work: str, dataset: str, profile: bool, queue: Any) -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    function = _baseline if step == "baseline_arrow_copy" else STEPS[step]
+    function = {"baseline_arrow_copy": _baseline, "baseline_features_one_worker": _features_one_worker}.get(step) or STEPS[step]
     profiler = None
     if profile:
         import cProfile
@@ -160,6 +169,10 @@ def _child(step: str, work: str, dataset: str, profile: bool, queue: Any) -> Non
     function(Path(work), dataset)
     seconds = time.perf_counter() - start
     figures: dict[str, Any] = {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    # A stage's worker processes (components.workers) have their own memory: the largest one's peak.
+    worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if worker_peak:
+        figures["worker_peak_rss_mb"] = round(worker_peak, 1)
     if profiler is not None:
         import io
         import pstats
@@ -183,7 +196,7 @@ def measure(step: str, work: Path, dataset: str, profile: bool = False) -> dict[
     return figures
 
 
-def run(dataset: str, rows: int, seed: int, profile: str | None) -> dict[str, Any]:
+def run(dataset: str, rows: int, seed: int, profile: str | None, one_worker: bool = False) -> dict[str, Any]:
     """Every stage of one dataset at one size, in order, each on the previous one's output."""
     with tempfile.TemporaryDirectory(prefix=f"bench-data-{dataset}-") as tmp:
         work = Path(tmp)
@@ -194,6 +207,7 @@ def run(dataset: str, rows: int, seed: int, profile: str | None) -> dict[str, An
             generate_images(rows, work / "input", seed)
         generate_seconds = time.perf_counter() - start
         steps = (["baseline_arrow_copy"] if dataset == "text" else []) + list(STAGES)
+        steps += ["baseline_features_one_worker"] if one_worker and dataset == "text" else []
         results = {step: measure(step, work, dataset, profile == step) for step in steps}
     profiles = {step: figures.pop("profile") for step, figures in results.items() if "profile" in figures}
     for figures in results.values():
@@ -205,13 +219,18 @@ def run(dataset: str, rows: int, seed: int, profile: str | None) -> dict[str, An
         stages = STAGES[: STAGES.index(last) + 1]
         seconds = sum(results[s]["seconds"] for s in stages)
         return {"seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
-                "peak_rss_mb": max(results[s]["peak_rss_mb"] for s in stages)}  # fmt: skip
+                "peak_rss_mb": max(results[s]["peak_rss_mb"] for s in stages),
+                "worker_peak_rss_mb": max(results[s].get("worker_peak_rss_mb", 0) for s in stages)}  # fmt: skip
 
     report = {"rows": rows, "generate_seconds": round(generate_seconds, 2), "stages": results,
               "through_clean": through("clean"), "through_features": through("features")}  # fmt: skip
     if dataset == "text":
         report["through_clean_vs_arrow_copy_time_ratio"] = round(
             report["through_clean"]["seconds"] / results["baseline_arrow_copy"]["seconds"], 1
+        )
+    if "baseline_features_one_worker" in results:
+        report["features_one_worker_vs_workers_time_ratio"] = round(
+            results["baseline_features_one_worker"]["seconds"] / results["features"]["seconds"], 2
         )
     if profiles:
         report["profile"] = profiles
@@ -224,10 +243,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=50_000, help="generated images (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", choices=STAGES, default=None, help="cProfile this stage (first text size only)")
+    parser.add_argument("--one-worker-baseline", action="store_true", help="also time text features with one worker")
     args = parser.parse_args()
     report: dict[str, Any] = {"cpu_count": os.cpu_count(), "text": {}, "images": None}
     for index, rows in enumerate(args.rows):
-        report["text"][str(rows)] = run("text", rows, args.seed, args.profile if index == 0 else None)
+        report["text"][str(rows)] = run("text", rows, args.seed, args.profile if index == 0 else None, args.one_worker_baseline)
         print(json.dumps({"done": f"text {rows}", **report["text"][str(rows)]["through_features"]}), file=sys.stderr)
     if args.images:
         report["images"] = run("images", args.images, args.seed, None)

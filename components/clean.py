@@ -54,7 +54,7 @@ from components.common import (
     write_json,
 )
 from components.image_io import decode_image, encode_png
-from components.records import Record, canonical_record, is_entity_key, parse_source, serialise
+from components.records import canonical_record, is_entity_key, parse_source, serialise
 from components.tables import (
     Distinct,
     ParquetSink,
@@ -66,6 +66,7 @@ from components.tables import (
     row_digests,
     write_parquet_atomic,
 )
+from components.workers import Workers, data_workers_from_params
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class CleanConfig:
     restore_splits: dict[str, float]
     text_split: TextSplit = TextSplit()
     batch_rows: int = 65_536
+    workers: int = 1  # processes for pass 1 (components.workers); the output is the same for any count
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> CleanConfig:
@@ -116,6 +118,7 @@ class CleanConfig:
             restore_splits=_fractions(require(params, "restore_splits", dict, "clean"), "clean.restore_splits"),
             text_split=TextSplit.from_params(require(params, "text_split", dict, "clean"), "clean.text_split"),
             batch_rows=require(params, "batch_rows", int, "clean", low=1),
+            workers=data_workers_from_params(params.get("base", {})),
         )
 
 
@@ -267,10 +270,99 @@ class _TextKeys:
     emptied: int = 0
 
 
-def _clean_pass(rows: Rows, cfg: CleanConfig, by: str, group_column: bool, cleaned: Path, emptied: Path) -> _TextKeys:
-    """Pass 1: clean each batch, set aside the rows left empty, write the rest with their source key, and keep
-    only digests and the small codes the split `by` needs, per row."""
-    within_given = by == "given"
+@dataclass(frozen=True)
+class _PassOne:
+    """What cleaning one batch needs (sent once to each worker)."""
+
+    mask_pii: bool
+    near_duplicates: bool
+    within_given: bool
+    needs: frozenset[str]
+    seed: int
+    group_attribute: str | None
+
+
+@dataclass
+class _CleanedBatch:
+    """Pass 1's result for one batch. Entity and group ids are the batch's own (first appearance in the
+    batch); the parent renumbers them in batch order, so the ids are the same for any number of workers."""
+
+    cleaned: pa.Table
+    emptied: pa.Table
+    exact: np.ndarray
+    near: np.ndarray | None
+    source: np.ndarray
+    given: np.ndarray | None
+    position: np.ndarray | None
+    entities: list[tuple[tuple[str, ...], tuple[tuple[str, str], ...]] | None]  # None: a free prompt (entity 0)
+    entity_of_row: np.ndarray | None
+    groups: list[str]
+    group_of_row: np.ndarray | None  # -1: none
+
+
+def _clean_batch(context: _PassOne, table: pa.Table) -> _CleanedBatch:
+    """Clean one batch, split off the rows it empties, key the rest by canonical source, and compute the
+    digests and the codes the split needs per row."""
+    # Arrow kernels release the GIL: the references clean while the sources do.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        references = pool.submit(normalise_text, table.column("reference"), context.mask_pii)
+        source = clean_sources(table.column("source"), context.mask_pii)
+        reference = references.result()
+    table = table.set_column(table.schema.get_field_index("source"), "source", source)
+    table = table.set_column(table.schema.get_field_index("reference"), "reference", reference)
+    empty = pc.or_(pc.equal(pc.utf8_length(source), 0), pc.equal(pc.utf8_length(reference), 0))
+    empty_rows = table.filter(empty)
+    emptied = _with_reason(empty_rows, EMPTY_REASON).append_column("source_key", pa.nulls(empty_rows.num_rows, pa.string()))
+    table = table.filter(pc.invert(empty))
+    # Per distinct source, not per row: a record has several references, and Python work is the slow part.
+    sources = dictionary(table.column("source"))
+    indices = sources.indices.to_numpy(zero_copy_only=False)
+    canonical = [canonical_record(s) for s in sources.dictionary.to_pylist()]
+    source_key = pc.take(pa.array([key for key, _ in canonical], pa.string()), sources.indices)
+    table = table.append_column("source_key", source_key)
+    # With the user's split, a row that repeats one of another split stays: their test set is not ours to edit.
+    within = [pc.fill_null(table.column("given_split"), "train")] if context.within_given else []
+    result = _CleanedBatch(
+        cleaned=table,
+        emptied=emptied,
+        exact=row_digests([source_key, table.column("reference"), *within]),
+        # The source key is already canonical (attributes sorted); only the reference needs the loose key.
+        near=row_digests([source_key, near_duplicate_key(table.column("reference")), *within])
+        if context.near_duplicates
+        else None,
+        source=row_digests([source_key]),
+        given=_split_codes(table.column("given_split")) if context.within_given else None,
+        # Two spellings of one record share a key, so the same key may come twice here: both give the same.
+        position=np.array([unit_interval(k, context.seed) for k, _ in canonical], dtype=np.float64)[indices]
+        if "position" in context.needs
+        else None,
+        entities=[],
+        entity_of_row=None,
+        groups=[],
+        group_of_row=None,
+    )
+    if "entity" in context.needs:
+        for _, record in canonical:
+            values = (
+                ()
+                if record is None
+                else tuple((k, v) for k, v in record.as_dict().items() if is_entity_key(k) or k == context.group_attribute)
+            )
+            result.entities.append(None if record is None else (tuple(k for k in record.keys() if is_entity_key(k)), values))
+        result.entity_of_row = indices.astype(np.int32)
+    if "group" in context.needs:
+        groups = dictionary(table.column("group"))
+        result.groups = groups.dictionary.to_pylist()
+        # typed: a batch emptied by cleaning has none
+        result.group_of_row = pc.fill_null(groups.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return result
+
+
+def _clean_pass(
+    rows: Rows, cfg: CleanConfig, by: str, group_column: bool, cleaned: Path, emptied: Path, workers: int
+) -> _TextKeys:
+    """Pass 1: clean each batch (in `workers` processes), set aside the rows left empty, write the rest with
+    their source key, and keep only digests and the small codes the split `by` needs, per row."""
     if by == "source":
         needs = {"position"}
     elif by == "group":
@@ -281,61 +373,30 @@ def _clean_pass(rows: Rows, cfg: CleanConfig, by: str, group_column: bool, clean
     keys = _TextKeys()
     cleaned_schema = rows.schema.append(pa.field("source_key", pa.string()))
     removed_schema = rows.schema.append(pa.field("removed_because", pa.string())).append(pa.field("source_key", pa.string()))
-    wanted = cfg.text_split.group
-
-    def entity_of(record: Record | None) -> int:
-        """The record's entity keys and the values a group split may use, as an index into keys.entities."""
-        if record is None:
-            return 0
-        values = tuple((k, v) for k, v in record.as_dict().items() if is_entity_key(k) or k == wanted)
-        found = (tuple(k for k in record.keys() if is_entity_key(k)), values)
-        return keys.entities.setdefault(found, len(keys.entities))
-
-    # Arrow kernels release the GIL: the references clean while the sources do.
+    context = _PassOne(cfg.mask_pii, cfg.near_duplicates, by == "given", frozenset(needs), cfg.seed, cfg.text_split.group)
+    batches = progress(rows.batches(), desc="clean text", unit="batch", total=-(-rows.num_rows // cfg.batch_rows))
     with (
-        ThreadPoolExecutor(max_workers=1) as pool,
+        Workers(workers) as pool,
         ParquetSink(cleaned, cleaned_schema) as cleaned_sink,
         ParquetSink(emptied, removed_schema) as emptied_sink,
     ):
-        for batch in progress(rows.batches(), desc="clean text", unit="batch", total=-(-rows.num_rows // cfg.batch_rows)):
-            table = pa.Table.from_batches([batch])
-            references = pool.submit(normalise_text, table.column("reference"), cfg.mask_pii)
-            source = clean_sources(table.column("source"), cfg.mask_pii)
-            reference = references.result()
-            table = table.set_column(table.schema.get_field_index("source"), "source", source)
-            table = table.set_column(table.schema.get_field_index("reference"), "reference", reference)
-            empty = pc.or_(pc.equal(pc.utf8_length(source), 0), pc.equal(pc.utf8_length(reference), 0))
-            empty_rows = table.filter(empty)
-            keys.emptied += empty_rows.num_rows
-            emptied_sink.write(
-                _with_reason(empty_rows, EMPTY_REASON).append_column("source_key", pa.nulls(empty_rows.num_rows, pa.string()))
-            )
-            table = table.filter(pc.invert(empty))
-            # Per distinct source, not per row: a record has several references, and Python work is the slow part.
-            sources = dictionary(table.column("source"))
-            indices = sources.indices.to_numpy(zero_copy_only=False)
-            canonical = [canonical_record(s) for s in sources.dictionary.to_pylist()]
-            source_key = pc.take(pa.array([key for key, _ in canonical], pa.string()), sources.indices)
-            table = table.append_column("source_key", source_key)
-            cleaned_sink.write(table)
-            # With the user's split, a row that repeats one of another split stays: their test set is not ours to edit.
-            within = [pc.fill_null(table.column("given_split"), "train")] if within_given else []
-            keys.exact.append(row_digests([source_key, table.column("reference"), *within]))
-            if cfg.near_duplicates:
-                # The source key is already canonical (attributes sorted); only the reference needs the loose key.
-                keys.near.append(row_digests([source_key, near_duplicate_key(table.column("reference")), *within]))
-            keys.source.append(row_digests([source_key]))
-            if within_given:
-                keys.given.append(_split_codes(table.column("given_split")))
-            # Two spellings of one record share a key, so the same key may come twice here: both give the same.
-            if "position" in needs:
-                keys.position.append(np.array([unit_interval(k, cfg.seed) for k, _ in canonical], dtype=np.float64)[indices])
-            if "entity" in needs:
-                keys.entity.append(np.array([entity_of(record) for _, record in canonical], dtype=np.int32)[indices])
-            if "group" in needs:
-                values = table.column("group").to_pylist()
-                ids = [-1 if v is None else keys.groups.setdefault(v, len(keys.groups)) for v in values]
-                keys.group.append(np.array(ids, dtype=np.int64))  # typed: a batch emptied by cleaning has none
+        for batch in pool.map(_clean_batch, context, (pa.Table.from_batches([b]) for b in batches)):
+            keys.emptied += batch.emptied.num_rows
+            emptied_sink.write(batch.emptied)
+            cleaned_sink.write(batch.cleaned)
+            keys.exact.append(batch.exact)
+            keys.source.append(batch.source)
+            for facts, part in ((keys.near, batch.near), (keys.given, batch.given), (keys.position, batch.position)):
+                if part is not None:
+                    facts.append(part)
+            if batch.entity_of_row is not None:
+                # In the batch's order of first appearance: the ids a single process gives.
+                ids = [0 if e is None else keys.entities.setdefault(e, len(keys.entities)) for e in batch.entities]
+                keys.entity.append(np.array(ids, dtype=np.int32)[batch.entity_of_row])
+            if batch.group_of_row is not None:
+                ids = [keys.groups.setdefault(g, len(keys.groups)) for g in batch.groups]
+                lookup = np.array([*ids, -1], dtype=np.int64)  # -1 indexes the appended "none"
+                keys.group.append(lookup[batch.group_of_row])
     return keys
 
 
@@ -412,7 +473,9 @@ def clean_text_rows(rows: Rows, cfg: CleanConfig, kept_path: Path, removed_path:
     kept_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kept_path.parent, prefix=".clean-") as tmp:
         work = Path(tmp)
-        keys = _clean_pass(rows, cfg, by, group_column, work / "cleaned.parquet", work / "empty.parquet")
+        # Input that fits one batch is not worth the seconds it takes to start workers.
+        workers = cfg.workers if rows.num_rows > cfg.batch_rows else 1
+        keys = _clean_pass(rows, cfg, by, group_column, work / "cleaned.parquet", work / "empty.parquet", workers)
         n = sum(len(part) for part in keys.exact)
         if not n:
             raise DataError(

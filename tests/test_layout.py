@@ -94,7 +94,7 @@ def test_shared_modules_are_the_documented_layers() -> None:
         "__init__", "checkpoints", "common", "datasets", "delex", "feature_defs", "feature_net", "gan_model", "image_io",
         "launch",
         "metrics", "model_io", "pipeline", "records", "restore_model", "runtime", "slots", "tables", "text_model",
-        "textgen", "training",
+        "textgen", "training", "workers",
     ])  # fmt: skip
 
 

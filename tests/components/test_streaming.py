@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -16,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import augment, clean, features
-from components.common import DataError
+from components.common import ConfigError, DataError
 from components.datasets import TEXT_SCHEMA, builtin_digits
 from components.image_io import encode_png
 from components.records import BRACKET, JSON, PIPE, serialise
 from components.tables import Rows
+from components.workers import Workers
 from tests.conftest import section
 
 WHOLE = 1_000_000  # rows per batch that hold every test input in one batch
@@ -72,8 +74,8 @@ def test_clean_text_streams_row_for_row(clean_cfg: clean.CleanConfig, shape: dic
     cfg = replace(clean_cfg, text_split=split)
     whole = clean.clean_text(table, replace(cfg, batch_rows=WHOLE))
     assert whole.removed.num_rows > 30 and whole.counts["exact_duplicates_removed"] and whole.counts["emptied_by_cleaning"]
-    for batch_rows in (7, 64):
-        same_result(clean.clean_text(table, replace(cfg, batch_rows=batch_rows)), whole)
+    for batch_rows, workers in ((7, 1), (64, 2)):  # two processes clean as one does
+        same_result(clean.clean_text(table, replace(cfg, batch_rows=batch_rows, workers=workers)), whole)
 
 
 def test_clean_text_with_a_batch_that_cleaning_empties(clean_cfg: clean.CleanConfig) -> None:
@@ -91,7 +93,8 @@ def test_clean_text_with_a_batch_that_cleaning_empties(clean_cfg: clean.CleanCon
     cfg = replace(clean_cfg, text_split=clean.TextSplit("group"))
     whole = clean.clean_text(table, replace(cfg, batch_rows=WHOLE))
     assert whole.kept.num_rows == 3 and whole.counts["emptied_by_cleaning"] == 1
-    same_result(clean.clean_text(table, replace(cfg, batch_rows=1)), whole)  # the third batch is emptied whole
+    for workers in (1, 2):  # the third batch is emptied whole
+        same_result(clean.clean_text(table, replace(cfg, batch_rows=1, workers=workers)), whole)
     with pytest.raises(DataError, match="all 1 validated rows are empty once cleaned"):
         clean.clean_text(table.slice(2, 1), cfg)
 
@@ -154,16 +157,43 @@ def test_features_stream_file_for_file(clean_cfg: clean.CleanConfig, tiny_params
     cfg = features.FeaturesConfig.from_params(section(tiny_params, "features"))
     images = clean.clean_images(digit_images(), {"train": 0.8, "val": 0.1, "test": 0.1}, seed=3).kept
     extra_images = augment.augment_images(images, augment.AugmentConfig.from_params(section(tiny_params, "augment")).images, 1)
-    for name, batch_rows in (("whole", WHOLE), ("batched", 17)):
+    for name, batch_rows, workers in (("whole", WHOLE, 1), ("batched", 17, 1), ("parallel", 17, 2)):
         out = tmp_path / name
         rows = features.text_features_stage(Rows.of_table(kept, batch_rows), Rows.of_table(extra, batch_rows),
-                                            replace(cfg, batch_rows=batch_rows), out / "text", out / "text.parquet")  # fmt: skip
+                                            replace(cfg, batch_rows=batch_rows, workers=workers), out / "text",
+                                            out / "text.parquet")  # fmt: skip
         assert rows == kept.num_rows
         features.image_features_stage(Rows.of_table(images, batch_rows), Rows.of_table(extra_images, batch_rows), cfg,
                                       out / "images", out / "images.parquet")  # fmt: skip
     same_folder(tmp_path / "whole", tmp_path / "batched")
+    same_folder(tmp_path / "batched", tmp_path / "parallel")  # two processes write the same bytes as one
     meta = json.loads((tmp_path / "whole" / "images" / "meta.json").read_text())
     assert meta["channels"] == 3  # the RGB images make the layout RGB
+
+
+def tagged_by_worker(context: str, item: int) -> tuple[str, int, int]:
+    if item == 3:
+        raise ValueError("item 3 is bad")
+    return context, item, os.getpid()
+
+
+def test_workers_keep_order_and_report_failures() -> None:
+    with Workers(2) as workers:
+        results = list(workers.map(tagged_by_worker, "ctx", (i for i in range(20) if i != 3)))
+        assert [(c, i) for c, i, _ in results] == [("ctx", i) for i in range(20) if i != 3]
+        assert os.getpid() not in {pid for *_, pid in results}  # the work ran in the spawned workers
+        with pytest.raises(ValueError, match="item 3 is bad"):
+            list(workers.map(tagged_by_worker, "ctx", range(10)))
+    with Workers(1) as here:
+        assert {pid for *_, pid in here.map(tagged_by_worker, "", [0, 1])} == {os.getpid()}
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "all"])
+def test_a_bad_worker_count_is_named(tiny_params: dict[str, Any], bad: object) -> None:
+    params = section(tiny_params, "clean")
+    with pytest.raises(ConfigError, match=r"params key 'base.data_workers' must be 0 \(one per core\) or a positive"):
+        clean.CleanConfig.from_params({**params, "base": {**params["base"], "data_workers": bad}})
+    assert clean.CleanConfig.from_params({**params, "base": {**params["base"], "data_workers": 3}}).workers == 3
 
 
 def test_tensor_sink_writes_what_safetensors_writes(tmp_path: Path) -> None:
