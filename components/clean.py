@@ -56,6 +56,7 @@ from components.common import (
 from components.image_io import decode_image, encode_png
 from components.records import canonical_record, is_entity_key, parse_source, serialise
 from components.tables import (
+    DigestSpill,
     Distinct,
     ParquetSink,
     Rows,
@@ -257,9 +258,10 @@ def _split_codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
 class _TextKeys:
     """Pass 1's facts per cleaned row, aligned with the rows of the intermediate file."""
 
-    exact: list[np.ndarray] = field(default_factory=list)
-    near: list[np.ndarray] = field(default_factory=list)
-    source: list[np.ndarray] = field(default_factory=list)
+    # Digests of the exact-duplicate key, the near-duplicate key and the source, on disk: 48 bytes a row.
+    exact: DigestSpill
+    near: DigestSpill
+    source: DigestSpill
     given: list[np.ndarray] = field(default_factory=list)
     position: list[np.ndarray] = field(default_factory=list)  # unit_interval of the source key, for a split by source
     entity: list[np.ndarray] = field(default_factory=list)  # index into entities, for a split by a record attribute
@@ -370,7 +372,7 @@ def _clean_pass(
         needs = {"entity"} if cfg.text_split.group else {"group"} if group_column else {"entity", "position"}
     else:
         needs = set()
-    keys = _TextKeys()
+    keys = _TextKeys(*(DigestSpill(cleaned.parent / f"{name}.digests") for name in ("exact", "near", "source")))
     cleaned_schema = rows.schema.append(pa.field("source_key", pa.string()))
     removed_schema = rows.schema.append(pa.field("removed_because", pa.string())).append(pa.field("source_key", pa.string()))
     context = _PassOne(cfg.mask_pii, cfg.near_duplicates, by == "given", frozenset(needs), cfg.seed, cfg.text_split.group)
@@ -386,7 +388,9 @@ def _clean_pass(
             cleaned_sink.write(batch.cleaned)
             keys.exact.append(batch.exact)
             keys.source.append(batch.source)
-            for facts, part in ((keys.near, batch.near), (keys.given, batch.given), (keys.position, batch.position)):
+            if batch.near is not None:
+                keys.near.append(batch.near)
+            for facts, part in ((keys.given, batch.given), (keys.position, batch.position)):
                 if part is not None:
                     facts.append(part)
             if batch.entity_of_row is not None:
@@ -398,13 +402,6 @@ def _clean_pass(
                 lookup = np.array([*ids, -1], dtype=np.int64)  # -1 indexes the appended "none"
                 keys.group.append(lookup[batch.group_of_row])
     return keys
-
-
-def _take(parts: list[np.ndarray], dtype: Any = np.int64, width: int = 0) -> np.ndarray:
-    """_concat, emptying `parts`: the batches' arrays are freed as soon as the whole one exists."""
-    whole = _concat(parts, dtype, width)
-    parts.clear()
-    return whole
 
 
 def _concat(parts: list[np.ndarray], dtype: Any = np.int64, width: int = 0) -> np.ndarray:
@@ -476,22 +473,23 @@ def clean_text_rows(rows: Rows, cfg: CleanConfig, kept_path: Path, removed_path:
         # Input that fits one batch is not worth the seconds it takes to start workers.
         workers = cfg.workers if rows.num_rows > cfg.batch_rows else 1
         keys = _clean_pass(rows, cfg, by, group_column, work / "cleaned.parquet", work / "empty.parquet", workers)
-        n = sum(len(part) for part in keys.exact)
+        n = keys.exact.rows
         if not n:
             raise DataError(
                 f"text: all {keys.emptied} validated rows are empty once cleaned (tags, control characters and spaces "
                 "removed): check the source and reference columns"
             )
         reason = np.full(n, KEPT, dtype=np.int8)
-        exact_first = distinct(_take(keys.exact, np.uint64, 2)).first_rows()
+        exact_first = distinct(keys.exact.array()).first_rows()
         reason[~exact_first] = EXACT
         if cfg.near_duplicates:
-            near = _take(keys.near, np.uint64, 2)
             near_first = np.zeros(n, dtype=bool)
-            near_first[np.flatnonzero(exact_first)] = distinct(near[exact_first]).first_rows()
+            survivors = np.flatnonzero(exact_first)
+            near_first[survivors] = distinct(keys.near.array(), survivors).first_rows()
             reason[exact_first & ~near_first] = NEAR
-            del near
-        sources = distinct(_take(keys.source, np.uint64, 2))
+            del near_first, survivors
+        del exact_first
+        sources = distinct(keys.source.array())
         kept = reason == KEPT
         description: dict[str, Any]
         if by == "given":

@@ -210,6 +210,11 @@ def canonical_record(source: str) -> tuple[str, Record | None]:
 
 # --- the record schema, learned from the data -----------------------------------------------------------
 
+DISTINCT_VALUES_COUNTED = 100_000
+"""Distinct values counted per key. A key past it is free text whatever follows, and counting every name of a
+corpus of millions made the features stage's memory grow with the corpus; its schema entry then says
+`distinct_capped`."""
+
 
 def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[str, Any]:
     """The record schema of a set of training sources (each distinct source once).
@@ -218,10 +223,11 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
       prompts that happen to read as `Note: ...` do not make a prompt dataset structured);
     - `order`: the keys in the order records usually list them (mean relative position), which the service
       writes prompts in (`keys` is an object: JSON writers may sort it);
-    - `keys`: per key: `rows` (records with the key), `distinct`
-      values, `kind` (`categorical`: at most `max_categorical_values` distinct values that repeat, on
-      average twice or more, never an entity key; else `free_text`), `values` (value counts, categorical keys only: free text
-      such as names is not copied out of the data) and, for JSON, `literal` (values are JSON numbers etc.).
+    - `keys`: per key: `rows` (records with the key), `distinct` values (counted up to DISTINCT_VALUES_COUNTED;
+      past it, `distinct_capped` is true), `kind` (`categorical`: at most `max_categorical_values` distinct
+      values that repeat, on average twice or more, never an entity key; else `free_text`), `values` (value
+      counts, categorical keys only: free text such as names is not copied out of the data) and, for JSON,
+      `literal` (values are JSON numbers etc.).
     """
     syntaxes: Counter[str] = Counter()
     values: dict[str, Counter[str]] = defaultdict(Counter)
@@ -230,6 +236,8 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
     position_count: Counter[str] = Counter()
     literal: Counter[str] = Counter()
     total = 0
+    rows: Counter[str] = Counter()
+    capped: set[str] = set()
     for source in sources:
         total += 1
         record = parse_source(source)
@@ -238,7 +246,12 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
             continue
         syntaxes[record.syntax] += 1
         for index, (key, value) in enumerate(record.pairs):
-            values[key][value] += 1
+            rows[key] += 1
+            counts = values[key]
+            if value in counts or len(counts) < DISTINCT_VALUES_COUNTED:
+                counts[value] += 1
+            else:
+                capped.add(key)
             position_sum[key] += index / max(1, len(record.pairs) - 1)
             position_count[key] += 1
             literal[key] += key in record.literal_keys
@@ -247,14 +260,18 @@ def infer_schema(sources: Iterable[str], max_categorical_values: int) -> dict[st
     keys: dict[str, Any] = {}
     for key in sorted(values, key=lambda k: (position_sum[k] / position_count[k], k)):
         counts = values[key]
-        rows, distinct = sum(counts.values()), len(counts)
+        distinct = len(counts)
         # An entity's name is never a category, however few entities training has: held-out ones are new.
-        categorical = distinct <= max_categorical_values and rows >= 2 * distinct and not is_entity_key(key)
-        entry: dict[str, Any] = {"rows": rows, "distinct": distinct, "kind": CATEGORICAL if categorical else FREE_TEXT}
+        categorical = (
+            key not in capped and distinct <= max_categorical_values and rows[key] >= 2 * distinct and not is_entity_key(key)
+        )
+        entry: dict[str, Any] = {"rows": rows[key], "distinct": distinct, "kind": CATEGORICAL if categorical else FREE_TEXT}
+        if key in capped:
+            entry["distinct_capped"] = True
         if categorical:
             entry["values"] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
         if syntax == JSON:
-            entry["literal"] = literal[key] * 2 > rows
+            entry["literal"] = literal[key] * 2 > rows[key]
         keys[key] = entry
     return {
         "syntax": syntax,

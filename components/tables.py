@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,6 +24,27 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+class DigestSpill:
+    """(n, 2) uint64 digests appended a batch at a time to a scratch file, read back as a memmap: a stage keeps
+    per-row digests of millions of rows on disk, not in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self._file = path.open("wb")
+
+    def append(self, digests: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(digests, dtype=np.uint64).tobytes())
+        self.rows += len(digests)
+
+    def array(self) -> np.ndarray:
+        """Every appended digest; no more appends."""
+        self._file.close()
+        if not self.rows:
+            return np.zeros((0, 2), dtype=np.uint64)
+        return np.memmap(self.path, dtype=np.uint64, mode="r", shape=(self.rows, 2))
 
 
 class ParquetSink:
@@ -61,8 +83,10 @@ class ParquetSink:
 
 
 def iter_parquet(path: Path, batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream a Parquet file in record batches, so inputs larger than memory work."""
-    yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+    """Stream a Parquet file in record batches, so inputs larger than memory work. Without pre-buffering: on a
+    local file it gains nothing, and its cache of read-ahead column chunks grew with every row group read
+    (97 -> 192 MB over a 1.6 M-row file; 70 MB flat without)."""
+    yield from pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 @dataclass(frozen=True)
@@ -151,8 +175,43 @@ class Distinct:
         return mask
 
 
-def distinct(digests: np.ndarray) -> Distinct:
-    """Group rows by digest with one stable 64-bit sort (the second half settles a rare first-half tie)."""
+PART_ROWS = 1 << 22
+"""Rows a distinct() sorts at once: a larger set is split by the digests' top bits into parts of about this
+many, sorted one at a time, so its sort buffers stay the same size whatever the number of rows."""
+
+
+def distinct(digests: np.ndarray, rows: np.ndarray | None = None, part_rows: int = PART_ROWS) -> Distinct:
+    """Group rows by digest: ids 0.. in digest order, and the row where each first occurs.
+
+    `digests` may be a memmap (DigestSpill.array); `rows` (sorted row numbers) restricts it to those rows, whose
+    positions in `rows` the result numbers. Above `part_rows` rows, the rows are split by the top bits of their
+    first digest half; every part holds a range of digests, so numbering the parts in turn gives the same ids and
+    first rows as one sort of the whole.
+    """
+    count = len(digests) if rows is None else len(rows)
+    parts = 1 << max(0, math.ceil(math.log2(max(1, count) / part_rows)))
+    if parts == 1:
+        return _distinct_in_memory(np.asarray(digests if rows is None else digests[rows], dtype=np.uint64))
+    shift = np.uint64(64 - int(math.log2(parts)))
+    part_of = np.empty(count, dtype=np.uint16)
+    for start in range(0, count, part_rows):
+        chunk = slice(start, start + part_rows)
+        first_half = digests[chunk, 0] if rows is None else digests[rows[chunk], 0]
+        part_of[chunk] = np.asarray(first_half, dtype=np.uint64) >> shift
+    ids = np.empty(count, dtype=np.int64)
+    firsts, offset = [], 0
+    for part in range(parts):
+        members = np.flatnonzero(part_of == part)
+        local = _distinct_in_memory(np.asarray(digests[members if rows is None else rows[members]], dtype=np.uint64))
+        ids[members] = local.ids + offset
+        firsts.append(members[local.first])
+        offset += local.count
+    return Distinct(ids, np.concatenate(firsts))
+
+
+def _distinct_in_memory(digests: np.ndarray) -> Distinct:
+    """distinct() of an in-memory (n, 2) array: one stable 64-bit sort (the second half settles a rare
+    first-half tie)."""
     order = np.argsort(digests[:, 0], kind="stable")
     ordered = digests[order]
     new = np.ones(len(order), dtype=bool)

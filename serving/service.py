@@ -166,7 +166,8 @@ def record_model(schema: dict[str, Any]) -> type[RecordBase] | None:
             description = f"categorical: {entry.get('distinct', len(seen))} values in training, most often {', '.join(seen[:5])}"
             examples = seen[:3]
         else:
-            description, examples = f"free text ({entry.get('distinct', 0)} distinct values in training)", None
+            distinct = f"{entry.get('distinct', 0)}{' or more' if entry.get('distinct_capped') else ''}"
+            description, examples = f"free text ({distinct} distinct values in training)", None
         text = Annotated[str, StringConstraints(max_length=MAX_FIELD_CHARS)]
         fields[f"field_{index}"] = (
             (text | int | float | bool | None) if key in literal else (text | None),  # JSON numbers stay numbers

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from components import records
 from components.records import (
     BRACKET,
     CATEGORICAL,
@@ -127,6 +128,14 @@ def test_schema_is_learned_from_the_sources() -> None:
     assert schema["keys"]["name"] == {"rows": 30, "distinct": 30, "kind": FREE_TEXT}
     assert schema["keys"]["colour"] == {"rows": 30, "distinct": 2, "kind": CATEGORICAL, "values": {"blue": 15, "red": 15}}
     assert schema["keys"]["size"]["kind"] == CATEGORICAL
+
+
+def test_schema_stops_counting_a_keys_values_past_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(records, "DISTINCT_VALUES_COUNTED", 5)
+    sources = [serialise([("name", f"Item {i % 12}"), ("colour", ["red", "blue"][i % 2])], PIPE) for i in range(40)]
+    schema = infer_schema(sources, max_categorical_values=3)
+    assert schema["keys"]["name"] == {"rows": 40, "distinct": 5, "distinct_capped": True, "kind": FREE_TEXT}
+    assert schema["keys"]["colour"] == {"rows": 40, "distinct": 2, "kind": CATEGORICAL, "values": {"blue": 20, "red": 20}}
 
 
 def test_schema_of_free_prompts_has_no_keys() -> None:

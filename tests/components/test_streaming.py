@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components import augment, clean, features
+from components import augment, clean, features, tables
 from components.common import ConfigError, DataError
 from components.datasets import TEXT_SCHEMA, builtin_digits
 from components.image_io import encode_png
@@ -196,6 +196,26 @@ def test_a_bad_worker_count_is_named(tiny_params: dict[str, Any], bad: object) -
     assert clean.CleanConfig.from_params({**params, "base": {**params["base"], "data_workers": 3}}).workers == 3
 
 
+def test_distinct_in_parts_is_one_sort(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    digests = rng.integers(0, 2**64, (6000, 2), dtype=np.uint64)
+    digests[1000:3000] = digests[rng.integers(0, 1000, 2000)]  # repeats
+    digests[3000:3010, 0] = digests[5, 0]  # first halves equal, second halves not: the two-half sort decides
+    spill = tables.DigestSpill(tmp_path / "digests")
+    for part in np.array_split(digests, 3):
+        spill.append(part)
+    on_disk = spill.array()
+    assert isinstance(on_disk, np.memmap) and np.array_equal(on_disk, digests)
+    subset = np.sort(rng.choice(len(digests), 4000, replace=False))
+    for rows in (None, subset):
+        whole = tables.distinct(digests, rows, part_rows=1 << 20)
+        assert 0 < whole.count < (len(digests) if rows is None else len(rows))
+        for part_rows in (1000, 97):  # 8 and 64 parts
+            parts = tables.distinct(on_disk, rows, part_rows=part_rows)
+            assert np.array_equal(parts.ids, whole.ids) and np.array_equal(parts.first, whole.first)
+    assert tables.DigestSpill(tmp_path / "none").array().shape == (0, 2)
+
+
 def test_tensor_sink_writes_what_safetensors_writes(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     arrays = {"b_ids": rng.integers(0, 9, 50, dtype=np.int32), "a_offsets": np.arange(11, dtype=np.int64),
@@ -258,7 +278,9 @@ def test_clean_keeps_a_million_rows_within_the_memory_bound(tmp_path: Path, real
                        "ingest_error": [None] * n, "group": [None] * n, "given_split": [None] * n}  # fmt: skip
             writer.write_table(pa.table(columns, schema=TEXT_SCHEMA))
     rows = 5 * n
-    params = write_params(real_params, tmp_path / "params.yaml")
+    # One process: the bound is on the stage's own memory; workers (each a stage process of its own) would
+    # be measured apart.
+    params = write_params({**real_params, "base": {**real_params["base"], "data_workers": 1}}, tmp_path / "params.yaml")
     child = subprocess.Popen([sys.executable, "-c", CLEAN_A_FILE, str(params), str(tmp_path)], cwd=REPO_ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     watched, peak = psutil.Process(child.pid), 0

@@ -124,3 +124,6 @@ def test_the_record_model_follows_the_schema(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(pydantic.ValidationError, match="colour"):
         model.model_validate({"name": "A", "colour": "red"})
     assert record_model({"syntax": PROMPT, "keys": {}}) is None
+    schema["keys"]["name"].update(distinct=100_000, distinct_capped=True)  # a corpus with more names than were counted
+    description = record_model(schema).model_json_schema()["properties"]["name"]["description"]
+    assert description == "free text (100000 or more distinct values in training)"
