@@ -19,9 +19,9 @@ Context = TypeVar("Context")
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-IN_FLIGHT_PER_WORKER = 2
-"""Batches submitted ahead per worker: enough to keep every worker busy while the parent writes results,
-few enough that memory is bounded by the window, not by the input."""
+IN_FLIGHT_PER_WORKER = 1
+"""Batches submitted ahead per worker; memory is bounded by this window, not by the input. Two per worker was
+no faster on the features stage at 1 M rows (140.6 s against 136.1 s for one) and took 60 MB more."""
 
 _contexts: dict[str, Any] = {}
 
