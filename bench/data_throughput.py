@@ -10,7 +10,7 @@ output, so its peak RSS is its own. Prints one JSON object: per dataset and size
 and peak RSS (the stage's process, and apart the largest of its worker processes, if it starts any), rows/s
 through `clean` (ingest + validate + clean) and through `features` (all five), the largest peak RSS, and
 baselines measured in the same run: a plain Arrow read + write of the text input (the I/O floor) and, with
-`--one-worker-baseline`, the text features stage again with `features.workers: 1`. With `--profile STAGE`,
+`--one-worker-baseline`, the text features stage again in one process (`base.data_workers: 1`). With `--profile STAGE`,
 the stage's top functions by cumulative time follow, from cProfile.
 Goals (issue 18, 2 cores): >= 100 000 text rows/s through clean, >= 50 000 through features, peak RSS
 <= 1 GB at 1 M and at 5 M rows (the same peak at both sizes shows it streams), >= 2 000 images/s through

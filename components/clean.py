@@ -67,7 +67,7 @@ from components.tables import (
     row_digests,
     write_parquet_atomic,
 )
-from components.workers import Workers, data_workers_from_params
+from components.workers import Workers, data_workers_from_params, workers_for
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ class CleanConfig:
     restore_splits: dict[str, float]
     text_split: TextSplit = TextSplit()
     batch_rows: int = 65_536
-    workers: int = 1  # processes for pass 1 (components.workers); the output is the same for any count
+    # Processes for pass 1 (components.workers); the output is the same for any count. Built in code (tests,
+    # benches) it is the caller's one process; from params, `base.data_workers` (default: one per core).
+    workers: int = 1
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> CleanConfig:
@@ -274,7 +276,7 @@ class _TextKeys:
 
 @dataclass(frozen=True)
 class _PassOne:
-    """What cleaning one batch needs (sent once to each worker)."""
+    """What cleaning one batch needs (components.workers: unpickled once per worker)."""
 
     mask_pii: bool
     near_duplicates: bool
@@ -470,8 +472,7 @@ def clean_text_rows(rows: Rows, cfg: CleanConfig, kept_path: Path, removed_path:
     kept_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kept_path.parent, prefix=".clean-") as tmp:
         work = Path(tmp)
-        # Input that fits one batch is not worth the seconds it takes to start workers.
-        workers = cfg.workers if rows.num_rows > cfg.batch_rows else 1
+        workers = workers_for(rows.num_rows, cfg.batch_rows, cfg.workers)
         keys = _clean_pass(rows, cfg, by, group_column, work / "cleaned.parquet", work / "empty.parquet", workers)
         n = keys.exact.rows
         if not n:

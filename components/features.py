@@ -48,10 +48,17 @@ from components.feature_defs import (
     words,
 )
 from components.image_io import channel_layout, decode_image, to_layout
-from components.records import PROMPT, SCHEMA_FILE, categorical_keys, categorical_values, infer_schema
+from components.records import (
+    DISTINCT_VALUES_COUNTED,
+    PROMPT,
+    SCHEMA_FILE,
+    categorical_keys,
+    categorical_values,
+    infer_schema,
+)
 from components.tables import ParquetSink, Rows, image_batch_rows, iter_parquet, row_digests, write_parquet_atomic
 from components.text_model import EOS, PAD, SEP, SPECIAL_TOKENS, TOKENIZER_FILE, VOCABULARY_FILE
-from components.workers import Workers, data_workers_from_params
+from components.workers import Workers, data_workers_from_params, workers_for
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,9 @@ class FeaturesConfig:
     delexicalise: bool = True
     delexicalise_min_share: float = 0.5
     batch_rows: int = 65_536
-    workers: int = 1  # processes for per-batch text work (components.workers); the output is the same for any count
+    # Processes for the per-batch text work (components.workers); the output is the same for any count. Built in
+    # code it is the caller's one process; from params, `base.data_workers` (default: one per core).
+    workers: int = 1
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FeaturesConfig:
@@ -75,7 +84,7 @@ class FeaturesConfig:
         vocab = require(text, "vocab_size", int, "features.text", low=300, high=1_000_000)
         min_frequency = require(text, "min_frequency", int, "features.text", low=1)
         size = require(images, "image_size", int, "features.images", low=4, high=1024)
-        categorical = require(text, "max_categorical_values", int, "features.text", low=1)
+        categorical = require(text, "max_categorical_values", int, "features.text", low=1, high=DISTINCT_VALUES_COUNTED)
         delexicalise = require(text, "delexicalise", bool, "features.text")
         min_share = float(require(text, "delexicalise_min_share", (int, float), "features.text", low=0.01, high=1.0))
         batch_rows = require(params, "batch_rows", int, "features", low=1)
@@ -318,7 +327,7 @@ def with_model_texts(delexicaliser: Delexicaliser | None, job: tuple[pa.Table, s
 
 @dataclass(frozen=True)
 class EncodeContext:
-    """What encoding a batch needs, sent once to each worker."""
+    """What encoding a batch needs (components.workers: unpickled once per worker)."""
 
     tokenizer: Any
     vocabulary: frozenset[str]
@@ -381,8 +390,7 @@ def text_features_stage(
         for pair in zip(table.column("source").to_pylist(), table.column("reference").to_pylist(), strict=True)
     )
     delexicaliser = text_delexicaliser(train_pairs, schema, cfg, out)
-    # Input that fits one batch is not worth the seconds it takes to start workers.
-    with Workers(cfg.workers if clean.num_rows + augmented.num_rows > cfg.batch_rows else 1) as workers:
+    with Workers(workers_for(clean.num_rows + augmented.num_rows, cfg.batch_rows, cfg.workers)) as workers:
         for split in SPLITS:
             jobs = split_jobs(clean, augmented if split == "train" else None, split)
             with ParquetSink(out / f"{split}.parquet", SPLIT_SCHEMA) as sink:

@@ -33,15 +33,15 @@ class DigestSpill:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows = 0
-        self._file = path.open("wb")
 
     def append(self, digests: np.ndarray) -> None:
-        self._file.write(np.ascontiguousarray(digests, dtype=np.uint64).tobytes())
+        # Opened per batch: no handle outlives a failed stage.
+        with self.path.open("ab") as scratch:
+            scratch.write(np.ascontiguousarray(digests, dtype=np.uint64).tobytes())
         self.rows += len(digests)
 
     def array(self) -> np.ndarray:
-        """Every appended digest; no more appends."""
-        self._file.close()
+        """Every appended digest."""
         if not self.rows:
             return np.zeros((0, 2), dtype=np.uint64)
         return np.memmap(self.path, dtype=np.uint64, mode="r", shape=(self.rows, 2))
@@ -177,7 +177,8 @@ class Distinct:
 
 PART_ROWS = 1 << 22
 """Rows a distinct() sorts at once: a larger set is split by the digests' top bits into parts of about this
-many, sorted one at a time, so its sort buffers stay the same size whatever the number of rows."""
+many (for spread digests: one digest repeated millions of times stays in one part), sorted one at a time, so
+the sort buffers do not grow with the number of rows."""
 
 
 def distinct(digests: np.ndarray, rows: np.ndarray | None = None, part_rows: int = PART_ROWS) -> Distinct:

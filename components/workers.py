@@ -4,16 +4,20 @@ number of workers made it."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
+import math
 import multiprocessing
 import os
 import pickle
+import sys
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
-from components.common import ConfigError
+from components.common import ConfigError, signal_on_parent_death
 
 Context = TypeVar("Context")
 Item = TypeVar("Item")
@@ -27,8 +31,28 @@ _contexts: dict[str, Any] = {}
 
 
 def available_cores() -> int:
-    """The cores this process may run on (a container's share, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a container's
+    `--cpus` or a pod's limit), not the host's count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs the cgroup may use (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), or None without a quota."""
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    with contextlib.suppress(OSError, ValueError):
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        return None if quota_us <= 0 else quota_us / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+    return None
+
+
+def workers_for(rows: int, batch_rows: int, workers: int) -> int:
+    """The workers a stage starts for `rows` in batches of `batch_rows`: none (1, its own process) when they fit
+    one batch, which is not worth the second it takes to start workers."""
+    return workers if rows > batch_rows else 1
 
 
 def data_workers_from_params(base: dict[str, Any]) -> int:
@@ -41,9 +65,16 @@ def data_workers_from_params(base: dict[str, Any]) -> int:
     return workers if workers > 0 else available_cores()
 
 
-def _start_worker() -> None:
-    # Each worker is one of N processes on N cores: the tokenizer's own thread pool would oversubscribe them.
+def _start_worker(stage: int) -> None:
+    # Each worker is one of N processes on N cores: the tokenizer's and polars' thread pools would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["POLARS_MAX_THREADS"] = "1"
+    # A spawned child does not inherit the stage's death signal: without its own, a killed stage would leave
+    # its workers waiting on the task queue for ever, each holding its memory.
+    if sys.platform.startswith("linux"):
+        signal_on_parent_death()
+        if os.getppid() != stage:  # the stage died before the kernel was told
+            os._exit(1)
 
 
 def _call(function: Callable[[Any, Any], Any], token: str, context: bytes, item: Any) -> Any:
@@ -68,7 +99,8 @@ class Workers:
 
         With more than one worker and more than one item, the calls run in the workers (`function` must be
         a module-level function, `context` and the items picklable), at most IN_FLIGHT_PER_WORKER per worker
-        ahead of the one being yielded; otherwise here, one at a time.
+        ahead of the one being yielded; otherwise here, one at a time. `context` is pickled once per map and
+        goes with every item, but each worker unpickles it once.
         """
         items = iter(items)
         head = list(itertools.islice(items, 2))
@@ -77,7 +109,8 @@ class Workers:
                 yield function(context, item)
             return
         if self._pool is None:
-            self._pool = concurrent.futures.ProcessPoolExecutor(self.count, multiprocessing.get_context("spawn"), _start_worker)
+            spawn = multiprocessing.get_context("spawn")
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.count, spawn, _start_worker, (os.getpid(),))
         token, blob = uuid.uuid4().hex, pickle.dumps(context)
         pending: deque[concurrent.futures.Future[Result]] = deque()
         try:

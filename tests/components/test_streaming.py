@@ -7,6 +7,7 @@ import filecmp
 import json
 import os
 import random
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,53 @@ def test_a_bad_worker_count_is_named(tiny_params: dict[str, Any], bad: object) -
     with pytest.raises(ConfigError, match=r"params key 'base.data_workers' must be 0 \(one per core\) or a positive"):
         clean.CleanConfig.from_params({**params, "base": {**params["base"], "data_workers": bad}})
     assert clean.CleanConfig.from_params({**params, "base": {**params["base"], "data_workers": 3}}).workers == 3
+
+
+ORPHAN_FILE = """
+import sys
+from components.workers import Workers
+from tests.components.test_streaming import napping
+with Workers(2) as workers:
+    list(workers.map(napping, sys.argv[1], range(4)))
+"""
+
+
+def napping(folder: str, item: int) -> int:
+    Path(folder, str(os.getpid())).touch()
+    time.sleep(60)
+    return item
+
+
+def test_workers_stop_when_their_stage_is_killed(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import REPO_ROOT
+
+    stage = subprocess.Popen([sys.executable, "-c", ORPHAN_FILE, str(tmp_path)], cwd=REPO_ROOT)
+    deadline = time.monotonic() + 30
+    while len(busy := list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(busy) == 2, "the workers never started their batches"
+    workers = [psutil.Process(int(path.name)) for path in busy]
+    stage.send_signal(signal.SIGKILL)  # no cleanup runs: only the kernel's signal can stop the workers
+    stage.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    for worker in alive:
+        worker.kill()
+    assert not alive, f"workers outlived their stage: {[w.pid for w in alive]}"
+
+
+def test_worker_count_follows_the_cpu_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    from components import workers
+
+    monkeypatch.setattr(workers, "_cgroup_cpu_quota", lambda: 0.5)
+    assert workers.available_cores() == 1
+    monkeypatch.setattr(workers, "_cgroup_cpu_quota", lambda: None)
+    assert workers.available_cores() == len(os.sched_getaffinity(0))
 
 
 def test_distinct_in_parts_is_one_sort(tmp_path: Path) -> None:
