@@ -50,6 +50,19 @@ def dvc_stage_order(repo_root: Path, stages: list[str] | None = None) -> list[st
     return [name for name in order if name in stages]
 
 
+def dvc_upstream(repo_root: Path, target: str) -> list[str]:
+    """`target` and every stage it depends on, directly or not, per DVC's graph."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo_root)) as repo:
+        graph = repo.index.graph
+        stages = {stage.name: stage for stage in graph.nodes if getattr(stage, "name", None)}
+        if target not in stages:
+            raise ValueError(f"unknown stage {target!r}; dvc.yaml has {sorted(stages)}")
+        return sorted({target, *(stage.name for stage in nx.descendants(graph, stages[target]))})
+
+
 def _exit_code(exc: BaseException) -> int | None:
     """The stage command's exit status, from DVC's 'failed to run: …, exited with N' in the cause chain."""
     seen: BaseException | None = exc
@@ -119,14 +132,8 @@ def run_stage(name: str, repo_root: str = ".", force: bool = False, pull: bool =
     return StageResult(name, "ran" if ran else "up to date", round(time.monotonic() - start, 2))
 
 
-@task(task_run_name="check-params")
-def check_params(stages: list[str], repo_root: str = ".") -> None:
-    """Build every stage's config from params.yaml before any stage runs.
-
-    `dvc repro` removes a stage's outputs before running its command, so a bad value found by the stage
-    itself would already have cleared the previous outputs from the workspace (DVC's cache still has them);
-    checked here first, nothing is touched.
-    """
+def params_problems(stages: list[str], repo_root: str = ".", params_path: Path | None = None) -> list[str]:
+    """What each stage's config refuses in params.yaml (or in `params_path`, e.g. a sweep's trial values)."""
     from components.common import ConfigError, load_params
     from components.pipeline import load_stages
 
@@ -137,9 +144,21 @@ def check_params(stages: list[str], repo_root: str = ".") -> None:
         if config is None:  # a stage that reads no params section
             continue
         try:
-            config.from_params(load_params(name, Path(repo_root) / "params.yaml"))
+            config.from_params(load_params(name, params_path or Path(repo_root) / "params.yaml"))
         except ConfigError as err:
             problems.append(f"{name}: {err}")
+    return problems
+
+
+@task(task_run_name="check-params")
+def check_params(stages: list[str], repo_root: str = ".") -> None:
+    """Build every stage's config from params.yaml before any stage runs.
+
+    `dvc repro` removes a stage's outputs before running its command, so a bad value found by the stage
+    itself would already have cleared the previous outputs from the workspace (DVC's cache still has them);
+    checked here first, nothing is touched.
+    """
+    problems = params_problems(stages, repo_root)
     if problems:
         raise PermanentStageError("invalid params, no stage was run:\n  " + "\n  ".join(problems))
 
