@@ -48,7 +48,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from components.common import PARAMS_FILE, BusyError, ConfigError, DataError, run_main, signal_on_parent_death, write_json
+from components.common import PARAMS_FILE, PR_SET_PDEATHSIG, BusyError, ConfigError, DataError, run_main, write_json
 from components.pipeline import load_stages
 from flows.remote import dvc_env, dvc_executable
 
@@ -576,6 +576,14 @@ def run_queued(root: Path, sweep: Sweep, study: Any, total: int, say: Callable[[
             say(f"{name}: {state.lower()}{why}")
 
 
+def end_queue_workers(root: Path) -> None:
+    """End DVC's queue workers of `root` now, for a script that must leave no process behind: they otherwise
+    end on their own a while after the queue empties."""
+    for pid_file in (root / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pid_file.read_text(encoding="utf-8").strip()), signal.SIGTERM)
+
+
 def _trial_workspace(root: Path, name: str) -> Path | None:
     """The temporary workspace DVC runs experiment `name` in, from its run info files."""
     for info in (root / ".dvc" / "tmp" / "exps" / "run").glob("*/*.run"):
@@ -599,14 +607,24 @@ def _report(trial: Any, curve: list[tuple[int, float]], reported: set[int], sign
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Interrupt a trial as Ctrl-C would: DVC then removes its temporary workspace and run record (after a
+    SIGTERM, `dvc exp show` would list the trial as running for good). SIGKILL if it does not end in time."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGINT)
     try:
         process.wait(STOP_GRACE_S)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def _interrupted_with_parent() -> None:
+    """A killed sweep interrupts its trial as _stop_group does: SIGINT on the parent's death (Linux prctl),
+    where components.common.signal_on_parent_death sends SIGTERM, after which DVC keeps a stale run record."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
 
 
 def run_optuna_trial(root: Path, sweep: Sweep, study: Any, trial: Any, say: Callable[[str], None]) -> str:
@@ -623,7 +641,7 @@ def run_optuna_trial(root: Path, sweep: Sweep, study: Any, trial: Any, say: Call
         process = subprocess.Popen(
             [dvc_executable(), "exp", "run", "--temp", sweep.target, "--name", name, *set_options(trial.params)],
             cwd=root, env=dvc_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=signal_on_parent_death,
+            preexec_fn=_interrupted_with_parent,
         )  # fmt: skip
     reported: set[int] = set()
     pruned_at = None

@@ -20,7 +20,7 @@ CRONS = {"retrain_cron": "5 4 * * 1", "drift_cron": "*/10 * * * *", "ab_cron": "
 
 def test_deployments_have_the_configured_schedules() -> None:
     deployments = {d.name: d for d in build_deployments(REPO_ROOT)}
-    assert set(deployments) == {"training", "scheduled-retrain", "drift-check", "retrain", "ab-decision"}
+    assert set(deployments) == {"training", "scheduled-retrain", "drift-check", "retrain", "ab-decision", "sweep"}
     crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
     assert crons == {
         "training": [],
@@ -28,6 +28,7 @@ def test_deployments_have_the_configured_schedules() -> None:
         "drift-check": ["0 * * * *"],
         "retrain": [],
         "ab-decision": ["30 * * * *"],
+        "sweep": [],
     }
     assert {name: d.flow_name for name, d in deployments.items()} == {
         "training": "training",
@@ -35,6 +36,7 @@ def test_deployments_have_the_configured_schedules() -> None:
         "drift-check": "drift-check",
         "retrain": "retrain",
         "ab-decision": "ab-decision",
+        "sweep": "sweep",
     }
     assert deployments["scheduled-retrain"].parameters["trigger"] == "schedule"
     assert deployments["drift-check"].parameters["via_deployment"] is True

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from components.common import ConfigError
-from flows.sweep import Dimension, check_sweep, grid_points, read_curve, sweep_from
+from flows.sweep import Dimension, check_sweep, end_queue_workers, grid_points, read_curve, sweep_from
 from tests.conftest import copy_repo, venv_env
 
 SWEEPS = {
@@ -127,15 +126,6 @@ def _git(root: Path, *args: str) -> None:
     subprocess.run(["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost", *args], cwd=root, check=True)
 
 
-def _stop_queue_workers(root: Path) -> None:
-    """DVC's queue workers end on their own a while after the queue empties; a test stops the ones it started."""
-    for pid_file in (root / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
-        try:
-            os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-        except (ValueError, ProcessLookupError, PermissionError):
-            pass
-
-
 @pytest.fixture(scope="module")
 def reproduced_repo(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Iterator[Path]:
     """A tiny pipeline reproduced up to evaluate_text and committed: the baseline every trial starts from."""
@@ -146,7 +136,7 @@ def reproduced_repo(tmp_path_factory: pytest.TempPathFactory, real_params: dict[
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", "baseline")
     yield root
-    _stop_queue_workers(root)
+    end_queue_workers(root)
 
 
 def _experiments(root: Path) -> dict[str, dict[str, Any]]:
@@ -245,7 +235,8 @@ def test_grid_runs_on_dvc_queue_and_the_best_trial_reproduces(reproduced_repo: P
     assert params["train_text"]["model"]["n_layer"] == best["train_text.model.n_layer"]
     _dvc(root, "repro", "--force", "--single-item", "train_text")
     _dvc(root, "repro", "--force", "--single-item", "evaluate_text")
-    assert json.loads((root / "metrics/text.json").read_text(encoding="utf-8")) == applied["metrics"]["metrics/text.json"]["data"]
+    committed = subprocess.run(["git", "show", f"{applied['rev']}:metrics/text.json"], cwd=root, capture_output=True, text=True)
+    assert json.loads((root / "metrics/text.json").read_text(encoding="utf-8")) == json.loads(committed.stdout)
 
     assert not (root / "models" / "bento.json").exists()
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before

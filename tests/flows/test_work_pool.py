@@ -161,6 +161,7 @@ def test_training_deployment_runs_on_a_worker_of_the_pool(
         "drift-check": [CRONS["drift_cron"]],
         "retrain": [],
         "ab-decision": [CRONS["ab_cron"]],
+        "sweep": [],
     }
     assert {d["work_pool_name"] for d in deployed.values()} == {"aigc"}
     assert deployed["drift-check"]["parameters"] == {"repo_root": ".", "via_deployment": True}
