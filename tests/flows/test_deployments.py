@@ -72,6 +72,7 @@ def test_prefect_file_crons_are_the_params_values(
         "drift-check": [CRONS["drift_cron"]],
         "retrain": [],
         "ab-decision": [CRONS["ab_cron"]],
+        "sweep": [],
     }
     assert deployed == expected
     served = {d.name: [s.schedule.cron for s in d.schedules] for d in build_deployments(tmp_path)}
