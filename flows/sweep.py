@@ -40,7 +40,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ SWEEPS_DIR = Path("data/sweeps")
 STUDY_FILE = "study.db"
 KINDS = ("choice", "range", "uniform", "loguniform")
 POLL_S = 1.0
+MAX_FAILED_IN_A_ROW = 3
+WORKER_START_S = 20.0  # a queue worker started this long ago has written its pid file
 STOP_GRACE_S = 10.0
 
 
@@ -136,6 +138,14 @@ class Dimension:
         if self.kind == "range":
             return d.IntDistribution(int(self.low), int(self.high), step=self.step)
         return d.FloatDistribution(self.low, self.high, log=self.kind == "loguniform")
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "choice":
+            return value in self.values
+        number = isinstance(value, int) if self.kind == "range" else isinstance(value, (int, float))
+        if isinstance(value, bool) or not number:
+            return False
+        return self.low <= value <= self.high and (self.kind != "range" or (value - int(self.low)) % self.step == 0)
 
     def describe(self) -> str:
         if self.kind == "choice":
@@ -245,12 +255,14 @@ def sweep_from(params: dict[str, Any], mode: str, overrides: dict[str, Any]) -> 
     direction = option("direction", str)
     if direction not in DIRECTIONS:
         raise ConfigError(f"params key 'sweeps.direction' must be one of {list(DIRECTIONS)}, got {direction!r}")
-    trials = option("trials", int) if mode != "grid" or overrides.get("trials") is not None else None
-    jobs = option("jobs", int)
+    if mode == "grid" and overrides.get("trials") is not None:
+        raise ConfigError("--trials: a grid runs every point; use random or optuna for a number of trials")
+    if mode == "optuna" and overrides.get("jobs") not in (None, 1):
+        raise ConfigError("--jobs: optuna runs one trial at a time (its sampler learns from each)")
+    trials = option("trials", int) if mode != "grid" else None
+    jobs = option("jobs", int) if mode != "optuna" else 1
     if (trials is not None and trials < 1) or jobs < 1:
         raise ConfigError("sweeps.trials and sweeps.jobs must be >= 1")
-    if mode == "optuna" and jobs != 1:
-        raise ConfigError("optuna runs one trial at a time (its sampler learns from each): use --jobs 1")
     pruning = None
     prune = section.get("prune")
     if mode == "optuna" and prune is not None and not overrides.get("no_prune"):
@@ -258,13 +270,19 @@ def sweep_from(params: dict[str, Any], mode: str, overrides: dict[str, Any]) -> 
             raise ConfigError(f"params key 'sweeps.prune.curve' must be '<stage>:<dvclive metric>', got {prune!r}")
         if prune.get("direction") not in DIRECTIONS:
             raise ConfigError(f"params key 'sweeps.prune.direction' must be one of {list(DIRECTIONS)}")
-        warmup, startup = int(prune.get("warmup_steps", 0)), int(prune.get("startup_trials", 1))
+        warmup, startup = prune.get("warmup_steps", 0), prune.get("startup_trials", 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (warmup, startup)):
+            raise ConfigError(f"params keys 'sweeps.prune.warmup_steps' and 'startup_trials' must be integers >= 0, got {prune}")
         pruning = Pruning(prune["curve"], prune["direction"], warmup, startup)
     first = tuple(overrides.get("enqueue") or ())
+    dimensions = {d.param: d for d in space}
     for point in first:
-        unknown = sorted(set(point) - {d.param for d in space}) if isinstance(point, dict) else ["(not a mapping)"]
+        unknown = sorted(set(point) - set(dimensions)) if isinstance(point, dict) else ["(not a mapping)"]
         if unknown or mode == "grid":
             raise ConfigError(f"--enqueue {point}: a random or optuna trial's values of swept params; not {unknown or 'a grid'}")
+        for param, value in point.items():
+            if not dimensions[param].contains(value):
+                raise ConfigError(f"--enqueue {point}: {param}={value!r} is outside its space {dimensions[param].describe()}")
     name = overrides.get("name") or f"{mode}-{'-'.join(re.sub(r'[^A-Za-z0-9]+', '_', d.param) for d in space)}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,80}", name) or ".." in name:
         raise ConfigError(f"sweep name {name!r}: use letters, digits, '.', '_' and '-' (it names git refs)")
@@ -299,7 +317,7 @@ def check_sweep(root: Path, sweep: Sweep) -> list[str]:
     if sweep.target not in stages:
         raise ConfigError(f"sweep target '{sweep.target}' is not a stage of dvc.yaml (it has {list(stages)})")
     run = trial_stages(root, sweep.target)
-    serving = [name for name in run if stages[name].module.startswith("serving.")]
+    serving = [name for name in run if _module(stages[name]).startswith("serving.")]
     if serving:
         raise ConfigError(f"sweep target '{sweep.target}' runs {serving}, which writes to the served model store: "
                           "sweep up to an evaluation stage")  # fmt: skip
@@ -307,6 +325,15 @@ def check_sweep(root: Path, sweep: Sweep) -> list[str]:
     if sweep.objective.path not in metrics:
         raise ConfigError(f"objective {sweep.objective}: no stage up to '{sweep.target}' writes {sweep.objective.path} "
                           f"(they write {sorted(metrics)})")  # fmt: skip
+    written = root / sweep.objective.path
+    try:  # the workspace's own run: a key it lacks would fail every trial
+        data = json.loads(written.read_text(encoding="utf-8")) if written.is_file() else None
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and sweep.objective.read({sweep.objective.path: {"data": data}}) is None:
+        keys = sorted(k for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ConfigError(f"objective {sweep.objective}: the workspace's {sweep.objective.path} has no number "
+                          f"'{sweep.objective.key}' (it has {keys})")  # fmt: skip
     if sweep.pruning is not None:
         curve_stage = sweep.pruning.curve.partition(":")[0]
         if curve_stage not in run:
@@ -326,6 +353,13 @@ def check_sweep(root: Path, sweep: Sweep) -> list[str]:
                 values = ", ".join(f"{k}={v}" for k, v in point.items())
                 raise ConfigError(f"sweep point {values} is refused by {problems[0]}")
     return run
+
+
+def _module(stage: Any) -> str:
+    try:
+        return stage.module
+    except ValueError:  # a command that is not `python -m ...`: not this pipeline's serving code
+        return ""
 
 
 def _points_to_check(sweep: Sweep) -> list[dict[str, Any]]:
@@ -417,7 +451,8 @@ PENDING = ("queued", "running")
 
 def experiments(root: Path) -> dict[str, Experiment]:
     """Every DVC experiment of the repository by name, queued and running ones included, from `dvc exp show`."""
-    shown = json.loads(dvc(root, "exp", "show", "--json", "--no-pager", "-A").stdout or "[]")
+    # The workspace's baseline (HEAD) only: with -A, every poll would read every commit's experiments.
+    shown = json.loads(dvc(root, "exp", "show", "--json", "--no-pager").stdout or "[]")
     found = {}
     for baseline in shown:
         for experiment in baseline.get("experiments") or []:
@@ -451,14 +486,14 @@ def owning(folder: Path, name: str) -> Iterator[None]:
         yield
 
 
-def open_study(root: Path, sweep: Sweep, sampler: Any = None) -> Any:
+def open_study(root: Path, sweep: Sweep) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = root / sweep.folder
     folder.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(folder / STUDY_FILE).resolve()}")
-    study = optuna.create_study(study_name=sweep.name, storage=storage, direction=sweep.direction, sampler=sampler,
+    study = optuna.create_study(study_name=sweep.name, storage=storage, direction=sweep.direction,
                                 pruner=_pruner(sweep), load_if_exists=True)  # fmt: skip
     started = study.user_attrs.get("sweep")
     if started is None:
@@ -483,19 +518,28 @@ def finished(study: Any) -> list[Any]:
 
 
 def recover(root: Path, study: Any, sweep: Sweep) -> list[Any]:
-    """The trials a stopped run left RUNNING: those DVC finished are told their result; those still in DVC's queue
-    are returned, to be waited for; the rest failed with the run, and their params are asked again first."""
-    from optuna.trial import TrialState
+    """The trials a stopped run left RUNNING. An Optuna trial's `dvc exp run` may outlive the run that started it
+    (DVC ignores the interrupt while a stage runs): it is interrupted first. Then those DVC finished are told
+    their result (an Optuna trial's after the pruner has read its curve); those still in DVC's queue are
+    returned, to be waited for; the rest failed with the run, and their params are asked again first."""
+    from optuna.trial import Trial, TrialState
 
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not stale:
         return []
+    for trial in stale:
+        if "pgid" in trial.user_attrs:
+            _interrupt_leftover(int(trial.user_attrs["pgid"]), trial.user_attrs.get("experiment", ""))
     found = experiments(root)
     waiting = []
     for trial in stale:
         name = trial.user_attrs.get("experiment")
         if name in found and found[name].state == "success":
-            tell(study, trial, sweep, found[name], None)
+            pruned_at = None
+            if sweep.pruning is not None:
+                rows = _committed_curve(root, found[name].rev, curve_file(root, sweep.pruning))
+                pruned_at = _report(Trial(study, trial._trial_id), rows, set(trial.intermediate_values), _sign(sweep))
+            tell(study, trial, sweep, found[name], pruned_at)
         elif name in found and found[name].state in PENDING and sweep.mode != "optuna":
             waiting.append(trial)
         else:
@@ -503,6 +547,24 @@ def recover(root: Path, study: Any, sweep: Sweep) -> list[Any]:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             log.info("trial %d (%s) was cut off by a stopped run: it runs again", trial.number, name)
     return waiting
+
+
+def _interrupt_leftover(pgid: int, name: str) -> None:
+    """Interrupt the process group of a trial a killed sweep started, if it still runs: its leader is that
+    trial's `dvc exp run` (checked by name, since a pid can be reused once its group is empty)."""
+    try:
+        command = Path(f"/proc/{pgid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        command = None  # the leader is gone; the group lives on only while a member of it does
+    if command is not None and f"--name {name} " not in f"{command} ":
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGINT)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # ProcessLookupError once every member is gone
+            time.sleep(0.2)
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def tell(study: Any, trial: Any, sweep: Sweep, experiment: Experiment | None, pruned_at: int | None) -> str:
@@ -532,11 +594,18 @@ def _ask(study: Any, sweep: Sweep) -> Any:
     return trial
 
 
-def enqueue_first(study: Any, sweep: Sweep) -> None:
-    """The `--enqueue` points the study has not run or queued yet, before anything the sampler proposes."""
+def _taken(study: Any) -> list[dict[str, Any]]:
+    """The points of every trial but the failed ones; a queued (waiting) trial's are its fixed params."""
     from optuna.trial import TrialState
 
-    taken = [t.params for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+    kept = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+    return [t.system_attrs.get("fixed_params") or t.params for t in kept]
+
+
+def enqueue_first(study: Any, sweep: Sweep) -> None:
+    """The `--enqueue` points the study has not run or queued yet, before anything the sampler proposes."""
+
+    taken = _taken(study)
     for point in sweep.first:
         if not any(all(params.get(k) == v for k, v in point.items()) for params in taken):
             study.enqueue_trial(point)
@@ -565,23 +634,50 @@ def run_queued(root: Path, sweep: Sweep, study: Any, total: int, say: Callable[[
     # The workers end on their own once the queue stays empty (dvc-task's temporary workers); `dvc queue stop`
     # would leave a shutdown message in the broker that stops the next sweep's workers after one task.
     dvc(root, "queue", "start", "-j", str(sweep.jobs))
+    started, idle_polls, failed = time.monotonic(), 0, []
     while waiting:
         time.sleep(POLL_S)
         found = experiments(root)
+        idle_polls = 0 if queue_workers(root) else idle_polls + 1
+        if idle_polls >= 3 and time.monotonic() - started > WORKER_START_S:
+            # No worker left (killed, or the machine restarted): a trial still "running" never will again, and
+            # queued ones need a worker.
+            for name in waiting:
+                if name in found and found[name].state == "running":
+                    found[name] = replace(found[name], state="failed")
+            if any(name in found and found[name].state == "queued" for name in waiting):
+                dvc(root, "queue", "start", "-j", str(sweep.jobs))
+                started, idle_polls = time.monotonic(), 0
         for name in [name for name in waiting if name not in found or found[name].state not in PENDING]:
             experiment = found.get(name)
             ran = experiment if experiment is not None and experiment.state == "success" else None
             state = tell(study, waiting.pop(name), sweep, ran, None)
             why = f" ({experiment.state}; its log: dvc queue logs {name})" if state == "FAIL" and experiment else ""
             say(f"{name}: {state.lower()}{why}")
+            failed += [name] if state == "FAIL" else []
+    if failed:
+        raise DataError(f"sweep '{sweep.name}': trials {failed} failed (`dvc queue logs <name>` says why); the same "
+                        "command runs them again")  # fmt: skip
+
+
+def queue_workers(root: Path) -> list[int]:
+    """The live pids of `root`'s DVC queue workers (`dvc queue start` records each in a pid file; a pid reused
+    by another program is not one)."""
+    pids = []
+    for pid_file in (root / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pid_file.read_text(encoding="utf-8").strip())
+            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+    return pids
 
 
 def end_queue_workers(root: Path) -> None:
     """End DVC's queue workers of `root` now, for a script that must leave no process behind: they otherwise
     end on their own a while after the queue empties."""
-    for pid_file in (root / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            os.kill(int(pid_file.read_text(encoding="utf-8").strip()), signal.SIGTERM)
+    for pid in queue_workers(root):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def _trial_workspace(root: Path, name: str) -> Path | None:
@@ -627,13 +723,18 @@ def _interrupted_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
 
 
+def _sign(sweep: Sweep) -> float:
+    """Optuna's pruner compares reports in the study's direction; a curve going the other way is negated."""
+    return 1.0 if sweep.pruning is None or sweep.pruning.direction == sweep.direction else -1.0
+
+
 def run_optuna_trial(root: Path, sweep: Sweep, study: Any, trial: Any, say: Callable[[str], None]) -> str:
     """One proposed trial as `dvc exp run --temp`, its curve reported to the pruner while it trains."""
     name = trial.user_attrs["experiment"]
     logs = root / sweep.folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     curve = curve_file(root, sweep.pruning) if sweep.pruning is not None else None
-    sign = 1.0 if sweep.pruning is None or sweep.pruning.direction == sweep.direction else -1.0
+    sign = _sign(sweep)
     # The trial's workspace starts as a copy of this one: until the stage rewrites the curve, it is this one's.
     stale = (root / curve).read_text(encoding="utf-8") if curve is not None and (root / curve).is_file() else None
     say(f"{name}: {_describe(trial.params)}")
@@ -643,6 +744,7 @@ def run_optuna_trial(root: Path, sweep: Sweep, study: Any, trial: Any, say: Call
             cwd=root, env=dvc_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_interrupted_with_parent,
         )  # fmt: skip
+    trial.set_user_attr("pgid", process.pid)  # its own session: the group a later run interrupts if this one is killed
     reported: set[int] = set()
     pruned_at = None
     try:
@@ -676,9 +778,14 @@ def _committed_curve(root: Path, rev: str, curve: Path) -> list[tuple[int, float
 def run_optuna(root: Path, sweep: Sweep, study: Any, total: int, say: Callable[[str], None]) -> None:
     recover(root, study, sweep)
     enqueue_first(study, sweep)
+    failed_in_a_row = 0
     while _remaining(study, sweep, total):
         trial = _ask(study, sweep)
         state = run_optuna_trial(root, sweep, study, trial, say)
+        failed_in_a_row = failed_in_a_row + 1 if state == "FAIL" else 0
+        if failed_in_a_row == MAX_FAILED_IN_A_ROW:
+            raise DataError(f"sweep '{sweep.name}': {failed_in_a_row} trials in a row failed; see their logs in "
+                            f"{sweep.folder / 'logs'} (the study resumes once fixed)")  # fmt: skip
         value = study.trials[trial.number].value
         shown = f", {sweep.objective.key} {value:g}" if value is not None else ""
         say(f"{trial.user_attrs['experiment']}: {state.lower()}{shown}")
@@ -688,21 +795,20 @@ def _describe(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def _sampler(sweep: Sweep) -> Any:
+def _sampler(sweep: Sweep, seed: int) -> Any:
     import optuna
 
     # A grid's points are enqueued in order (enqueue_grid); Optuna's GridSampler would stop the study from
     # outside an objective function, which ask-and-tell cannot take.
     if sweep.mode == "optuna":
-        return optuna.samplers.TPESampler(seed=sweep.seed)
-    return optuna.samplers.RandomSampler(seed=sweep.seed)
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def enqueue_grid(study: Any, sweep: Sweep) -> None:
     """Every grid point the study has not run, or queued, yet (a failed point runs again)."""
-    from optuna.trial import TrialState
 
-    taken = [t.params for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+    taken = _taken(study)
     for point in grid_points(sweep):
         if point not in taken:
             study.enqueue_trial(point)
@@ -724,7 +830,9 @@ def run_sweep(root: Path, sweep: Sweep, apply_best: bool = False, say: Callable[
     check_sweep(root, sweep)
     total = sweep.trials if sweep.trials is not None else len(grid_points(sweep))
     with owning(root / sweep.folder, sweep.name):
-        study = open_study(root, sweep, _sampler(sweep))
+        study = open_study(root, sweep)
+        # Seeded anew for each run of the study: the same seed would propose a resumed study's first points again.
+        study.sampler = _sampler(sweep, sweep.seed + len(study.trials))
         names = {t.user_attrs.get("experiment") for t in study.trials}
         clash = sorted(n for n in experiments(root) if re.fullmatch(rf"{re.escape(sweep.name)}-\d+", n) and n not in names)
         if clash:
@@ -753,6 +861,9 @@ def apply(root: Path, outcome: Outcome, sweep: Sweep) -> str:
     # Exit 255 when outputs of stages the trial did not run are missing from the cache: DVC leaves those as
     # they were, after applying the trial's params, lock and outputs.
     done = dvc(root, "exp", "apply", name, check=False)
+    said = done.stdout + done.stderr
+    if done.returncode != 0 and "missing" not in said.lower():
+        raise DataError(f"dvc exp apply {name} failed (exit {done.returncode}): {' | '.join(said.strip().splitlines()[-3:])}")
     path = root / sweep.objective.path
     try:
         value = sweep.objective.read({sweep.objective.path: {"data": json.loads(path.read_text(encoding="utf-8"))}})
@@ -864,7 +975,7 @@ def report(outcome: Outcome, sweep: Sweep) -> str:
     lines = [table(outcome), ""]
     if outcome.best is not None:
         lines.append(f"best: {outcome.best['Experiment']} ({sweep.objective} {outcome.best[str(sweep.objective)]:g}); "
-                     f"`dvc exp apply {outcome.best['Experiment']}` then `dvc repro` reproduces it")  # fmt: skip
+                     f"`dvc exp apply {outcome.best['Experiment']}` brings it into the workspace")  # fmt: skip
     if outcome.importances:
         lines.append("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in outcome.importances.items()))
     lines += [f"{what}: {path}" for what, path in outcome.files.items()]
@@ -892,6 +1003,8 @@ def sweep_flow(
     target: str | None = None,
     objective: str | None = None,
     direction: str | None = None,
+    seed: int | None = None,
+    no_prune: bool = False,
     enqueue: list[dict[str, Any]] | None = None,
     apply_best: bool = False,
 ) -> dict[str, Any]:
@@ -900,7 +1013,8 @@ def sweep_flow(
     logger = get_run_logger()
     root = Path(repo_root)
     overrides = {"space": space, "name": name, "trials": trials, "jobs": jobs, "target": target,
-                 "objective": objective, "direction": direction, "enqueue": enqueue}  # fmt: skip
+                 "objective": objective, "direction": direction, "seed": seed, "no_prune": no_prune,
+                 "enqueue": enqueue}  # fmt: skip
     sweep = load_sweep(root, mode, overrides)
     outcome = run_sweep(root, sweep, apply_best, say=logger.info)
     create_markdown_artifact(f"```\n{report(outcome, sweep)}\n```", key=f"sweep-{re.sub(r'[^a-z0-9]+', '-', sweep.name.lower())}",
@@ -973,8 +1087,10 @@ def _shown(root: Path, name: str) -> Sweep:
     path = root / SWEEPS_DIR / name / STUDY_FILE
     if not path.is_file():
         raise ConfigError(f"no sweep '{name}': {path} does not exist")
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{path.resolve()}")
-    started = study.user_attrs["sweep"]
+    try:
+        started = optuna.load_study(study_name=name, storage=f"sqlite:///{path.resolve()}").user_attrs["sweep"]
+    except KeyError:
+        raise ConfigError(f"{path} holds no study of sweep '{name}' (made by something else?)") from None
     return Sweep(
         mode=started["mode"],
         name=name,

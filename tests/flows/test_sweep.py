@@ -63,6 +63,8 @@ def test_sweep_options_come_from_params_and_the_command_line_wins() -> None:
     search = sweep_from(params, "optuna", {"name": "lr"})
     assert search.trials == 4 and search.pruning is not None and search.space[0].kind == "loguniform"
     assert sweep_from(params, "optuna", {"no_prune": True}).pruning is None
+    assert sweep_from({"sweeps": {**SWEEPS, "jobs": 2}}, "optuna", {}).jobs == 1  # the grid's default is not optuna's
+    assert sweep_from(params, "random", {"enqueue": [{"train_text.lr": 0.005}]}).first == ({"train_text.lr": 0.005},)
     for mode, overrides, message in [
         ("optuna", {"jobs": 2}, "one trial at a time"),
         ("random", {"objective": "bleu"}, "<metrics file>:<key>"),
@@ -70,12 +72,16 @@ def test_sweep_options_come_from_params_and_the_command_line_wins() -> None:
         ("random", {"name": "../x"}, "names git refs"),
         ("grid", {"enqueue": [{"train_text.lr": 0.1}]}, "not a grid"),
         ("random", {"enqueue": [{"train_text.nope": 1}]}, "nope"),
+        ("random", {"enqueue": [{"train_text.lr": 0.5}]}, r"train_text.lr=0.5 is outside its space loguniform\(0.001,0.01\)"),
+        ("grid", {"trials": 3}, "a grid runs every point"),
         ("sweep", {}, "mode must be one of"),
     ]:
         with pytest.raises(ConfigError, match=message):
             sweep_from(params, mode, overrides)
     with pytest.raises(ConfigError, match="no 'sweeps' section"):
         sweep_from({}, "grid", {"space": {"a": "1,2"}})
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        sweep_from({"sweeps": {**SWEEPS, "prune": {**SWEEPS["prune"], "warmup_steps": "soon"}}}, "optuna", {})
 
 
 def test_a_curve_the_workspace_started_with_is_not_the_trials(tmp_path: Path) -> None:
@@ -98,6 +104,8 @@ def _sweep(root: Path, mode: str, space: dict[str, str], **overrides: Any) -> An
 
 def test_a_sweep_is_refused_before_anything_runs(sweep_repo: Path) -> None:
     """Serving stages, unknown keys, values a stage rejects and objectives the trial never writes: one line each."""
+    (sweep_repo / "metrics").mkdir()
+    (sweep_repo / "metrics" / "text.json").write_text('{"bleu": 1.5, "chrf": 20.0, "chrf_signature": "x"}', encoding="utf-8")
     assert check_sweep(sweep_repo, _sweep(sweep_repo, "grid", {"train_text.lr": "1e-3,3e-3"}))[-1] == "evaluate_text"
     for mode, space, overrides, message in [
         ("grid", {"train_text.lr": "1e-3"}, {"target": "package"}, r"runs \['package'\], which writes to the served model store"),
@@ -106,6 +114,7 @@ def test_a_sweep_is_refused_before_anything_runs(sweep_repo: Path) -> None:
         ("random", {"train_text.lr": "uniform(0.001, 1.5)"}, {}, "train_text.lr=1.5 is refused"),
         ("grid", {"train_text.lr": "1e-3"}, {"target": "train_text"}, "no stage up to 'train_text' writes metrics/text.json"),
         ("grid", {"train_text.lr": "1e-3"}, {"target": "train_everything"}, "not a stage of dvc.yaml"),
+        ("grid", {"train_text.lr": "1e-3"}, {"objective": "metrics/text.json:bleuu"}, r"'bleuu' \(it has \['bleu', 'chrf'\]"),
     ]:
         with pytest.raises(ConfigError, match=message) as caught:
             check_sweep(sweep_repo, _sweep(sweep_repo, mode, space, **overrides))
@@ -149,6 +158,17 @@ def _experiments(root: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _processes_of(marker: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return found
+
+
 def _study(root: Path, name: str) -> Any:
     import optuna
 
@@ -170,13 +190,14 @@ def test_optuna_prunes_a_diverging_trial_and_resumes_after_a_kill(reproduced_rep
                "--name", "search", "--enqueue", '{"train_text.lr": 0.003}', "--enqueue", '{"train_text.lr": 0.9}']  # fmt: skip
     search = subprocess.Popen(command, cwd=root, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
+        # Killed while the third trial trains: its `dvc exp run` outlives the sweep (DVC ignores the interrupt
+        # the kernel sends it while a stage runs) until the resumed run interrupts it.
+        third = root / "data/sweeps/search/logs/search-2.log"
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and search.poll() is None:
-            if (root / "data/sweeps/search/study.db").is_file():
-                states = [t.state for t in _study(root, "search").trials]
-                if states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) >= 2:
-                    break
-            time.sleep(0.2)
+            if third.is_file() and "Running stage 'train_text'" in third.read_text(encoding="utf-8", errors="replace"):
+                break
+            time.sleep(0.1)
         assert search.poll() is None, search.communicate()[0].decode()[-3000:]
     finally:
         search.kill()
@@ -190,6 +211,8 @@ def test_optuna_prunes_a_diverging_trial_and_resumes_after_a_kill(reproduced_rep
     trials = _study(root, "search").trials
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == 4 and len(trials) <= 5, [(t.number, t.state) for t in trials]
+    assert len({t.params["train_text.lr"] for t in done}) == 4  # a resumed sampler does not propose old points again
+    assert not _processes_of("--name search-")
     assert result["best"]["Experiment"] in {t.user_attrs["experiment"] for t in done if t.state == TrialState.COMPLETE}
     shown = _experiments(root)
     for trial in done:
@@ -198,6 +221,9 @@ def test_optuna_prunes_a_diverging_trial_and_resumes_after_a_kill(reproduced_rep
             assert experiment["metrics"]["metrics/text.json"]["data"]["bleu"] == trial.value
             assert experiment["params"]["params.yaml"]["data"]["train_text"]["lr"] == trial.params["train_text.lr"]
     assert "search-1" not in shown  # stopped mid-training: no experiment was saved
+    complete = {t.user_attrs["experiment"] for t in trials if t.state == TrialState.COMPLETE}
+    assert {n for n in shown if n.startswith("search-")} == complete  # no trial left "running" in `dvc exp show`
+    assert all(shown[n]["state"] in (None, "success") for n in complete)
     table = (root / "data/sweeps/search/trials.csv").read_text(encoding="utf-8").splitlines()
     assert table[0].startswith("trial,Experiment,rev,State,train_text.lr,metrics/text.json:bleu,pruned_at")
     assert ",search-1,,pruned,0.9,,4," in table[2]
