@@ -205,6 +205,8 @@ def test_optuna_prunes_a_diverging_trial_and_resumes_after_a_kill(reproduced_rep
     first = _study(root, "search").trials
     assert [t.state for t in first[:2]] == [TrialState.COMPLETE, TrialState.PRUNED], output[-3000:]
     assert first[1].params == {"train_text.lr": 0.9} and first[1].last_step == 4  # stopped at its first logged step
+    # Reported as -loss (the study maximises BLEU): it diverged, far above the baseline's loss at that step.
+    assert first[1].intermediate_values[4] < first[0].intermediate_values[4] - 1.0
     assert "search-1: pruned at step 4" in output
 
     result = sweep_flow(mode="optuna", repo_root=str(root), space=space, name="search", trials=4)
@@ -241,6 +243,7 @@ def test_grid_runs_on_dvc_queue_and_the_best_trial_reproduces(reproduced_repo: P
     done = subprocess.run(command, cwd=root, env=venv_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "applied grid-" in done.stdout
+    assert len(list((root / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"))) == 2  # --jobs 2: two queue workers
 
     shown = {name: e for name, e in _experiments(root).items() if name.startswith("grid-")}
     assert sorted(shown) == ["grid-0", "grid-1", "grid-2", "grid-3"]
