@@ -84,6 +84,26 @@ def test_sweep_options_come_from_params_and_the_command_line_wins() -> None:
         sweep_from({"sweeps": {**SWEEPS, "prune": {**SWEEPS["prune"], "warmup_steps": "soon"}}}, "optuna", {})
 
 
+def test_random_search_draws_from_the_declared_ranges_with_its_seed() -> None:
+    import optuna
+
+    from flows.sweep import _ask, _sampler
+
+    space = {"train_text.lr": "loguniform(1e-4, 1e-1)", "train_text.warmup_steps": "range(0, 200, 50)", "x": "choice(a, b)"}
+    sweep = sweep_from({"sweeps": SWEEPS}, "random", {"space": space, "trials": 8})
+
+    def draws(seed: int) -> list[dict[str, Any]]:
+        study = optuna.create_study(direction="maximize", sampler=_sampler(sweep, seed))
+        return [_ask(study, sweep).params for _ in range(40)]
+
+    points = draws(0)
+    assert points == draws(0) and points != draws(1)
+    rates = sorted(p["train_text.lr"] for p in points)
+    assert 1e-4 <= rates[0] and rates[-1] <= 1e-1
+    assert rates[len(rates) // 2] < 1e-2  # log-uniform: the median is near 3e-3, not 0.05
+    assert {p["train_text.warmup_steps"] for p in points} <= {0, 50, 100, 150, 200} and {p["x"] for p in points} == {"a", "b"}
+
+
 def test_a_curve_the_workspace_started_with_is_not_the_trials(tmp_path: Path) -> None:
     curve = tmp_path / "loss.tsv"
     curve.write_text("step\tloss\n4\t5.5\n8\t5.25\n12\t5.0", encoding="utf-8")  # the last row half written
@@ -269,3 +289,7 @@ def test_grid_runs_on_dvc_queue_and_the_best_trial_reproduces(reproduced_repo: P
 
     assert not (root / "models" / "bento.json").exists()
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+
+    shown_again = subprocess.run([sys.executable, "-m", "flows.sweep", "show", "--name", "grid"], cwd=root, env=venv_env(),
+                                 capture_output=True, text=True)  # fmt: skip
+    assert shown_again.returncode == 0 and f"best: {best['Experiment']}" in shown_again.stdout, shown_again.stderr[-2000:]
