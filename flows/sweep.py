@@ -40,7 +40,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ STUDY_FILE = "study.db"
 KINDS = ("choice", "range", "uniform", "loguniform")
 POLL_S = 1.0
 MAX_FAILED_IN_A_ROW = 3
+QUEUE_STATUS_TIMEOUT_S = 60
+PENDING = ("queued", "running")
 WORKER_START_S = 20.0  # a queue worker started this long ago has written its pid file
 STOP_GRACE_S = 10.0
 
@@ -442,26 +444,49 @@ def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 class Experiment:
     name: str
     rev: str
-    metrics: dict[str, Any]
-    state: str  # queued | running | success | failed (DVC's executor state; success for a saved experiment)
-
-
-PENDING = ("queued", "running")
 
 
 def experiments(root: Path) -> dict[str, Experiment]:
-    """Every DVC experiment of the repository by name, queued and running ones included, from `dvc exp show`."""
-    # The workspace's baseline (HEAD) only: with -A, every poll would read every commit's experiments.
-    shown = json.loads(dvc(root, "exp", "show", "--json", "--no-pager").stdout or "[]")
-    found = {}
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            state = (experiment.get("executor") or {}).get("state") or "success"
-            for rev in experiment.get("revs") or []:
-                if rev.get("name"):
-                    metrics = (rev.get("data") or {}).get("metrics") or {}
-                    found[rev["name"]] = Experiment(rev["name"], rev["rev"], metrics, state)
+    """The saved DVC experiments by name, from their git refs (`refs/exps/<baseline>/<name>`); one of HEAD's
+    baseline wins a name. Read while trials run: `dvc exp show` asks the queue's workers too, and was seen to
+    hang for minutes while they shut down."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
+                          cwd=root, capture_output=True, text=True, check=False).stdout.split("\n")  # fmt: skip
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
+    found: dict[str, Experiment] = {}
+    for line in refs:
+        rev, _, ref = line.partition(" ")
+        parts = ref.split("/")
+        if len(parts) != 5 or parts[1] != "exps":
+            continue  # refs/exps/exec/..., stash and other bookkeeping refs
+        name, baseline = parts[4], parts[2] + parts[3]
+        if name not in found or baseline == head:
+            found[name] = Experiment(name, rev)
     return found
+
+
+def committed_json(root: Path, rev: str, path: str) -> Any:
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True, check=False)
+    try:
+        return json.loads(shown.stdout) if shown.returncode == 0 else None
+    except ValueError:
+        return None
+
+
+def queue_status(root: Path) -> dict[str, str]:
+    """{experiment name: queued | running | success | failed} from `dvc queue status` (given a minute)."""
+    try:
+        done = subprocess.run([dvc_executable(), "queue", "status"], cwd=root, env=dvc_env(), capture_output=True,
+                              text=True, timeout=QUEUE_STATUS_TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        log.warning("dvc queue status did not answer in %d s", QUEUE_STATUS_TIMEOUT_S)
+        return {}
+    status = {}
+    for line in done.stdout.splitlines()[1:]:
+        columns = re.split(r"\s{2,}", line.strip())
+        if len(columns) >= 4:
+            status[columns[1]] = columns[-1].lower()
+    return status
 
 
 def set_options(point: dict[str, Any]) -> list[str]:
@@ -531,16 +556,17 @@ def recover(root: Path, study: Any, sweep: Sweep) -> list[Any]:
         if "pgid" in trial.user_attrs:
             _interrupt_leftover(int(trial.user_attrs["pgid"]), trial.user_attrs.get("experiment", ""))
     found = experiments(root)
+    queued = queue_status(root) if sweep.mode != "optuna" else {}
     waiting = []
     for trial in stale:
         name = trial.user_attrs.get("experiment")
-        if name in found and found[name].state == "success":
+        if name in found:
             pruned_at = None
             if sweep.pruning is not None:
                 rows = _committed_curve(root, found[name].rev, curve_file(root, sweep.pruning))
                 pruned_at = _report(Trial(study, trial._trial_id), rows, set(trial.intermediate_values), _sign(sweep))
-            tell(study, trial, sweep, found[name], pruned_at)
-        elif name in found and found[name].state in PENDING and sweep.mode != "optuna":
+            tell(root, study, trial, sweep, found[name], pruned_at)
+        elif queued.get(name) in PENDING:
             waiting.append(trial)
         else:
             study.tell(trial.number, state=TrialState.FAIL)
@@ -567,13 +593,14 @@ def _interrupt_leftover(pgid: int, name: str) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def tell(study: Any, trial: Any, sweep: Sweep, experiment: Experiment | None, pruned_at: int | None) -> str:
+def tell(root: Path, study: Any, trial: Any, sweep: Sweep, experiment: Experiment | None, pruned_at: int | None) -> str:
     """Record a trial's end: complete with its objective, pruned (its objective kept aside if it has one), or
     failed. Returns the state's name."""
     from optuna.trial import TrialState
 
     number = trial.number
-    value = sweep.objective.read(experiment.metrics) if experiment is not None else None
+    data = committed_json(root, experiment.rev, sweep.objective.path) if experiment is not None else None
+    value = sweep.objective.read({sweep.objective.path: {"data": data}}) if isinstance(data, dict) else None
     if experiment is not None:
         study._storage.set_trial_user_attr(trial._trial_id, "rev", experiment.rev)
     if pruned_at is not None:
@@ -638,23 +665,23 @@ def run_queued(root: Path, sweep: Sweep, study: Any, total: int, say: Callable[[
     while waiting:
         time.sleep(POLL_S)
         found = experiments(root)
-        idle_polls = 0 if queue_workers(root) else idle_polls + 1
-        if idle_polls >= 3 and time.monotonic() - started > WORKER_START_S:
-            # No worker left (killed, or the machine restarted): a trial still "running" never will again, and
-            # queued ones need a worker.
-            for name in waiting:
-                if name in found and found[name].state == "running":
-                    found[name] = replace(found[name], state="failed")
-            if any(name in found and found[name].state == "queued" for name in waiting):
-                dvc(root, "queue", "start", "-j", str(sweep.jobs))
-                started, idle_polls = time.monotonic(), 0
-        for name in [name for name in waiting if name not in found or found[name].state not in PENDING]:
-            experiment = found.get(name)
-            ran = experiment if experiment is not None and experiment.state == "success" else None
-            state = tell(study, waiting.pop(name), sweep, ran, None)
-            why = f" ({experiment.state}; its log: dvc queue logs {name})" if state == "FAIL" and experiment else ""
-            say(f"{name}: {state.lower()}{why}")
+        for name in [name for name in waiting if name in found]:
+            state = tell(root, study, waiting.pop(name), sweep, found[name], None)
+            say(f"{name}: {state.lower()}")
             failed += [name] if state == "FAIL" else []
+        idle_polls = 0 if queue_workers(root) else idle_polls + 1
+        if not waiting or idle_polls < 3 or time.monotonic() - started < WORKER_START_S:
+            continue
+        # No worker left: they end once the queue is empty, or were killed. What DVC did not save failed (or
+        # was left running by a killed worker); what is still queued needs workers again.
+        status, found = queue_status(root), experiments(root)
+        for name in [name for name in waiting if status.get(name, "queued") != "queued" and name not in found]:
+            tell(root, study, waiting.pop(name), sweep, None, None)
+            say(f"{name}: fail ({status[name]}; its log: dvc queue logs {name})")
+            failed.append(name)
+        if any(status.get(name) == "queued" for name in waiting):
+            dvc(root, "queue", "start", "-j", str(sweep.jobs))
+            started, idle_polls = time.monotonic(), 0
     if failed:
         raise DataError(f"sweep '{sweep.name}': trials {failed} failed (`dvc queue logs <name>` says why); the same "
                         "command runs them again")  # fmt: skip
@@ -673,11 +700,17 @@ def queue_workers(root: Path) -> list[int]:
 
 
 def end_queue_workers(root: Path) -> None:
-    """End DVC's queue workers of `root` now, for a script that must leave no process behind: they otherwise
-    end on their own a while after the queue empties."""
+    """End DVC's queue workers of `root` now and wait for them, for a script that must leave no process behind
+    (they otherwise end on their own a while after the queue empties)."""
     for pid in queue_workers(root):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while queue_workers(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in queue_workers(root):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _trial_workspace(root: Path, name: str) -> Path | None:
@@ -761,13 +794,12 @@ def run_optuna_trial(root: Path, sweep: Sweep, study: Any, trial: Any, say: Call
         _stop_group(process)
         raise
     experiment = experiments(root).get(name) if process.returncode == 0 and pruned_at is None else None
-    experiment = experiment if experiment is not None and experiment.state == "success" else None
     if curve is not None and pruned_at is None:
         # The rest of the curve, from the experiment (or the failed run's workspace, gone by now: then what
         # was read live): the verdict must not depend on how often the sweep looked.
         rows = _committed_curve(root, experiment.rev, curve) if experiment is not None else []
         pruned_at = _report(trial, rows, reported, sign)
-    return tell(study, trial, sweep, experiment, pruned_at)
+    return tell(root, study, trial, sweep, experiment, pruned_at)
 
 
 def _committed_curve(root: Path, rev: str, curve: Path) -> list[tuple[int, float]]:
