@@ -910,11 +910,10 @@ def apply(root: Path, outcome: Outcome, sweep: Sweep) -> str:
 # --- results ------------------------------------------------------------------------------------------------
 
 
-def write_results(root: Path, sweep: Sweep, study: Any) -> Outcome:
-    """trials.csv (named as `dvc exp show` names its columns), best.json, importances and the plots."""
+def summarise(sweep: Sweep, study: Any) -> Outcome:
+    """One row per trial (columns named as `dvc exp show` names them), the best, the importances."""
     from optuna.trial import TrialState
 
-    folder = root / sweep.folder
     objective = str(sweep.objective)
     rows = []
     for trial in study.trials:
@@ -929,22 +928,30 @@ def write_results(root: Path, sweep: Sweep, study: Any) -> Outcome:
             "pruned_at": trial.last_step if trial.state == TrialState.PRUNED else None,
             "seconds": round(trial.duration.total_seconds(), 1) if trial.duration else None,
         })  # fmt: skip
-    with (folder / "trials.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        writer.writerows(rows)
-    outcome = Outcome(sweep.name, rows, files={"table": str(sweep.folder / "trials.csv")})
+    outcome = Outcome(sweep.name, rows)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if complete:
-        best = study.best_trial
-        outcome.best = next(r for r in rows if r["trial"] == best.number)
+        outcome.best = next(r for r in rows if r["trial"] == study.best_trial.number)
+    outcome.importances = _importances(study, complete)
+    return outcome
+
+
+def write_results(root: Path, sweep: Sweep, study: Any) -> Outcome:
+    """trials.csv, best.json, importances.json and the plots, beside the study."""
+    outcome = summarise(sweep, study)
+    folder = root / sweep.folder
+    with (folder / "trials.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(outcome.trials[0]) if outcome.trials else ["trial"])
+        writer.writeheader()
+        writer.writerows(outcome.trials)
+    outcome.files["table"] = str(sweep.folder / "trials.csv")
+    if outcome.best is not None:
         write_json(outcome.best, folder / "best.json")
         outcome.files["best"] = str(sweep.folder / "best.json")
-    outcome.importances = _importances(study, complete)
     if outcome.importances is not None:
         write_json(outcome.importances, folder / "importances.json")
         outcome.files["importances"] = str(sweep.folder / "importances.json")
-    outcome.files.update(_plots(study, folder, sweep, bool(complete), outcome.importances is not None))
+    outcome.files.update(_plots(study, folder, sweep, outcome.best is not None, outcome.importances is not None))
     return outcome
 
 
@@ -1100,8 +1107,15 @@ def main(argv: list[str] | None = None) -> None:
             if not args.name:
                 raise ConfigError("show needs --name <sweep> (see data/sweeps/)")
             sweep = _shown(args.repo, args.name)
-            with owning(args.repo / sweep.folder, sweep.name):
-                outcome = write_results(args.repo, sweep, open_study(args.repo, sweep))
+            try:
+                with owning(args.repo / sweep.folder, sweep.name):
+                    outcome = write_results(args.repo, sweep, open_study(args.repo, sweep))
+            except BusyError:
+                if args.apply_best:
+                    raise
+                # The search is running: its table so far, without writing under it.
+                outcome = summarise(sweep, open_study(args.repo, sweep))
+                print(f"sweep {sweep.name} is running; its files are rewritten when it ends")
             if args.apply_best:
                 outcome.applied = apply(args.repo, outcome, sweep)
         else:

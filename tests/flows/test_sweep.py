@@ -142,6 +142,23 @@ def test_a_sweep_is_refused_before_anything_runs(sweep_repo: Path) -> None:
     assert not (sweep_repo / "data" / "sweeps").exists()
 
 
+def test_show_prints_a_running_sweep_without_writing_under_it(sweep_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.sweep import BusyError, main, open_study, owning
+
+    sweep = _sweep(sweep_repo, "grid", {"train_text.lr": "1e-3,3e-3"}, name="busy")
+    open_study(sweep_repo, sweep).enqueue_trial({"train_text.lr": 0.001})
+    with owning(sweep_repo / sweep.folder, sweep.name):  # as a running search holds it
+        main(["show", "--name", "busy", "--repo", str(sweep_repo)])
+        with pytest.raises(BusyError, match="already running"):
+            with owning(sweep_repo / sweep.folder, sweep.name):
+                pass
+    out = capsys.readouterr().out
+    assert "sweep busy is running" in out and "waiting" in out
+    assert not (sweep_repo / sweep.folder / "trials.csv").exists()
+    with pytest.raises(SystemExit):
+        main(["show", "--name", "nothing", "--repo", str(sweep_repo)])
+
+
 # --- real sweeps on a tiny pipeline ---------------------------------------------------------------------------
 
 
