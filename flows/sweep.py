@@ -448,8 +448,8 @@ class Experiment:
 
 def experiments(root: Path) -> dict[str, Experiment]:
     """The saved DVC experiments by name, from their git refs (`refs/exps/<baseline>/<name>`); one of HEAD's
-    baseline wins a name. Read while trials run: `dvc exp show` asks the queue's workers too, and was seen to
-    hang for minutes while they shut down."""
+    baseline wins a name. Read every second while trials run: git answers at once, where `dvc exp show` reads
+    every experiment's data and asks the queue's workers."""
     refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
                           cwd=root, capture_output=True, text=True, check=False).stdout.split("\n")  # fmt: skip
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False).stdout.strip()
@@ -658,9 +658,7 @@ def run_queued(root: Path, sweep: Sweep, study: Any, total: int, say: Callable[[
         say(f"queued {name}: {_describe(trial.params)}")
     if not waiting:
         return
-    # The workers end on their own once the queue stays empty (dvc-task's temporary workers); `dvc queue stop`
-    # would leave a shutdown message in the broker that stops the next sweep's workers after one task.
-    dvc(root, "queue", "start", "-j", str(sweep.jobs))
+    start_queue(root, sweep)
     started, idle_polls, failed = time.monotonic(), 0, []
     while waiting:
         time.sleep(POLL_S)
@@ -680,11 +678,25 @@ def run_queued(root: Path, sweep: Sweep, study: Any, total: int, say: Callable[[
             say(f"{name}: fail ({status[name]}; its log: dvc queue logs {name})")
             failed.append(name)
         if any(status.get(name) == "queued" for name in waiting):
-            dvc(root, "queue", "start", "-j", str(sweep.jobs))
+            start_queue(root, sweep)
             started, idle_polls = time.monotonic(), 0
     if failed:
         raise DataError(f"sweep '{sweep.name}': trials {failed} failed (`dvc queue logs <name>` says why); the same "
                         "command runs them again")  # fmt: skip
+
+
+def start_queue(root: Path, sweep: Sweep) -> None:
+    """`dvc queue start -j <jobs>`. Its workers inherit its output, so it writes to a file: through a pipe, the
+    call would last as long as they do (and was seen to hang their shutdown). They end on their own once the
+    queue stays empty; `dvc queue stop` would leave a shutdown message in the broker that stops the next
+    sweep's workers after one task."""
+    logs = root / sweep.folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / "queue.log").open("ab") as out:
+        done = subprocess.run([dvc_executable(), "queue", "start", "-j", str(sweep.jobs)], cwd=root, env=dvc_env(),
+                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise DataError(f"dvc queue start failed (exit {done.returncode}); see {sweep.folder / 'logs' / 'queue.log'}")
 
 
 def queue_workers(root: Path) -> list[int]:

@@ -281,7 +281,7 @@ def test_grid_runs_on_dvc_queue_and_the_best_trial_reproduces(reproduced_repo: P
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "applied grid-" in done.stdout
     assert len(list((root / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"))) == 2  # --jobs 2: two queue workers
-    end_queue_workers(root)  # before `dvc exp show`, which asks the workers and can hang while they shut down
+    end_queue_workers(root)  # no idle worker outlives the test
 
     shown = {name: e for name, e in _experiments(root).items() if name.startswith("grid-")}
     assert sorted(shown) == ["grid-0", "grid-1", "grid-2", "grid-3"]
