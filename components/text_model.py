@@ -9,13 +9,15 @@ evaluation and serving share one definition of each.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.common import ConfigError, DataError, progress, require
+from components.common import ConfigError, DataError, progress, require, write_json
 from components.delex import COPYING_FILE, Delexicaliser, values_said
 from components.model_io import check_safetensors_folder
 from components.records import SCHEMA_FILE
@@ -28,6 +30,8 @@ SPECIAL_TOKENS = (PAD, SEP, EOS)
 DECODING = ("greedy", "beam", "nucleus")
 TOKENIZER_FILE = "tokenizer.json"
 VOCABULARY_FILE = "vocabulary.json"  # training-source words; the service measures prompts' OOV share with it
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: a folder holding it is a LoRA adapter, not whole weights
+BASE_FILE = "base_model.json"  # the pretrained model a LoRA fine-tune started from: path and content hash
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,100 @@ class TextModelConfig:
         if cfg.n_embd % cfg.n_head:
             raise ConfigError(f"params key '{prefix}.n_embd' ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
         return cfg
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """`train_text.lora`: low-rank adapters (peft) on a pretrained model, which stays frozen."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...] | None  # None: peft's default for the architecture (GPT-2: c_attn)
+    merge: bool  # save merged whole weights instead of the adapter and its base's reference
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any], prefix: str) -> LoraSettings:
+        targets = section.get("target_modules")
+        if targets is not None and (
+            not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ConfigError(f"params key '{prefix}.target_modules' must be a list of module names or null, got {targets!r}")
+        return cls(
+            r=require(section, "r", int, prefix, low=1, high=4096),
+            alpha=float(require(section, "alpha", (int, float), prefix, low=0)),
+            dropout=float(require(section, "dropout", (int, float), prefix, low=0, high=0.9)),
+            target_modules=tuple(targets) if targets else None,
+            merge=require(section, "merge", bool, prefix),
+        )
+
+
+def add_lora(model: Any, settings: LoraSettings, new_token_ids: list[int]) -> Any:
+    """The model wrapped by peft: only the adapters (and the rows of tokens we added to its vocabulary, which
+    the pretrained model never learnt) are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules) if settings.target_modules else None,
+        task_type="CAUSAL_LM",
+        trainable_token_indices=new_token_ids or None,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. a target module the architecture does not have
+        raise ConfigError(f"params key 'train_text.lora': {str(err).splitlines()[0]}") from None
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over a save_pretrained folder's config and safetensors weights: what a LoRA adapter was trained on."""
+    digest = hashlib.sha256()
+    for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def save_lora_model(model: Any, settings: LoraSettings, base: Path, tokenizer: Any, folder: Path) -> None:
+    """Merged whole weights (`merge`), or the adapter (peft's safetensors) with the base model's config and a
+    reference to the base (path and content hash) that loading checks."""
+    reference = {"path": str(base.resolve()), "hash": weights_digest(base), "vocab_size": len(tokenizer)}
+    if settings.merge:
+        model.merge_and_unload().save_pretrained(folder, safe_serialization=True)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+        model.get_base_model().config.save_pretrained(folder)  # config.json: the architecture the service reads
+    write_json(reference | {"merged": settings.merge}, folder / BASE_FILE)
+
+
+def load_adapter_model(folder: Path, key: str, vocab_size: int) -> Any:
+    """A LoRA adapter folder on its base model, refused unless the base is the one it was trained on."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if not (folder / BASE_FILE).is_file():
+        raise ConfigError(f"{key}: {folder} holds a LoRA adapter without {BASE_FILE}: retrain it with train_text.lora")
+    reference = json.loads((folder / BASE_FILE).read_text(encoding="utf-8"))
+    base = Path(reference["path"])
+    if not base.is_dir():
+        raise ConfigError(
+            f"{key}: {folder} is a LoRA adapter of {base}, which is missing: restore it, or retrain with lora.merge: true"
+        )
+    found = weights_digest(base)
+    if found != reference["hash"]:
+        raise ConfigError(
+            f"{key}: {folder} is a LoRA adapter of {base}, whose weights changed ({found[:19]}…, trained on "
+            f"{reference['hash'][:19]}…): restore that base model, or retrain the adapter"
+        )
+    check_safetensors_folder(base, f"{key} (base model)")
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size)  # the added rows are the adapter's trained tokens
+    return PeftModel.from_pretrained(model, folder)
 
 
 def build_model(cfg: TextModelConfig, tokenizer: Any) -> Any:
@@ -104,7 +202,10 @@ def load_text_model(folder: Path, key: str, device: torch.device | None = None) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_safetensors_folder(folder, key)
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    if (folder / ADAPTER_CONFIG).is_file():
+        model = load_adapter_model(folder, key, len(AutoTokenizer.from_pretrained(folder)))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
     try:
         delexicaliser = Delexicaliser.load(folder)
     except ValueError as err:
@@ -112,11 +213,17 @@ def load_text_model(folder: Path, key: str, device: torch.device | None = None) 
     return (model.to(device) if device is not None else model).eval(), AutoTokenizer.from_pretrained(folder), delexicaliser
 
 
-def save_text_model(model: Any, tokenizer: Any, folder: Path, features_dir: Path) -> None:
+def save_text_model(
+    model: Any, tokenizer: Any, folder: Path, features_dir: Path, lora: LoraSettings | None = None, base: Path | None = None
+) -> None:
     """A save_pretrained folder (safetensors, config, tokenizer) with the training vocabulary, the record
     schema and the delexicaliser beside it: the service builds its request model and drift log from the
-    first two, and evaluation and the service fill the model's placeholders with the third."""
-    model.save_pretrained(folder, safe_serialization=True)
+    first two, and evaluation and the service fill the model's placeholders with the third. A LoRA model
+    (`lora`, fine-tuned from `base`) is saved as `save_lora_model` says."""
+    if lora is not None and base is not None:
+        save_lora_model(model, lora, base, tokenizer, folder)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     (folder / COPYING_FILE).unlink(missing_ok=True)
     for name in (VOCABULARY_FILE, SCHEMA_FILE, COPYING_FILE):

@@ -7,8 +7,12 @@ Writes a save_pretrained folder (safetensors + config + tokenizer) and `training
 data hash that produced it). Every `validate_every` steps the model writes the first `validate_sources`
 validation sources, decoded as the service decodes (`validate_beams` beams, 1: greedy; copied values
 required), and is scored on them (BLEU, chrF and the slot metrics); the weights of the best step by
-`select_by` are the ones saved, and `training.json` says which step that was. Needs only torch,
-transformers, tokenizers, safetensors, sacrebleu, numpy and yaml.
+`select_by` are the ones saved, and `training.json` says which step that was.
+
+With `lora` (and `init_from`), peft's low-rank adapters are trained and the pretrained weights stay frozen;
+the folder then holds the adapter (safetensors) and `base_model.json` (the base's path and content hash),
+or, with `lora.merge: true`, merged whole weights. Needs only torch, transformers, tokenizers, safetensors,
+sacrebleu, numpy and yaml (and peft with `lora`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from components.slots import SlotLexicon, check_output, slot_scores
 from components.text_model import (
     TOKENIZER_FILE,
     Examples,
+    LoraSettings,
     TextModelConfig,
+    add_lora,
     build_model,
     decoding_options,
     generate_texts,
@@ -54,6 +60,7 @@ class TrainTextConfig:
     init_from: Path | None
     model: TextModelConfig
     train: TrainConfig
+    lora: LoraSettings | None = None
     validate_sources: int = 200
     select_by: str = "bleu"
     validate_beams: int = 4
@@ -66,8 +73,16 @@ class TrainTextConfig:
         select_by = require(params, "select_by", str, "train_text")
         if select_by not in SELECTION:
             raise ConfigError(f"params key 'train_text.select_by' must be one of {list(SELECTION)}, got {select_by!r}")
+        lora = params.get("lora")
+        if lora is not None and not isinstance(lora, dict):
+            raise ConfigError(
+                f"params key 'train_text.lora' must be a mapping (r, alpha, dropout, target_modules, merge) or null, got {lora!r}"
+            )
+        if lora is not None and not init_from:
+            raise ConfigError("params key 'train_text.lora' needs train_text.init_from: LoRA adapts a pretrained model")
         return cls(
             init_from=Path(init_from) if init_from else None,
+            lora=LoraSettings.from_params(lora, "train_text.lora") if lora is not None else None,
             model=TextModelConfig.from_params(require(params, "model", dict, "train_text"), "train_text.model"),
             train=TrainConfig.from_params(params, "train_text"),
             validate_sources=require(params, "validate_sources", int, "train_text", low=1),
@@ -127,6 +142,9 @@ def text_job(cfg: TrainTextConfig, features_dir: Path) -> TrainingJob:
     if cfg.init_from is not None:
         placeholders = delexicaliser.placeholders() if delexicaliser else None
         model, tokenizer = load_pretrained(cfg.init_from, "train_text.init_from", placeholders)
+        if cfg.lora is not None:
+            ours = [tokenizer.pad_token, tokenizer.sep_token, tokenizer.eos_token, *(placeholders or [])]
+            model = add_lora(model, cfg.lora, sorted({tokenizer.convert_tokens_to_ids(t) for t in ours}))
     else:
         tokenizer = tokenizer_from_file(features_dir / TOKENIZER_FILE)
         model = build_model(cfg.model, tokenizer)
@@ -134,8 +152,9 @@ def text_job(cfg: TrainTextConfig, features_dir: Path) -> TrainingJob:
     examples = load_examples(features_dir, "train", tokenizer, cfg.init_from is None, max_length)
 
     def save(out_dir: Path, result: TrainResult) -> dict[str, Any]:
-        save_text_model(training.unwrap(model), tokenizer, out_dir, features_dir)
-        return training.parameter_count(model)
+        save_text_model(training.unwrap(model), tokenizer, out_dir, features_dir, cfg.lora, cfg.init_from)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return training.parameter_count(model) | ({"trainable_parameters": trainable} if cfg.lora else {})
 
     inputs = [features_dir / name for name in (TOKENIZER_FILE, "train.safetensors", "train.parquet", "val.parquet", COPYING_FILE)]
     return TrainingJob(
@@ -145,6 +164,7 @@ def text_job(cfg: TrainTextConfig, features_dir: Path) -> TrainingJob:
         params={
             "init_from": str(cfg.init_from) if cfg.init_from else None,
             "model": asdict(cfg.model),
+            **({"lora": asdict(cfg.lora)} if cfg.lora else {}),
             **(
                 {"validate_sources": cfg.validate_sources, "select_by": cfg.select_by, "validate_beams": cfg.validate_beams}
                 if cfg.train.validate_every

@@ -71,8 +71,18 @@ def shrink(params: dict[str, Any]) -> dict[str, Any]:
     tiny["train_feature_net"].update(max_steps=20, batch_size=32, warmup_steps=2, checkpoint_every=10, log_every=10)
     tiny["train_image"]["model"].update(latent_dim=8, embed_dim=4, generator_width=8, discriminator_width=8)
     tiny["train_image"].update(max_steps=8, batch_size=8, checkpoint_every=4, log_every=4, sample_every=4, samples_per_class=2)
+    tiny["train_diffusion"]["model"].update(block_channels=[8, 8], norm_groups=4, train_timesteps=50, sampling_steps=3)
+    tiny["train_diffusion"].update(
+        max_steps=6, batch_size=8, warmup_steps=2, checkpoint_every=3, log_every=3, sample_every=3, samples_per_class=2
+    )
     tiny["evaluate_image"].update(
-        samples_per_class=6, kid_subsets=5, kid_subset_size=10, batch_size=32, inception=False, grid_per_class=2
+        samples_per_class=6,
+        kid_subsets=5,
+        kid_subset_size=10,
+        batch_size=32,
+        inception=False,
+        grid_per_class=2,
+        diffusion_steps=[2, 3],
     )
     tiny["train_restore"]["model"].update(width=8, blocks=1)
     tiny["train_restore"].update(crop_size=16, max_steps=10, batch_size=4, warmup_steps=2, checkpoint_every=5, log_every=5)

@@ -224,6 +224,32 @@ def test_evaluate_image_writes_the_documented_metrics(
     assert (tmp_path / "eval" / "samples.png").is_file()
 
 
+def test_evaluate_image_scores_a_diffusion_model_with_the_gans_keys_and_fid_by_steps(
+    image_models: Path, tiny_features: Path, tiny_params: dict[str, Any], tmp_path: Path
+) -> None:
+    from components import train_diffusion
+
+    raw = section(tiny_params, "train_diffusion")
+    train_diffusion.train_diffusion(
+        train_diffusion.TrainDiffusionConfig.from_params(raw), tiny_features / "images", tmp_path / "diffusion", tmp_path / "ckpt"
+    )
+    cfg = evaluate_image.EvaluateImageConfig.from_params(section(tiny_params, "evaluate_image"))  # steps [2, 3]; model: 3
+    run = lambda model, name: evaluate_image.evaluate_image(  # noqa: E731
+        cfg, model, image_models / "feature_net", image_models / "reference", tiny_features / "images",
+        tmp_path / f"{name}.json", tmp_path / name,
+    )  # fmt: skip
+    gan, diffusion = run(image_models / "image", "gan"), run(tmp_path / "diffusion", "diffusion")
+    assert set(gan) < set(diffusion)  # one `dvc exp show` lists both
+    assert set(diffusion) - set(gan) == {"sampling_steps", "fid_domain_steps_2", "fid_domain_steps_3"}
+    assert diffusion["fid_domain_steps_3"] == diffusion["fid_domain"] and diffusion["generated_images"] == 60
+    rows = (tmp_path / "diffusion" / "fid_by_steps.csv").read_text().splitlines()
+    assert rows[0] == "sampling_steps,fid_domain" and [r.split(",")[0] for r in rows[1:]] == ["2", "3"]
+    assert not (tmp_path / "gan" / "fid_by_steps.csv").exists()
+    timing = json.loads((tmp_path / "diffusion" / "timing.json").read_text())
+    assert timing["generator"] == "diffusion" and timing["ms_per_image"] > 0 and "ms_per_image_steps_2" in timing
+    assert run(tmp_path / "diffusion", "again") == diffusion  # seeded: the same numbers every time
+
+
 # --- restoration ----------------------------------------------------------------------------------------
 
 

@@ -35,6 +35,6 @@ def test_shared_helpers_run_on_a_machine_with_only_torch_and_transformers() -> N
 def test_image_training_and_evaluation_need_only_torch_safetensors_and_torchmetrics() -> None:
     # What the GPU machine has: no torchvision (grids are skipped there), pyarrow, PIL or scikit-learn.
     modules = ["components.train_image", "components.train_feature_net", "components.train_restore",
-               "components.evaluate_image", "components.evaluate_restore"]  # fmt: skip
-    watched = ["torchvision", "pyarrow", "pandas", "PIL", "sklearn", "skimage", "transformers", "prefect", "dvc"]
-    assert loaded_after_import(modules, watched) == []
+               "components.evaluate_image", "components.evaluate_restore", "components.train_diffusion"]  # fmt: skip
+    watched = ["torchvision", "pyarrow", "pandas", "PIL", "sklearn", "skimage", "transformers", "prefect", "dvc", "diffusers"]
+    assert loaded_after_import(modules, watched) == []  # diffusers: imported when a diffusion model is built

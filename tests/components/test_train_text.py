@@ -134,13 +134,13 @@ def test_checkpoints_of_another_config_are_not_resumed(tiny_params: dict[str, An
     assert len([p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]) == 2  # each run keeps its own folder
 
 
-def tiny_pretrained(folder: Path, features: Path) -> None:
+def tiny_pretrained(folder: Path, features: Path, n_embd: int = 16, n_layer: int = 1) -> None:
     """A tiny GPT-2 and a tokenizer without our special tokens, saved the way the hub's models are."""
     from tokenizers import Tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(features / "tokenizer.json")))
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=2))
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 

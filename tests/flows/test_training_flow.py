@@ -19,6 +19,8 @@ from tests.conftest import REPO_ROOT, STAGES, copy_repo, venv_env
 DEPENDENCIES = [("validate", "ingest"), ("clean", "validate"), ("augment", "clean"), ("features", "augment"),
                 ("train_text", "features"), ("evaluate_text", "train_text"), ("train_image", "features"),
                 ("evaluate_image", "train_image"), ("evaluate_image", "train_feature_net"),
+                ("train_diffusion", "features"), ("evaluate_diffusion", "train_diffusion"),
+                ("evaluate_diffusion", "train_feature_net"),
                 ("evaluate_restore", "train_restore"), ("package", "evaluate_text"), ("package", "evaluate_image"),
                 ("package", "evaluate_restore")]  # fmt: skip
 
