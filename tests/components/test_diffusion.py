@@ -113,13 +113,13 @@ def test_diffusion_params_are_checked_with_the_key_named(tiny_params: dict[str, 
     with pytest.raises(ConfigError, match=r"'train_diffusion.model.sampler' must be one of"):
         diffusion_config(tiny_params, model={"sampler": "euler"})
     with pytest.raises(ConfigError, match=r"'train_diffusion.model.block_channels'.*multiple of norm_groups"):
-        diffusion_config(tiny_params, model={"block_channels": [8, 12]})
+        diffusion_config(tiny_params, model={"block_channels": [8, 10]})
     with pytest.raises(ConfigError, match=r"'train_diffusion.model.guidance_scale'.*label_dropout"):
         diffusion_config(tiny_params, model={"guidance_scale": 3.0, "label_dropout": 0.0})
     with pytest.raises(ConfigError, match=r"'train_diffusion.model.sampling_steps'.*exceeds"):
         diffusion_config(tiny_params, model={"sampling_steps": 60})
-    with pytest.raises(ConfigError, match=r"sample size 12 cannot be halved 2 times"):
-        model_config(tiny_params, 12, 1, 2, block_channels=[8, 8, 8])
+    with pytest.raises(ConfigError, match=r"sample size 10 cannot be halved 2 times"):
+        model_config(tiny_params, 10, 1, 2, block_channels=[8, 8, 8], sample_size=None)
     with pytest.raises(ConfigError, match=r"sample size 6 cannot be halved 2 times.*'train_diffusion.model.sample_size'"):
         diffusion_config(tiny_params, model={"block_channels": [8, 8, 8], "sample_size": 6})
     with pytest.raises(ConfigError, match=r"'train_diffusion.model.sample_size' must be an integer"):
