@@ -67,6 +67,10 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path, tm
         "models/image/model.safetensors",
         "metrics/train_image/samples/step-00000008.png",
         "data/evaluation/image/samples.png",
+        "models/diffusion/model.safetensors",
+        "metrics/train_diffusion/samples/step-00000006.png",
+        "data/evaluation/diffusion/samples.png",
+        "data/evaluation/diffusion/fid_by_steps.csv",
         "models/restore/model.safetensors",
         "data/evaluation/restore/comparison.png",
         "models/bento.json",
@@ -83,6 +87,8 @@ def test_repro_builds_every_output_then_a_rerun_does_nothing(tiny_repo: Path, tm
     assert metrics["text"]["split_by"] == "group" and text["copied_keys"]["name"] == "hidden"
     image = json.loads((tiny_repo / "metrics" / "image.json").read_text())
     assert {"fid_domain", "kid_domain", "fid_domain_floor", "feature_net_accuracy"} <= set(image)
+    diffusion = json.loads((tiny_repo / "metrics" / "diffusion.json").read_text())
+    assert set(image) < set(diffusion) and diffusion["fid_domain_floor"] == image["fid_domain_floor"]  # same reference
     restore = json.loads((tiny_repo / "metrics" / "restore.json").read_text())
     assert {"psnr", "ssim", "psnr_y", "psnr_baseline", "ssim_baseline", "psnr_y_baseline", "task"} <= set(restore)
 
