@@ -133,7 +133,9 @@ def test_param_change_reruns_only_the_stages_that_read_it(tiny_repo: Path) -> No
     (tiny_repo / "params.yaml").write_text(params.replace("image_size: 16", "image_size: 8"))
     rerun = dvc(tiny_repo, "repro")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    image_stages = ["features", "train_feature_net", "train_image", "evaluate_image", "package"]
+    image_stages = [
+        "features", "train_feature_net", "train_image", "evaluate_image", "train_diffusion", "evaluate_diffusion", "package"
+    ]  # fmt: skip
     for stage in image_stages:
         assert f"Running stage '{stage}'" in rerun.stdout
     # The text and restore features are byte-identical after an image-size change: their models are not retrained.
