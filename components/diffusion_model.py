@@ -123,8 +123,16 @@ class DiffusionConfig:
         return self.num_classes
 
 
+def _diffusers() -> Any:
+    try:
+        import diffusers
+    except ImportError:
+        raise ConfigError("the diffusion family needs diffusers: pip install diffusers==0.42.1") from None
+    return diffusers
+
+
 def build_unet(cfg: DiffusionConfig) -> nn.Module:
-    from diffusers import UNet2DModel
+    UNet2DModel = _diffusers().UNet2DModel  # noqa: N806
 
     levels = len(cfg.block_channels)
     attended = lambda i: cfg.attention and i == levels - 1  # noqa: E731  (attention only where maps are smallest)
@@ -145,21 +153,24 @@ def build_unet(cfg: DiffusionConfig) -> nn.Module:
 
 
 def noise_scheduler(cfg: DiffusionConfig) -> Any:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
+    return _diffusers().DDPMScheduler(
         num_train_timesteps=cfg.train_timesteps, beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type
     )
 
 
 def sampling_scheduler(cfg: DiffusionConfig) -> Any:
-    """The few-step sampler over the training noise schedule (its config comes from the DDPM scheduler's)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    """The few-step sampler over the training noise schedule (its config comes from the DDPM scheduler's).
 
+    "trailing" spacing: the first step is the last training timestep, where the starting noise is pure noise
+    (the DDPM default, "leading", starts below it, at 950 of 1000 for 25 steps, and at 0 for as many steps as
+    training timesteps)."""
+    diffusers = _diffusers()
     config = noise_scheduler(cfg).config
     if cfg.sampler == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+        return diffusers.DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    return diffusers.DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+    )
 
 
 class ConditionalDiffusion(nn.Module):

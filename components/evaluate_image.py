@@ -110,6 +110,11 @@ def evaluate_image(
 
     noise, labels = generator.class_noise(cfg.samples_per_class, cfg.seed + 1)
     own_steps = generator.sampling_steps
+    if own_steps is not None and max(cfg.diffusion_steps, default=0) > generator.model_cfg.train_timesteps:
+        raise ConfigError(
+            f"params key 'evaluate_image.diffusion_steps' {list(cfg.diffusion_steps)}: {model_dir} was trained with "
+            f"{generator.model_cfg.train_timesteps} timesteps, so it samples in at most that many steps"
+        )
     by_steps: dict[int, float] = {}
     timing: dict[str, Any] = {"generator": generator.kind, "device": str(device), "images": len(labels)}
     if own_steps is not None:

@@ -1,8 +1,9 @@
 """Either class-conditional image generator behind one interface: the GAN (`gan_model`) or the diffusion UNet
 (`diffusion_model`), chosen by the `family` a model folder's config.json names.
 
-Evaluation, serving and the benches call this, so both generators are sampled, seeded and scored the same
-way: fixed noise per seed, then uint8 images (N, C, S, S). Each family still owns its model and sampling.
+Evaluation calls this, so both generators are sampled, seeded and scored the same way: fixed noise per
+seed, then uint8 images (N, C, S, S). Each family still owns its model and sampling. (Serving and
+bench/fid.py still load the GAN directly.)
 """
 
 from __future__ import annotations
@@ -50,14 +51,6 @@ class ImageGenerator:
         """Fixed (noise, labels) for `per_class` samples of each class: the same seed gives the same images."""
         family = gan_model if self.kind == "gan" else diffusion_model
         return family.class_noise(self.model_cfg, per_class, seed, classes)
-
-    def request_noise(self, count: int, seed: int) -> torch.Tensor:
-        """The noise of one request's `count` images, from its seed alone (so batching never changes them)."""
-        generator = torch.Generator().manual_seed(seed)
-        cfg = self.model_cfg
-        if self.kind == "gan":
-            return torch.randn(count, cfg.latent_dim, generator=generator)
-        return torch.randn(count, cfg.channels, cfg.sample_size, cfg.sample_size, generator=generator)
 
     def generate(
         self, noise: torch.Tensor, labels: torch.Tensor, batch_size: int = 500, steps: int | None = None

@@ -112,16 +112,22 @@ def weights_digest(folder: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def save_lora_model(model: Any, settings: LoraSettings, base: Path, tokenizer: Any, folder: Path) -> None:
+def base_reference(base: Path) -> dict[str, str]:
+    """What a LoRA adapter records of its base: the path and the content hash, taken when training starts."""
+    return {"path": str(base.resolve()), "hash": weights_digest(base)}
+
+
+def save_lora_model(model: Any, settings: LoraSettings, reference: dict[str, str], tokenizer: Any, folder: Path) -> None:
     """Merged whole weights (`merge`), or the adapter (peft's safetensors) with the base model's config and a
     reference to the base (path and content hash) that loading checks."""
-    reference = {"path": str(base.resolve()), "hash": weights_digest(base), "vocab_size": len(tokenizer)}
     if settings.merge:
         model.merge_and_unload().save_pretrained(folder, safe_serialization=True)
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        # Not the whole (resized) embedding matrices, which peft adds by default once the vocabulary grew: the
+        # rows of the tokens we added are trainable tokens, saved as such, and the rest is the base's.
+        model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
         model.get_base_model().config.save_pretrained(folder)  # config.json: the architecture the service reads
-    write_json(reference | {"merged": settings.merge}, folder / BASE_FILE)
+    write_json(reference | {"vocab_size": len(tokenizer), "merged": settings.merge}, folder / BASE_FILE)
 
 
 def load_adapter_model(folder: Path, key: str, vocab_size: int) -> Any:
@@ -132,18 +138,20 @@ def load_adapter_model(folder: Path, key: str, vocab_size: int) -> Any:
     if not (folder / BASE_FILE).is_file():
         raise ConfigError(f"{key}: {folder} holds a LoRA adapter without {BASE_FILE}: retrain it with train_text.lora")
     reference = json.loads((folder / BASE_FILE).read_text(encoding="utf-8"))
+    if not isinstance(reference, dict) or not {"path", "hash"} <= set(reference):
+        raise ConfigError(f"{key}: {folder / BASE_FILE} lacks the base model's path and hash: retrain the adapter")
     base = Path(reference["path"])
     if not base.is_dir():
         raise ConfigError(
             f"{key}: {folder} is a LoRA adapter of {base}, which is missing: restore it, or retrain with lora.merge: true"
         )
+    check_safetensors_folder(base, f"{key} (base model)")
     found = weights_digest(base)
     if found != reference["hash"]:
         raise ConfigError(
             f"{key}: {folder} is a LoRA adapter of {base}, whose weights changed ({found[:19]}…, trained on "
             f"{reference['hash'][:19]}…): restore that base model, or retrain the adapter"
         )
-    check_safetensors_folder(base, f"{key} (base model)")
     model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
     if vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)  # the added rows are the adapter's trained tokens
@@ -214,12 +222,13 @@ def load_text_model(folder: Path, key: str, device: torch.device | None = None) 
 
 
 def save_text_model(
-    model: Any, tokenizer: Any, folder: Path, features_dir: Path, lora: LoraSettings | None = None, base: Path | None = None
-) -> None:
+    model: Any, tokenizer: Any, folder: Path, features_dir: Path, lora: LoraSettings | None = None,
+    base: dict[str, str] | None = None,
+) -> None:  # fmt: skip
     """A save_pretrained folder (safetensors, config, tokenizer) with the training vocabulary, the record
     schema and the delexicaliser beside it: the service builds its request model and drift log from the
     first two, and evaluation and the service fill the model's placeholders with the third. A LoRA model
-    (`lora`, fine-tuned from `base`) is saved as `save_lora_model` says."""
+    (`lora`, fine-tuned from the model `base` references) is saved as `save_lora_model` says."""
     if lora is not None and base is not None:
         save_lora_model(model, lora, base, tokenizer, folder)
     else:

@@ -35,6 +35,7 @@ from components.text_model import (
     LoraSettings,
     TextModelConfig,
     add_lora,
+    base_reference,
     build_model,
     decoding_options,
     generate_texts,
@@ -139,10 +140,12 @@ def text_validation(
 def text_job(cfg: TrainTextConfig, features_dir: Path) -> TrainingJob:
     """The text family's training job: our BPE model from scratch, or a pretrained one fine-tuned."""
     delexicaliser = Delexicaliser.load(features_dir)
+    reference = None
     if cfg.init_from is not None:
         placeholders = delexicaliser.placeholders() if delexicaliser else None
         model, tokenizer = load_pretrained(cfg.init_from, "train_text.init_from", placeholders)
         if cfg.lora is not None:
+            reference = base_reference(cfg.init_from)  # before training: the weights it starts from
             ours = [tokenizer.pad_token, tokenizer.sep_token, tokenizer.eos_token, *(placeholders or [])]
             model = add_lora(model, cfg.lora, sorted({tokenizer.convert_tokens_to_ids(t) for t in ours}))
     else:
@@ -152,9 +155,11 @@ def text_job(cfg: TrainTextConfig, features_dir: Path) -> TrainingJob:
     examples = load_examples(features_dir, "train", tokenizer, cfg.init_from is None, max_length)
 
     def save(out_dir: Path, result: TrainResult) -> dict[str, Any]:
-        save_text_model(training.unwrap(model), tokenizer, out_dir, features_dir, cfg.lora, cfg.init_from)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return training.parameter_count(model) | ({"trainable_parameters": trainable} if cfg.lora else {})
+        # Counted before saving: merging folds the adapters into the weights in place.
+        counts = training.parameter_count(model)
+        trainable = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)} if cfg.lora else {}
+        save_text_model(training.unwrap(model), tokenizer, out_dir, features_dir, cfg.lora, reference)
+        return counts | trainable
 
     inputs = [features_dir / name for name in (TOKENIZER_FILE, "train.safetensors", "train.parquet", "val.parquet", COPYING_FILE)]
     return TrainingJob(
