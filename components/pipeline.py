@@ -68,6 +68,12 @@ class Stage:
             raise ValueError(f"stage '{self.name}' has {len(self.metrics)} metrics files in {DVC_FILE}, expected one")
         return Path(self.metrics[0])
 
+    @property
+    def params_section(self) -> str:
+        """The params.yaml section the command reads: its module's name, so two stages running one module
+        (evaluate_image and evaluate_diffusion) share one section."""
+        return self.module.rsplit(".", 1)[-1]
+
     def config(self) -> Any | None:
         """The stage module's params config class (`CONFIG`), or None for a stage that reads no params."""
         return getattr(importlib.import_module(self.module), "CONFIG", None)

@@ -144,7 +144,8 @@ def params_problems(stages: list[str], repo_root: str = ".", params_path: Path |
         if config is None:  # a stage that reads no params section
             continue
         try:
-            config.from_params(load_params(name, params_path or Path(repo_root) / "params.yaml"))
+            section = declared[name].params_section
+            config.from_params(load_params(section, params_path or Path(repo_root) / "params.yaml"))
         except ConfigError as err:
             problems.append(f"{name}: {err}")
     return problems

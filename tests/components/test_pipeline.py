@@ -29,6 +29,15 @@ def test_stages_modules_arguments_and_outputs_come_from_dvc_yaml() -> None:
     # Every stage that reads its own params section exposes its config, so the flow checks them all up front.
     readers = {name for name, st in stages.items() if any(not p.startswith("base.") for p in st.params)}
     assert {name for name, st in stages.items() if st.config() is not None} == readers
+    # Two stages may run one module on one section; each section a stage reads is one DVC tracks for it.
+    assert stages["evaluate_diffusion"].params_section == "evaluate_image"
+    assert all(any(p.split(".")[0] == st.params_section for p in st.params) for st in stages.values() if st.config())
+
+
+def test_the_repo_params_pass_every_stage_check() -> None:
+    from flows.stages import params_problems
+
+    assert params_problems(list(load_stages(REPO_ROOT)), repo_root=str(REPO_ROOT)) == []
 
 
 def test_unknown_stage_option_or_file_is_a_clear_error(tmp_path: Path) -> None:
