@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,43 @@ def copy_repo(dest: Path, params: dict[str, Any]) -> Path:
 @pytest.fixture
 def tiny_repo(tmp_path: Path, tiny_params: dict[str, Any]) -> Path:
     return copy_repo(tmp_path / "repo", tiny_params)
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    repo: Path
+    stdout: str  # what the from-scratch `dvc repro` printed
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Reproduced:
+    """The tiny pipeline reproduced from scratch once per session, outputs committed with dvc.lock.
+
+    A full `dvc repro` costs minutes of process starts; tests that begin from a reproduced pipeline take a copy
+    (copy_reproduced) and rerun only what they change.
+    """
+    repo = copy_repo(tmp_path_factory.mktemp("reproduced") / "repo", shrink(real_params))
+    run = subprocess.run(["dvc", "repro"], cwd=repo, env=venv_env(), capture_output=True, text=True, timeout=1200)
+    if run.returncode != 0:
+        pytest.fail(f"the session's tiny `dvc repro` failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    commit(repo, "pipeline reproduced")
+    return Reproduced(repo, run.stdout)
+
+
+def commit(repo: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", message], cwd=repo, check=True)
+
+
+def copy_reproduced(source: Reproduced, dest: Path, params: dict[str, Any] | None = None) -> Path:
+    """A copy of the session's reproduced repo (git history and DVC cache included) at dest; with `params`, its
+    params.yaml is replaced and committed."""
+    shutil.copytree(source.repo, dest, symlinks=True)
+    if params is not None:
+        write_params(params, dest / "params.yaml")
+        commit(dest, "params under test")
+    return dest
 
 
 def venv_env() -> dict[str, str]:

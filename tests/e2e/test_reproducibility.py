@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import copy_repo, venv_env
+from tests.conftest import Reproduced, copy_repo, copy_reproduced, venv_env
 
 pytestmark = pytest.mark.slow
 
@@ -32,18 +32,17 @@ def machine(threads: int, hash_seed: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count, "RAYON_NUM_THREADS": count, "PYTHONHASHSEED": str(hash_seed)}
 
 
-def test_two_fresh_copies_write_the_same_dvc_lock_and_experiments_compare(tmp_path: Path, tiny_params: dict[str, Any]) -> None:
-    first = copy_repo(tmp_path / "a", tiny_params)
+def test_two_fresh_copies_write_the_same_dvc_lock_and_experiments_compare(
+    reproduced: Reproduced, tmp_path: Path, tiny_params: dict[str, Any]
+) -> None:
+    # The session's from-scratch run (the environment's thread count, a random hash seed) and one here.
     second = copy_repo(tmp_path / "elsewhere" / "deeper" / "b", tiny_params)
-    dvc(first, "repro", **machine(1, 1))
-    dvc(second, "repro", **machine(2, 4242))
-    lock = (first / "dvc.lock").read_text()
+    dvc(second, "repro", **machine(1, 4242))
+    lock = (reproduced.repo / "dvc.lock").read_text()
     assert lock == (second / "dvc.lock").read_text()
-    assert str(tmp_path) not in lock
+    assert str(tmp_path) not in lock and str(reproduced.repo) not in lock
 
-    git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
-    subprocess.run([*git, "add", "-A"], cwd=first, check=True)
-    subprocess.run([*git, "commit", "-qm", "reproduced"], cwd=first, check=True)
+    first = copy_reproduced(reproduced, tmp_path / "a")
     # Retrain in place on another "machine": no checkpoint to resume, every step runs again.
     shutil.rmtree(first / "models" / "checkpoints")
     again = dvc(first, "repro", "--force", "--single-item", "train_restore", "train_image", **machine(1, 7))

@@ -115,21 +115,13 @@ CASES = {
     "pipe-csv-grey16-one-photo-augmented": Case(PIPE, "csv", "grey16", "one", True),
     "bracket-jsonl-rgb48-rgb-photos-plain": Case(BRACKET, "jsonl", "rgb48", "many-rgb", False),
     "json-jsonl-grey16-grey-photos-augmented": Case(JSON, "jsonl", "grey16", "many", True),
-    "prompt-parquet-rgb48-one-photo-augmented": Case(PROMPT, "parquet", "rgb48", "one", True),
+    "prompt-parquet-rgb48-one-grey-photo-augmented": Case(PROMPT, "parquet", "rgb48", "one-grey", True),
 }
-# Every syntax, file format, image set and photo set is in at least one case; the suite's time goes to
-# shapes no other case has (bracket and Parquet files each run elsewhere; grey16 with one photo in the first;
-# many grey photos in the JSON case, many RGB ones in the bracket case).
-SLOW_CASES = {
-    "json-csv-rgb48-one-grey-photo-plain": Case(JSON, "csv", "rgb48", "one-grey", False),
-}
+# Every syntax, file format, image set and photo set is in at least one case, and each case costs a full
+# `dvc repro`: four cases, one per syntax, carry the formats and image and photo sets between them.
 
 
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, id=name) for name, c in CASES.items()]
-    + [pytest.param(c, id=name, marks=pytest.mark.slow) for name, c in SLOW_CASES.items()],
-)
+@pytest.mark.parametrize("case", [pytest.param(c, id=name) for name, c in CASES.items()])
 def test_dvc_repro_runs_end_to_end_on_the_users_data(case: Case, tmp_path: Path, real_params: dict[str, Any]) -> None:
     params, rows_in = case_params(real_params, case, tmp_path / "data")
     repo = copy_repo(tmp_path / "repo", params)

@@ -23,7 +23,7 @@ import yaml
 
 from flows.monitoring import drift_check, retrain
 from monitoring.simulate import write_simulated_log
-from tests.conftest import copy_repo, venv_env, write_params
+from tests.conftest import Reproduced, copy_reproduced, venv_env, write_params
 from tests.serving.conftest import Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
@@ -60,14 +60,13 @@ def ingest_out(repo: Path) -> str:
     return lock["stages"]["ingest"]["outs"][0]["md5"]
 
 
-def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(tmp_path: Path, tiny_params: dict[str, Any]) -> None:
+def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(
+    reproduced: Reproduced, tmp_path: Path, tiny_params: dict[str, Any]
+) -> None:
     tiny_params["monitor"].update(min_rows=50, cooldown_hours=0)
     tiny_params["promotion"].update(tolerance_bleu=0.0, tolerance_fid=0.0, tolerance_psnr=0.0)
-    repo = copy_repo(tmp_path / "repo", tiny_params)
-    run(repo, "dvc", "repro")
-    git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
-    run(repo, *git, "add", "-A")
-    run(repo, *git, "commit", "-qm", "champion reproduced")
+    repo = copy_reproduced(reproduced, tmp_path / "repo", tiny_params)  # no stage reads monitor or promotion
+    assert "Data and pipelines are up to date." in run(repo, "dvc", "repro")
     run(repo, "git", "init", "-q", "--bare", str(tmp_path / "origin.git"))  # the team's git remote
     run(repo, "git", "remote", "add", "origin", str(tmp_path / "origin.git"))
     run(repo, sys.executable, "-m", "monitoring.promote", "--why", "first champion")

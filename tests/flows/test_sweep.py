@@ -18,7 +18,7 @@ import yaml
 
 from components.common import ConfigError
 from flows.sweep import Dimension, check_sweep, end_queue_workers, grid_points, read_curve, sweep_from
-from tests.conftest import copy_repo, venv_env
+from tests.conftest import Reproduced, copy_repo, copy_reproduced, venv_env
 
 SWEEPS = {
     "target": "evaluate_text",
@@ -173,14 +173,16 @@ def _git(root: Path, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reproduced_repo(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Iterator[Path]:
-    """A tiny pipeline reproduced up to evaluate_text and committed: the baseline every trial starts from."""
+def reproduced_repo(
+    reproduced: Reproduced, tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]
+) -> Iterator[Path]:
+    """The tiny pipeline reproduced and committed, with the sweeps section (no stage reads it): the baseline
+    every trial starts from."""
     from tests.conftest import shrink
 
-    root = copy_repo(tmp_path_factory.mktemp("sweeps") / "repo", {**shrink(real_params), "sweeps": SWEEPS})
-    _dvc(root, "repro", "evaluate_text")
-    _git(root, "add", "-A")
-    _git(root, "commit", "-qm", "baseline")
+    params = {**shrink(real_params), "sweeps": SWEEPS}
+    root = copy_reproduced(reproduced, tmp_path_factory.mktemp("sweeps") / "repo", params)
+    assert "Data and pipelines are up to date." in _dvc(root, "status")
     yield root
     end_queue_workers(root)
 
