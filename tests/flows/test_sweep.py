@@ -277,6 +277,7 @@ def test_grid_runs_on_dvc_queue_and_the_best_trial_reproduces(reproduced_repo: P
     root = reproduced_repo
     store = Path(os.environ["BENTOML_HOME"])
     before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    packaged = (root / "models" / "bento.json").read_bytes()  # the baseline's package stage
     command = [sys.executable, "-m", "flows.sweep", "grid", "-S", "train_text.lr=1e-3,3e-3", "-S", "train_text.model.n_layer=1,2",
                "--jobs", "2", "--name", "grid", "--apply-best"]  # fmt: skip
     done = subprocess.run(command, cwd=root, env=venv_env(), capture_output=True, text=True, timeout=400)
@@ -307,7 +308,7 @@ def test_grid_runs_on_dvc_queue_and_the_best_trial_reproduces(reproduced_repo: P
     committed = subprocess.run(["git", "show", f"{applied['rev']}:metrics/text.json"], cwd=root, capture_output=True, text=True)
     assert json.loads((root / "metrics/text.json").read_text(encoding="utf-8")) == json.loads(committed.stdout)
 
-    assert not (root / "models" / "bento.json").exists()
+    assert (root / "models" / "bento.json").read_bytes() == packaged  # trials end at evaluate_text: nothing packaged
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
 
     shown_again = subprocess.run([sys.executable, "-m", "flows.sweep", "show", "--name", "grid"], cwd=root, env=venv_env(),
