@@ -140,10 +140,8 @@ def copy_repo(dest: Path, params: dict[str, Any]) -> Path:
         else:
             shutil.copy2(src, target)
     write_params(params, dest / "params.yaml")
-    git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "pipeline under test"], cwd=dest, check=True)
+    commit(dest, "pipeline under test")
     return dest
 
 
