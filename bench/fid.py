@@ -1,7 +1,8 @@
 """Seconds for FID (and FID + KID) of N generated images: the pipeline's path vs torchmetrics' default path.
 
-    dvc repro evaluate_image && python bench/fid.py            # 10 000 images from models/image
+    dvc repro evaluate_image && python bench/fid.py            # 10 000 images from models/image (the GAN)
     python bench/fid.py --images 2000
+    python bench/fid.py --generator models/diffusion --images 2000   # the diffusion model's samples instead
 
 Ours (`evaluate_image`): real test features cached by `train_feature_net`, each generated image through the
 feature network once, FID and KID from those features. torchmetrics' default path: the metric objects
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from components.feature_net import DomainFeatures, extract, load_feature_net, load_reference, reference_path  # noqa: E402
-from components.gan_model import class_noise, generate, load_generator  # noqa: E402
+from components.image_generators import load_image_generator  # noqa: E402
 from components.image_io import load_image_split  # noqa: E402
 from components.metrics import fid_from_features, kid_from_features  # noqa: E402
 from components.pipeline import load_stages  # noqa: E402
@@ -46,9 +47,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--kid-subsets", type=int, default=100)
     parser.add_argument("--kid-subset-size", type=int, default=100)
+    parser.add_argument("--generator", type=Path, default=None, help="a GAN or diffusion model folder (default: models/image)")
     args = parser.parse_args()
     stages = load_stages(ROOT)
-    image_dir, net_dir = ROOT / stages["train_image"].argument(1), ROOT / stages["train_feature_net"].argument(1)
+    image_dir = args.generator or ROOT / stages["train_image"].argument(1)
+    net_dir = ROOT / stages["train_feature_net"].argument(1)
     reference = ROOT / reference_path(stages["train_feature_net"].argument("--reference"), "test")
     test_images = ROOT / stages["train_image"].argument(0) / "test.safetensors"
     for needed in (image_dir, net_dir, reference, test_images):
@@ -58,11 +61,11 @@ def main() -> None:
     from torchmetrics.image.kid import KernelInceptionDistance
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator, _ = load_generator(image_dir)
+    generator = load_image_generator(image_dir).to(device)
     extractor = DomainFeatures(load_feature_net(net_dir).to(device))
-    per_class = -(-args.images // generator.cfg.num_classes)
-    z, labels = class_noise(generator.cfg, per_class, seed=0)
-    fake_images, generate_s = timed(lambda: generate(generator.to(device), z[: args.images], labels[: args.images], args.batch))
+    per_class = -(-args.images // generator.num_classes)
+    noise, labels = generator.class_noise(per_class, seed=0)
+    fake_images, generate_s = timed(lambda: generator.generate(noise[: args.images], labels[: args.images], args.batch))
     real_images = load_image_split(test_images).images
     size = min(args.kid_subset_size, len(real_images))
 
@@ -87,7 +90,8 @@ def main() -> None:
             kid_value = float(kid.compute()[0])
         return float(fid.compute()), kid_value
 
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "images": len(fake_images),
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "generator": generator.kind,
+               "images": len(fake_images),
                "real_test_images": len(real_images), "generate_seconds": round(generate_s, 3)}  # fmt: skip
     for with_kid in (False, True):
         (ours_fid, ours_kid), ours_s = timed(lambda: ours(with_kid))  # noqa: B023

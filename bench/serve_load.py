@@ -3,6 +3,7 @@
     dvc repro package && python -m monitoring.promote && python bench/serve_load.py   # starts both servers itself
     python bench/serve_load.py --clients 64 --seconds 20 --scenario mixed
     python bench/serve_load.py --url http://localhost:3000           # only measure a running service
+    python bench/serve_load.py --scenario generate_image --generator diffusion   # the diffusion model's images
 
 Scenarios: `generate_text`, `generate_image` (every client on one endpoint) and `mixed` (a quarter of the
 clients on each of text and image, and the other half uploading images to restore, which the service runs
@@ -45,7 +46,7 @@ def upload(side: int = 256) -> bytes:
     return buffer.getvalue()
 
 
-def request_bodies(url: str, label: str | None) -> dict[str, dict[str, Any]]:
+def request_bodies(url: str, label: str | None, generator: str | None = None) -> dict[str, dict[str, Any]]:
     """A request per endpoint for the served models: a `record` of the schema's first three fields (their
     most common training value, or a short text) or a `prompt`; a trained label (`label`, or the first)."""
     spec = httpx.get(f"{url}/docs.json", timeout=30).json()
@@ -66,7 +67,8 @@ def request_bodies(url: str, label: str | None) -> dict[str, dict[str, Any]]:
         tag = os.environ.get("AIGC_IMAGE_MODEL") or served_tags(record, FAMILIES)["image"]
         folder = Path(bentoml.models.get(tag).path)
         label = json.loads((folder / "config.json").read_text(encoding="utf-8"))["label_names"][0]
-    return {"generate_text": {**text, "max_new_tokens": 32}, "generate_image": {"label": label, "n": 4}}
+    image = {"label": label, "n": 4, **({"generator": generator} if generator else {})}
+    return {"generate_text": {**text, "max_new_tokens": 32}, "generate_image": image}
 
 
 def clients_of(scenario: str, clients: int) -> list[str]:
@@ -165,12 +167,13 @@ def main() -> None:
     parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     parser.add_argument("--url", default=None, help="measure this running service instead of starting two")
     parser.add_argument("--label", default=None, help="image label to request (default: the model's first)")
+    parser.add_argument("--generator", choices=["gan", "diffusion"], default=None, help="default: the service's choice")
     args = parser.parse_args()
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     headers = {"authorization": f"Bearer {os.environ['AIGC_API_KEY']}"} if os.environ.get("AIGC_API_KEY") else None
-    results: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds}
+    results: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds, "generator": args.generator or "default"}
     if args.url:
-        BODIES.update(request_bodies(args.url, args.label))
+        BODIES.update(request_bodies(args.url, args.label, args.generator))
         for scenario in scenarios:
             results[scenario] = asyncio.run(load(args.url, scenario, args.clients, args.seconds, headers))
         print(json.dumps(results, indent=2))
@@ -178,7 +181,7 @@ def main() -> None:
     for batching in (False, True):
         process, url = serve(batching)
         try:
-            BODIES.update(request_bodies(url, args.label))
+            BODIES.update(request_bodies(url, args.label, args.generator))
             for scenario in scenarios:
                 if scenario == "mixed" and not batching:
                     continue  # the mixed workload is about isolation, measured on the served configuration

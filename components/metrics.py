@@ -18,6 +18,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "text": ("bleu", "chrf", "value_coverage", "slot_error_rate", "hallucinated_names", "perplexity", "bleu_retrieval_baseline"),
     "image": ("fid_domain", "fid_domain_floor", "kid_domain", "generated_class_accuracy", "feature_net_accuracy"),
     "restore": ("psnr", "psnr_baseline", "ssim", "ssim_baseline", "psnr_y", "task"),
+    "diffusion": ("fid_domain", "fid_domain_floor", "kid_domain", "generated_class_accuracy", "sampling_steps"),
 }
 """Per model family, the keys of its evaluation's metrics file that summaries and model labels show."""
 

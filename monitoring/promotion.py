@@ -8,7 +8,9 @@ for both models) of the difference challenger − champion, oriented so that pos
 - restore: mean PSNR over the test images, from `data/evaluation/restore/per_image.json`;
 - image: FID (lower is better) of resampled generated images against the real test images, both models'
   samples (`data/evaluation/image/generated_images.safetensors`) embedded by the champion's feature network
-  and compared with the champion's cached real features, so the two FIDs share one yardstick.
+  and compared with the champion's cached real features, so the two FIDs share one yardstick;
+- diffusion: the same FID, of the diffusion models' samples (`data/evaluation/diffusion/...`), when the
+  champion has a diffusion evaluation (one from before the diffusion stages has none, and serves none).
 
 The challenger is promoted when the lower end of the 95 % interval of the difference is at least −tolerance
 (a non-inferiority test: "not worse beyond the tolerance", with confidence). Every decision is appended to
@@ -18,6 +20,7 @@ the promotion history (JSON) with the figures that made it.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -27,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from components.common import locked, write_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,9 @@ def compare_restore(
     return decide("restore", "psnr", float(pairs[:, 0].mean()), float(pairs[:, 1].mean()), ci, tolerance)
 
 
-def compare_image(champion_fake: Any, challenger_fake: Any, real: Any, tolerance: float, samples: int, seed: int) -> Comparison:
+def compare_image(
+    champion_fake: Any, challenger_fake: Any, real: Any, tolerance: float, samples: int, seed: int, family: str = "image"
+) -> Comparison:
     """FID (negated, so higher is better) of generated-image features against the real test features,
     bootstrapping the generated images (same resampled indices for both; the seeds are shared)."""
     from components.metrics import fid_from_features
@@ -111,7 +118,7 @@ def compare_image(champion_fake: Any, challenger_fake: Any, real: Any, tolerance
 
     champion_value, challenger_value = neg_fid(np.arange(n))
     ci = paired_bootstrap(n, neg_fid, samples, seed)
-    comparison = decide("image", "-fid_domain", champion_value, challenger_value, ci, tolerance)
+    comparison = decide(family, "-fid_domain", champion_value, challenger_value, ci, tolerance)
     return comparison
 
 
@@ -179,6 +186,7 @@ def compare_revisions(root: Path, challenger_rev: str, cfg: PromotionConfig, cha
     import io
 
     import pandas as pd
+    from dvc.exceptions import PathMissingError
     from safetensors.torch import load as load_safetensors
 
     from components.feature_net import DomainFeatures, extract, feature_net_from_state, reference_path
@@ -202,11 +210,18 @@ def compare_revisions(root: Path, challenger_rev: str, cfg: PromotionConfig, cha
     net_dir, reference_dir = feature_net_stage.argument(1), feature_net_stage.argument("--reference")
     net = feature_net_from_state(json.loads(champions(net_dir / CONFIG)), load_safetensors(champions(net_dir / WEIGHTS)))
     extractor = DomainFeatures(net)
-    images = [extract(extractor, load_safetensors(b)["images"]) for b in both("image")]
     real = load_safetensors(champions(reference_path(reference_dir, "test")))["features"]
     n, seed = cfg.bootstrap_samples, cfg.seed
-    return [
-        compare_text(text[0], text[1], cfg.tolerance_bleu, n, seed),
-        compare_image(images[0], images[1], real, cfg.tolerance_fid, max(10, n // 10), seed),  # FID per resample is dearer
-        compare_restore(restore[0], restore[1], cfg.tolerance_psnr, n, seed),
-    ]
+    comparisons = [compare_text(text[0], text[1], cfg.tolerance_bleu, n, seed)]
+    for family in ("image", "diffusion"):
+        try:
+            fakes = [extract(extractor, load_safetensors(b)["images"]) for b in both(family)]
+        except (FileNotFoundError, KeyError, PathMissingError) as err:
+            if family == "image":
+                raise
+            log.info("no %s comparison: the champion has no %s evaluation (%s)", family, family, err)
+            continue
+        # FID per resample is dearer than BLEU's or PSNR's: a tenth of the resamples
+        comparisons.append(compare_image(fakes[0], fakes[1], real, cfg.tolerance_fid, max(10, n // 10), seed, family))
+    comparisons.append(compare_restore(restore[0], restore[1], cfg.tolerance_psnr, n, seed))
+    return comparisons

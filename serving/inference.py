@@ -80,24 +80,22 @@ class ImageRequest:
 
 
 class ImageGenerator:
-    """The EMA generator of models/image; one forward pass for every image of every request in a batch."""
+    """A class-conditional generator of either kind (components.image_generators: the GAN of models/image, or
+    the diffusion model of models/diffusion): every image of every request in a batch is generated together,
+    one forward pass for the GAN, one sampling loop for diffusion."""
 
     def __init__(self, folder: Path, device: torch.device) -> None:
-        from components.gan_model import load_generator
+        from components.image_generators import load_image_generator
 
-        self.generator, config = load_generator(folder)
-        self.generator.to(device)
-        self.label_names: list[str] = list(config["label_names"])
-        self.device = device
+        self.model = load_image_generator(folder).to(device)
+        self.kind: str = self.model.kind
+        self.label_names: list[str] = self.model.label_names
 
     def generate(self, requests: list[ImageRequest]) -> list[list[np.ndarray]]:
-        """uint8 (H, W, C) images per request; a request's noise comes from its own seed only."""
-        from components.gan_model import generate
-
-        cfg = self.generator.cfg
-        zs = [torch.randn(r.n, cfg.latent_dim, generator=torch.Generator().manual_seed(r.seed)) for r in requests]
-        labels = torch.cat([torch.full((r.n,), r.label, dtype=torch.long) for r in requests])
-        images = generate(self.generator, torch.cat(zs), labels).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        """uint8 (H, W, C) images per request; a request's noise comes from its own seed only (the same noise
+        `evaluate_image` draws for `n` samples of one class from that seed)."""
+        noise, labels = zip(*(self.model.class_noise(r.n, r.seed, [r.label]) for r in requests), strict=True)
+        images = self.model.generate(torch.cat(noise), torch.cat(labels)).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
         out, start = [], 0
         for r in requests:
             out.append([images[i] for i in range(start, start + r.n)])

@@ -1,6 +1,6 @@
 """Stage `package`: the pipeline's models into BentoML's model store, then a Bento from `bentofile.yaml`.
 
-    python -m serving.package models/text models/image models/restore --out models/bento.json
+    python -m serving.package models/text models/image models/restore models/diffusion --out models/bento.json
 
 Each model folder is imported as `aigc-<family>:<hash of its files>` with labels: its headline metrics, the
 hash of the params and of the data that produced it, and the git revision. A folder whose content is

@@ -30,8 +30,11 @@ PROMOTE, ROLLBACK, CHALLENGE, END_AB = "promote", "rollback", "challenge", "end_
 SPLIT, SHADOW = "split", "shadow"
 CHAMPION, CHALLENGER = "champion", "challenger"
 """The variants a request can be answered by (a shadow answer is logged with variant SHADOW)."""
-FAMILIES = ("text", "image", "restore")
-"""The served model families (the `package` stage's model folders, in its command's order)."""
+FAMILIES = ("text", "image", "restore", "diffusion")
+"""The served model families (the `package` stage's model folders, in its command's order). `image` is the GAN
+and `diffusion` the diffusion model: `generate_image` serves either (serving/service.py)."""
+OPTIONAL_FAMILIES = ("diffusion",)
+"""Families a champion may lack: one promoted before diffusion models were packaged serves the GAN alone."""
 
 
 class PromotionError(ValueError):
@@ -154,14 +157,15 @@ def rollback(record: Path, by: str, why: str) -> dict[str, Any]:
 
 
 def served_tags(record: Path, families: tuple[str, ...]) -> dict[str, str]:
-    """The champion's tag of every family, or a one-line error saying how to promote one."""
+    """The champion's tag of every family it has (all but OPTIONAL_FAMILIES are required), or a one-line error
+    saying how to promote one."""
     champion = current(record)
     if champion is None:
         raise ConfigError(
             f"{record}: no model has been promoted; run `python -m monitoring.promote` to serve the models "
             "the workspace packaged (the package stage's receipt), or set the AIGC_<FAMILY>_MODEL tags"
         )
-    missing = [family for family in families if family not in champion["models"]]
+    missing = [family for family in families if family not in champion["models"] and family not in OPTIONAL_FAMILIES]
     if missing:
         raise ConfigError(f"{record}: the champion has no {', '.join(missing)} model; promote a complete package receipt")
-    return {family: champion["models"][family] for family in families}
+    return {family: champion["models"][family] for family in families if family in champion["models"]}

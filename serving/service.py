@@ -1,4 +1,4 @@
-"""The BentoML service: text generation, class-conditional image generation and image restoration.
+"""The BentoML service: text generation, class-conditional image generation (GAN or diffusion) and image restoration.
 
     bentoml serve serving.service:Gateway            # http://localhost:3000, Swagger UI at /
 
@@ -14,10 +14,16 @@ written as a source in the training data's own syntax (components.records).
 
 Which models: exactly the promoted ones (serving/promoted.py), never `aigc-*:latest`. A Bento built by the
 `package` stage is pinned to the models it was built with (Bento arguments `text_model`, `image_model`,
-`restore_model`, also `bentoml serve … --arg text_model=<tag>`); `bentoml serve serving.service:Gateway`
-from the repository serves the current champion of the promotion record (`AIGC_PROMOTED`, default
-params.yaml's `promotion.record`). `AIGC_TEXT_MODEL` / `AIGC_IMAGE_MODEL` / `AIGC_RESTORE_MODEL` override
-one family's tag. With none of these the service refuses to start and says how to promote.
+`restore_model`, `diffusion_model`, also `bentoml serve … --arg text_model=<tag>`); `bentoml serve
+serving.service:Gateway` from the repository serves the current champion of the promotion record
+(`AIGC_PROMOTED`, default params.yaml's `promotion.record`). `AIGC_TEXT_MODEL` / `AIGC_IMAGE_MODEL` /
+`AIGC_RESTORE_MODEL` / `AIGC_DIFFUSION_MODEL` override one family's tag (the first three pinned and no
+diffusion tag: the GAN alone is served). With none of these the service refuses to start and says how to promote.
+
+Image generation: `generate_image` takes `generator: gan | diffusion`. Left out, it is the variant's better
+one: the generator whose domain FID (measured by `evaluate_image` on the same test images, a label of the
+model in the store) is lower, or `AIGC_IMAGE_GENERATOR` when set. A champion promoted before diffusion models
+were packaged serves the GAN alone. Images depend only on (model, label, seed, n), never on the batch.
 
 Online A/B: while the promotion record runs an A/B test, `Models` also loads the challenger. In `split` mode
 a share of clients (sticky by the `x-client-key` header, else by the request's seed) get the challenger's
@@ -31,7 +37,8 @@ variant, refusals by reason, batch sizes, tokens and images, request-log rows, t
 
 Environment: `AIGC_API_KEY` (when set, requests need `Authorization: Bearer <key>`; health endpoints, the
 docs and `/metrics` stay open), `AIGC_METRICS_KEY` (when set, `/metrics` needs it as its bearer token),
-`AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks), `AIGC_REQUEST_LOG` (request log folder,
+`AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks), `AIGC_IMAGE_GENERATOR` (gan | diffusion: the
+default generator, instead of the lower FID), `AIGC_REQUEST_LOG` (request log folder,
 default `monitoring/logs`) and `AIGC_REQUEST_LOG_FLUSH_SECONDS` (5).
 """
 
@@ -100,12 +107,12 @@ def served_models() -> tuple[dict[str, str], dict[str, Any] | None]:
     AIGC_<FAMILY>_MODEL, else the champion (and the running A/B test) of the promotion record. Never `:latest`:
     what an experiment packaged is not served until it is promoted or put on test."""
     from components.common import ConfigError, load_params
-    from serving.promoted import FAMILIES, RECORD_ENV, PromotionError, challenger, served_tags
+    from serving.promoted import FAMILIES, OPTIONAL_FAMILIES, RECORD_ENV, PromotionError, challenger, served_tags
 
     arguments = bentoml.use_arguments()
     pinned = {f: getattr(arguments, f"{f}_model", None) or os.environ.get(f"AIGC_{f.upper()}_MODEL") for f in FAMILIES}
-    if all(pinned.values()):
-        return pinned, None  # type: ignore[return-value]
+    if all(tag for family, tag in pinned.items() if family not in OPTIONAL_FAMILIES):
+        return {family: tag for family, tag in pinned.items() if tag}, None
     try:
         record = Path(os.environ.get(RECORD_ENV) or load_params("promotion")["record"])
         promoted, ab = served_tags(record, FAMILIES), challenger(record)
@@ -113,11 +120,19 @@ def served_models() -> tuple[dict[str, str], dict[str, Any] | None]:
         raise SystemExit(f"aigc service: {err}") from None  # one line, not a traceback, and no start
     if ab is not None and any(pinned.values()):
         ab = None  # a family pinned by hand is not A/B tested
-    return {family: pinned[family] or promoted[family] for family in FAMILIES}, ab
+    served = {family: pinned[family] or promoted.get(family) for family in FAMILIES}
+    return {family: tag for family, tag in served.items() if tag}, ab
 
 
 SERVED, AB = served_models()
-TEXT_TAG, IMAGE_TAG, RESTORE_TAG = SERVED["text"], SERVED["image"], SERVED["restore"]
+TEXT_TAG, IMAGE_TAG, RESTORE_TAG, DIFFUSION_TAG = SERVED["text"], SERVED["image"], SERVED["restore"], SERVED.get("diffusion")
+GENERATOR_FAMILY = {"gan": "image", "diffusion": "diffusion"}
+"""`generate_image`'s `generator` -> the model family that serves it."""
+Generator = Literal["gan", "diffusion"]
+IMAGE_GENERATOR = os.environ.get("AIGC_IMAGE_GENERATOR") or None
+if IMAGE_GENERATOR is not None and GENERATOR_FAMILY.get(IMAGE_GENERATOR) not in SERVED:
+    served_kinds = ", ".join(kind for kind, family in GENERATOR_FAMILY.items() if family in SERVED)
+    raise SystemExit(f"aigc service: AIGC_IMAGE_GENERATOR={IMAGE_GENERATOR!r} is not a served generator ({served_kinds})")
 
 
 def served_schema(tag: str) -> dict[str, Any]:
@@ -216,6 +231,7 @@ class ImageResult(BaseModel):
     label: str
     seed: int
     model: str
+    generator: str  # gan | diffusion
     images: list[str]  # base64 PNGs, provenance in their tEXt chunks
 
 
@@ -229,23 +245,46 @@ def _labels(model: Any) -> dict[str, str]:
     return {k: str(v) for k, v in (model.info.labels or {}).items()}
 
 
-class ModelSet:
-    """One variant's generators, loaded (the champion's, or the A/B challenger's)."""
+def default_generator(models: dict[str, Any]) -> str:
+    """The generator `generate_image` uses when a request names none: $AIGC_IMAGE_GENERATOR if this variant
+    serves it, else of the served ones the lower domain FID (evaluate_image's, on the same test images and
+    features; the GAN on a tie or when a label is missing)."""
+    served = [kind for kind, family in GENERATOR_FAMILY.items() if family in models]
+    if IMAGE_GENERATOR in served:
+        return IMAGE_GENERATOR
 
-    def __init__(self, text: Any, image: Any) -> None:
+    def fid(kind: str) -> float:
+        try:
+            return float(_labels(models[GENERATOR_FAMILY[kind]])["fid_domain"])
+        except (KeyError, ValueError):
+            return float("inf")
+
+    return min(served, key=lambda kind: (fid(kind), kind != "gan"))
+
+
+class ModelSet:
+    """One variant's generators, loaded (the champion's, or the A/B challenger's); `diffusion` may be None."""
+
+    def __init__(self, text: Any, image: Any, diffusion: Any = None) -> None:
         from serving.inference import ImageGenerator, TextGenerator
 
         device = _device()
-        self.models = {"text": text, "image": image}
+        self.models = {"text": text, "image": image, **({"diffusion": diffusion} if diffusion is not None else {})}
         self.text = TextGenerator(Path(text.path), device)
-        self.image = ImageGenerator(Path(image.path), device)
+        self.generators = {kind: ImageGenerator(Path(self.models[family].path), device)
+                           for kind, family in GENERATOR_FAMILY.items() if family in self.models}  # fmt: skip
+        self.default_generator = default_generator(self.models)
 
     def describe(self) -> dict[str, Any]:
-        text, image = self.models["text"], self.models["image"]
-        return {
+        text = self.models["text"]
+        described: dict[str, Any] = {
             "text": {"tag": str(text.tag), **_labels(text), "max_length": self.text.max_length},
-            "image": {"tag": str(image.tag), **_labels(image), "label_names": self.image.label_names},
+            "default_generator": self.default_generator,
         }
+        for kind, generator in self.generators.items():
+            model = self.models[GENERATOR_FAMILY[kind]]
+            described[GENERATOR_FAMILY[kind]] = {"tag": str(model.tag), **_labels(model), "label_names": generator.label_names}
+        return described
 
 
 def per_variant(requests: list[dict[str, Any]], run: Any) -> list[Any]:
@@ -263,17 +302,19 @@ def per_variant(requests: list[dict[str, Any]], run: Any) -> list[Any]:
 class Models:
     text_model = bentoml.models.BentoModel(TEXT_TAG)
     image_model = bentoml.models.BentoModel(IMAGE_TAG)
+    diffusion_model = bentoml.models.BentoModel(DIFFUSION_TAG) if DIFFUSION_TAG else None
     if AB is not None:  # the A/B challenger travels with the service only while a test runs
         challenger_text = bentoml.models.BentoModel(AB["models"]["text"])
         challenger_image = bentoml.models.BentoModel(AB["models"]["image"])
+        challenger_diffusion = bentoml.models.BentoModel(AB["models"]["diffusion"]) if AB["models"].get("diffusion") else None
 
     def __init__(self) -> None:
         install_log_filters()
         from serving.metrics import served_model
 
-        self.variants = {CHAMPION: ModelSet(self.text_model, self.image_model)}
+        self.variants = {CHAMPION: ModelSet(self.text_model, self.image_model, self.diffusion_model)}
         if AB is not None:
-            self.variants[CHALLENGER] = ModelSet(self.challenger_text, self.challenger_image)
+            self.variants[CHALLENGER] = ModelSet(self.challenger_text, self.challenger_image, self.challenger_diffusion)
         for variant, models in self.variants.items():
             for family, model in models.models.items():
                 served_model(family, variant, model)
@@ -303,25 +344,36 @@ class Models:
 
     @bentoml.api(batchable=BATCHING, max_batch_size=64, max_latency_ms=30_000)
     def generate_image_batch(self, requests: list[dict[str, Any]]) -> list[list[str]]:
-        """Per request, its images as base64 PNGs carrying model tag, seed, label and params hash."""
+        """Per request (each names its variant and generator), its images as base64 PNGs carrying model tag,
+        generator, seed, label and params hash. Each generator runs once per variant on its share of the batch."""
         from serving.metrics import observe_batch
 
         observe_batch("generate_image_batch", len(requests))
         return per_variant(requests, self._images)
 
     def _images(self, variant: str, requests: list[dict[str, Any]]) -> list[list[str]]:
+        answers: list[list[str]] = [[] for _ in requests]
+        for kind in sorted({r["generator"] for r in requests}):
+            indices = [i for i, r in enumerate(requests) if r["generator"] == kind]
+            group = [{k: v for k, v in requests[i].items() if k != "generator"} for i in indices]
+            for index, images in zip(indices, self._generated(variant, kind, group), strict=True):
+                answers[index] = images
+        return answers
+
+    def _generated(self, variant: str, kind: str, requests: list[dict[str, Any]]) -> list[list[str]]:
         from serving.inference import png_bytes
         from serving.metrics import count_images
 
         models = self.variants[variant]
-        results = models.image.generate([ImageRequest(**r) for r in requests])
+        generator = models.generators[kind]  # the gateway asks only for a generator its variant serves
+        results = generator.generate([ImageRequest(**r) for r in requests])
         count_images("generate_image_batch", variant, sum(len(images) for images in results))
-        image = models.models["image"]
-        meta = {"model": str(image.tag), "params_hash": _labels(image).get("params_hash", "")}
+        model = models.models[GENERATOR_FAMILY[kind]]
+        meta = {"model": str(model.tag), "generator": kind, "params_hash": _labels(model).get("params_hash", "")}
         return [
             [
                 base64.b64encode(
-                    png_bytes(px, {**meta, "seed": str(r["seed"]), "label": models.image.label_names[r["label"]]})
+                    png_bytes(px, {**meta, "seed": str(r["seed"]), "label": generator.label_names[r["label"]]})
                 ).decode()
                 for px in images
             ]
@@ -492,13 +544,16 @@ class Gateway:
                 await asyncio.sleep(0.02 * (attempt + 1))
         raise ServiceUnavailable(f"{service}: no answer after 5 tries; retry")
 
+    async def _variant_models(self, service: str, variant: str) -> dict[str, Any]:
+        """What `service` (models or restorer) describes of a variant's models, asked once."""
+        if service not in self._described:
+            self._described[service] = await self._call(service, "describe")
+        return self._described[service][variant]
+
     async def _describe(self, ctx: bentoml.Context, variant: str, family: str) -> dict[str, Any]:
         """What the gateway validates against, from the service that holds `family` (text and image never
         wait on the restorer, nor restoration on the generators); the request is counted under its tag."""
-        service = "restorer" if family == "restore" else "models"
-        if service not in self._described:
-            self._described[service] = await self._call(service, "describe")
-        described = self._described[service][variant][family]
+        described = (await self._variant_models("restorer" if family == "restore" else "models", variant))[family]
         ctx.request.scope[MODEL_TAG_KEY] = described["tag"]
         return described
 
@@ -523,12 +578,13 @@ class Gateway:
         while len(self.recent) > MAX_REMEMBERED:
             self.recent.popitem(last=False)
 
-    def _shadow(self, endpoint: str, service: str, api: str, payload: Any, request_id: str) -> None:
+    def _shadow(self, endpoint: str, service: str, api: str, payload: Any, request_id: str, family: str | None = None) -> None:
         """In shadow mode, the challenger answers the same request in the background; only the log sees it."""
         import asyncio
 
         if self.ab is None or self.ab["mode"] != SHADOW:
             return
+        family = family or ENDPOINT_FAMILY[endpoint]
 
         async def run() -> None:
             start, status, error = time.perf_counter(), 200, None
@@ -537,7 +593,7 @@ class Gateway:
             except Exception as err:  # the shadow never touches the client's answer
                 status, error = 500, type(err).__name__
             self.log.log({"request_id": f"{request_id}-shadow", "endpoint": endpoint, "status": status, "error": error,
-                          "variant": SHADOW, "model_tag": self.ab["models"][ENDPOINT_FAMILY[endpoint]],
+                          "variant": SHADOW, "model_tag": self.ab["models"].get(family),
                           "latency_ms": (time.perf_counter() - start) * 1000})  # fmt: skip
 
         task = asyncio.get_running_loop().create_task(run())
@@ -632,18 +688,26 @@ class Gateway:
         label: Annotated[str, Field(min_length=1, max_length=100)],
         n: Annotated[int, Ge(1), Le(MAX_IMAGES)] = 1,
         seed: Seed = 0,
+        generator: Generator | None = None,
     ) -> ImageResult:
-        """`n` images of class `label` (one of the trained labels) as base64 PNGs."""
+        """`n` images of class `label` (one of the trained labels) as base64 PNGs, from the `generator` asked
+        for (gan or diffusion), else the served one with the lower FID. The same (label, n, seed, generator)
+        gives the same images."""
         try:
             start, request_id = time.perf_counter(), uuid.uuid4().hex
             variant = self._variant(ctx)
-            described = await self._describe(ctx, variant, "image")
+            served = await self._variant_models("models", variant)
+            kind = generator or served["default_generator"]
+            if GENERATOR_FAMILY[kind] not in served:
+                raise InvalidArgument(f"generator: no {kind} model is served; use {served['default_generator']}")
+            described = await self._describe(ctx, variant, GENERATOR_FAMILY[kind])
             names = described["label_names"]
             if label not in names:
                 raise InvalidArgument(f"label: not one of the trained labels {names}")  # the value is not echoed: logs
-            request = ImageRequest(names.index(label), n, seed).__dict__
+            request = {**ImageRequest(names.index(label), n, seed).__dict__, "generator": kind}
             (images,) = await self._call("models", "generate_image_batch", [{**request, "variant": variant}])
-            self._shadow("generate_image", "models", "generate_image_batch", [[{**request, "variant": CHALLENGER}]], request_id)
+            self._shadow("generate_image", "models", "generate_image_batch", [[{**request, "variant": CHALLENGER}]], request_id,
+                         family=GENERATOR_FAMILY[kind])  # fmt: skip
             self._provenance(ctx, described, seed, request_id, variant)
             self._remember(request_id, "generate_image", variant, described["tag"])
             self.log.log({
@@ -652,7 +716,7 @@ class Gateway:
                 "params_hash": described.get("params_hash"), "seed": seed, "label": label, "images": n,
                 "latency_ms": (time.perf_counter() - start) * 1000,
             })  # fmt: skip
-            return ImageResult(label=label, seed=seed, model=described["tag"], images=images)
+            return ImageResult(label=label, seed=seed, model=described["tag"], generator=kind, images=images)
         except Exception as err:
             failed(ctx, err)
             raise

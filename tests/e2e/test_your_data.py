@@ -76,7 +76,7 @@ def check_case(repo: Path, case: Case, rows_in: dict[str, int]) -> None:
         assert f"Running stage '{stage}'" in result.stdout, stage
     assert "Traceback" not in result.stdout + result.stderr
 
-    for metrics in ("data", "text", "image", "restore"):
+    for metrics in ("data", "text", "image", "diffusion", "restore"):
         assert (repo / "metrics" / f"{metrics}.json").is_file(), metrics
     data = json.loads((repo / "metrics" / "data.json").read_text())
     for name, count in rows_in.items():

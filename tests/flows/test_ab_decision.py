@@ -9,10 +9,8 @@ import numpy as np
 import yaml
 
 from flows.monitoring import ab_decision
-from serving.promoted import challenge, challenger, current, promote
+from serving.promoted import FAMILIES, challenge, challenger, current, promote
 from tests.monitoring.test_ab import T0, write_logs
-
-FAMILIES = ("text", "image", "restore")
 
 
 def test_the_scheduled_decision_promotes_a_clear_winner_and_does_nothing_without_a_test(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def test_drift_triggers_one_retrain_within_the_cooldown_and_clean_windows_none(
     # The retrain reproduced the same models (same data, same seeds): not worse, so promoted, and recorded.
     history = json.loads((built_repo / "monitoring" / "promotion" / "history.json").read_text())
     assert [(h["experiment"], h["promoted"]) for h in history] == [(first["retrain"], True)]
-    assert {c["family"] for c in history[0]["comparisons"]} == {"text", "image", "restore"}
+    assert {c["family"] for c in history[0]["comparisons"]} == {"text", "image", "diffusion", "restore"}
     assert all(c["delta"] == pytest.approx(0, abs=1e-6) for c in history[0]["comparisons"])
     # The flows pushed the loop's state: the drifted families, the retrain and the promotion it made.
     pushed = {name: [(labels, v) for labels, v in found if labels.get("job") == "aigc_loop"]  # params observability.job

@@ -22,7 +22,7 @@ DEPENDENCIES = [("validate", "ingest"), ("clean", "validate"), ("augment", "clea
                 ("train_diffusion", "features"), ("evaluate_diffusion", "train_diffusion"),
                 ("evaluate_diffusion", "train_feature_net"),
                 ("evaluate_restore", "train_restore"), ("package", "evaluate_text"), ("package", "evaluate_image"),
-                ("package", "evaluate_restore")]  # fmt: skip
+                ("package", "evaluate_diffusion"), ("package", "evaluate_restore")]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

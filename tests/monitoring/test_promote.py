@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.promoted import PromotionError, current, promote, read_events, rollback, served_tags
+from serving.promoted import FAMILIES, PromotionError, current, promote, read_events, rollback, served_tags
 from tests.conftest import REPO_ROOT
-
-FAMILIES = ("text", "image", "restore")
 
 
 def tags(version: str) -> dict[str, str]:
@@ -76,6 +74,10 @@ def test_a_broken_record_is_one_clear_error_not_a_served_guess(tmp_path: Path) -
     promote(tmp_path / "partial.json", {"text": "aigc-text:v1"}, None, "ana", "text only")
     with pytest.raises(ConfigError, match="no image, restore model"):
         served_tags(tmp_path / "partial.json", FAMILIES)
+    # A champion promoted before diffusion models were packaged still serves its models (the GAN generates).
+    older = {family: f"aigc-{family}:v0" for family in ("text", "image", "restore")}
+    promote(tmp_path / "older.json", older, None, "ana", "before diffusion")
+    assert served_tags(tmp_path / "older.json", FAMILIES) == older
 
 
 def test_the_cli_refuses_what_it_cannot_do_in_one_line(tmp_path: Path) -> None:

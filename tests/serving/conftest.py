@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from serving.promoted import FAMILIES
 from tests.conftest import REPO_ROOT, free_port, section, shrink, wait_until_ready
 
 
@@ -25,8 +26,8 @@ class Server:
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_features: Path, tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Path:
-    """models/{text,image,restore} trained on the tiny configuration (a few seconds)."""
-    from components import train_image, train_restore, train_text
+    """models/{text,image,restore,diffusion} trained on the tiny configuration (a few seconds)."""
+    from components import train_diffusion, train_image, train_restore, train_text
 
     tiny = shrink(real_params)
     root = tmp_path_factory.mktemp("models")
@@ -43,6 +44,10 @@ def tiny_models(tiny_features: Path, tmp_path_factory: pytest.TempPathFactory, r
         train_restore.TrainRestoreConfig.from_params(section(tiny, "train_restore")),
         tiny_features / "restore", root / "restore", root / "ckpt",
     )  # fmt: skip
+    train_diffusion.train_diffusion(
+        train_diffusion.TrainDiffusionConfig.from_params(section(tiny, "train_diffusion")),
+        tiny_features / "images", root / "diffusion", root / "ckpt",
+    )  # fmt: skip
     return root
 
 
@@ -51,7 +56,7 @@ def bento_home(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """A BentoML home holding the tiny models, filled by the `package` stage itself."""
     home = tmp_path_factory.mktemp("bentoml")
     env = service_env(home)
-    command = [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in ("text", "image", "restore"))]
+    command = [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in FAMILIES)]
     run = subprocess.run([*command, "--out", str(home / "receipt.json")], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     promote(home)

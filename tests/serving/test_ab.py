@@ -16,7 +16,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from serving.promoted import SHADOW, SPLIT, challenge
+from serving.promoted import FAMILIES, SHADOW, SPLIT, challenge
 from tests.conftest import REPO_ROOT
 from tests.serving.conftest import Server, receipt, service_env, start_server, stop_server
 
@@ -27,10 +27,10 @@ pytestmark = pytest.mark.slow
 def challenger_models(bento_home: Path, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The tiny models again, with one file more: other content hashes, so other tags in the same store."""
     root = tmp_path_factory.mktemp("challenger")
-    for family in ("text", "image", "restore"):
+    for family in FAMILIES:
         shutil.copytree(tiny_models / family, root / family)
         (root / family / "NOTE.txt").write_text("the challenger")
-    command = [sys.executable, "-m", "serving.package", *(str(root / f) for f in ("text", "image", "restore")),
+    command = [sys.executable, "-m", "serving.package", *(str(root / f) for f in FAMILIES),
                "--out", str(root / "receipt.json")]  # fmt: skip
     run = subprocess.run(command, cwd=REPO_ROOT, env=service_env(bento_home), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from serving.inference import TextRequest, UploadError, decode_upload, png_bytes
+from serving.inference import ImageGenerator, ImageRequest, TextRequest, UploadError, decode_upload, png_bytes
 from serving.request_log import BASE_COLUMNS, RequestLog, log_schema, text_log_fields
 
 
@@ -51,6 +51,20 @@ def test_only_requests_that_decode_alike_share_a_batch() -> None:
     assert greedy[0].group_key() == greedy[1].group_key()  # the seed does not matter without sampling
     sampled = [TextRequest("a", decoding="nucleus", seed=1), TextRequest("b", decoding="nucleus", seed=2)]
     assert sampled[0].group_key() != sampled[1].group_key()
+
+
+@pytest.mark.parametrize(("folder", "kind"), [("image", "gan"), ("diffusion", "diffusion")])
+def test_a_requests_images_depend_on_its_seed_never_on_its_batch(tiny_models: Path, folder: str, kind: str) -> None:
+    import torch
+
+    generator = ImageGenerator(tiny_models / folder, torch.device("cpu"))
+    assert generator.kind == kind
+    requests = [ImageRequest(1, 3, seed=7), ImageRequest(0, 2, seed=5), ImageRequest(2, 4, seed=7)]
+    together = generator.generate(requests)
+    for request, images in zip(requests, together, strict=True):
+        alone = generator.generate([request])[0]
+        assert len(images) == request.n and all(np.array_equal(a, b) for a, b in zip(images, alone, strict=True))
+    assert not np.array_equal(together[0][0], generator.generate([ImageRequest(1, 1, seed=8)])[0][0])  # seeds matter
 
 
 def wait_for_rows(folder: Path, count: int) -> list[dict[str, object]]:

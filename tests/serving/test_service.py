@@ -19,9 +19,10 @@ import pytest
 from PIL import Image
 
 from components.records import SCHEMA_FILE, categorical_keys
+from serving.promoted import FAMILIES
 from serving.request_log import log_schema
 from tests.conftest import REPO_ROOT
-from tests.serving.conftest import Server, receipt, service_env
+from tests.serving.conftest import Server, receipt, service_env, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 RECORD = {"name": "Aurora", "category": "lamp", "colour": "amber", "tone": "playful"}
@@ -52,7 +53,7 @@ def error_text(response: httpx.Response) -> str:
 
 def test_package_imports_labelled_models_and_builds_a_bento(bento_home: Path, tiny_models: Path) -> None:
     tags = receipt(bento_home)
-    assert set(tags["models"]) == {"text", "image", "restore"} and tags["bento"].startswith("aigc-pipeline:")
+    assert set(tags["models"]) == set(FAMILIES) and tags["bento"].startswith("aigc-pipeline:")
     restore = tags["models"]["restore"]
     import_check = f"import bentoml, json; m = bentoml.models.get({restore!r}); print(json.dumps(m.info.labels))"
     labels = json.loads(
@@ -62,7 +63,7 @@ def test_package_imports_labelled_models_and_builds_a_bento(bento_home: Path, ti
     )
     assert {"params_hash", "data_hash", "git_revision", "content_hash", "psnr"} - {"psnr"} <= set(labels)
     again = subprocess.run(
-        [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in ("text", "image", "restore")),
+        [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in FAMILIES),
          "--out", str(bento_home / "again.json")],
         cwd=REPO_ROOT, env=service_env(bento_home), capture_output=True, text=True,
     )  # fmt: skip
@@ -78,6 +79,7 @@ def test_package_refuses_a_folder_with_pickles(bento_home: Path, tiny_models: Pa
     (bad / "extra.pt").write_bytes(b"pickle")
     run = subprocess.run(
         [sys.executable, "-m", "serving.package", str(tiny_models / "text"), str(tiny_models / "image"), str(bad),
+         str(tiny_models / "diffusion"),
          "--out", str(tmp_path / "r.json")],
         cwd=REPO_ROOT, env=service_env(bento_home), capture_output=True, text=True,
     )  # fmt: skip
@@ -121,6 +123,55 @@ def test_generate_image_returns_pngs_with_provenance(server: Server) -> None:
     assert again == response.json()["images"]  # same seed, same images
 
 
+def test_generate_image_serves_either_generator_and_defaults_to_the_lower_fid(server: Server, bento_home: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    models, body = receipt(bento_home)["models"], {"label": "3", "n": 2, "seed": 5}
+    answers, fids = {}, {}
+    for kind, family in (("gan", "image"), ("diffusion", "diffusion")):
+        response = post(server, "generate_image", json={**body, "generator": kind})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["generator"] == kind and answer["model"] == response.headers["x-model-tag"] == models[family]
+        image = png(base64.b64decode(answer["images"][0]))
+        assert image.text["generator"] == kind and image.text["model"] == models[family] and image.size == (16, 16)
+        answers[kind] = answer["images"]
+        # package labelled each model with the repository's metrics (the stage's --root): the default is the lower FID
+        fids[kind] = json.loads((REPO_ROOT / "metrics" / f"{family}.json").read_text())["fid_domain"]
+    assert answers["gan"] != answers["diffusion"]
+    default = post(server, "generate_image", json=body).json()
+    assert default["generator"] == min(fids, key=fids.__getitem__) and default["images"] == answers[default["generator"]]
+
+    # Concurrent requests of both generators share batches; each still gets exactly its own images.
+    asks = [{"label": str(i % 10), "n": 1 + i % 3, "seed": i, "generator": ("gan", "diffusion")[i % 2]} for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        concurrent = list(pool.map(lambda ask: post(server, "generate_image", json=ask).json()["images"], asks))
+    assert concurrent == [post(server, "generate_image", json=ask).json()["images"] for ask in asks]
+
+
+def test_a_champion_from_before_diffusion_serves_the_gan_alone(bento_home: Path, tmp_path: Path) -> None:
+    from serving.promoted import promote
+
+    older = {family: tag for family, tag in receipt(bento_home)["models"].items() if family != "diffusion"}
+    record = tmp_path / "promoted.json"
+    promote(record, older, None, "tests", "promoted before diffusion models were packaged")
+    forced = subprocess.run(
+        [sys.executable, "-c", "import serving.service"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env=service_env(bento_home, AIGC_PROMOTED=str(record), AIGC_IMAGE_GENERATOR="diffusion"),
+    )  # fmt: skip
+    assert forced.returncode != 0 and "Traceback" not in forced.stderr
+    refusal = "aigc service: AIGC_IMAGE_GENERATOR='diffusion' is not a served generator (gan)"
+    assert forced.stderr.strip().splitlines()[-1] == refusal
+    running = start_server(bento_home, tmp_path / "log", AIGC_PROMOTED=str(record))
+    try:
+        default = post(running, "generate_image", json={"label": "3"})
+        assert default.status_code == 200 and default.json()["generator"] == "gan", default.text
+        refused = post(running, "generate_image", json={"label": "3", "generator": "diffusion"})
+        assert refused.status_code == 400 and "generator: no diffusion model is served" in refused.text
+    finally:
+        stop_server(running)
+
+
 def test_restore_image_returns_the_upscaled_png(server: Server) -> None:
     response = post(server, "restore_image", files={"image": ("photo.png", upload((40, 32)), "image/png")})
     assert response.status_code == 200, response.text
@@ -153,6 +204,7 @@ def test_python_client(server: Server) -> None:
         ("generate_image", {"label": "cat"}, "label"),
         ("generate_image", {"label": "3", "n": 1000}, "n"),
         ("generate_image", {"label": "3", "seed": -1}, "seed"),
+        ("generate_image", {"label": "3", "generator": "vae"}, "generator"),
     ],
 )
 def test_bad_json_requests_are_400_naming_the_field(server: Server, api: str, body: dict[str, object], field: str) -> None:

@@ -20,10 +20,10 @@ import psutil
 import pytest
 import yaml
 
+from serving.promoted import FAMILIES
 from tests.conftest import REPO_ROOT
 from tests.serving.conftest import service_env, start_server, stop_server
 
-FAMILIES = ("text", "image", "restore")
 RECORD = {"name": "Aurora", "category": "lamp", "colour": "amber", "tone": "playful"}  # the tiny models' text schema
 FAKE = {"models": {f: f"aigc-{f}:{f}0000" for f in FAMILIES}, "bento": "aigc-pipeline:0123456789abcdef"}
 """A receipt no BentoML store holds: exports of it only work where its archive is there already."""
