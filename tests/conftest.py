@@ -154,21 +154,45 @@ def tiny_repo(tmp_path: Path, tiny_params: dict[str, Any]) -> Path:
 class Reproduced:
     repo: Path
     stdout: str  # what the from-scratch `dvc repro` printed
+    elsewhere: Path  # the same pipeline reproduced from scratch at the same time, at another path on ELSEWHERE
+
+
+def machine(threads: int, hash_seed: int) -> dict[str, str]:
+    """Environment of a machine with another core count and another Python hash seed."""
+    count = str(threads)
+    return {"OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count, "RAYON_NUM_THREADS": count, "PYTHONHASHSEED": str(hash_seed)}
+
+
+ELSEWHERE = machine(1, 4242)
+"""The second machine of the session's reproduction: one thread, another hash seed."""
 
 
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Reproduced:
-    """The tiny pipeline reproduced from scratch once per session, outputs committed with dvc.lock.
+    """The tiny pipeline reproduced from scratch once per session, outputs committed with dvc.lock; and at the
+    same time a second time, elsewhere, for tests/e2e/test_reproducibility.py to compare.
 
-    A full `dvc repro` costs minutes of process starts; tests that begin from a reproduced pipeline take a copy
+    A full `dvc repro` costs minutes of process starts, each mostly one core's work, so the two runs take
+    little longer than one on two cores. Tests that begin from a reproduced pipeline take a copy
     (copy_reproduced) and rerun only what they change.
     """
-    repo = copy_repo(tmp_path_factory.mktemp("reproduced") / "repo", shrink(real_params))
-    run = subprocess.run(["dvc", "repro"], cwd=repo, env=venv_env(), capture_output=True, text=True, timeout=1200)
-    if run.returncode != 0:
-        pytest.fail(f"the session's tiny `dvc repro` failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("reproduced")
+    repo = copy_repo(root / "repo", shrink(real_params))
+    elsewhere = copy_repo(root / "elsewhere" / "deeper" / "b", shrink(real_params))
+
+    def repro(where: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        env = {**venv_env(), **env}
+        return subprocess.run(["dvc", "repro"], cwd=where, env=env, capture_output=True, text=True, timeout=1800)
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(repro, (repo, elsewhere), ({}, ELSEWHERE)))
+    for where, run in zip((repo, elsewhere), runs, strict=True):
+        if run.returncode != 0:
+            pytest.fail(f"the session's tiny `dvc repro` in {where} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     commit(repo, "pipeline reproduced")
-    return Reproduced(repo, run.stdout)
+    return Reproduced(repo, runs[0].stdout, elsewhere)
 
 
 def commit(repo: Path, message: str) -> None:

@@ -1,8 +1,9 @@
 """A fresh `dvc repro` reproduces dvc.lock byte for byte, and experiments compare in `dvc exp show` / `dvc plots diff`.
 
 Two fresh copies of the tiny pipeline at different paths, with different hash seeds and thread counts in the
-environment, must write the same dvc.lock: every hashed output is a function of params, code and data. Then
-two experiments of one copy render side by side: both runs' curves and sample grids in the plots HTML.
+environment (the session's two from-scratch runs, tests/conftest.py `reproduced`), must write the same
+dvc.lock: every hashed output is a function of params, code and data. Then two experiments of one copy render
+side by side: both runs' curves and sample grids in the plots HTML.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import Reproduced, copy_repo, copy_reproduced, venv_env
+from tests.conftest import Reproduced, copy_reproduced, machine, venv_env
 
 pytestmark = pytest.mark.slow
 
@@ -26,21 +26,13 @@ def dvc(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return run
 
 
-def machine(threads: int, hash_seed: int) -> dict[str, str]:
-    """Environment of a machine with another core count and another Python hash seed."""
-    count = str(threads)
-    return {"OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count, "RAYON_NUM_THREADS": count, "PYTHONHASHSEED": str(hash_seed)}
-
-
-def test_two_fresh_copies_write_the_same_dvc_lock_and_experiments_compare(
-    reproduced: Reproduced, tmp_path: Path, tiny_params: dict[str, Any]
-) -> None:
-    # The session's from-scratch run (the environment's thread count, a random hash seed) and one here.
-    second = copy_repo(tmp_path / "elsewhere" / "deeper" / "b", tiny_params)
-    dvc(second, "repro", **machine(1, 4242))
+def test_two_fresh_copies_write_the_same_dvc_lock_and_experiments_compare(reproduced: Reproduced, tmp_path: Path) -> None:
+    # The session's two from-scratch runs: the environment's thread count and a random hash seed, and at the
+    # same time at another path, deeper, with one thread and another hash seed (tests/conftest.py ELSEWHERE).
     lock = (reproduced.repo / "dvc.lock").read_text()
-    assert lock == (second / "dvc.lock").read_text()
-    assert str(tmp_path) not in lock and str(reproduced.repo) not in lock
+    assert lock == (reproduced.elsewhere / "dvc.lock").read_text()
+    assert str(reproduced.repo) not in lock and str(reproduced.elsewhere) not in lock
+    assert "cmd: python -m" in lock and "md5:" in lock
 
     first = copy_reproduced(reproduced, tmp_path / "a")
     # Retrain in place on another "machine": no checkpoint to resume, every step runs again.

@@ -12,6 +12,8 @@ import csv
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +71,7 @@ def openapi_record_fields(repo: Path) -> set[str] | None:
     return set(spec["components"]["schemas"][record_name]["properties"])
 
 
-def check_case(repo: Path, case: Case, rows_in: dict[str, int]) -> None:
-    result = run_repro(repo)
+def check_case(repo: Path, case: Case, rows_in: dict[str, int], result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     for stage in STAGES:
         assert f"Running stage '{stage}'" in result.stdout, stage
@@ -121,11 +122,44 @@ CASES = {
 # `dvc repro`: four cases, one per syntax, carry the formats and image and photo sets between them.
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=name) for name, c in CASES.items()])
-def test_dvc_repro_runs_end_to_end_on_the_users_data(case: Case, tmp_path: Path, real_params: dict[str, Any]) -> None:
-    params, rows_in = case_params(real_params, case, tmp_path / "data")
-    repo = copy_repo(tmp_path / "repo", params)
-    check_case(repo, case, rows_in)
+CONCURRENT_CASES = 2
+"""Case pipelines run at once. A stage is mostly one core's work (starting Python, importing torch and the
+libraries, small tensors), so two pipelines on CI's two cores take little longer than one."""
+
+
+@dataclass
+class CaseRun:
+    repo: Path
+    rows_in: dict[str, int]
+    repro: Future[subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="module")
+def case_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]
+) -> Iterator[dict[str, CaseRun]]:
+    """The `dvc repro` of every selected case, started together, CONCURRENT_CASES at a time; each case's test
+    waits for its own. Every case has its own data, repository and BentoML store."""
+    selected = [
+        item.callspec.id
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_dvc_repro_runs_end_to_end_on_the_users_data" and hasattr(item, "callspec")
+    ]
+    pool = ThreadPoolExecutor(CONCURRENT_CASES)
+    runs = {}
+    for name in selected:
+        root = tmp_path_factory.mktemp(name)
+        params, rows_in = case_params(real_params, CASES[name], root / "data")
+        repo = copy_repo(root / "repo", params)
+        runs[name] = CaseRun(repo, rows_in, pool.submit(run_repro, repo))
+    yield runs
+    pool.shutdown(cancel_futures=True)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_dvc_repro_runs_end_to_end_on_the_users_data(name: str, case_runs: dict[str, CaseRun]) -> None:
+    run = case_runs[name]
+    check_case(run.repo, CASES[name], run.rows_in, run.repro.result())
 
 
 def bad_column(params: dict[str, Any], data: Path) -> None:

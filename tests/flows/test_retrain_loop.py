@@ -29,11 +29,25 @@ from tests.serving.conftest import Server, start_server, stop_server
 pytestmark = pytest.mark.slow
 
 
+GENERATORS = {"image": "gan", "diffusion": "diffusion"}
+"""generate_image's generator for each image model family."""
+
+
 def served_tags(server: Server) -> dict[str, str]:
+    """The tag that answers a request of each generating family: text, and both image generators."""
     text = httpx.post(f"{server.url}/generate_text", json={"prompt": "name: a", "max_new_tokens": 4}, timeout=60)
-    image = httpx.post(f"{server.url}/generate_image", json={"label": "1"}, timeout=60)
-    assert text.status_code == 200 and image.status_code == 200, text.text + image.text
-    return {"text": text.headers["x-model-tag"], "image": image.headers["x-model-tag"]}
+    assert text.status_code == 200, text.text
+    tags = {"text": text.headers["x-model-tag"]}
+    for family, generator in GENERATORS.items():
+        image = httpx.post(f"{server.url}/generate_image", json={"label": "1", "generator": generator}, timeout=60)
+        assert image.status_code == 200, image.text
+        tags[family] = image.headers["x-model-tag"]
+    return tags
+
+
+def generating(models: dict[str, str]) -> dict[str, str]:
+    """A receipt's tags of the families served_tags asks."""
+    return {family: models[family] for family in ("text", *GENERATORS)}
 
 
 def fresh_server(repo: Path, log_dir: Path) -> dict[str, str]:
@@ -75,7 +89,7 @@ def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(
         Path(os.environ["BENTOML_HOME"]), tmp_path / "log-running", AIGC_PROMOTED=str(repo / "models" / "promoted.json")
     )
     try:
-        assert served_tags(running) == {"text": champion["text"], "image": champion["image"]}
+        assert served_tags(running) == generating(champion)
 
         # A worse challenger (one training step per family), asked for by the schedule and by drift at once.
         worse = json.loads(json.dumps(tiny_params))
@@ -102,10 +116,10 @@ def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(
         history = json.loads((repo / "monitoring" / "promotion" / "history.json").read_text())
         assert history[-1]["experiment"] == scheduled["experiment"] and history[-1]["promoted"] is False
         # The challenger is in the model store (its experiment packaged it), yet nothing serves it.
-        assert served_tags(running) == {"text": champion["text"], "image": champion["image"]}
+        assert served_tags(running) == generating(champion)
     finally:
         stop_server(running)
-    assert fresh_server(repo, tmp_path / "log-fresh") == {"text": champion["text"], "image": champion["image"]}
+    assert fresh_server(repo, tmp_path / "log-fresh") == generating(champion)
 
     # New data lands; a challenger the gate lets through (more text steps, generous tolerances) is promoted.
     better = json.loads(json.dumps(tiny_params))
@@ -136,7 +150,7 @@ def test_the_retrain_loop_never_serves_a_rejected_model_and_rolls_back(
 
     rolled = run(repo, sys.executable, "-m", "monitoring.promote", "--rollback", "--why", "test: back to the first")
     assert "rolled back" in rolled
-    assert fresh_server(repo, tmp_path / "log-rolled-back") == {"text": champion["text"], "image": champion["image"]}
+    assert fresh_server(repo, tmp_path / "log-rolled-back") == generating(champion)
     # The workspace still holds the rolled-back models and the champion came from no experiment: a retrain
     # would be judged against the wrong models, so it is refused before it runs.
     refused = retrain(str(repo), trigger="manual", ignore_cooldown=True)

@@ -124,7 +124,7 @@ def test_prometheus_scrapes_the_service_and_the_loop_and_every_panel_has_data(
     assert wait_for(prometheus, 'aigc_refusals_total{endpoint="generate_text",reason="validation",field="seed"}')
     assert wait_for(prometheus, 'aigc_refusals_total{endpoint="generate_text",reason="auth"}')
     assert not query(prometheus, 'aigc_refusals_total{reason="validation",field!~"seed|other|record|prompt|label|n|image|task"}')
-    served = wait_for(prometheus, "aigc_model_info", lambda r: len(r) == 3)
+    served = wait_for(prometheus, "aigc_model_info", lambda r: len(r) == len(tags))
     assert {r["metric"]["family"]: r["metric"]["tag"] for r in served} == tags
     assert all(r["metric"]["variant"] == "champion" for r in served)
     # The loop: the drift share of a drifted window over its threshold, and the champion's metrics.
