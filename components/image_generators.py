@@ -2,8 +2,8 @@
 (`diffusion_model`), chosen by the `family` a model folder's config.json names.
 
 Evaluation calls this, so both generators are sampled, seeded and scored the same way: fixed noise per
-seed, then uint8 images (N, C, S, S). Each family still owns its model and sampling. (Serving and
-bench/fid.py still load the GAN directly.)
+seed, then uint8 images (N, C, S, S). Each family still owns its model and sampling. Serving
+(serving/inference.py) and bench/fid.py load generators through it too.
 """
 
 from __future__ import annotations

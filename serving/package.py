@@ -111,12 +111,24 @@ def import_model(family: str, folder: Path, root: Path) -> str:
         return str(existing.tag)
     except bentoml.exceptions.NotFound:  # not imported yet
         pass
-    with bentoml.models.create(tag, labels=labels, metadata={"source": str(folder)}) as model:
-        for path in folder.iterdir():
-            if path.is_file():
-                shutil.copy2(path, Path(model.path) / path.name)
+    try:
+        with bentoml.models.create(tag, labels=labels, metadata={"source": str(folder)}) as model:
+            for path in folder.iterdir():
+                if path.is_file():
+                    shutil.copy2(path, Path(model.path) / path.name)
+    except bentoml.exceptions.BentoMLException as err:
+        if not saved_meanwhile(err):
+            raise
+        log.info("%s: imported meanwhile by another package run as %s", folder, tag)
+        return str(bentoml.models.get(tag).tag)
     log.info("%s: imported as %s", folder, model.tag)
     return str(model.tag)
+
+
+def saved_meanwhile(err: Exception) -> bool:
+    """Whether BentoML refused to save an item because another process saved the same tag since we looked:
+    two package runs on one store (parallel experiments) with the same content, hence the same tag."""
+    return "already exists" in str(err)
 
 
 def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) -> dict[str, Any]:
@@ -130,10 +142,16 @@ def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) ->
         log.info("the Bento is already in the store as %s", bento.tag)
     except bentoml.exceptions.NotFound:
         # Pinned by Bento arguments: the Bento serves these models wherever it runs, whatever else the store holds.
-        bento = bentoml.bentos.build_bentofile(
-            str(bentofile), build_ctx=str(root), version=version, labels={"git_revision": git_revision(root)},
-            args={f"{family}_model": tag for family, tag in tags.items()},
-        )  # fmt: skip
+        try:
+            bento = bentoml.bentos.build_bentofile(
+                str(bentofile), build_ctx=str(root), version=version, labels={"git_revision": git_revision(root)},
+                args={f"{family}_model": tag for family, tag in tags.items()},
+            )  # fmt: skip
+        except bentoml.exceptions.BentoMLException as err:
+            if not saved_meanwhile(err):
+                raise
+            bento = bentoml.get(f"{bento_name(bentofile)}:{version}")
+            log.info("the Bento was built meanwhile by another package run as %s", bento.tag)
     receipt = {"models": tags, "bento": str(bento.tag)}
     write_json(receipt, out)
     log.info("built %s with %s", bento.tag, ", ".join(tags.values()))

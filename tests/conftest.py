@@ -187,7 +187,8 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, 
         return subprocess.run(["dvc", "repro"], cwd=where, env=env, capture_output=True, text=True, timeout=1800)
 
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(repro, (repo, elsewhere), ({}, ELSEWHERE)))
+        # The other machine has its own BentoML store, as it would: `package` runs on both at once.
+        runs = list(pool.map(repro, (repo, elsewhere), ({}, {**ELSEWHERE, "BENTOML_HOME": str(root / "bentoml-elsewhere")})))
     for where, run in zip((repo, elsewhere), runs, strict=True):
         if run.returncode != 0:
             pytest.fail(f"the session's tiny `dvc repro` in {where} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")

@@ -71,6 +71,20 @@ def test_package_imports_labelled_models_and_builds_a_bento(bento_home: Path, ti
     assert json.loads((bento_home / "again.json").read_text())["models"] == tags["models"]  # nothing re-imported
 
 
+def test_two_package_runs_at_once_on_one_store_both_succeed(tiny_models: Path, tmp_path: Path) -> None:
+    """Parallel experiments package into one store: the same content is the same tag, saved by whichever run
+    gets there first, and the other run uses it instead of failing."""
+    command = [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in FAMILIES)]
+    runs = [
+        subprocess.Popen([*command, "--out", str(tmp_path / f"receipt-{i}.json")], cwd=REPO_ROOT,
+                         env=service_env(tmp_path / "bentoml"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert json.loads((tmp_path / "receipt-0.json").read_text()) == json.loads((tmp_path / "receipt-1.json").read_text())
+
+
 def test_package_refuses_a_folder_with_pickles(bento_home: Path, tiny_models: Path, tmp_path: Path) -> None:
     import shutil
 
