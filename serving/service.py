@@ -582,9 +582,9 @@ class Gateway:
         """In shadow mode, the challenger answers the same request in the background; only the log sees it."""
         import asyncio
 
-        if self.ab is None or self.ab["mode"] != SHADOW:
-            return
         family = family or ENDPOINT_FAMILY[endpoint]
+        if self.ab is None or self.ab["mode"] != SHADOW or family not in self.ab["models"]:
+            return  # (a challenger from before diffusion has no diffusion model to shadow with)
 
         async def run() -> None:
             start, status, error = time.perf_counter(), 200, None

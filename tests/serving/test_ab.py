@@ -122,3 +122,22 @@ def test_shadow_mode_answers_with_the_champion_and_logs_the_challenger(
         assert shadow["variant"] == "shadow" and shadow["model_tag"] == challenger_models["image"] and shadow["status"] == 200
     finally:
         stop_server(server)
+
+
+def test_a_shadow_challenger_without_the_asked_generator_is_not_asked(
+    bento_home: Path, challenger_models: dict[str, str], tmp_path: Path
+) -> None:
+    """A challenger packaged before diffusion models has none: a diffusion request is answered by the champion
+    and shadowed by nobody (a shadow call it cannot answer would fail the batch it joins)."""
+    older = {family: tag for family, tag in challenger_models.items() if family != "diffusion"}
+    server = ab_server(bento_home, older, tmp_path, SHADOW, 0.0)
+    try:
+        asked = {"label": "1", "generator": "diffusion"}
+        answered = httpx.post(f"{server.url}/generate_image", json=asked, timeout=60)
+        assert answered.status_code == 200 and answered.headers["x-model-tag"] == receipt(bento_home)["models"]["diffusion"]
+        gan = image(server)  # the GAN's shadow still runs
+        rows = {r["request_id"]: r for r in logged(server, "requests", 4)}  # waits out a wrong fourth row
+        assert rows[f"{gan.headers['x-request-id']}-shadow"]["model_tag"] == older["image"]
+        assert f"{answered.headers['x-request-id']}-shadow" not in rows
+    finally:
+        stop_server(server)
