@@ -81,8 +81,8 @@ class ImageRequest:
 
 class ImageGenerator:
     """A class-conditional generator of either kind (components.image_generators: the GAN of models/image, or
-    the diffusion model of models/diffusion): every image of every request in a batch is generated together,
-    one forward pass for the GAN, one sampling loop for diffusion."""
+    the diffusion model of models/diffusion): the GAN generates every image of every request in a batch in one
+    forward pass; diffusion samples request by request (see `generate`)."""
 
     def __init__(self, folder: Path, device: torch.device) -> None:
         from components.image_generators import load_image_generator
@@ -94,6 +94,11 @@ class ImageGenerator:
     def generate(self, requests: list[ImageRequest]) -> list[list[np.ndarray]]:
         """uint8 (H, W, C) images per request; a request's noise comes from its own seed only (the same noise
         `evaluate_image` draws for `n` samples of one class from that seed)."""
+        if self.kind == "diffusion" and len(requests) > 1:
+            # A UNet's float sums on the CPU depend on the batch size, and sampling compounds the difference over
+            # its steps (seen: one pixel off in a mixed batch): each request is sampled alone, so its images
+            # depend on its seed only. The GAN's single forward pass stays batched.
+            return [images for request in requests for images in self.generate([request])]
         noise, labels = zip(*(self.model.class_noise(r.n, r.seed, [r.label]) for r in requests), strict=True)
         images = self.model.generate(torch.cat(noise), torch.cat(labels)).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
         out, start = [], 0

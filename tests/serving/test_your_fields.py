@@ -39,7 +39,7 @@ def bracket_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory, 
     config = train_text.TrainTextConfig.from_params(section(tiny, "train_text"))
     train_text.train_text(config, root / "f" / "text", root / "text", root / "ckpt")
     home = root / "bentoml"
-    folders = [str(root / "text"), str(tiny_models / "image"), str(tiny_models / "restore")]
+    folders = [str(root / "text"), str(tiny_models / "image"), str(tiny_models / "restore"), str(tiny_models / "diffusion")]
     command = [sys.executable, "-m", "serving.package", *folders, "--out", str(home / "receipt.json")]
     run = subprocess.run(command, cwd=REPO_ROOT, env=service_env(home), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
