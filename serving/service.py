@@ -345,7 +345,8 @@ class Models:
     @bentoml.api(batchable=BATCHING, max_batch_size=64, max_latency_ms=30_000)
     def generate_image_batch(self, requests: list[dict[str, Any]]) -> list[list[str]]:
         """Per request (each names its variant and generator), its images as base64 PNGs carrying model tag,
-        generator, seed, label and params hash. Each generator runs once per variant on its share of the batch."""
+        generator, seed, label and params hash. Each generator gets its share of the batch (serving/inference.py:
+        the GAN in one pass, diffusion request by request)."""
         from serving.metrics import observe_batch
 
         observe_batch("generate_image_batch", len(requests))
