@@ -79,6 +79,9 @@ def clients_of(scenario: str, clients: int) -> list[str]:
     return ["generate_text"] * quarter + ["generate_image"] * quarter + ["restore_image"] * max(1, clients - 2 * quarter)
 
 
+KEEPALIVE_EXPIRY_S = 2.0  # below the server's keep-alive timeout (uvicorn's default, 5 s)
+
+
 async def load(url: str, scenario: str, clients: int, seconds: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the scenario; per endpoint: answered requests and their latencies, errors, shed."""
     stats: dict[str, dict[str, Any]] = {}
@@ -113,7 +116,9 @@ async def load(url: str, scenario: str, clients: int, seconds: float, headers: d
             if wait:
                 await asyncio.sleep(min(wait, max(0.0, deadline - time.perf_counter())))
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # The server closes a connection idle for 5 s (uvicorn's keep-alive); a client waiting out a 5 s Retry-After
+    # and then reusing it races that close and loses its request (a ReadError). So idle connections expire sooner.
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http, i, e) for i, e in enumerate(clients_of(scenario, clients))))
