@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from components.common import ConfigError, load_params, require, run_main, write_json
+from components.compression import compared, compressed_info
 from components.feature_net import DomainFeatures, extract, load_feature_net, load_reference, prepare, reference_path
 from components.image_generators import load_image_generator
 from components.image_io import load_image_split, save_grid
@@ -95,8 +96,11 @@ def evaluate_image(
     images_dir: Path,
     metrics_path: Path,
     out_dir: Path,
+    compressed_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Generate, score against the cached real test features, write metrics and a sample grid."""
+    """Generate, score against the cached real test features, write metrics and a sample grid. With
+    `compressed_dir`, its compressed copy generates from the same noise and is scored the same way (the
+    `compressed` keys)."""
     device = evaluation_device(cfg.device, cfg.cpu_threads)
     generator = load_image_generator(model_dir, "evaluate_image model").to(device)
     net = load_feature_net(feature_net_dir).to(device)
@@ -127,26 +131,32 @@ def evaluate_image(
     started = time.perf_counter()
     fake_images = generator.generate(noise, labels, cfg.batch_size)
     timing["ms_per_image"] = round(1000 * (time.perf_counter() - started) / max(len(labels), 1), 3)
-    fake = extract(extractor, fake_images, cfg.batch_size)
-    with torch.no_grad():
-        predicted = torch.cat(
-            [net(prepare(fake_images[i : i + cfg.batch_size], net.cfg.image_size, net.cfg.channels, device)).argmax(1).cpu()
-             for i in range(0, len(fake_images), cfg.batch_size)]
-        )  # fmt: skip
-    kid_mean, kid_std = kid_from_features(real_test, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+    scores = generated_scores(cfg, fake_images, labels, extractor, real_test, device)
     floor_kid, _ = kid_from_features(real_test, real_train, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
     training = json.loads((feature_net_dir / "training.json").read_text(encoding="utf-8"))
     metrics: dict[str, Any] = {
-        "fid_domain": round(fid_from_features(real_test, fake), 4),
-        "kid_domain": round(kid_mean, 6),
-        "kid_domain_std": round(kid_std, 6),
+        "fid_domain": scores["fid_domain"],
+        "kid_domain": scores["kid_domain"],
+        "kid_domain_std": scores["kid_domain_std"],
         "fid_domain_floor": round(fid_from_features(real_test, real_train), 4),
         "kid_domain_floor": round(floor_kid, 6),
         "feature_net_accuracy": training["test_accuracy"],
-        "generated_class_accuracy": round(float((predicted == labels).float().mean()), 4),
+        "generated_class_accuracy": scores["generated_class_accuracy"],
         "generated_images": len(fake_images),
         "real_test_images": len(real_test),
     }
+    if compressed_dir is not None:  # the same noise and labels, at the model's own steps
+        info = compressed_info(compressed_dir, "evaluate_image --compressed")
+        compressed = load_image_generator(compressed_dir, "evaluate_image --compressed").to(device)
+        if compressed.kind != generator.kind or compressed.label_names != generator.label_names:
+            raise ConfigError(f"{compressed_dir} is not a compressed copy of {model_dir}: rerun the compress stage")
+        started = time.perf_counter()
+        compressed_images = compressed.generate(noise, labels, cfg.batch_size)
+        timing["compressed_ms_per_image"] = round(1000 * (time.perf_counter() - started) / max(len(labels), 1), 3)
+        compressed_scores = generated_scores(cfg, compressed_images, labels, extractor, real_test, device)
+        metrics["compressed"] = compared(compressed_scores, scores, info)
+        log.info("compressed (%s, %.0f %% of the size): FID (domain) %.3f (%+.4f)", info["method"], 100 * info["size_ratio"],
+                 metrics["compressed"]["fid_domain"], metrics["compressed"]["fid_domain_delta"])  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     if own_steps is not None:
         metrics["sampling_steps"] = own_steps
@@ -185,6 +195,28 @@ def evaluate_image(
     return metrics
 
 
+def generated_scores(
+    cfg: EvaluateImageConfig, images: torch.Tensor, labels: torch.Tensor, extractor: DomainFeatures,
+    real_test: torch.Tensor, device: torch.device,
+) -> dict[str, float]:  # fmt: skip
+    """FID and KID of generated images against the real test features, and the share the feature network
+    assigns to the class they were asked for."""
+    fake = extract(extractor, images, cfg.batch_size)
+    net = extractor.net
+    with torch.no_grad():
+        predicted = torch.cat(
+            [net(prepare(images[i : i + cfg.batch_size], net.cfg.image_size, net.cfg.channels, device)).argmax(1).cpu()
+             for i in range(0, len(images), cfg.batch_size)]
+        )  # fmt: skip
+    kid_mean, kid_std = kid_from_features(real_test, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+    return {
+        "fid_domain": round(fid_from_features(real_test, fake), 4),
+        "kid_domain": round(kid_mean, 6),
+        "kid_domain_std": round(kid_std, 6),
+        "generated_class_accuracy": round(float((predicted == labels).float().mean()), 4),
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m components.evaluate_image", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,6 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("images", type=Path, help="image features folder (data/features/images), for fid_inception")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write (metrics/image.json)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the sample grid")
+    parser.add_argument("--compressed", type=Path, default=None, help="also score this compressed copy")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
@@ -210,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             args.images,
             args.metrics,
             args.out,
+            args.compressed,
         )
     )
 

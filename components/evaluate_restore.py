@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from components.common import ConfigError, DataError, load_params, require, run_main, write_json
+from components.compression import compared, compressed_info
 from components.image_io import save_grid
 from components.metrics import restoration_scores
 from components.restore_model import baseline, crop_to_scale, degrade, load_restorer
@@ -73,11 +74,15 @@ def load_images(path: Path) -> tuple[list[torch.Tensor], list[str]]:
 
 
 def evaluate_restore(
-    cfg: EvaluateRestoreConfig, model_dir: Path, features_dir: Path, metrics_path: Path, out_dir: Path
-) -> dict[str, Any]:
-    """Score the restorer and its baseline on every image of the split; write metrics, table and a crop."""
+    cfg: EvaluateRestoreConfig, model_dir: Path, features_dir: Path, metrics_path: Path, out_dir: Path,
+    compressed_dir: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Score the restorer and its baseline on every image of the split; write metrics, table and a crop.
+    With `compressed_dir`, its compressed copy restores the same degraded images (the `compressed` keys)."""
     device = evaluation_device(cfg.device, cfg.cpu_threads)
     model = load_restorer(model_dir).to(device)
+    compressed = load_restorer(compressed_dir, "evaluate_restore --compressed").to(device) if compressed_dir else None
+    compressed_rows: list[dict[str, float]] = []
     rcfg = model.cfg
     images, ids = load_images(features_dir / f"{cfg.split}.safetensors")
     if images[0].shape[0] != rcfg.channels:
@@ -96,6 +101,9 @@ def evaluate_restore(
             restored = model(degraded).clamp(0, 1)
         classical = baseline(degraded, rcfg).clamp(0, 1)
         ours, theirs = restoration_scores(restored, clean, border), restoration_scores(classical, clean, border)
+        if compressed is not None:
+            with torch.inference_mode():
+                compressed_rows.append(restoration_scores(compressed(degraded).clamp(0, 1), clean, border))
         rows.append({"record_id": record_id, **ours, **{f"{k}_baseline": v for k, v in theirs.items()}})
         if index == 0:
             size = min(cfg.comparison_crop, clean.shape[-2], clean.shape[-1])
@@ -113,6 +121,12 @@ def evaluate_restore(
         split=cfg.split,
         psnr_gain=round(metrics["psnr"] - metrics["psnr_baseline"], 4),
     )
+    if compressed_dir is not None:
+        info = compressed_info(compressed_dir, "evaluate_restore --compressed")
+        scores = {key: round(sum(r[key] for r in compressed_rows) / len(compressed_rows), 4) for key in compressed_rows[0]}
+        metrics["compressed"] = compared(scores, metrics, info)
+        log.info("compressed (%s, %.0f %% of the size): PSNR %.3f dB (%+.4f)", info["method"], 100 * info["size_ratio"],
+                 scores["psnr"], metrics["compressed"]["psnr_delta"])  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(rows, out_dir / "per_image.json")
     # Baseline | restored | original, centre crop of the first image.
@@ -140,6 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("features", type=Path, help="restore features folder (data/features/restore)")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write (metrics/restore.json)")
     parser.add_argument("--out", type=Path, required=True, help="folder for per-image scores and the comparison crop")
+    parser.add_argument("--compressed", type=Path, default=None, help="also score this compressed copy")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
@@ -153,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             args.features,
             args.metrics,
             args.out,
+            args.compressed,
         )
     )
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from components.common import SPLIT_FILE, ConfigError, DataError, load_params, require, run_main, write_json
+from components.compression import compared, compressed_info
 from components.delex import Delexicaliser, substitute
 from components.metrics import corpus_scores, sentence_bleu
 from components.records import parse_source
@@ -166,9 +167,11 @@ def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_siz
 
 
 def evaluate_text(
-    cfg: EvaluateTextConfig, model_dir: Path, features_dir: Path, metrics_path: Path, out_dir: Path
-) -> dict[str, Any]:
-    """Score the model on the test split, next to the retrieval baseline; write metrics and outputs."""
+    cfg: EvaluateTextConfig, model_dir: Path, features_dir: Path, metrics_path: Path, out_dir: Path,
+    compressed_dir: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Score the model on the test split, next to the retrieval baseline; write metrics and outputs. With
+    `compressed_dir`, its compressed copy is scored the same way (the `compressed` keys)."""
     device = evaluation_device(cfg.device, cfg.cpu_threads)
     model, tokenizer, delexicaliser = load_text_model(model_dir, "evaluate_text model folder", device)
     test_rows = read_texts(features_dir / "test.parquet")
@@ -209,6 +212,8 @@ def evaluate_text(
         "references_per_source": round(sum(map(len, references)) / len(references), 2),
         "decoding": cfg.decoding,
     }
+    if compressed_dir is not None:
+        metrics["compressed"] = compressed_scores(cfg, compressed_dir, sources, references, lexicon, test_rows, kept, metrics)
     write_json(metrics, metrics_path)
     write_outputs(groups, hypotheses, baseline, model_checks, baseline_checks, out_dir, cfg.samples)
     log.info(
@@ -225,6 +230,28 @@ def evaluate_text(
         metrics["split"].get("by"),
     )
     return metrics
+
+
+def compressed_scores(
+    cfg: EvaluateTextConfig, folder: Path, sources: list[str], references: list[list[str]], lexicon: SlotLexicon,
+    test_rows: list[dict[str, str]], kept: set[str], fp32: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The compressed model's scores on the same sources, decoding and seed, next to the fp32 model's."""
+    info = compressed_info(folder, "evaluate_text --compressed")
+    device = evaluation_device(cfg.device, cfg.cpu_threads)
+    model, tokenizer, delexicaliser = load_text_model(folder, "evaluate_text --compressed", device)
+    device = model.device  # an int8 model runs on the CPU
+    hypotheses = generate(model, tokenizer, delexicaliser, sources, cfg, device)
+    checks = [check_output(s, h, lexicon) for s, h in zip(sources, hypotheses, strict=True)]
+    slots = slot_scores(checks, bool(lexicon.entity_keys))
+    ppl = perplexity(model, tokenizer, [r for r in test_rows if r["source_key"] in kept], cfg.batch_size, device)
+    scores = {**corpus_scores(hypotheses, references), **{key: slots[key] for key in SLOT_METRICS}, "perplexity": round(ppl, 3)}
+    for signature in ("sacrebleu_signature", "chrf_signature"):  # the fp32 scores' own, the same
+        scores.pop(signature)
+    block = compared(scores, fp32, info)
+    log.info("compressed (%s, %.0f %% of the size): BLEU %.2f (%+.2f), slot error rate %s", info["method"],
+             100 * info["size_ratio"], block["bleu"], block["bleu_delta"], block["slot_error_rate"])  # fmt: skip
+    return block
 
 
 def read_split(features_dir: Path) -> dict[str, Any]:
@@ -287,6 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("features", type=Path, help="text features folder (data/features/text)")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics file (metrics/text.json)")
     parser.add_argument("--out", type=Path, required=True, help="folder for outputs.parquet and samples.csv")
+    parser.add_argument("--compressed", type=Path, default=None, help="also score this compressed copy")
     parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
@@ -300,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
             args.features,
             args.metrics,
             args.out,
+            args.compressed,
         )
     )
 

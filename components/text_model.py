@@ -205,20 +205,93 @@ def ensure_special_tokens(tokenizer: Any, model: Any) -> None:
 
 
 def load_text_model(folder: Path, key: str, device: torch.device | None = None) -> tuple[Any, Any, Delexicaliser | None]:
-    """(model in eval mode, tokenizer, delexicaliser or None) of a trained model folder (`models/text`),
-    safetensors only."""
+    """(model in eval mode, tokenizer, delexicaliser or None) of a trained or compressed model folder
+    (`models/text`, `models/compressed/text`), safetensors only. An int8 model stays on the CPU whatever
+    `device` says (quantised layers have no CUDA kernels): callers put inputs on `model.device`."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from components.compression import INT8, compression_of
+
     check_safetensors_folder(folder, key)
-    if (folder / ADAPTER_CONFIG).is_file():
+    compression = compression_of(folder)
+    if compression is not None and compression["method"] == INT8:
+        model = load_int8_text_model(folder, key)
+        device = None
+    elif (folder / ADAPTER_CONFIG).is_file():
         model = load_adapter_model(folder, key, len(AutoTokenizer.from_pretrained(folder)))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    else:  # fp32 compute for half-precision weights too: what a CPU does fastest
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
     try:
         delexicaliser = Delexicaliser.load(folder)
     except ValueError as err:
         raise ConfigError(f"{key}: {err}") from None
     return (model.to(device) if device is not None else model).eval(), AutoTokenizer.from_pretrained(folder), delexicaliser
+
+
+def linear_projections(model: Any) -> Any:
+    """The model (in place) with GPT-2's `Conv1D` projections as the `nn.Linear` layers they are (Conv1D keeps
+    its weight as in × out), and output embeddings that share the input embeddings' weight given their own
+    copy: so quantisation finds every projection, and the lookup and the last layer are stored apart."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                linear.weight.data = child.weight.data.t().contiguous()
+                linear.bias.data = child.bias.data
+                setattr(parent, name, linear)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is model.get_input_embeddings().weight:
+        untied = nn.Linear(output.in_features, output.out_features, bias=output.bias is not None)
+        untied.weight.data = output.weight.data.clone()
+        if output.bias is not None:
+            untied.bias.data = output.bias.data.clone()
+        model.set_output_embeddings(untied)
+    model.config.tie_word_embeddings = False
+    return model
+
+
+def compress_text_model(source: Path, folder: Path, method: str) -> dict[str, Any]:
+    """A compressed copy of a text model folder (components/compression.py says what int8 and fp16 / bf16
+    store), with its tokenizer, vocabulary, schema and delexicaliser; a LoRA adapter is merged into its base
+    first. Returns compression.json's content."""
+    from safetensors.torch import save_file
+
+    from components.compression import COMPRESSION_FILE, HALF, INT8, int8_state, quantize_linears, write_compression
+
+    model, _, _ = load_text_model(source, "compress text model folder")
+    if (source / ADAPTER_CONFIG).is_file():
+        model = model.merge_and_unload()
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    weights = ("config.json", ADAPTER_CONFIG, BASE_FILE, COMPRESSION_FILE)
+    for path in source.iterdir():  # tokenizer, generation config, vocabulary, schema, delexicaliser, provenance
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in weights:
+            shutil.copy2(path, folder / path.name)
+    if method == INT8:
+        quantize_linears(linear_projections(model))
+        model.config.save_pretrained(folder)
+        save_file(int8_state(model), str(folder / "model.safetensors"), metadata={"format": "pt", "compression": INT8})
+    else:
+        model.to(HALF[method]).save_pretrained(folder, safe_serialization=True)
+    return write_compression(folder, method, source)
+
+
+def load_int8_text_model(folder: Path, key: str) -> Any:
+    """An int8 text model folder: the architecture its config.json names, prepared as at saving, then filled."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from components.compression import load_int8_state, quantize_linears
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    quantize_linears(linear_projections(model))
+    load_int8_state(model, load_file(str(folder / "model.safetensors")), key)
+    return model
 
 
 def save_text_model(

@@ -82,7 +82,17 @@ def read_receipt(receipt: Path) -> dict[str, Any]:
             raise PromotionError(
                 f"{receipt}: {family} model {tag} is not in this model store ($BENTOML_HOME); run `dvc repro package` here"
             ) from None
-    return {"models": {family: str(models[family]) for family in FAMILIES}, "bento": bento}
+    compressed = content.get("compressed") or {}
+    for family, tag in compressed.items():
+        try:
+            bentoml.models.get(tag)
+        except bentoml.exceptions.NotFound:
+            raise PromotionError(
+                f"{receipt}: compressed {family} model {tag} is not in this model store ($BENTOML_HOME); "
+                "run `dvc repro package` here"
+            ) from None
+    return {"models": {family: str(models[family]) for family in FAMILIES}, "bento": bento,
+            "compressed": {family: str(tag) for family, tag in compressed.items()}}  # fmt: skip
 
 
 def apply_experiment(root: Path, experiment: str, receipt: dict[str, Any]) -> list[str]:
@@ -147,7 +157,7 @@ def promote_receipt(root: Path, receipt: Path, record: Path, by: str, why: str, 
     `package.export_to` of the repository `root` sets one; returns the recorded event."""
     shared_store(root)  # its params checked before anything is recorded
     content = read_receipt(receipt)
-    event = record_promotion(record, content["models"], content["bento"], by, why, experiment)
+    event = record_promotion(record, content["models"], content["bento"], by, why, experiment, content["compressed"])
     log.info("promoted %s (%s) by %s: %s", ", ".join(content["models"].values()), content["bento"], by, why)
     publish_champion(root, record, receipt)
     return event
@@ -182,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
         "--share", type=float, default=None, help="with --challenger: its share of traffic (default params ab.share)"
     )
     parser.add_argument("--shadow", action="store_true", help="with --challenger: run it beside the champion, unseen")
+    parser.add_argument(
+        "--compressed", action="store_true", help="with --challenger: test the receipt's compressed copies against the champion"
+    )
     parser.add_argument("--why", default=None, help="the reason, kept in the history (required for --rollback)")
     parser.add_argument("--by", default=None, help="who (default: the login name)")
     parser.add_argument("--experiment", default=None, help="the experiment the receipt came from, if any")
@@ -213,11 +226,14 @@ def change(args: argparse.Namespace) -> None:
         if args.challenger:
             ab = load_params("ab", args.repo / "params.yaml")
             content = read_receipt(args.repo / (args.receipt or receipt_path(args.repo)))
+            if args.compressed and not content["compressed"]:
+                raise PromotionError("--compressed: the receipt lists no compressed models; run `dvc repro package`")
+            models = content["compressed"] if args.compressed else content["models"]
             mode = SHADOW if args.shadow else require(ab, "mode", str, "ab")
             share = args.share if args.share is not None else float(require(ab, "share", (int, float), "ab", low=0, high=1))
             why = args.why or "A/B test started by hand"
-            challenge(record, content["models"], content["bento"], share, mode, by, why, args.experiment)
-            print(f"A/B test: {', '.join(content['models'].values())} ({mode}, share {share}); restart the service to start it")
+            challenge(record, models, content["bento"], share, mode, by, why, args.experiment)
+            print(f"A/B test: {', '.join(models.values())} ({mode}, share {share}); restart the service to start it")
             return
         if args.rollback:
             if not args.why:

@@ -47,7 +47,7 @@ class TextGenerator:
         from components.text_model import load_text_model
 
         self.model, self.tokenizer, self.delexicaliser = load_text_model(folder, "text model", device)
-        self.device = device
+        self.device = self.model.device  # an int8 model stays on the CPU
         self.max_length = int(self.model.config.max_position_embeddings)
 
     def generate(self, requests: list[TextRequest]) -> list[str]:

@@ -3,7 +3,10 @@
     python -m serving.package models/text models/image models/restore models/diffusion --out models/bento.json
 
 Each model folder is imported as `aigc-<family>:<hash of its files>` with labels: its headline metrics, the
-hash of the params and of the data that produced it, and the git revision. A folder whose content is
+hash of the params and of the data that produced it, and the git revision. With `--compressed
+models/compressed`, each family's compressed copy (the `compress` stage's) is imported too, labelled with its
+method, size ratio and the metrics its evaluation measured for it; the receipt lists those tags under
+`compressed`, the Bento ships them, and the service serves them with AIGC_COMPRESSED=1. A folder whose content is
 already in the store is not imported again, so a rerun adds nothing. Then the Bento is built from
 `serving/bentofile.yaml` (offline: no package locking, nothing downloaded) as
 `aigc-pipeline:<hash of the model tags and the shipped code>`, pinned to these models by Bento arguments,
@@ -78,20 +81,28 @@ def git_revision(root: Path) -> str:
 
 
 def model_labels(family: str, folder: Path, root: Path) -> dict[str, str]:
-    """Labels of one model: headline metrics, params / data hashes, git revision, content hash."""
+    """Labels of one model: headline metrics, params / data hashes, git revision, content hash; for a compressed
+    copy (compression.json), its method, size ratio and the headline metrics its evaluation measured for it."""
+    from components.compression import compression_of
     from serving.inference import model_provenance
 
     labels = {"family": family, "content_hash": content_hash(folder), "git_revision": git_revision(root)}
     labels.update(model_provenance(folder))
+    compression = compression_of(folder)
+    if compression is not None:
+        labels.update(compression=compression["method"], size_ratio=str(compression["size_ratio"]))
     metrics_path = root / stage(evaluation_stage(family), root).only_metrics()
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        if compression is not None:
+            metrics = metrics.get("compressed") or {}
         labels.update({key: str(metrics[key]) for key in HEADLINE[family] if metrics.get(key) is not None})
     return labels
 
 
 def import_model(family: str, folder: Path, root: Path) -> str:
-    """Tag of `aigc-<family>` holding folder's content: the existing one if the store has it, else a new one."""
+    """Tag of `aigc-<family>` holding folder's content: the existing one if the store has it, else a new one.
+    A compressed copy is a model of its family too, with its own content hash."""
     import shutil
 
     import bentoml
@@ -131,12 +142,16 @@ def saved_meanwhile(err: Exception) -> bool:
     return "already exists" in str(err)
 
 
-def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) -> dict[str, Any]:
-    """Import the models, build the Bento, write the receipt; returns it."""
+def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path, compressed: Path | None = None) -> dict[str, Any]:
+    """Import the models (and the compressed copies in `compressed/<family>`, when given), build the Bento,
+    write the receipt; returns it."""
     import bentoml
 
     tags = {family: import_model(family, folder, root) for family, folder in folders.items()}
-    version = bento_version(tags, bentofile, root)
+    compressed_tags = {} if compressed is None else {f: import_model(f, compressed / f, root) for f in folders}
+    arguments = {f"{family}_model": tag for family, tag in tags.items()}
+    arguments |= {f"{family}_compressed_model": tag for family, tag in compressed_tags.items()}
+    version = bento_version(arguments, bentofile, root)
     try:
         bento = bentoml.get(f"{bento_name(bentofile)}:{version}")
         log.info("the Bento is already in the store as %s", bento.tag)
@@ -145,14 +160,14 @@ def package(folders: dict[str, Path], root: Path, bentofile: Path, out: Path) ->
         try:
             bento = bentoml.bentos.build_bentofile(
                 str(bentofile), build_ctx=str(root), version=version, labels={"git_revision": git_revision(root)},
-                args={f"{family}_model": tag for family, tag in tags.items()},
+                args=arguments,
             )  # fmt: skip
         except bentoml.exceptions.BentoMLException as err:
             if not saved_meanwhile(err):
                 raise
             bento = bentoml.get(f"{bento_name(bentofile)}:{version}")
             log.info("the Bento was built meanwhile by another package run as %s", bento.tag)
-    receipt = {"models": tags, "bento": str(bento.tag)}
+    receipt = {"models": tags, "bento": str(bento.tag)} | ({"compressed": compressed_tags} if compressed_tags else {})
     write_json(receipt, out)
     log.info("built %s with %s", bento.tag, ", ".join(tags.values()))
     return receipt
@@ -178,6 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     for family in FAMILIES:
         parser.add_argument(family, type=Path, help=f"{family} model folder (models/{family})")
+    parser.add_argument("--compressed", type=Path, default=None, help="folder of compressed copies (models/compressed)")
     parser.add_argument("--bentofile", type=Path, default=Path("serving/bentofile.yaml"))
     parser.add_argument("--root", type=Path, default=Path("."), help="repository root (metrics/, git)")
     parser.add_argument("--out", type=Path, required=True, help="receipt JSON to write (models/bento.json)")
@@ -192,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     def body() -> None:
         config = PackageConfig.from_params(load_params("package", args.params))  # checked before anything is built
         dest = args.export_to if args.export_to is not None else config.export_to
-        receipt = package({f: getattr(args, f) for f in FAMILIES}, args.root, args.bentofile, args.out)
+        receipt = package({f: getattr(args, f) for f in FAMILIES}, args.root, args.bentofile, args.out, args.compressed)
         if dest is not None:
             store.export(receipt, dest)  # archives only: champion.json moves with promotions (monitoring/promote.py)
 

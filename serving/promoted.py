@@ -26,6 +26,8 @@ from components.common import ConfigError, locked, write_json
 
 RECORD_ENV = "AIGC_PROMOTED"
 """The service's way to be told which record to read (default: params.yaml's `promotion.record`)."""
+COMPRESSED_ENV = "AIGC_COMPRESSED"
+"""`1`: the service serves the champion's compressed copies (the `compress` stage's) instead of its fp32 models."""
 PROMOTE, ROLLBACK, CHALLENGE, END_AB = "promote", "rollback", "challenge", "end_ab"
 SPLIT, SHADOW = "split", "shadow"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -128,15 +130,19 @@ def end_ab(record: Path, by: str, why: str) -> dict[str, Any]:
 
 
 def promote(
-    record: Path, models: dict[str, str], bento: str | None, by: str, why: str, experiment: str | None = None
-) -> dict[str, Any]:
-    """Make `models` (family -> model-store tag) the champion; returns the event."""
+    record: Path, models: dict[str, str], bento: str | None, by: str, why: str, experiment: str | None = None,
+    compressed: dict[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Make `models` (family -> model-store tag) the champion, with their `compressed` copies when packaged
+    (what AIGC_COMPRESSED=1 serves); returns the event."""
     if not models:
         raise PromotionError("promote: no model tags given")
     event = {
         "action": PROMOTE, "at": datetime.now(UTC).isoformat(), "by": by, "why": why,
         "models": dict(models), "bento": bento, "experiment": experiment,
     }  # fmt: skip
+    if compressed:
+        event["compressed"] = dict(compressed)
     with _locked(record) as events:
         return _write(record, [*events, event])
 
@@ -156,16 +162,22 @@ def rollback(record: Path, by: str, why: str) -> dict[str, Any]:
         return _write(record, [*events, event])
 
 
-def served_tags(record: Path, families: tuple[str, ...]) -> dict[str, str]:
-    """The champion's tag of every family it has (all but OPTIONAL_FAMILIES are required), or a one-line error
-    saying how to promote one."""
+def served_tags(record: Path, families: tuple[str, ...], compressed: bool = False) -> dict[str, str]:
+    """The champion's tag of every family it has (all but OPTIONAL_FAMILIES are required), or with `compressed`
+    the tags of its compressed copies; else a one-line error saying how to promote one."""
     champion = current(record)
     if champion is None:
         raise ConfigError(
             f"{record}: no model has been promoted; run `python -m monitoring.promote` to serve the models "
             "the workspace packaged (the package stage's receipt), or set the AIGC_<FAMILY>_MODEL tags"
         )
-    missing = [family for family in families if family not in champion["models"] and family not in OPTIONAL_FAMILIES]
+    models = (champion.get("compressed") or {}) if compressed else champion["models"]
+    if compressed and not models:
+        raise ConfigError(
+            f"{record}: the champion has no compressed models ({COMPRESSED_ENV}=1); promote a receipt the package "
+            f"stage wrote with --compressed (dvc repro package), or unset {COMPRESSED_ENV}"
+        )
+    missing = [family for family in families if family not in models and family not in OPTIONAL_FAMILIES]
     if missing:
         raise ConfigError(f"{record}: the champion has no {', '.join(missing)} model; promote a complete package receipt")
-    return {family: champion["models"][family] for family in families if family in champion["models"]}
+    return {family: models[family] for family in families if family in models}

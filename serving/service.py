@@ -38,7 +38,8 @@ variant, refusals by reason, batch sizes, tokens and images, request-log rows, t
 Environment: `AIGC_API_KEY` (when set, requests need `Authorization: Bearer <key>`; health endpoints, the
 docs and `/metrics` stay open), `AIGC_METRICS_KEY` (when set, `/metrics` needs it as its bearer token),
 `AIGC_BATCHING=0` (turn adaptive batching off, for benchmarks), `AIGC_IMAGE_GENERATOR` (gan | diffusion: the
-default generator, instead of the lower FID), `AIGC_REQUEST_LOG` (request log folder,
+default generator, instead of the lower FID), `AIGC_COMPRESSED=1` (serve the champion's compressed copies, the
+`compress` stage's int8 text and half-precision image models, instead of its fp32 models), `AIGC_REQUEST_LOG` (request log folder,
 default `monitoring/logs`) and `AIGC_REQUEST_LOG_FLUSH_SECONDS` (5).
 """
 
@@ -83,7 +84,7 @@ from serving.guard import (
     install_log_filters,
 )
 from serving.inference import MAX_IMAGES, MAX_NEW_TOKENS, ImageRequest, TextRequest
-from serving.promoted import CHALLENGER, CHAMPION, SHADOW, SPLIT
+from serving.promoted import CHALLENGER, CHAMPION, COMPRESSED_ENV, SHADOW, SPLIT
 
 logger = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 2000
@@ -105,17 +106,19 @@ STEADY_CONNECTIONS = {"max_requests": 2**31 - 1, "max_age": 86400.0}
 def served_models() -> tuple[dict[str, str], dict[str, Any] | None]:
     """Each family's model-store tag, and the A/B test to run (or None): the Bento's arguments, else
     AIGC_<FAMILY>_MODEL, else the champion (and the running A/B test) of the promotion record. Never `:latest`:
-    what an experiment packaged is not served until it is promoted or put on test."""
+    what an experiment packaged is not served until it is promoted or put on test. With AIGC_COMPRESSED=1,
+    the compressed copies the Bento or the champion has instead of the fp32 models."""
     from components.common import ConfigError, load_params
     from serving.promoted import FAMILIES, OPTIONAL_FAMILIES, RECORD_ENV, PromotionError, challenger, served_tags
 
     arguments = bentoml.use_arguments()
-    pinned = {f: getattr(arguments, f"{f}_model", None) or os.environ.get(f"AIGC_{f.upper()}_MODEL") for f in FAMILIES}
+    argument = "{}_compressed_model" if COMPRESSED else "{}_model"
+    pinned = {f: getattr(arguments, argument.format(f), None) or os.environ.get(f"AIGC_{f.upper()}_MODEL") for f in FAMILIES}
     if all(tag for family, tag in pinned.items() if family not in OPTIONAL_FAMILIES):
         return {family: tag for family, tag in pinned.items() if tag}, None
     try:
         record = Path(os.environ.get(RECORD_ENV) or load_params("promotion")["record"])
-        promoted, ab = served_tags(record, FAMILIES), challenger(record)
+        promoted, ab = served_tags(record, FAMILIES, COMPRESSED), challenger(record)
     except (ConfigError, PromotionError, KeyError) as err:
         raise SystemExit(f"aigc service: {err}") from None  # one line, not a traceback, and no start
     if ab is not None and any(pinned.values()):
@@ -124,7 +127,18 @@ def served_models() -> tuple[dict[str, str], dict[str, Any] | None]:
     return {family: tag for family, tag in served.items() if tag}, ab
 
 
+def shipped_compressed() -> dict[str, str]:
+    """The compressed copies a Bento is built with (its `<family>_compressed_model` arguments), so that it carries
+    them wherever it runs and AIGC_COMPRESSED=1 can serve them there."""
+    from serving.promoted import FAMILIES
+
+    arguments = bentoml.use_arguments()
+    return {f: tag for f in FAMILIES if (tag := getattr(arguments, f"{f}_compressed_model", None))}
+
+
+COMPRESSED = os.environ.get(COMPRESSED_ENV, "0") not in ("", "0")
 SERVED, AB = served_models()
+SHIPPED = shipped_compressed()
 TEXT_TAG, IMAGE_TAG, RESTORE_TAG, DIFFUSION_TAG = SERVED["text"], SERVED["image"], SERVED["restore"], SERVED.get("diffusion")
 GENERATOR_FAMILY = {"gan": "image", "diffusion": "diffusion"}
 """`generate_image`'s `generator` -> the model family that serves it."""
@@ -303,6 +317,10 @@ class Models:
     text_model = bentoml.models.BentoModel(TEXT_TAG)
     image_model = bentoml.models.BentoModel(IMAGE_TAG)
     diffusion_model = bentoml.models.BentoModel(DIFFUSION_TAG) if DIFFUSION_TAG else None
+    # Shipped, not loaded: a Bento carries its compressed copies for AIGC_COMPRESSED=1 wherever it runs.
+    shipped_text = bentoml.models.BentoModel(SHIPPED["text"]) if "text" in SHIPPED else None
+    shipped_image = bentoml.models.BentoModel(SHIPPED["image"]) if "image" in SHIPPED else None
+    shipped_diffusion = bentoml.models.BentoModel(SHIPPED["diffusion"]) if "diffusion" in SHIPPED else None
     if AB is not None:  # the A/B challenger travels with the service only while a test runs
         challenger_text = bentoml.models.BentoModel(AB["models"]["text"])
         challenger_image = bentoml.models.BentoModel(AB["models"]["image"])
@@ -394,6 +412,7 @@ class Restorer:
     `restore_concurrency` at a time and queues `restore_queue`)."""
 
     restore_model = bentoml.models.BentoModel(RESTORE_TAG)
+    shipped_restore = bentoml.models.BentoModel(SHIPPED["restore"]) if "restore" in SHIPPED else None
     if AB is not None:
         challenger_restore = bentoml.models.BentoModel(AB["models"]["restore"])
 

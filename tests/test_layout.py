@@ -91,7 +91,7 @@ def test_no_module_imports_a_stage_module() -> None:
 def test_shared_modules_are_the_documented_layers() -> None:
     # If this changes, the README's Layout section must say where the new module belongs.
     assert SHARED == sorted([
-        "__init__", "checkpoints", "common", "datasets", "delex", "diffusion_model", "feature_defs", "feature_net",
+        "__init__", "checkpoints", "common", "compression", "datasets", "delex", "diffusion_model", "feature_defs", "feature_net",
         "gan_model", "image_generators", "image_io", "launch",
         "metrics", "model_io", "pipeline", "records", "restore_model", "runtime", "slots", "tables", "text_model",
         "textgen", "training", "workers",
