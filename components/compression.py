@@ -206,7 +206,7 @@ def compared(scores: dict[str, Any], fp32: dict[str, Any], info: dict[str, Any])
     """An evaluation's `compressed` block: the compressed model's scores, each number's change from the fp32
     model's score in the same run (`<key>_delta`), and the method and size from compression.json."""
     deltas = {
-        f"{key}_delta": round(value - fp32[key], 4)
+        f"{key}_delta": round(value - fp32[key], 4) + 0.0  # + 0.0: no -0.0 for an unchanged score
         for key, value in scores.items()
         if isinstance(value, int | float) and not isinstance(value, bool) and isinstance(fp32.get(key), int | float)
     }

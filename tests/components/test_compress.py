@@ -16,7 +16,7 @@ from components.common import ConfigError
 from components.compression import COMPRESSION_FILE, compression_of
 from components.gan_model import GANConfig, Generator, load_generator
 from components.model_io import save_model
-from components.restore_model import Restorer, RestoreConfig, load_restorer
+from components.restore_model import RestoreConfig, Restorer, load_restorer
 from components.text_model import load_text_model
 from tests.components.test_train_text import tiny_pretrained
 
@@ -39,8 +39,8 @@ def restorer(folder: Path, channels: int) -> Restorer:
 
 def gan(folder: Path) -> Generator:
     torch.manual_seed(2)
-    cfg = GANConfig.from_json({"latent_dim": 8, "embed_dim": 4, "generator_width": 8, "discriminator_width": 8,
-                               "image_size": 16, "channels": 1, "num_classes": 3, "loss": "hinge", "ema_decay": 0.999})  # fmt: skip
+    sizes = {"latent_dim": 8, "embed_dim": 4, "generator_width": 8, "discriminator_width": 8}
+    cfg = GANConfig.from_json({**sizes, "image_size": 16, "channels": 1, "num_classes": 3, "loss": "hinge", "ema_decay": 0.999})
     model = Generator(cfg).eval()
     save_model(model, {**cfg.to_json(), "label_names": ["a", "b", "c"]}, folder)
     return model
@@ -78,7 +78,9 @@ def test_fp16_text_halves_the_weights_and_computes_in_fp32(text_model: Path, tmp
 
 
 @pytest.mark.parametrize("method, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
-def test_half_precision_image_models_load_into_their_families_fp32_modules(method: str, dtype: torch.dtype, tmp_path: Path) -> None:
+def test_half_precision_image_models_load_into_their_families_fp32_modules(
+    method: str, dtype: torch.dtype, tmp_path: Path
+) -> None:
     originals = {"restore": restorer(tmp_path / "restore", 3), "image": gan(tmp_path / "image")}
     for family in originals:
         info = compress.compress_folder(tmp_path / family, tmp_path / "out" / family, method, family)
@@ -103,7 +105,8 @@ def test_the_stage_writes_every_family_and_its_params_are_checked(
     cfg = compress.CompressConfig.from_params({**tiny_params["compress"], "base": tiny_params["base"]})
     folders = {"text": text_model, **{f: tmp_path / f for f in ("image", "restore", "diffusion")}}
     written = compress.compress(cfg, folders, tmp_path / "compressed")
-    assert {f: i["method"] for f, i in written.items()} == {"text": "int8", "image": "fp16", "restore": "fp16", "diffusion": "fp16"}
+    methods = {family: info["method"] for family, info in written.items()}
+    assert methods == {"text": "int8", "image": "fp16", "restore": "fp16", "diffusion": "fp16"}
     for family in folders:
         assert json.loads((tmp_path / "compressed" / family / COMPRESSION_FILE).read_text()) == written[family]
     with pytest.raises(ConfigError, match=r"params key 'compress.images' is 'int8'.*fp16, bf16"):

@@ -131,7 +131,8 @@ def test_param_change_reruns_only_the_stages_that_read_it(reproduced: Reproduced
     rerun = dvc(tiny_repo, "repro")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     image_stages = [
-        "features", "train_feature_net", "train_image", "evaluate_image", "train_diffusion", "evaluate_diffusion", "package"
+        "features", "train_feature_net", "train_image", "evaluate_image", "train_diffusion", "evaluate_diffusion", "compress",
+        "package",
     ]  # fmt: skip
     for stage in image_stages:
         assert f"Running stage '{stage}'" in rerun.stdout

@@ -22,7 +22,10 @@ DEPENDENCIES = [("validate", "ingest"), ("clean", "validate"), ("augment", "clea
                 ("train_diffusion", "features"), ("evaluate_diffusion", "train_diffusion"),
                 ("evaluate_diffusion", "train_feature_net"),
                 ("evaluate_restore", "train_restore"), ("package", "evaluate_text"), ("package", "evaluate_image"),
-                ("package", "evaluate_diffusion"), ("package", "evaluate_restore")]  # fmt: skip
+                ("package", "evaluate_diffusion"), ("package", "evaluate_restore"),
+                *[("compress", f"train_{family}") for family in ("text", "image", "diffusion", "restore")],
+                *[(f"evaluate_{family}", "compress") for family in ("text", "image", "diffusion", "restore")],
+                ("package", "compress")]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -26,8 +26,9 @@ class Server:
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_features: Path, tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Path:
-    """models/{text,image,restore,diffusion} trained on the tiny configuration (a few seconds)."""
-    from components import train_diffusion, train_image, train_restore, train_text
+    """models/{text,image,restore,diffusion} trained on the tiny configuration (a few seconds), and their
+    compressed copies in models/compressed (the compress stage's)."""
+    from components import compress, train_diffusion, train_image, train_restore, train_text
 
     tiny = shrink(real_params)
     root = tmp_path_factory.mktemp("models")
@@ -48,6 +49,9 @@ def tiny_models(tiny_features: Path, tmp_path_factory: pytest.TempPathFactory, r
         train_diffusion.TrainDiffusionConfig.from_params(section(tiny, "train_diffusion")),
         tiny_features / "images", root / "diffusion", root / "ckpt",
     )  # fmt: skip
+    compress.compress(
+        compress.CompressConfig.from_params(section(tiny, "compress")), {f: root / f for f in FAMILIES}, root / "compressed"
+    )
     return root
 
 
@@ -56,7 +60,8 @@ def bento_home(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """A BentoML home holding the tiny models, filled by the `package` stage itself."""
     home = tmp_path_factory.mktemp("bentoml")
     env = service_env(home)
-    command = [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in FAMILIES)]
+    command = [sys.executable, "-m", "serving.package", *(str(tiny_models / f) for f in FAMILIES),
+               "--compressed", str(tiny_models / "compressed")]  # fmt: skip
     run = subprocess.run([*command, "--out", str(home / "receipt.json")], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     promote(home)

@@ -141,3 +141,26 @@ def test_a_shadow_challenger_without_the_asked_generator_is_not_asked(
         assert f"{answered.headers['x-request-id']}-shadow" not in rows
     finally:
         stop_server(server)
+
+
+def test_an_ab_test_of_the_compressed_copies_against_the_fp32_champion(bento_home: Path, tmp_path: Path) -> None:
+    packaged, record = receipt(bento_home), tmp_path / "promoted.json"
+    shutil.copy(bento_home / "promoted.json", record)
+    command = [sys.executable, "-m", "monitoring.promote", "--receipt", str(bento_home / "receipt.json"), "--record",
+               str(record), "--challenger", "--compressed", "--share", "0.5", "--why", "int8 on CPU boxes?"]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO_ROOT, env=service_env(bento_home), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(record.read_text())["ab"]["models"] == packaged["compressed"]
+    server = start_server(bento_home, tmp_path / "log", AIGC_PROMOTED=str(record))
+    try:
+        tags = {"champion": packaged["models"]["text"], "challenger": packaged["compressed"]["text"]}
+        seen = set()
+        for client in range(40):
+            response = httpx.post(f"{server.url}/generate_text", json={"prompt": "a lamp"}, timeout=60,
+                                  headers={"x-client-key": f"client-{client}"})  # fmt: skip
+            assert response.status_code == 200, response.text
+            assert response.headers["x-model-tag"] == tags[response.headers["x-variant"]]
+            seen.add(response.headers["x-variant"])
+        assert seen == {"champion", "challenger"}
+    finally:
+        stop_server(server)

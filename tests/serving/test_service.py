@@ -186,6 +186,38 @@ def test_a_champion_from_before_diffusion_serves_the_gan_alone(bento_home: Path,
         stop_server(running)
 
 
+def test_the_compressed_switch_serves_the_champions_compressed_copies(bento_home: Path, tmp_path: Path) -> None:
+    packaged = receipt(bento_home)
+    compressed = packaged["compressed"]
+    assert set(compressed) == set(FAMILIES) and not set(compressed.values()) & set(packaged["models"].values())
+    label_check = f"import bentoml, json; print(json.dumps(bentoml.models.get({compressed['text']!r}).info.labels))"
+    labels = json.loads(subprocess.run([sys.executable, "-c", label_check], env=service_env(bento_home), capture_output=True,
+                                       text=True, check=True).stdout)  # fmt: skip
+    assert labels["compression"] == "int8" and float(labels["size_ratio"]) < 1 and "bleu" in labels
+    running = start_server(bento_home, tmp_path / "log", AIGC_COMPRESSED="1")
+    try:
+        text = post(running, "generate_text", json={"record": RECORD})
+        assert text.status_code == 200 and text.headers["x-model-tag"] == compressed["text"], text.text
+        for kind, family in (("gan", "image"), ("diffusion", "diffusion")):
+            image = post(running, "generate_image", json={"label": "3", "seed": 5, "generator": kind})
+            assert image.status_code == 200 and image.headers["x-model-tag"] == compressed[family], image.text
+        restored = post(running, "restore_image", files={"image": ("photo.png", upload((40, 32)), "image/png")})
+        assert restored.status_code == 200 and restored.headers["x-model-tag"] == compressed["restore"]
+        assert png(restored.content).size == (80, 64)
+    finally:
+        stop_server(running)
+    from serving.promoted import promote
+
+    older = tmp_path / "older.json"  # a champion promoted before compression: the switch is refused in one line
+    promote(older, packaged["models"], None, "tests", "promoted before the compress stage")
+    refused = subprocess.run(
+        [sys.executable, "-c", "import serving.service"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env=service_env(bento_home, AIGC_PROMOTED=str(older), AIGC_COMPRESSED="1"),
+    )  # fmt: skip
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "the champion has no compressed models (AIGC_COMPRESSED=1)" in refused.stderr.strip().splitlines()[-1]
+
+
 def test_restore_image_returns_the_upscaled_png(server: Server) -> None:
     response = post(server, "restore_image", files={"image": ("photo.png", upload((40, 32)), "image/png")})
     assert response.status_code == 200, response.text
