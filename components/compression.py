@@ -65,9 +65,10 @@ def compression_of(folder: Path) -> dict[str, Any] | None:
     return info
 
 
-def write_compression(folder: Path, method: str, source: Path) -> dict[str, Any]:
-    """compression.json of a compressed folder: the method, and the weights' size against the source's."""
-    before, after = weight_bytes(source), weight_bytes(folder)
+def write_compression(folder: Path, method: str, source: Path, source_bytes: int | None = None) -> dict[str, Any]:
+    """compression.json of a compressed folder: the method, and the weights' size against the source's
+    (`source_bytes` when the source's files are not the whole model, e.g. a LoRA adapter)."""
+    before, after = source_bytes or weight_bytes(source), weight_bytes(folder)
     info = {"method": method, "bytes": after, "source_bytes": before, "size_ratio": round(after / before, 4)}
     write_json(info, folder / COMPRESSION_FILE)
     return info
@@ -154,16 +155,24 @@ def load_int8_state(model: nn.Module, state: dict[str, torch.Tensor], key: str) 
         for name, module in model.named_modules():
             if isinstance(module, dynamic_linear | nn.Embedding):
                 packed.add(f"{name}.weight")
-                if any(f"{name}{suffix}" not in state for suffix in INT8_SUFFIXES):
+                has_bias = isinstance(module, dynamic_linear) and module.bias() is not None
+                needed = [*INT8_SUFFIXES, *([".bias"] if has_bias else [])]
+                if any(f"{name}{suffix}" not in state for suffix in needed):
                     raise ConfigError(f"{key}: its int8 weights have no {name}: rerun the compress stage (dvc repro compress)")
                 weight = quantised_weight(state, name)
+                expected = module.weight.shape if isinstance(module, nn.Embedding) else module.weight().shape
+                if weight.shape != expected:
+                    raise ConfigError(
+                        f"{key}: {name} is {tuple(weight.shape)} in its int8 weights but {tuple(expected)} in its config.json: "
+                        "rerun the compress stage (dvc repro compress)"
+                    )
                 for suffix in INT8_SUFFIXES:
                     rest.pop(f"{name}{suffix}")
                 if isinstance(module, nn.Embedding):
                     with torch.no_grad():
                         module.weight.copy_(weight.dequantize())
                 else:
-                    module.set_weight_bias(weight, rest.pop(f"{name}.bias", None))
+                    module.set_weight_bias(weight, rest.pop(f"{name}.bias") if has_bias else None)
     # Not load_state_dict: a quantised layer's own loader expects its packed weight, set above.
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     expected = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and k in targets} - packed
@@ -174,6 +183,9 @@ def load_int8_state(model: nn.Module, state: dict[str, torch.Tensor], key: str) 
             f"{key}: its int8 weights do not fit the model its config.json describes (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}): rerun the compress stage (dvc repro compress)"
         )
+    wrong = [name for name, tensor in rest.items() if targets[name].shape != tensor.shape]
+    if wrong:
+        raise ConfigError(f"{key}: {wrong[0]} does not fit the model its config.json describes: rerun the compress stage")
     with torch.no_grad():
         for name, tensor in rest.items():
             targets[name].copy_(tensor)

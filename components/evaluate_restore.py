@@ -81,7 +81,12 @@ def evaluate_restore(
     With `compressed_dir`, its compressed copy restores the same degraded images (the `compressed` keys)."""
     device = evaluation_device(cfg.device, cfg.cpu_threads)
     model = load_restorer(model_dir).to(device)
-    compressed = load_restorer(compressed_dir, "evaluate_restore --compressed").to(device) if compressed_dir else None
+    compressed = None
+    if compressed_dir is not None:
+        info = compressed_info(compressed_dir, "evaluate_restore --compressed")
+        compressed = load_restorer(compressed_dir, "evaluate_restore --compressed").to(device)
+        if compressed.cfg != model.cfg:
+            raise ConfigError(f"{compressed_dir} is not a compressed copy of {model_dir}: rerun the compress stage")
     compressed_rows: list[dict[str, float]] = []
     rcfg = model.cfg
     images, ids = load_images(features_dir / f"{cfg.split}.safetensors")
@@ -122,7 +127,6 @@ def evaluate_restore(
         psnr_gain=round(metrics["psnr"] - metrics["psnr_baseline"], 4),
     )
     if compressed_dir is not None:
-        info = compressed_info(compressed_dir, "evaluate_restore --compressed")
         scores = {key: round(sum(r[key] for r in compressed_rows) / len(compressed_rows), 4) for key in compressed_rows[0]}
         metrics["compressed"] = compared(scores, metrics, info)
         log.info("compressed (%s, %.0f %% of the size): PSNR %.3f dB (%+.4f)", info["method"], 100 * info["size_ratio"],

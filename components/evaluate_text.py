@@ -173,6 +173,8 @@ def evaluate_text(
     """Score the model on the test split, next to the retrieval baseline; write metrics and outputs. With
     `compressed_dir`, its compressed copy is scored the same way (the `compressed` keys)."""
     device = evaluation_device(cfg.device, cfg.cpu_threads)
+    if compressed_dir is not None:
+        compressed_info(compressed_dir, "evaluate_text --compressed")  # before the long part
     model, tokenizer, delexicaliser = load_text_model(model_dir, "evaluate_text model folder", device)
     test_rows = read_texts(features_dir / "test.parquet")
     if not test_rows:

@@ -263,8 +263,10 @@ def compress_text_model(source: Path, folder: Path, method: str) -> dict[str, An
     from components.compression import COMPRESSION_FILE, HALF, INT8, int8_state, quantize_linears, write_compression
 
     model, _, _ = load_text_model(source, "compress text model folder")
-    if (source / ADAPTER_CONFIG).is_file():
+    source_bytes = None
+    if (source / ADAPTER_CONFIG).is_file():  # measured against the merged model, not the adapter's few weights
         model = model.merge_and_unload()
+        source_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -278,7 +280,7 @@ def compress_text_model(source: Path, folder: Path, method: str) -> dict[str, An
         save_file(int8_state(model), str(folder / "model.safetensors"), metadata={"format": "pt", "compression": INT8})
     else:
         model.to(HALF[method]).save_pretrained(folder, safe_serialization=True)
-    return write_compression(folder, method, source)
+    return write_compression(folder, method, source, source_bytes)
 
 
 def load_int8_text_model(folder: Path, key: str) -> Any:

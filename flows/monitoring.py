@@ -187,7 +187,8 @@ def promote(repo_root: str, experiment: str, why: str) -> dict[str, Any]:
         ab = ABConfig.from_params(load_params("ab", root / "params.yaml"))
         content = experiment_receipt(root, experiment)
         return challenge(root / cfg.record, content["models"], content["bento"], ab.share, ab.mode,
-                         "retrain flow", f"offline gate passed; online A/B before serving: {why}", experiment)  # fmt: skip
+                         "retrain flow", f"offline gate passed; online A/B before serving: {why}", experiment,
+                         compressed=content.get("compressed"))  # fmt: skip
     for line in apply_experiment(root, experiment, experiment_receipt(root, experiment)):
         get_run_logger().info(line)
     return promote_receipt(root, receipt_path(root), root / cfg.record, "retrain flow", why, experiment)

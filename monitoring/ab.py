@@ -166,6 +166,8 @@ def ab_report(log_dir: Path, ab: dict[str, Any], cfg: ABConfig) -> dict[str, Any
         "share": ab["share"],
         "metric": cfg.metric,
         "challenger": ab["models"],
+        "compressed": ab.get("compressed"),
+        "compression_test": bool(ab.get("compression_test")),
         "bento": ab.get("bento"),
         "experiment": ab.get("experiment"),
         "variants": variants,
@@ -180,12 +182,16 @@ def act(root: Path, record: Path, report: dict[str, Any], by: str) -> str:
     from serving.promoted import end_ab, promote
 
     decision = report["comparison"]["decision"]
+    if decision == BETTER and report.get("compression_test"):  # the champion's own copies: nothing to promote
+        why = f"online A/B: the compressed copies {report['comparison']['reason']} on {report['metric']}"
+        end_ab(record, by, why)
+        return f"ended the A/B test ({why}): serve the compressed copies with AIGC_COMPRESSED=1"
     if decision == BETTER:
         shared_store(root)  # its params checked before anything changes
         if report["experiment"]:  # the workspace follows, so the next offline comparison is against this champion
             apply_experiment(root, report["experiment"], {"models": report["challenger"]})
         why = f"online A/B: {report['comparison']['reason']} on {report['metric']}"
-        promote(record, report["challenger"], report.get("bento"), by, why, report["experiment"])
+        promote(record, report["challenger"], report.get("bento"), by, why, report["experiment"], report.get("compressed"))
         dest = publish_champion(root, record)
         published = f", published to {dest}" if dest else ""
         return f"promoted the challenger ({why}){published}; restart the service to serve it"

@@ -143,7 +143,10 @@ def publish_champion(root: Path, record: Path, receipt: Path | None = None) -> s
     unpublished = f"the champion {champion['bento']} is recorded locally in {record}, but the shared model store "
     unpublished += f"{dest} was not updated"
     try:
-        store.export({"models": champion["models"], "bento": champion["bento"]}, dest, champion=True)
+        published = {"models": champion["models"], "bento": champion["bento"]}
+        if champion.get("compressed"):
+            published["compressed"] = champion["compressed"]
+        store.export(published, dest, champion=True)
     except TransientError as err:
         raise TransientError(f"{unpublished}: {err}; retry with {retry}") from None
     except (DataError, ConfigError) as err:
@@ -223,6 +226,8 @@ def change(args: argparse.Namespace) -> None:
             end_ab(record, by, args.why or "ended by hand")
             print("A/B test ended; restart the service to serve the champion alone")
             return
+        if args.compressed and not args.challenger:
+            raise PromotionError("--compressed: only with --challenger (serve the champion's copies with AIGC_COMPRESSED=1)")
         if args.challenger:
             ab = load_params("ab", args.repo / "params.yaml")
             content = read_receipt(args.repo / (args.receipt or receipt_path(args.repo)))
@@ -232,7 +237,8 @@ def change(args: argparse.Namespace) -> None:
             mode = SHADOW if args.shadow else require(ab, "mode", str, "ab")
             share = args.share if args.share is not None else float(require(ab, "share", (int, float), "ab", low=0, high=1))
             why = args.why or "A/B test started by hand"
-            challenge(record, models, content["bento"], share, mode, by, why, args.experiment)
+            copies = None if args.compressed else content["compressed"]  # a fp32 challenger's, kept if it is promoted
+            challenge(record, models, content["bento"], share, mode, by, why, args.experiment, copies, args.compressed)
             print(f"A/B test: {', '.join(models.values())} ({mode}, share {share}); restart the service to start it")
             return
         if args.rollback:

@@ -104,18 +104,31 @@ def _write(record: Path, events: list[dict[str, Any]]) -> dict[str, Any]:
 
 def challenge(
     record: Path, models: dict[str, str], bento: str | None, share: float, mode: str, by: str, why: str,
-    experiment: str | None = None,
+    experiment: str | None = None, compressed: dict[str, str] | None = None, compression_test: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Start an A/B test of `models` against the champion (replacing a running one); returns the event."""
+    """Start an A/B test of `models` against the champion (replacing a running one); returns the event.
+    `compressed`: the challenger's compressed copies, which a promotion of it keeps. `compression_test`:
+    `models` are the champion's own compressed copies, so a win says to serve them (AIGC_COMPRESSED=1),
+    not to promote anything."""
     if mode not in (SPLIT, SHADOW) or not 0 <= share <= 1:
         raise PromotionError(f"A/B: mode must be {SPLIT} or {SHADOW} and share in [0, 1], got {mode} {share}")
     event = {
         "action": CHALLENGE, "at": datetime.now(UTC).isoformat(), "by": by, "why": why, "models": dict(models),
         "bento": bento, "experiment": experiment, "share": float(share), "mode": mode,
     }  # fmt: skip
+    if compressed:
+        event["compressed"] = dict(compressed)
+    if compression_test:
+        event["compression_test"] = True
     with _locked(record) as events:
-        if not champions(events):
+        stack = champions(events)
+        if not stack:
             raise PromotionError(f"{record}: promote a champion before testing a challenger against it")
+        if compression_test and dict(models) != (stack[-1].get("compressed") or {}):
+            raise PromotionError(
+                f"{record}: these compressed models are not the champion's own copies; promote their receipt first "
+                "(a compression test compares the champion with its copies)"
+            )
         return _write(record, [*events, event])
 
 

@@ -136,7 +136,10 @@ def shipped_compressed() -> dict[str, str]:
     return {f: tag for f in FAMILIES if (tag := getattr(arguments, f"{f}_compressed_model", None))}
 
 
-COMPRESSED = os.environ.get(COMPRESSED_ENV, "0") not in ("", "0")
+SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
+if os.environ.get(COMPRESSED_ENV, "").strip().lower() not in SWITCH:
+    raise SystemExit(f"aigc service: {COMPRESSED_ENV}={os.environ[COMPRESSED_ENV]!r}: use 1 or 0")
+COMPRESSED = SWITCH[os.environ.get(COMPRESSED_ENV, "").strip().lower()]
 SERVED, AB = served_models()
 SHIPPED = shipped_compressed()
 TEXT_TAG, IMAGE_TAG, RESTORE_TAG, DIFFUSION_TAG = SERVED["text"], SERVED["image"], SERVED["restore"], SERVED.get("diffusion")

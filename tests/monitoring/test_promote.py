@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.common import ConfigError
 from serving.promoted import FAMILIES, PromotionError, current, promote, read_events, rollback, served_tags
 from tests.conftest import REPO_ROOT
 
@@ -138,6 +139,40 @@ def test_the_online_decision_promotes_a_better_challenger_and_ends_a_worse_ones_
     challenge(record, tags("c1"), None, 0.5, "split", "ana", "try c1 again")
     act(tmp_path, record, report(BETTER), "ana")
     assert served_tags(record, FAMILIES) == tags("c1") and current(record)["why"].startswith("online A/B")
+
+
+def test_compressed_copies_follow_their_champion_and_a_compression_test_promotes_nothing(tmp_path: Path) -> None:
+    from monitoring.ab import BETTER, act
+    from serving.promoted import challenge, challenger
+
+    record = tmp_path / "promoted.json"
+    repo_with(tmp_path, None)
+    small = {family: f"aigc-{family}:int8-{family}" for family in FAMILIES}
+    promote(record, tags("v1"), None, "ana", "first", compressed=small)
+    assert served_tags(record, FAMILIES, compressed=True) == small and served_tags(record, FAMILIES) == tags("v1")
+    with pytest.raises(PromotionError, match="not the champion's own copies"):
+        challenge(record, tags("other"), None, 0.5, "split", "ana", "int8?", compression_test=True)
+    challenge(record, small, None, 0.5, "split", "ana", "int8 on CPU boxes?", compression_test=True)
+
+    def report(models: dict[str, str], **more: object) -> dict[str, object]:
+        comparison = {"decision": BETTER, "reason": "challenger − champion +0.1 (95% CI +0.05 … +0.15)"}
+        return {"comparison": comparison, "metric": "click", "challenger": models, "experiment": None, **more}
+
+    said = act(tmp_path, record, report(small, compression_test=True), "ana")
+    assert "serve the compressed copies with AIGC_COMPRESSED=1" in said and challenger(record) is None
+    assert current(record)["models"] == tags("v1")  # the champion stays; its copies were what was tested
+
+    # A fp32 challenger that wins keeps its own copies: AIGC_COMPRESSED=1 serves the new champion's.
+    its_copies = {family: f"aigc-{family}:int8-c1" for family in FAMILIES}
+    challenge(record, tags("c1"), None, 0.5, "split", "ana", "try c1", compressed=its_copies)
+    act(tmp_path, record, report(tags("c1"), compressed=its_copies), "ana")
+    assert served_tags(record, FAMILIES) == tags("c1") and served_tags(record, FAMILIES, compressed=True) == its_copies
+    rollback(record, "ana", "back")
+    assert served_tags(record, FAMILIES, compressed=True) == small
+    older = tmp_path / "older.json"
+    promote(older, tags("v0"), None, "ana", "before the compress stage")
+    with pytest.raises(ConfigError, match=r"the champion has no compressed models \(AIGC_COMPRESSED=1\)"):
+        served_tags(older, FAMILIES, compressed=True)
 
 
 def test_each_change_of_champion_is_published_and_a_failed_publication_says_how_to_retry(tmp_path: Path) -> None:

@@ -216,6 +216,12 @@ def test_the_compressed_switch_serves_the_champions_compressed_copies(bento_home
     )  # fmt: skip
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "the champion has no compressed models (AIGC_COMPRESSED=1)" in refused.stderr.strip().splitlines()[-1]
+    unclear = subprocess.run(
+        [sys.executable, "-c", "import serving.service"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env=service_env(bento_home, AIGC_COMPRESSED="maybe"),
+    )  # fmt: skip
+    assert unclear.returncode != 0
+    assert unclear.stderr.strip().splitlines()[-1] == "aigc service: AIGC_COMPRESSED='maybe': use 1 or 0"
 
 
 def test_restore_image_returns_the_upscaled_png(server: Server) -> None:
