@@ -30,6 +30,9 @@ from torch import nn
 from components.common import ConfigError, write_json
 
 COMPRESSION_FILE = "compression.json"
+"""What a compressed folder is, beside its weights: not in the safetensors metadata, which keeps `format` alone.
+safetensors writes its metadata map in hash order, so a second key makes the file's bytes differ run to run
+(and DVC rerun everything downstream)."""
 INT8, FP16, BF16 = "int8", "fp16", "bf16"
 HALF = {FP16: torch.float16, BF16: torch.bfloat16}
 INT8_SUFFIXES = (".weight.int8", ".weight.scale", ".weight.zero_point")
@@ -210,7 +213,7 @@ def compress_folder(source: Path, folder: Path, method: str, key: str) -> dict[s
         if path.is_file() and path.suffix == ".json" and path.name != COMPRESSION_FILE:
             shutil.copy2(path, folder / path.name)
     halved = halve(load_file(str(source / WEIGHTS)), method)
-    save_file(halved, str(folder / WEIGHTS), metadata={"format": "pt", "compression": method})
+    save_file(halved, str(folder / WEIGHTS), metadata={"format": "pt"})  # one key: see COMPRESSION_FILE
     return write_compression(folder, method, source)
 
 

@@ -277,7 +277,7 @@ def compress_text_model(source: Path, folder: Path, method: str) -> dict[str, An
     if method == INT8:
         quantize_linears(linear_projections(model))
         model.config.save_pretrained(folder)
-        save_file(int8_state(model), str(folder / "model.safetensors"), metadata={"format": "pt", "compression": INT8})
+        save_file(int8_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})  # one key: see compression
     else:
         model.to(HALF[method]).save_pretrained(folder, safe_serialization=True)
     return write_compression(folder, method, source, source_bytes)

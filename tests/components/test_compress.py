@@ -116,6 +116,27 @@ def test_the_stage_writes_every_family_and_its_params_are_checked(
         compress.CompressConfig.from_params({"text": "int4", "images": "fp16", "base": {}})
 
 
+def test_two_processes_write_the_same_bytes(text_model: Path, tmp_path: Path) -> None:
+    """DVC hashes the files: a compressed folder must not depend on the process (hash order, threads) that wrote it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    restorer(tmp_path / "restore", 3)
+    code = (
+        "import sys; from pathlib import Path; from components import compress; out = Path(sys.argv[1]); "
+        f"compress.compress_text_model(Path({str(text_model)!r}), out / 'text', 'int8'); "
+        f"compress.compress_folder(Path({str(tmp_path / 'restore')!r}), out / 'restore', 'fp16', 'restore')"
+    )
+    for run, threads in (("a", "1"), ("b", "2")):
+        env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": threads, "PYTHONHASHSEED": threads}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / run)], env=env, check=True, capture_output=True)
+    for family in ("text", "restore"):
+        for path in sorted((tmp_path / "a" / family).iterdir()):
+            assert path.read_bytes() == (tmp_path / "b" / family / path.name).read_bytes(), path
+
+
 def test_a_damaged_compressed_folder_is_one_clear_error(text_model: Path, tmp_path: Path) -> None:
     folder = tmp_path / "int8"
     compress.compress_text_model(text_model, folder, "int8")
