@@ -87,10 +87,11 @@ def one_error_line(run: subprocess.CompletedProcess[str], code: int, *names: str
 def shared(bento_home: Path, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """A shared store the package stage exported to (a folder it had to create), and the receipt."""
     remote = tmp_path_factory.mktemp("shared") / "aigc"
-    run = package(bento_home, tiny_models, bento_home / "exported.json", "--export-to", str(remote))
+    run = package(bento_home, tiny_models, bento_home / "exported.json", "--compressed", str(tiny_models / "compressed"),
+                  "--export-to", str(remote))  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    # bento_home holds these models and this Bento already: the stage imported and built nothing, only exported.
-    assert run.stderr.count("already in the store as") == len(FAMILIES) + 1, run.stderr[-3000:]
+    # bento_home holds these models, their copies and this Bento already: nothing imported or built, only exported.
+    assert run.stderr.count("already in the store as") == 2 * len(FAMILIES) + 1, run.stderr[-3000:]
     assert "imported as" not in run.stderr and "written" in run.stderr
     return remote, json.loads((bento_home / "exported.json").read_text())
 
