@@ -75,22 +75,16 @@ def read_receipt(receipt: Path) -> dict[str, Any]:
     missing = sorted(set(FAMILIES) - set(models))
     if missing:
         raise PromotionError(f"{receipt}: no {', '.join(missing)} model in the receipt; rerun `dvc repro package`")
-    for family, tag in models.items():
-        try:
-            bentoml.models.get(tag)
-        except bentoml.exceptions.NotFound:
-            raise PromotionError(
-                f"{receipt}: {family} model {tag} is not in this model store ($BENTOML_HOME); run `dvc repro package` here"
-            ) from None
     compressed = content.get("compressed") or {}
-    for family, tag in compressed.items():
-        try:
-            bentoml.models.get(tag)
-        except bentoml.exceptions.NotFound:
-            raise PromotionError(
-                f"{receipt}: compressed {family} model {tag} is not in this model store ($BENTOML_HOME); "
-                "run `dvc repro package` here"
-            ) from None
+    for kind, tags in (("", models), ("compressed ", compressed)):
+        for family, tag in tags.items():
+            try:
+                bentoml.models.get(tag)
+            except bentoml.exceptions.NotFound:
+                raise PromotionError(
+                    f"{receipt}: {kind}{family} model {tag} is not in this model store ($BENTOML_HOME); "
+                    "run `dvc repro package` here"
+                ) from None
     return {"models": {family: str(models[family]) for family in FAMILIES}, "bento": bento,
             "compressed": {family: str(tag) for family, tag in compressed.items()}}  # fmt: skip
 
