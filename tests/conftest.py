@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +154,8 @@ def tiny_repo(tmp_path: Path, tiny_params: dict[str, Any]) -> Path:
 class Reproduced:
     repo: Path
     stdout: str  # what the from-scratch `dvc repro` printed
-    elsewhere: Path  # the same pipeline reproduced from scratch at the same time, at another path on ELSEWHERE
+    elsewhere: Path  # the same pipeline built from scratch at the same time by the training flow, on ELSEWHERE
+    flow_summary: str  # the markdown summary that flow run published (its stages and their status)
 
 
 def machine(threads: int, hash_seed: int) -> dict[str, str]:
@@ -168,11 +169,22 @@ ELSEWHERE = machine(1, 4242)
 
 
 @pytest.fixture(scope="session")
-def reproduced(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any]) -> Reproduced:
-    """The tiny pipeline reproduced from scratch once per session, outputs committed with dvc.lock; and at the
-    same time a second time, elsewhere, for tests/e2e/test_reproducibility.py to compare.
+def prefect_harness() -> Iterator[str]:
+    """One temporary Prefect API for the whole session (starting one takes ~20 s); yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
 
-    A full `dvc repro` costs minutes of process starts, each mostly one core's work, so the two runs take
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, Any], prefect_harness: str) -> Reproduced:
+    """The tiny pipeline built from scratch twice per session, at the same time: by `dvc repro` (outputs
+    committed with dvc.lock), and elsewhere by the Prefect training flow as a user starts it, for
+    tests/e2e/test_reproducibility.py to compare and tests/flows/test_training_flow.py to rerun.
+
+    A full build costs minutes of process starts, each mostly one core's work, so the two runs take
     little longer than one on two cores. Tests that begin from a reproduced pipeline take a copy
     (copy_reproduced) and rerun only what they change.
     """
@@ -181,19 +193,41 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory, real_params: dict[str, 
     root = tmp_path_factory.mktemp("reproduced")
     repo = copy_repo(root / "repo", shrink(real_params))
     elsewhere = copy_repo(root / "elsewhere" / "deeper" / "b", shrink(real_params))
+    # The other machine has its own BentoML store and DVC remote, as it would: `package` runs on both at once.
+    other_machine = {
+        **ELSEWHERE,
+        "BENTOML_HOME": str(root / "bentoml-elsewhere"),
+        "AIGC_DVC_REMOTE": str(root / "dvc-remote-elsewhere"),
+        "PREFECT_API_URL": prefect_harness,
+    }
+    commands = (["dvc", "repro"], [sys.executable, "-m", "flows.training", "--repo", str(elsewhere)])
 
-    def repro(where: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-        env = {**venv_env(), **env}
-        return subprocess.run(["dvc", "repro"], cwd=where, env=env, capture_output=True, text=True, timeout=1800)
+    def build(where: Path, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, cwd=where, env={**venv_env(), **env}, capture_output=True, text=True, timeout=1800)
 
     with ThreadPoolExecutor(2) as pool:
-        # The other machine has its own BentoML store, as it would: `package` runs on both at once.
-        runs = list(pool.map(repro, (repo, elsewhere), ({}, {**ELSEWHERE, "BENTOML_HOME": str(root / "bentoml-elsewhere")})))
+        runs = list(pool.map(build, (repo, elsewhere), commands, ({}, other_machine)))
     for where, run in zip((repo, elsewhere), runs, strict=True):
         if run.returncode != 0:
-            pytest.fail(f"the session's tiny `dvc repro` in {where} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+            pytest.fail(f"the session's tiny build in {where} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     commit(repo, "pipeline reproduced")
-    return Reproduced(repo, runs[0].stdout, elsewhere)
+    return Reproduced(repo, runs[0].stdout, elsewhere, flow_summary(elsewhere))
+
+
+def flow_summary(repo: Path) -> str:
+    """The markdown summary of the last training flow run in `repo` (its `pipeline-run` artifact)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC) if r.parameters.get("repo_root") == str(repo)]
+        assert runs, f"no training flow run of {repo} recorded"
+        run = runs[0].id
+        only = ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-run"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run]))
+        artifacts = client.read_artifacts(artifact_filter=only)
+    assert len(artifacts) == 1, artifacts
+    return str(artifacts[0].data)
 
 
 def commit(repo: Path, message: str) -> None:

@@ -13,7 +13,7 @@ from prefect.states import Failed
 
 from flows.stages import PermanentStageError, _exit_code, _retry_transient, dvc_stage_order, summary_markdown
 from flows.training import training
-from tests.conftest import REPO_ROOT, STAGES, copy_repo, venv_env
+from tests.conftest import REPO_ROOT, STAGES, Reproduced, copy_repo, venv_env
 
 # (stage, a stage it depends on): the order must respect each.
 DEPENDENCIES = [("validate", "ingest"), ("clean", "validate"), ("augment", "clean"), ("features", "augment"),
@@ -43,17 +43,18 @@ def test_stage_order_comes_from_dvc(tiny_repo: Path) -> None:
 
 
 @pytest.mark.slow
-def test_flow_runs_every_stage_then_skips_them(tiny_repo: Path) -> None:
-    first = training(repo_root=str(tiny_repo))
-    assert [(r.name, r.status) for r in first] == [(name, "ran") for name in dvc_stage_order(tiny_repo)]
-    assert (tiny_repo / "data" / "features" / "reference" / "text.parquet").is_file()
-    second = training(repo_root=str(tiny_repo))
-    assert [r.status for r in second] == ["up to date"] * len(STAGES)
+def test_flow_runs_every_stage_then_skips_them(reproduced: Reproduced, tmp_path: Path) -> None:
+    # The session's second from-scratch build was this flow's (`python -m flows.training`, tests/conftest.py).
+    ran = [row for row in reproduced.flow_summary.splitlines() if row.startswith("| ") and " | ran | " in row]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in ran] == dvc_stage_order(reproduced.elsewhere)
+    assert (reproduced.elsewhere / "data" / "features" / "reference" / "text.parquet").is_file()
 
+    repo = tmp_path / "repo"  # a copy, so the session's build stays as it was built
+    shutil.copytree(reproduced.elsewhere, repo, symlinks=True)
+    second = training(repo_root=str(repo))
+    assert [r.status for r in second] == ["up to date"] * len(STAGES)
     with get_client(sync_client=True) as client:
         markdown = [a.data for a in client.read_artifacts() if a.key == "pipeline-run"]
-    assert len(markdown) >= 2
-    assert any("| features | ran |" in m for m in markdown)
     assert any("| features | up to date |" in m and "| text | 160 | 160 | 0 |" in m for m in markdown)
 
 

@@ -109,7 +109,8 @@ def test_an_exported_bento_is_imported_into_an_empty_store_and_served_outside_th
     version = receipt["bento"].split(":")[1]
     assert json.loads((remote / "receipts" / f"{version}.json").read_text()) == receipt
 
-    again = package(bento_home, tiny_models, tmp_path / "again.json", "--export-to", str(remote))
+    again = package(bento_home, tiny_models, tmp_path / "again.json", "--compressed", str(tiny_models / "compressed"),
+                    "--export-to", str(remote))  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert "written" not in again.stderr and again.stderr.count("already there") == 2  # the Bento, its receipt
     assert files_under(remote) == written  # content-addressed: nothing rewritten
@@ -128,8 +129,11 @@ def test_an_exported_bento_is_imported_into_an_empty_store_and_served_outside_th
     assert imported.stdout.strip().splitlines()[-1] == f"bentoml serve {receipt['bento']}"
     entries = store_entries(home)
     assert entries == sorted(
-        [f"bentos/{receipt['bento'].replace(':', '/')}", *(f"models/{t.replace(':', '/')}" for t in receipt["models"].values())]
-    )
+        [
+            f"bentos/{receipt['bento'].replace(':', '/')}",
+            *(f"models/{t.replace(':', '/')}" for t in (*receipt["models"].values(), *receipt["compressed"].values())),
+        ]
+    )  # the compressed copies travel inside the Bento
     for bento in (receipt["bento"], version):  # a bare version: the store's receipt names the Bento
         twice = store_cli(home, "import", str(remote), "--bento", bento)
         assert twice.returncode == 0 and twice.stderr.count("already in the store") == 1, twice.stderr[-3000:]
