@@ -35,13 +35,14 @@ class StageResult:
 
 def dvc_stage_order(repo_root: Path, stages: list[str] | None = None) -> list[str]:
     """Stage names of dvc.yaml in dependency order (optionally only `stages`, still in that order)."""
-    import networkx as nx
     from dvc.repo import Repo
+    from dvc.repo.reproduce import get_active_graph, plan_repro
 
     with Repo(str(repo_root)) as repo:
-        graph = repo.index.graph
-        # DVC's edges point from a stage to what it depends on, so dependencies come last in topological order.
-        order = [stage.name for stage in reversed(list(nx.topological_sort(graph)))]
+        # `dvc repro`'s own plan, not just any dependency order: DVC writes dvc.lock's entries in the order the
+        # stages ran, so a flow run and a `dvc repro` then write the same file, byte for byte.
+        graph = get_active_graph(repo.index.graph)
+        order = [stage.name for stage in plan_repro(graph, list(graph.nodes))]
     if stages is None:
         return order
     unknown = sorted(set(stages) - set(order))

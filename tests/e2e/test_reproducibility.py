@@ -1,8 +1,9 @@
 """A fresh `dvc repro` reproduces dvc.lock byte for byte, and experiments compare in `dvc exp show` / `dvc plots diff`.
 
 Two fresh copies of the tiny pipeline at different paths, with different hash seeds and thread counts in the
-environment (the session's two from-scratch runs, tests/conftest.py `reproduced`), must write the same
-dvc.lock: every hashed output is a function of params, code and data. Then two experiments of one copy render
+environment, one built by `dvc repro` and one by the Prefect training flow (the session's two from-scratch
+runs, tests/conftest.py `reproduced`), must write the same dvc.lock, byte for byte: every hashed output is a
+function of params, code and data, and the flow runs the stages in `dvc repro`'s order. Then two experiments of one copy render
 side by side: both runs' curves and sample grids in the plots HTML.
 """
 
@@ -27,8 +28,9 @@ def dvc(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_two_fresh_copies_write_the_same_dvc_lock_and_experiments_compare(reproduced: Reproduced, tmp_path: Path) -> None:
-    # The session's two from-scratch runs: the environment's thread count and a random hash seed, and at the
-    # same time at another path, deeper, with one thread and another hash seed (tests/conftest.py ELSEWHERE).
+    # The session's two from-scratch runs: `dvc repro` with the environment's thread count and a random hash seed,
+    # and at the same time the training flow at another path, deeper, with one thread and another hash seed
+    # (tests/conftest.py ELSEWHERE).
     lock = (reproduced.repo / "dvc.lock").read_text()
     assert lock == (reproduced.elsewhere / "dvc.lock").read_text()
     assert str(reproduced.repo) not in lock and str(reproduced.elsewhere) not in lock
